@@ -1,0 +1,46 @@
+# tierd developer entry points. `make demo` and `make test` work on a fresh
+# Debian 12 machine: they install what they need (Debian packages, a
+# virtualenv), build or reuse the cached lab kernels, and run.
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+PYTEST    ?= $(PY) -m pytest
+
+.PHONY: all deps venv kernels test test-unit lint demo bench clean
+
+all: test
+
+deps:
+	tests/lab/install-deps.sh
+
+# The guest runs Debian's /usr/bin/python3, so the virtualenv must be built
+# from it (and see Debian's python3-bpfcc, python3-systemd through
+# --system-site-packages).
+$(STAMP): pyproject.toml tests/lab/debian-packages.txt | deps
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: deps $(STAMP)
+
+kernels: venv
+	$(PY) tests/lab/vm.py kernels
+
+test: venv kernels
+	$(PYTEST)
+
+test-unit: venv
+	$(PYTEST) -m "not vm"
+
+lint: venv
+	$(PY) -m ruff check tierd tests
+
+demo: venv kernels
+	$(PY) tests/lab/demo.py
+
+bench: venv kernels
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

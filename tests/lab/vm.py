@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""The two-tier lab: boot a 6.12 kernel under QEMU with a slow CPU-less node.
+
+Node 0 holds both CPUs and "DRAM"; node 1 is CPU-less memory that ACPI HMAT
+describes with 3x the latency and 1/4 the bandwidth, so the guest kernel puts
+it in a lower memory tier (a CXL expander, as far as Linux can tell).
+
+The guest's root is the host's root, read-only over virtio-9p under a tmpfs
+overlay: the checkout, its virtualenv and every installed package are there
+at the same paths, and nothing the guest writes reaches the host except
+through the results share (/lab-out in the guest).
+
+    python3 tests/lab/vm.py run [--kernel tierd|stock] -- COMMAND...
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LAB_DIR = Path(__file__).resolve().parent
+REPO = LAB_DIR.parent.parent
+CACHE = Path(os.environ.get("TIERD_LAB_CACHE", "/var/cache/tierd-lab"))
+KERNELS = ("stock", "tierd")
+# Modules a stock Debian kernel needs before it can mount the lab's root.
+STOCK_BOOT_MODULES = ("9pnet_virtio", "9p", "overlay")
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or booted."""
+
+
+@dataclass(frozen=True)
+class LabKernel:
+    name: str
+    image: Path
+    release: str
+    modules: Path | None  # lib/modules of a modular kernel, None when built in
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    rc: int | None  # None when the guest never reported one (crash, timeout)
+    console: str
+    dmesg: str
+    outdir: Path
+
+
+def lab_kernel(name: str) -> LabKernel:
+    """Build or fetch a lab kernel (cached; a no-op when nothing changed)."""
+    script = {"tierd": "build-kernel.sh", "stock": "fetch-stock-kernel.sh"}[name]
+    done = subprocess.run(
+        [str(LAB_DIR / script)], stdout=subprocess.PIPE, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise LabError(f"{script} failed with exit code {done.returncode}")
+    out = Path(done.stdout.strip().splitlines()[-1])
+    release = (out / "kernelrelease").read_text().strip()
+    if name == "tierd":
+        return LabKernel(name, out / "bzImage", release, None)
+    return LabKernel(name, out / "vmlinuz", release, out / "lib" / "modules")
+
+
+def _stock_module_files(kernel: LabKernel) -> list[Path]:
+    assert kernel.modules is not None
+    files: list[Path] = []
+    for module in STOCK_BOOT_MODULES:
+        deps = subprocess.run(
+            ["modprobe", "-d", str(kernel.modules.parent.parent), "-S", kernel.release,
+             "--show-depends", module],
+            stdout=subprocess.PIPE, text=True, check=True,
+        ).stdout.split("\n")
+        for line in deps:
+            if line.startswith("insmod "):
+                path = Path(line.split()[1])
+                if path not in files:
+                    files.append(path)
+    return files
+
+
+def initramfs(kernel: LabKernel) -> Path:
+    """A busybox initramfs that mounts the host root; cached per kernel."""
+    busybox = Path("/bin/busybox")
+    init = LAB_DIR / "initramfs-init.sh"
+    modules = _stock_module_files(kernel) if kernel.modules else []
+    key = hashlib.sha256(
+        b"".join([init.read_bytes(), busybox.read_bytes()] + [bytes(m) for m in modules])
+    ).hexdigest()[:16]
+    image = CACHE / "initramfs" / f"{kernel.name}-{kernel.release}-{key}.cpio"
+    if image.exists():
+        return image
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for d in ("bin", "dev", "proc", "sys", "modules"):
+            (root / d).mkdir()
+        shutil.copy(busybox, root / "bin" / "busybox")
+        shutil.copy(init, root / "init")
+        (root / "init").chmod(0o755)
+        order = []
+        for module in modules:
+            name = module.name.removesuffix(".xz")
+            with open(root / "modules" / name, "wb") as out:
+                subprocess.run(["xz", "-dc", str(module)], stdout=out, check=True)
+            order.append(name)
+        if order:
+            (root / "modules" / "order").write_text("\n".join(order) + "\n")
+        image.parent.mkdir(parents=True, exist_ok=True)
+        listing = subprocess.run(
+            ["find", "."], cwd=root, stdout=subprocess.PIPE, check=True
+        ).stdout
+        tmp_image = image.with_suffix(".tmp")
+        with open(tmp_image, "wb") as out:
+            subprocess.run(
+                ["cpio", "--quiet", "-o", "-H", "newc"], cwd=root, input=listing,
+                stdout=out, check=True,
+            )
+        tmp_image.rename(image)
+    return image
+
+
+def topology_args(fast_mem: str, slow_mem: str) -> list[str]:
+    """QEMU options for node 0 (CPUs + DRAM) and node 1 (CPU-less, slower per HMAT)."""
+    args = [
+        "-machine", "pc,hmat=on",
+        "-smp", "2,sockets=2,maxcpus=2",
+        "-m", _sum_sizes(fast_mem, slow_mem),
+        "-object", f"memory-backend-ram,id=m0,size={fast_mem}",
+        "-object", f"memory-backend-ram,id=m1,size={slow_mem}",
+        "-numa", "node,nodeid=0,memdev=m0",
+        "-numa", "node,nodeid=1,memdev=m1,initiator=0",
+        "-numa", "cpu,node-id=0,socket-id=0",
+        "-numa", "cpu,node-id=0,socket-id=1",
+    ]
+    for target, latency, bandwidth in ((0, 100, "20G"), (1, 300, "5G")):
+        base = f"hmat-lb,initiator=0,target={target},hierarchy=memory"
+        args += ["-numa", f"{base},data-type=access-latency,latency={latency}"]
+        args += ["-numa", f"{base},data-type=access-bandwidth,bandwidth={bandwidth}"]
+    return args
+
+
+def _sum_sizes(*sizes: str) -> str:
+    units = {"M": 1, "G": 1024}
+    total = sum(int(s[:-1]) * units[s[-1].upper()] for s in sizes)
+    return f"{total}M"
+
+
+def accelerator() -> str:
+    """TCG unless TIERD_LAB_ACCEL says otherwise.
+
+    /dev/kvm opens on these hosts but guests die at once with a KVM
+    "emulation failure", so KVM is opt-in: TIERD_LAB_ACCEL=kvm.
+    """
+    accel = os.environ.get("TIERD_LAB_ACCEL", "tcg")
+    return {"tcg": "tcg,thread=multi", "kvm": "kvm"}[accel]
+
+
+def boot(
+    kernel: LabKernel,
+    command: str,
+    *,
+    fast_mem: str = "2G",
+    slow_mem: str = "2G",
+    timeout: float = 3600,
+    echo: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> GuestResult:
+    """Boot the lab with `kernel`, run the shell `command` inside, power off."""
+    outdir = Path(tempfile.mkdtemp(prefix=f"tierd-lab-{kernel.name}-"))
+    guest_env = {"TIERD_LAB_KERNEL": kernel.name, "TIERD_LAB_CWD": str(cwd)}
+    if kernel.modules:
+        guest_env["TIERD_LAB_MODULES"] = str(kernel.modules)
+    guest_env.update(env or {})
+    (outdir / "env").write_text(
+        "".join(f"export {k}={shlex.quote(v)}\n" for k, v in guest_env.items())
+    )
+    (outdir / "cmd").write_text(command + "\n")
+    shutil.copy(LAB_DIR / "guest-init.sh", outdir / "guest-init.sh")
+    cpu = "max" if accelerator().startswith("tcg") else "host"
+    qemu = [
+        "qemu-system-x86_64", "-accel", accelerator(), "-cpu", cpu,
+        *topology_args(fast_mem, slow_mem),
+        "-kernel", str(kernel.image), "-initrd", str(initramfs(kernel)),
+        "-append", "console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable",
+        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+        "-fsdev", f"local,id=labout,path={outdir},security_model=none",
+        "-device", "virtio-9p-pci,fsdev=labout,mount_tag=labout",
+        "-display", "none", "-serial", "stdio", "-monitor", "none",
+        "-no-reboot", "-nodefaults",
+    ]
+    console = _run_console(qemu, timeout, echo)
+    rc_file, dmesg_file = outdir / "rc", outdir / "dmesg"
+    rc = int(rc_file.read_text()) if rc_file.exists() else None
+    dmesg = dmesg_file.read_text(errors="replace") if dmesg_file.exists() else ""
+    return GuestResult(rc, console, dmesg, outdir)
+
+
+def _run_console(qemu: list[str], timeout: float, echo: bool) -> str:
+    """Run QEMU, streaming the serial console; kill it after `timeout` s."""
+    proc = subprocess.Popen(
+        qemu, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").replace("\r", "")
+            lines.append(line)
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if killed.is_set():
+        lines.append(f"lab: QEMU killed after {timeout:.0f} s\n")
+    return "".join(lines)
+
+
+def _main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="boot the lab and run a command inside")
+    run.add_argument("--kernel", choices=KERNELS, default="tierd")
+    run.add_argument("--fast-mem", default="2G", help="node 0 size (default 2G)")
+    run.add_argument("--slow-mem", default="2G", help="node 1 size (default 2G)")
+    run.add_argument("--timeout", type=float, default=3600)
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("kernels", help="build or fetch both kernels, print where they are")
+    args = parser.parse_args()
+    if args.cmd == "kernels":
+        for name in KERNELS:
+            k = lab_kernel(name)
+            print(f"{name}: {k.release} {k.image}")
+        return 0
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    start = time.monotonic()
+    result = boot(
+        lab_kernel(args.kernel), shlex.join(command) or "true",
+        fast_mem=args.fast_mem, slow_mem=args.slow_mem, timeout=args.timeout,
+    )
+    print(f"lab: guest exit code {result.rc} after {time.monotonic() - start:.0f} s",
+          file=sys.stderr)
+    return 1 if result.rc is None else result.rc
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,20 @@
+"""Errors tierd reports to its user: each names the file, key and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TierdError(Exception):
+    """Base of every error tierd reports to its user (never a bare traceback)."""
+
+
+class KernelFileError(TierdError):
+    """A kernel file (procfs, sysfs) is missing, unreadable or malformed."""
+
+    def __init__(self, path: Path | str, reason: str, key: str | None = None) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.key = key
+        where = f"{self.path}: {key}" if key else str(self.path)
+        super().__init__(f"{where}: {reason}")
