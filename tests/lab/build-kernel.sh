@@ -21,6 +21,11 @@ jobs=${TIERD_LAB_JOBS:-$(nproc)}
 
 log() { echo "build-kernel: $*" >&2; }
 
+# One build at a time: concurrent test sessions wait here for the first one.
+mkdir -p "$cache"
+exec 9>"$cache/build.lock"
+flock 9
+
 [ -f "$tarball" ] || { log "missing $tarball (apt-get install linux-source-6.12)"; exit 1; }
 srcver=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 

@@ -1,0 +1,1 @@
+"""Collectors: each turns one kernel source into access evidence (see evidence.py)."""
