@@ -12,7 +12,9 @@ from tierd.errors import TierdError
 
 # Subcommand name -> module in tierd.commands exposing add_arguments(parser)
 # and run(args) -> int.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "probe": "probe",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
