@@ -1,0 +1,213 @@
+"""The daemon's observable state: counters and health the metrics exporter reads at scrape time.
+
+The daemon loop is the only writer; readers (the Prometheus collector, the
+`run` command's summary) call `snapshot()`, which copies everything under
+one lock so a scrape never sees half an interval. Counters only grow; nothing
+here holds a physical address or a pid.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+# Stages whose durations are recorded each interval.
+STAGES = ("collect", "heat", "policy", "rmap", "move")
+LAST_ERRORS_KEPT = 20
+
+
+class Direction(StrEnum):
+    PROMOTE = "promote"  # towards a faster tier
+    DEMOTE = "demote"  # towards a slower tier
+
+
+class Health(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"  # running, but some input is bad or missing
+    DISABLED = "disabled"  # not usable on this host (see reason)
+
+
+@dataclass
+class CollectorHealth:
+    health: Health = Health.OK
+    reason: str = ""
+    last_ok: float | None = None  # time.time() of the last good collection
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    at: float  # time.time()
+    source: str  # "collector:idle", "mover:pid", "config", ...
+    message: str
+
+
+@dataclass
+class StageDuration:
+    last_seconds: float = 0.0
+    total_seconds: float = 0.0
+    count: int = 0
+
+
+# Key of the move counters: (direction, source node, target node).
+MoveKey = tuple[Direction, int, int]
+
+
+@dataclass
+class StateSnapshot:
+    """A consistent copy of the daemon state (see DaemonState for the meaning of fields)."""
+
+    started_at: float
+    dry_run: bool
+    mover: str
+    kernel_tiering: str
+    page_size: int
+    intervals: int
+    last_interval_at: float | None
+    pages_moved: Counter[MoveKey]
+    bytes_moved: Counter[MoveKey]
+    pages_would_move: Counter[MoveKey]
+    pages_attempted: Counter[MoveKey]
+    failures: Counter[str]
+    samples_taken: int
+    samples_lost: int
+    samples_unresolved: int
+    rate_limit_hits: int
+    pages_deferred_by_rate_limit: int
+    pages_excluded: Counter[str]
+    durations: dict[str, StageDuration]
+    collectors: dict[str, CollectorHealth]
+    tracked_pages: int
+    rmap_pages: int
+    rmap_bytes: int
+    last_errors: list[ErrorRecord]
+
+
+@dataclass
+class DaemonState:
+    """Everything the daemon reports about itself. Thread safe; one writer."""
+
+    dry_run: bool = False
+    mover: str = "none"  # "phys", "pid" or "none"
+    kernel_tiering: str = "off"  # what the kernel's own tiering is doing
+    page_size: int = 4096
+    started_at: float = field(default_factory=time.time)
+    intervals: int = 0
+    last_interval_at: float | None = None
+    # Pages (and bytes) that reached their target node, per direction and node pair.
+    pages_moved: Counter[MoveKey] = field(default_factory=Counter)
+    bytes_moved: Counter[MoveKey] = field(default_factory=Counter)
+    # Dry run: pages that would have been moved (nothing was).
+    pages_would_move: Counter[MoveKey] = field(default_factory=Counter)
+    # Pages handed to a mover (moved or not).
+    pages_attempted: Counter[MoveKey] = field(default_factory=Counter)
+    # Pages not moved, by reason: an errno name from the per-page status
+    # ("ENOENT", "EBUSY", ...) or a call-level reason ("process_gone",
+    # "call_EPERM", "busy_retries_exhausted", "not_in_rmap", ...).
+    failures: Counter[str] = field(default_factory=Counter)
+    samples_taken: int = 0
+    samples_lost: int = 0
+    samples_unresolved: int = 0
+    # Intervals in which the migration budget cut the plan, and the pages it held back.
+    rate_limit_hits: int = 0
+    pages_deferred_by_rate_limit: int = 0
+    # Candidate pages skipped by a safety rule: "mlocked", "unevictable",
+    # "excluded_process", "node_not_allowed".
+    pages_excluded: Counter[str] = field(default_factory=Counter)
+    durations: dict[str, StageDuration] = field(
+        default_factory=lambda: {s: StageDuration() for s in STAGES})
+    collectors: dict[str, CollectorHealth] = field(default_factory=dict)
+    tracked_pages: int = 0  # PFNs with heat
+    rmap_pages: int = 0  # PFN -> (pid, vaddr) entries in the reverse map
+    rmap_bytes: int = 0
+    last_errors: deque[ErrorRecord] = field(
+        default_factory=lambda: deque(maxlen=LAST_ERRORS_KEPT))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_moved(self, direction: Direction, source: int, target: int, pages: int) -> None:
+        with self._lock:
+            key = (direction, source, target)
+            if self.dry_run:
+                self.pages_would_move[key] += pages
+            else:
+                self.pages_moved[key] += pages
+                self.bytes_moved[key] += pages * self.page_size
+
+    def record_attempted(self, direction: Direction, source: int, target: int,
+                         pages: int) -> None:
+        with self._lock:
+            self.pages_attempted[(direction, source, target)] += pages
+
+    def record_failures(self, reasons: Counter[str] | dict[str, int]) -> None:
+        with self._lock:
+            self.failures.update(reasons)
+
+    def record_excluded(self, reason: str, pages: int) -> None:
+        if pages:
+            with self._lock:
+                self.pages_excluded[reason] += pages
+
+    def record_samples(self, taken: int, lost: int, unresolved: int) -> None:
+        with self._lock:
+            self.samples_taken += taken
+            self.samples_lost += lost
+            self.samples_unresolved += unresolved
+
+    def record_rate_limited(self, deferred_pages: int) -> None:
+        if deferred_pages:
+            with self._lock:
+                self.rate_limit_hits += 1
+                self.pages_deferred_by_rate_limit += deferred_pages
+
+    def record_duration(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            d = self.durations.setdefault(stage, StageDuration())
+            d.last_seconds = seconds
+            d.total_seconds += seconds
+            d.count += 1
+
+    def set_collector(self, name: str, health: Health, reason: str = "") -> None:
+        with self._lock:
+            entry = self.collectors.setdefault(name, CollectorHealth())
+            entry.health = health
+            entry.reason = reason
+            if health is Health.OK:
+                entry.last_ok = time.time()
+
+    def record_error(self, source: str, message: str) -> None:
+        with self._lock:
+            self.last_errors.append(ErrorRecord(time.time(), source, message))
+
+    def set_sizes(self, tracked_pages: int, rmap_pages: int, rmap_bytes: int) -> None:
+        with self._lock:
+            self.tracked_pages = tracked_pages
+            self.rmap_pages = rmap_pages
+            self.rmap_bytes = rmap_bytes
+
+    def finish_interval(self) -> None:
+        with self._lock:
+            self.intervals += 1
+            self.last_interval_at = time.time()
+
+    def snapshot(self) -> StateSnapshot:
+        with self._lock:
+            return StateSnapshot(
+                started_at=self.started_at, dry_run=self.dry_run, mover=self.mover,
+                kernel_tiering=self.kernel_tiering, page_size=self.page_size,
+                intervals=self.intervals, last_interval_at=self.last_interval_at,
+                pages_moved=Counter(self.pages_moved), bytes_moved=Counter(self.bytes_moved),
+                pages_would_move=Counter(self.pages_would_move),
+                pages_attempted=Counter(self.pages_attempted), failures=Counter(self.failures),
+                samples_taken=self.samples_taken, samples_lost=self.samples_lost,
+                samples_unresolved=self.samples_unresolved,
+                rate_limit_hits=self.rate_limit_hits,
+                pages_deferred_by_rate_limit=self.pages_deferred_by_rate_limit,
+                pages_excluded=Counter(self.pages_excluded),
+                durations=copy.deepcopy(self.durations),
+                collectors=copy.deepcopy(self.collectors),
+                tracked_pages=self.tracked_pages, rmap_pages=self.rmap_pages,
+                rmap_bytes=self.rmap_bytes, last_errors=list(self.last_errors),
+            )
