@@ -1,0 +1,198 @@
+"""The JSON schema (draft 7) of tierd.yaml, and the reference page rendered from it.
+
+The schema states types, ranges and allowed keys; defaults live in the
+tierd.config dataclasses and are merged in when the reference is rendered,
+so docs/configuration.md is `tierd check-config --print-reference` and cannot
+drift from either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _obj(description: str, **properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "description": description,
+            "additionalProperties": False, "properties": properties}
+
+
+def _num(description: str, **bounds: float) -> dict[str, Any]:
+    return {"type": "number", "description": description, **bounds}
+
+
+def _int(description: str, **bounds: int) -> dict[str, Any]:
+    return {"type": "integer", "description": description, **bounds}
+
+
+def _bool(description: str) -> dict[str, Any]:
+    return {"type": "boolean", "description": description}
+
+
+def _enum(description: str, *values: str) -> dict[str, Any]:
+    return {"type": "string", "description": description, "enum": list(values)}
+
+
+def _list(description: str, items: dict[str, Any], max_items: int) -> dict[str, Any]:
+    return {"type": "array", "description": description, "items": items,
+            "uniqueItems": True, "maxItems": max_items}
+
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "tierd configuration",
+    **_obj(
+        "tierd's configuration file, /etc/tierd/tierd.yaml. Every key is optional.",
+        interval=_num("Seconds between two rounds of collect, decide, move.",
+                      minimum=0.1, maximum=3600),
+        dry_run=_bool("Decide and count as usual but never move a page."),
+        collectors=_obj(
+            "Where access evidence comes from. Several may be on; their evidence adds up.",
+            idle=_obj(
+                "The idle-page bitmap (/sys/kernel/mm/page_idle/bitmap).",
+                enabled=_bool("Scan the idle-page bitmap."),
+                interval=_num("Seconds between two scans of the same PFN.",
+                              minimum=1, maximum=86400),
+                nodes=_list("NUMA nodes to scan; an empty list scans every node with memory.",
+                            {"type": "integer", "minimum": 0, "maximum": 1023}, 1024),
+                pfns_per_second=_int("Cap on PFNs scanned per second: each bitmap write walks"
+                                     " the reverse map, which costs CPU.",
+                                     minimum=1000, maximum=1 << 40),
+            ),
+            perf=_obj(
+                "Memory-access samples from perf (AMD IBS, Intel PEBS, or software events).",
+                enabled=_bool("Take perf samples."),
+                backend=_enum("How samples are read: `ctypes` (perf_event_open and the ring"
+                              " buffer directly) or `bcc` (a BPF program; needs python3-bpfcc).",
+                              "ctypes", "bcc"),
+                events=_list("perf event names; an empty list picks the best the CPU offers.",
+                             {"type": "string", "minLength": 1, "maxLength": 128,
+                              "pattern": "^[A-Za-z0-9_][A-Za-z0-9_:./=,-]*$"}, 16),
+                sample_period=_int("Events per sample.", minimum=1000, maximum=1 << 32),
+            ),
+            damon=_obj(
+                "DAMON monitoring of physical address ranges (DAMON_PADDR).",
+                enabled=_bool("Run a DAMON context per node."),
+                sampling_interval=_num("Seconds between DAMON's access checks.",
+                                       minimum=0.0001, maximum=10),
+                aggregation_interval=_num("Seconds over which DAMON counts accesses; at least"
+                                          " the sampling interval.",
+                                          minimum=0.001, maximum=3600),
+            ),
+        ),
+        policy=_obj(
+            "How heat turns into promotions and demotions.",
+            heat_decay=_num("Share of a page's heat kept from one interval to the next"
+                            " (0 forgets at once).", minimum=0, exclusiveMaximum=1),
+            hot_threshold=_num("Heat at or above which a slow-tier page is hot.",
+                               exclusiveMinimum=0, maximum=1e9),
+            cold_threshold=_num("Heat at or below which a fast-tier page is cold; below"
+                                " hot_threshold.", minimum=0, maximum=1e9),
+            hysteresis_intervals=_int("Consecutive intervals a page must stay hot (cold)"
+                                      " before it is promoted (demoted).",
+                                      minimum=1, maximum=100),
+            headroom_percent=_num("Percent of each fast node's memory kept free above its"
+                                  " promo/high watermark, so promotions never push the node"
+                                  " into reclaim.", minimum=0, maximum=50),
+            budget_split=_obj(
+                "How an interval's move budget (movers.rate_mb_per_s times interval) is"
+                " shared; promote + demote must be 1.",
+                promote=_num("Share for promotions.", minimum=0, maximum=1),
+                demote=_num("Share for demotions.", minimum=0, maximum=1),
+            ),
+        ),
+        movers=_obj(
+            "How pages move.",
+            kind=_enum("`phys` (move_phys_pages, on kernels that have it), `pid`"
+                       " (move_pages(2) per process) or `auto` (phys when available).",
+                       "auto", "phys", "pid"),
+            batch_pages=_int("Pages per migration syscall.", minimum=1, maximum=65536),
+            rate_mb_per_s=_num("Cap on migrated megabytes (2^20 bytes) per second.",
+                               exclusiveMinimum=0, maximum=1e6),
+            move_all_shared=_bool("Also move pages shared with other processes"
+                                  " (MPOL_MF_MOVE_ALL; needs CAP_SYS_NICE)."),
+        ),
+        exclusions=_obj(
+            "Memory tierd never moves.",
+            cgroups=_list("cgroup v2 paths (from the cgroup root), with everything below them.",
+                          {"type": "string", "pattern": "^/", "maxLength": 4096}, 1024),
+            pids=_list("Process IDs.", {"type": "integer", "minimum": 1, "maximum": 4194304},
+                       4096),
+            comms=_list("fnmatch patterns matched against the process name (comm).",
+                        {"type": "string", "minLength": 1, "maxLength": 64}, 1024),
+        ),
+        kernel_tiering=_enum(
+            "What to do when the kernel tiers memory itself (NUMA balancing mode 2, or"
+            " demotion_enabled): `coexist` runs alongside, `warn` logs a warning and runs,"
+            " `refuse` exits with an error.", "coexist", "warn", "refuse"),
+        metrics=_obj(
+            "The Prometheus endpoint and status page.",
+            enabled=_bool("Serve /metrics and the status page."),
+            address={"type": "string", "maxLength": 64,
+                     "description": "IP address to bind (IPv4 or IPv6 literal)."},
+            port=_int("TCP port to bind.", minimum=1, maximum=65535),
+            allow_remote=_bool("Required to bind an address other than loopback: metrics"
+                               " show memory layout to whoever can reach the port."),
+        ),
+    ),
+}
+
+
+def render_reference(defaults: dict[str, Any]) -> str:
+    """Markdown reference of every key: type, range, default and meaning."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `tierd check-config --print-reference` from"
+        " tierd/config_schema.py; do not edit. -->",
+        "",
+        "tierd reads `/etc/tierd/tierd.yaml` (or the file given with `--config`). Every key is"
+        " optional and takes the default below; unknown keys, wrong types, values out of range"
+        " and contradictory settings are errors naming the file, line and key, and"
+        " `tierd check-config FILE` reports them (exit status 78 on error). YAML aliases,"
+        " duplicate keys and language-specific tags are refused.",
+        "",
+        "| key | type | allowed | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += _rows(SCHEMA, defaults, "")
+    return "\n".join(lines) + "\n"
+
+
+def _rows(schema: dict[str, Any], defaults: dict[str, Any], prefix: str) -> list[str]:
+    rows = []
+    for name, sub in schema["properties"].items():
+        key = f"{prefix}{name}"
+        if sub["type"] == "object":
+            rows.append(f"| **`{key}`** | mapping | | | {sub['description']} |")
+            rows += _rows(sub, defaults[name], f"{key}.")
+        else:
+            rows.append(f"| `{key}` | {_type_name(sub)} | {_allowed(sub)} |"
+                        f" `{_yaml_value(defaults[name])}` | {sub['description']} |")
+    return rows
+
+
+def _type_name(schema: dict[str, Any]) -> str:
+    if schema["type"] == "array":
+        return f"list of {schema['items']['type']}"
+    return schema["type"]
+
+
+def _allowed(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return ", ".join(f"`{v}`" for v in schema["enum"])
+    if schema["type"] == "array":
+        return _allowed(schema["items"]) or "any"
+    low = [f"≥ {schema['minimum']:g}"] if "minimum" in schema else []
+    low += [f"> {schema['exclusiveMinimum']:g}"] if "exclusiveMinimum" in schema else []
+    high = [f"≤ {schema['maximum']:g}"] if "maximum" in schema else []
+    high += [f"< {schema['exclusiveMaximum']:g}"] if "exclusiveMaximum" in schema else []
+    pattern = [f"matches `{schema['pattern']}`"] if "pattern" in schema else []
+    return ", ".join(low + high + pattern)
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
