@@ -18,6 +18,8 @@ from enum import StrEnum
 # Stages whose durations are recorded each interval.
 STAGES = ("collect", "heat", "policy", "rmap", "move")
 LAST_ERRORS_KEPT = 20
+# Upper bounds (seconds) of the stage-duration histogram buckets; +Inf is implicit.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Direction(StrEnum):
@@ -50,6 +52,18 @@ class StageDuration:
     last_seconds: float = 0.0
     total_seconds: float = 0.0
     count: int = 0
+    # bucket_counts[i]: durations <= DURATION_BUCKETS[i] (cumulative, as Prometheus wants)
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """A NUMA node's memory as the daemon last saw it (no addresses)."""
+
+    node: int
+    tier: int  # N of /sys/devices/virtual/memory_tiering/memory_tierN (lower is faster)
+    total_bytes: int
+    free_bytes: int
 
 
 # Key of the move counters: (direction, source node, target node).
@@ -84,6 +98,8 @@ class StateSnapshot:
     rmap_pages: int
     rmap_bytes: int
     last_errors: list[ErrorRecord]
+    nodes: dict[int, NodeUsage]
+    heat_strips: dict[int, tuple[float, ...]]
 
 
 @dataclass
@@ -125,6 +141,10 @@ class DaemonState:
     rmap_bytes: int = 0
     last_errors: deque[ErrorRecord] = field(
         default_factory=lambda: deque(maxlen=LAST_ERRORS_KEPT))
+    nodes: dict[int, NodeUsage] = field(default_factory=dict)  # node -> usage
+    # node -> mean heat in equal-width bins across the node's PFN range, low
+    # PFNs first (a picture for the status page: positions, never addresses).
+    heat_strips: dict[int, tuple[float, ...]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_moved(self, direction: Direction, source: int, target: int, pages: int) -> None:
@@ -168,6 +188,9 @@ class DaemonState:
             d.last_seconds = seconds
             d.total_seconds += seconds
             d.count += 1
+            for i, bound in enumerate(DURATION_BUCKETS):
+                if seconds <= bound:
+                    d.bucket_counts[i] += 1
 
     def set_collector(self, name: str, health: Health, reason: str = "") -> None:
         with self._lock:
@@ -186,6 +209,14 @@ class DaemonState:
             self.tracked_pages = tracked_pages
             self.rmap_pages = rmap_pages
             self.rmap_bytes = rmap_bytes
+
+    def set_nodes(self, usages: list[NodeUsage]) -> None:
+        with self._lock:
+            self.nodes = {u.node: u for u in usages}
+
+    def set_heat_strip(self, node: int, bins: list[float] | tuple[float, ...]) -> None:
+        with self._lock:
+            self.heat_strips[node] = tuple(float(b) for b in bins)
 
     def finish_interval(self) -> None:
         with self._lock:
@@ -210,4 +241,5 @@ class DaemonState:
                 collectors=copy.deepcopy(self.collectors),
                 tracked_pages=self.tracked_pages, rmap_pages=self.rmap_pages,
                 rmap_bytes=self.rmap_bytes, last_errors=list(self.last_errors),
+                nodes=dict(self.nodes), heat_strips=dict(self.heat_strips),
             )
