@@ -32,6 +32,9 @@ LAB_DIR = Path(__file__).resolve().parent
 REPO = LAB_DIR.parent.parent
 CACHE = Path(os.environ.get("TIERD_LAB_CACHE", "/var/cache/tierd-lab"))
 KERNELS = ("stock", "tierd")
+# PID 1 after the initramfs: guest-init.sh itself, or the host's systemd
+# (guest-init.sh sets up and execs it; the command runs as a unit).
+INITS = ("shell", "systemd")
 # Modules a stock Debian kernel needs before it can mount the lab's root.
 STOCK_BOOT_MODULES = ("9pnet_virtio", "9p", "overlay")
 
@@ -155,13 +158,40 @@ def _sum_sizes(*sizes: str) -> str:
 
 
 def accelerator() -> str:
-    """TCG unless TIERD_LAB_ACCEL says otherwise.
+    """The QEMU accelerator: TIERD_LAB_ACCEL (kvm|tcg) if set, else KVM if it works.
 
-    /dev/kvm opens on these hosts but guests die at once with a KVM
-    "emulation failure", so KVM is opt-in: TIERD_LAB_ACCEL=kvm.
+    On our build hosts /dev/kvm opens but every guest dies at once with a KVM
+    "emulation failure", so KVM is tried once per host boot with a tiny guest
+    and the verdict cached; anything short of a clean power-off means TCG.
     """
-    accel = os.environ.get("TIERD_LAB_ACCEL", "tcg")
-    return {"tcg": "tcg,thread=multi", "kvm": "kvm"}[accel]
+    choice = os.environ.get("TIERD_LAB_ACCEL") or ("kvm" if _kvm_works() else "tcg")
+    return {"tcg": "tcg,thread=multi", "kvm": "kvm"}[choice]
+
+
+def _kvm_works() -> bool:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    verdict = CACHE / f"kvm-works-{boot_id}"
+    if not verdict.exists():
+        kernel = lab_kernel("stock")
+        # The initramfs finds no 9p share, says so and powers off: enough to
+        # prove the CPU virtualization works.
+        probe = [
+            "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256M",
+            "-kernel", str(kernel.image), "-initrd", str(initramfs(kernel)),
+            "-append", "console=ttyS0 panic=-1 quiet", "-display", "none",
+            "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults",
+        ]
+        try:
+            out = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True,
+                                 timeout=60, check=False).stdout
+            works = b"reboot: Power down" in out
+        except subprocess.TimeoutExpired:
+            works = False
+        verdict.parent.mkdir(parents=True, exist_ok=True)
+        verdict.write_text("yes\n" if works else "no\n")
+    return verdict.read_text().strip() == "yes"
 
 
 def boot(
@@ -174,10 +204,18 @@ def boot(
     echo: bool = True,
     env: dict[str, str] | None = None,
     cwd: Path = REPO,
+    init: str = "shell",
 ) -> GuestResult:
-    """Boot the lab with `kernel`, run the shell `command` inside, power off."""
+    """Boot the lab with `kernel`, run the shell `command` inside, power off.
+
+    `init="systemd"` boots the host's systemd as PID 1 and runs `command` as
+    a service once basic.target is reached.
+    """
+    if init not in INITS:
+        raise LabError(f"unknown init {init!r} (one of {', '.join(INITS)})")
     outdir = Path(tempfile.mkdtemp(prefix=f"tierd-lab-{kernel.name}-"))
-    guest_env = {"TIERD_LAB_KERNEL": kernel.name, "TIERD_LAB_CWD": str(cwd)}
+    guest_env = {"TIERD_LAB_KERNEL": kernel.name, "TIERD_LAB_CWD": str(cwd),
+                 "TIERD_LAB_INIT": init}
     if kernel.modules:
         guest_env["TIERD_LAB_MODULES"] = str(kernel.modules)
     guest_env.update(env or {})
@@ -247,6 +285,8 @@ def _main() -> int:
     run.add_argument("--fast-mem", default="2G", help="node 0 size (default 2G)")
     run.add_argument("--slow-mem", default="2G", help="node 1 size (default 2G)")
     run.add_argument("--timeout", type=float, default=3600)
+    run.add_argument("--init", choices=INITS, default="shell",
+                     help="PID 1: guest-init.sh (default) or systemd")
     run.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("kernels", help="build or fetch both kernels, print where they are")
     args = parser.parse_args()
@@ -260,6 +300,7 @@ def _main() -> int:
     result = boot(
         lab_kernel(args.kernel), shlex.join(command) or "true",
         fast_mem=args.fast_mem, slow_mem=args.slow_mem, timeout=args.timeout,
+        init=args.init,
     )
     print(f"lab: guest exit code {result.rc} after {time.monotonic() - start:.0f} s",
           file=sys.stderr)
