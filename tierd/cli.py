@@ -14,6 +14,7 @@ from tierd.errors import TierdError
 # and run(args) -> int.
 COMMANDS: dict[str, str] = {
     "probe": "probe",
+    "topology": "topology",
 }
 
 
