@@ -15,6 +15,7 @@ from tierd.errors import TierdError
 COMMANDS: dict[str, str] = {
     "probe": "probe",
     "topology": "topology",
+    "check-config": "check_config",
 }
 
 

@@ -195,7 +195,7 @@ def dotted(path: KeyPath) -> str:
 class _YamlProblem(Exception):
     def __init__(self, reason: str, mark: yaml.Mark | None) -> None:
         self.reason = reason
-        self.line = mark.line + 1 if mark else None
+        self.mark = mark
         super().__init__(reason)
 
 
@@ -222,43 +222,65 @@ class _StrictLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-
-def _read_document(data: bytes) -> tuple[Any, yaml.Node | None]:
-    """The document's value and its node tree (None for an empty file)."""
-    loader = _StrictLoader(data)
-    try:
-        node = loader.get_single_node()
-        return (loader.construct_document(node) if node is not None else None), node
-    finally:
-        loader.dispose()
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # beyond Python's int-from-string digit limit
+            raise _YamlProblem("number too long", node.start_mark) from None
 
 
-def _line_index(node: yaml.Node | None) -> dict[KeyPath, int]:
-    """Key path -> 1-based line where that key (or list item) is written.
+    def construct_undefined(self, node: yaml.Node) -> None:
+        raise _YamlProblem(f"tag {node.tag!r} is not allowed: only plain YAML values",
+                           node.start_mark)
 
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor(None, _StrictLoader.construct_undefined)
+
+
+class _Document:
+    """A parsed file: its value, and where each key path is written.
+
+    Indexing happens on the node tree before construction, so an error while
+    constructing a value (a refused tag, an over-long number) can name its key.
     Also refuses duplicate keys, which SafeLoader silently lets the last win.
     """
-    index: dict[KeyPath, int] = {}
-    if node is not None:
-        index[()] = node.start_mark.line + 1
-        _index_node(node, (), index)
-    return index
 
+    def __init__(self) -> None:
+        self.value: Any = {}  # an empty file (or only comments) means all defaults
+        self.lines: dict[KeyPath, int] = {}  # key path -> 1-based line of the key
+        self._paths_at: dict[tuple[int, int], KeyPath] = {}  # value's (line, col) -> path
 
-def _index_node(node: yaml.Node, path: KeyPath, index: dict[KeyPath, int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
-            if key in seen:
-                raise _YamlProblem(f"duplicate key {dotted((*path, key))!r}", key_node.start_mark)
-            seen.add(key)
-            index[(*path, key)] = key_node.start_mark.line + 1
-            _index_node(value_node, (*path, key), index)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            index[(*path, i)] = item.start_mark.line + 1
-            _index_node(item, (*path, i), index)
+    def read(self, data: bytes) -> None:
+        loader = _StrictLoader(data)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                self._index(loader, node, ())
+                self.value = loader.construct_document(node)
+        finally:
+            loader.dispose()
+
+    def path_at(self, mark: yaml.Mark | None) -> KeyPath:
+        return self._paths_at.get((mark.line, mark.column), ()) if mark else ()
+
+    def _index(self, loader: _StrictLoader, node: yaml.Node, path: KeyPath) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        self._paths_at[(node.start_mark.line, node.start_mark.column)] = path
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                key = str(loader.construct_object(key_node)) if isinstance(
+                    key_node, yaml.ScalarNode) else repr(key_node.value)
+                if key in seen:
+                    raise _YamlProblem(f"duplicate key {dotted((*path, key))!r}",
+                                       key_node.start_mark)
+                seen.add(key)
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                self._index(loader, value_node, (*path, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._index(loader, item, (*path, i))
 
 
 def _line_for(index: dict[KeyPath, int], path: KeyPath) -> int | None:
@@ -290,7 +312,8 @@ def _explain(error: jsonschema.ValidationError) -> Iterator[tuple[KeyPath, str]]
         known = ", ".join(error.schema.get("properties", {}))
         for key in value:
             if key not in error.schema.get("properties", {}):
-                yield (*path, str(key)), f"unknown key (expected one of: {known})"
+                hint = "" if isinstance(key, str) else f" ({_describe(key)}: quote keys)"
+                yield (*path, str(key)), f"unknown key{hint} (expected one of: {known})"
     elif kind == "type":
         yield path, f"expected {_type_words(expected)}, got {_describe(value)}"
     elif kind == "enum":
@@ -403,32 +426,37 @@ def parse(data: bytes, file: Path | str = "<config>") -> Config:
     """Validate YAML bytes into a Config, or raise ConfigError naming every problem."""
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError(file, [Problem((), f"larger than {MAX_FILE_BYTES} bytes", None)])
+    doc = _parse_yaml(data, file)
+    problems = [Problem(p, "must be a finite number", _line_for(doc.lines, p))
+                for p in _non_finite(doc.value)]
+    problems += _schema_problems(doc.value, doc.lines)
+    if problems:
+        raise ConfigError(file, sorted(problems, key=lambda p: (p.line or 0, dotted(p.path))))
+    config = _build(Config, doc.value)
+    cross = _cross_field_problems(config)
+    if cross:
+        raise ConfigError(file, [Problem(p, r, _line_for(doc.lines, p)) for p, r in cross])
+    return config
+
+
+def _parse_yaml(data: bytes, file: Path | str) -> _Document:
+    """The YAML document, or ConfigError with the line (and key, once known)."""
+    doc = _Document()
     try:
-        document, node = _read_document(data)
-        index = _line_index(node)
-    except _YamlProblem as e:
-        raise ConfigError(file, [Problem((), e.reason, e.line)]) from None
+        doc.read(data)
+        return doc
     except yaml.reader.ReaderError as e:
         reason = f"not valid UTF-8 or UTF-16 text at byte {e.position}: {e.reason}"
         raise ConfigError(file, [Problem((), reason, None)]) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        reason = " ".join(str(x) for x in (getattr(e, "context", None),
-                                           getattr(e, "problem", None)) if x) or str(e)
-        raise ConfigError(file, [Problem((), f"not valid YAML: {reason}",
-                                         mark.line + 1 if mark else None)]) from None
-    if document is None:
-        document = {}  # an empty file (or only comments) means all defaults
-    problems = [Problem(p, "must be a finite number", _line_for(index, p))
-                for p in _non_finite(document)]
-    problems += _schema_problems(document, index)
-    if problems:
-        raise ConfigError(file, problems)
-    config = _build(Config, document)
-    cross = _cross_field_problems(config)
-    if cross:
-        raise ConfigError(file, [Problem(p, r, _line_for(index, p)) for p, r in cross])
-    return config
+    except (_YamlProblem, yaml.YAMLError) as e:
+        if isinstance(e, _YamlProblem):
+            mark, reason = e.mark, e.reason
+        else:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            words = [str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None))]
+            reason = "not valid YAML: " + " ".join(w for w in words if w != "None")
+        path = doc.path_at(mark)
+        raise ConfigError(file, [Problem(path, reason, mark.line + 1 if mark else None)]) from None
 
 
 def load(path: Path | str) -> Config:
