@@ -222,11 +222,15 @@ class _StrictLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # SafeConstructor lets Python errors escape on explicitly tagged junk
+        # ("!!int" alone, "!!bool maybe") and on ints past Python's digit limit.
         try:
-            return super().construct_yaml_int(node)
-        except ValueError:  # beyond Python's int-from-string digit limit
-            raise _YamlProblem("number too long", node.start_mark) from None
+            return super().construct_object(node, deep)
+        except (ValueError, IndexError, KeyError, TypeError, AttributeError):
+            tag = node.tag.rsplit(":", 1)[-1]
+            raise _YamlProblem(f"cannot read {_short(node.value)} as {tag}",
+                               node.start_mark) from None
 
 
     def construct_undefined(self, node: yaml.Node) -> None:
@@ -234,7 +238,6 @@ class _StrictLoader(yaml.SafeLoader):
                            node.start_mark)
 
 
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 _StrictLoader.add_constructor(None, _StrictLoader.construct_undefined)
 
 
