@@ -319,7 +319,7 @@ def test_real_ring_holds_every_page_fault_of_a_known_workload() -> None:
         decoded = [pe.decode(ring.read(), sample_type) for _, ring in events]
         samples = np.concatenate([d.samples for d in decoded])
         ours = samples[(samples["pid"] == os.getpid())
-                       & (samples["addr"] >= base) & (samples["addr"] < base + buf.size())]
+                       & (samples["addr"] >= base) & (samples["addr"] < base + len(buf))]
         assert sum(d.lost for d in decoded) == 0
         pages = np.unique(ours["addr"] >> np.uint64(12))
         assert ours.size == FAULT_PAGES
@@ -332,8 +332,6 @@ def test_real_ring_holds_every_page_fault_of_a_known_workload() -> None:
         expected = pagemap.pfns_of(os.getpid(), base + PAGE * np.arange(FAULT_PAGES))
         assert np.array_equal(np.sort(pfns), np.sort(expected))
     finally:
-        del view
-        buf.close()
         for fd, ring in events:
             ring.close()
             os.close(fd)
@@ -347,21 +345,25 @@ def test_real_ring_reports_lost_records_when_it_overflows() -> None:
         pe.PERF_TYPE_SOFTWARE, pe.PERF_COUNT_SW_PAGE_FAULTS, 1)
     attr.sample_type = sample_type
     attr.disabled = 1
-    fd = pe.perf_event_open(attr, 0, -1)  # this process, any CPU
-    ring = pe.PerfRing.map(fd, 1)  # 4 KiB: 170 records of 24 bytes
-    buf = mmap.mmap(-1, FAULT_PAGES * PAGE)
+    fd = pe.perf_event_open(attr, 0, -1)  # this thread, any CPU
+    ring = pe.PerfRing.map(fd, 1)  # 4 KiB: room for 170 records of 24 bytes
+    buf = mmap.mmap(-1, (FAULT_PAGES + 1) * PAGE)
     buf.madvise(mmap.MADV_NOHUGEPAGE)
     view = np.frombuffer(buf, dtype=np.uint8)
+    last_page = view.ctypes.data + FAULT_PAGES * PAGE
     try:
         pe.enable(fd)
-        view[::PAGE] = 1
+        view[:FAULT_PAGES * PAGE:PAGE] = 1
+        full = pe.decode(ring.read(), sample_type)
+        # The kernel writes the LOST record once there is room again: at the next sample.
+        view[FAULT_PAGES * PAGE] = 1
         pe.disable(fd)
-        decoded = pe.decode(ring.read(), sample_type)
-        assert decoded.lost > 0
-        assert decoded.samples.size + decoded.lost >= FAULT_PAGES
-        assert decoded.samples.size < FAULT_PAGES
+        after = pe.decode(ring.read(), sample_type)
+        assert full.lost == 0
+        assert 0 < full.samples.size < FAULT_PAGES
+        assert after.lost > 0
+        assert full.samples.size + after.lost >= FAULT_PAGES
+        assert last_page in after.samples["addr"].tolist()
     finally:
-        del view
-        buf.close()
         ring.close()
         os.close(fd)

@@ -1,0 +1,270 @@
+"""DAMON collector: sysfs layout written as usage.rst says, regions read back, no kdamond left.
+
+Fixture trees under tests/fixtures/damon/ stand in for the sysfs directories
+the kernel creates (writes land in plain files there); the lab tests run the
+real kdamond on both kernels.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierd.collectors.damon import DamonCollector
+from tierd.kernel import damon_sysfs, pagemap
+from tierd.kernel.damon_sysfs import KDAMONDS, MonitoringAttrs
+from tierd.kernel.root import HostRoot
+from tierd.kernel.zoneinfo import read_zoneinfo
+from tierd.state import Health
+
+FIXTURES = Path(__file__).parent / "fixtures" / "damon"
+PAGE = mmap.PAGESIZE
+GIB_PFNS = (1 << 30) // PAGE
+
+
+def tree(tmp_path: Path, name: str) -> HostRoot:
+    """A writable copy of a fixture tree."""
+    shutil.copytree(FIXTURES / name, tmp_path / name)
+    return HostRoot(tmp_path / name)
+
+
+def read(root: HostRoot, path: str) -> str:
+    return root(f"{KDAMONDS}/{path}").read_text().strip()
+
+
+def kernel_keeps_running(root: HostRoot) -> None:
+    """What the kernel does after a state command: `state` reads `on` again."""
+    root(f"{KDAMONDS}/0/state").write_text("on\n")
+
+
+RANGES = [(0x100, GIB_PFNS), (GIB_PFNS, 2 * GIB_PFNS)]
+
+
+def test_start_lays_out_a_paddr_context_with_a_stat_scheme(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    attrs = MonitoringAttrs(sample_us=10_000, aggr_us=200_000, max_nr_regions=500)
+    collector = DamonCollector(RANGES, attrs, root)
+    assert collector.start()
+    ctx = "0/contexts/0"
+    assert read(root, "nr_kdamonds") == "1"
+    assert read(root, f"{ctx}/operations") == "paddr"
+    assert read(root, f"{ctx}/monitoring_attrs/intervals/sample_us") == "10000"
+    assert read(root, f"{ctx}/monitoring_attrs/intervals/aggr_us") == "200000"
+    assert read(root, f"{ctx}/monitoring_attrs/nr_regions/max") == "500"
+    assert read(root, f"{ctx}/targets/0/regions/nr_regions") == "2"
+    assert read(root, f"{ctx}/targets/0/regions/0/start") == str(0x100 * PAGE)
+    assert read(root, f"{ctx}/targets/0/regions/1/end") == str(2 * GIB_PFNS * PAGE)
+    assert read(root, f"{ctx}/schemes/0/action") == "stat"
+    assert read(root, f"{ctx}/schemes/0/access_pattern/sz/max") == str((1 << 64) - 1)
+    assert read(root, f"{ctx}/schemes/0/access_pattern/nr_accesses/min") == "0"
+    assert read(root, "0/state") == "on"
+    assert collector.health.health is Health.OK
+    collector.stop()
+
+
+def test_collect_turns_tried_regions_into_a_sorted_region_batch(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    with DamonCollector(RANGES, MonitoringAttrs(sample_us=5_000, aggr_us=100_000), root) as c:
+        batch = c.collect()
+        assert read(root, "0/state") == "update_schemes_tried_regions"
+    assert batch is not None
+    assert batch.max_nr_accesses == 20
+    assert batch.pfn_start.size == 12
+    assert np.all(np.diff(batch.pfn_start.astype(np.int64)) > 0)
+    assert batch.pfn_start[:3].tolist() == [0x100, 0x40000, 0x48000]
+    assert batch.pfn_end[:3].tolist() == [0x40000, 0x48000, 0x80000]
+    assert batch.nr_accesses[:3].tolist() == [0, 20, 1]
+    assert batch.age[:3].tolist() == [12, 3, 7]
+    assert batch.pfn_start[3:].tolist() == [0x100000 + i * 0x4000 for i in range(9)]
+    assert batch.nr_accesses.dtype == np.uint32 and batch.pfn_start.dtype == np.uint64
+
+
+def test_stop_leaves_no_kdamond_and_releases_the_directories(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    collector = DamonCollector(RANGES, root=root)
+    collector.start()
+    collector.stop()
+    collector.stop()  # idempotent
+    assert read(root, "0/state") == "off"
+    assert read(root, "nr_kdamonds") == "0"
+    assert collector.collect() is None
+
+
+def test_an_exception_inside_the_with_block_still_stops_the_kdamond(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    with pytest.raises(RuntimeError), DamonCollector(RANGES, root=root):
+        assert read(root, "0/state") == "on"
+        raise RuntimeError("the daemon loop failed")
+    assert read(root, "0/state") == "off"
+
+
+def test_someone_elses_running_kdamond_is_left_alone(tmp_path: Path) -> None:
+    root = tree(tmp_path, "busy")
+    collector = DamonCollector(RANGES, root=root)
+    assert not collector.start()
+    assert collector.health.health is Health.DISABLED
+    assert "busy: kdamond 0 already running" in collector.health.reason
+    assert read(root, "0/state") == "on"
+    assert read(root, "0/contexts/0/operations") == "vaddr"
+    assert damon_sysfs.availability(root) is not None
+
+
+def test_kernel_without_paddr_is_reported(tmp_path: Path) -> None:
+    root = tree(tmp_path, "no-paddr")
+    collector = DamonCollector(RANGES, root=root)
+    assert not collector.start()
+    assert "CONFIG_DAMON_PADDR" in collector.health.reason
+    assert "avail_operations" in collector.health.reason
+    assert read(root, "0/state") == "off"
+
+
+def test_kernel_without_damon_sysfs_is_reported(tmp_path: Path) -> None:
+    root = tree(tmp_path, "no-damon")
+    collector = DamonCollector(RANGES, root=root)
+    assert not collector.start()
+    assert "CONFIG_DAMON_SYSFS" in collector.health.reason
+    assert "admin is missing" in collector.health.reason
+
+
+def test_garbled_region_file_degrades_without_crashing(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    bad = root(f"{KDAMONDS}/0/contexts/0/schemes/0/tried_regions/1/nr_accesses")
+    bad.write_text("twenty\n")
+    with DamonCollector(RANGES, root=root) as collector:
+        assert collector.collect() is None
+        assert collector.health.health is Health.DEGRADED
+        assert "tried_regions/1/nr_accesses" in collector.health.reason
+        assert "not a number: 'twenty'" in collector.health.reason
+        bad.write_text("20\n")
+        kernel_keeps_running(root)
+        assert collector.collect() is not None
+        assert collector.health.health is Health.OK
+
+
+def test_truncated_region_directory_degrades(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    root(f"{KDAMONDS}/0/contexts/0/schemes/0/tried_regions/2/age").unlink()
+    with DamonCollector(RANGES, root=root) as collector:
+        assert collector.collect() is None
+        assert "tried_regions/2/age: missing" in collector.health.reason
+
+
+def test_kdamond_that_stopped_by_itself_degrades(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    with DamonCollector(RANGES, root=root) as collector:
+        root(f"{KDAMONDS}/0/state").write_text("off\n")
+        assert collector.collect() is None
+        assert "stopped on its own" in collector.health.reason
+
+
+def test_empty_ranges_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least one PFN range"):
+        DamonCollector([])
+
+
+# --- the real kernel -------------------------------------------------------------------
+
+HOT_PAGES = COLD_PAGES = 16384  # 64 MiB each
+
+
+def node_pfn_ranges() -> list[tuple[int, int]]:
+    """[start, end) PFNs of each node's populated zones, merged per node."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for zone in read_zoneinfo().zones:
+        if zone.populated and zone.start_pfn is not None and zone.end_pfn is not None:
+            low, high = ranges.get(zone.node, (zone.start_pfn, zone.end_pfn))
+            ranges[zone.node] = (min(low, zone.start_pfn), max(high, zone.end_pfn))
+    return sorted(ranges.values())
+
+
+def spawn_hot_cold_workload() -> tuple[int, int, int]:
+    """A child that fills a hot and a cold buffer, then touches only the hot one, forever.
+
+    Returns (pid, hot base, cold base); the parent reads the child's pagemap.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        try:
+            os.close(read_end)
+            cold = mmap.mmap(-1, COLD_PAGES * PAGE)
+            hot = mmap.mmap(-1, HOT_PAGES * PAGE)
+            for buf in (cold, hot):
+                buf.madvise(mmap.MADV_NOHUGEPAGE)
+            cold_view = np.frombuffer(cold, dtype=np.uint8)
+            hot_view = np.frombuffer(hot, dtype=np.uint8)
+            cold_view[::PAGE] = 1
+            hot_view[::PAGE] = 1
+            os.write(write_end, f"{hot_view.ctypes.data} {cold_view.ctypes.data}\n".encode())
+            os.close(write_end)
+            while True:
+                hot_view[::PAGE] += 1
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        hot_base, cold_base = map(int, f.readline().split())
+    return pid, hot_base, cold_base
+
+
+def accesses_per_page(batch_start: np.ndarray, batch_end: np.ndarray, nr: np.ndarray,
+                      pfns: np.ndarray) -> np.ndarray:
+    """nr_accesses of the region holding each PFN (-1 where no region holds it)."""
+    index = np.searchsorted(batch_start, pfns, side="right") - 1
+    inside = (index >= 0) & (pfns < batch_end[np.clip(index, 0, None)])
+    return np.where(inside, nr[np.clip(index, 0, None)].astype(np.int64), -1)
+
+
+@pytest.mark.vm
+def test_damon_finds_the_touched_buffer_hot_and_the_untouched_cold() -> None:
+    pid, hot_base, cold_base = spawn_hot_cold_workload()
+    try:
+        hot_pfns = pagemap.pfns_of(pid, hot_base + PAGE * np.arange(HOT_PAGES, dtype=np.uint64))
+        cold_pfns = pagemap.pfns_of(pid, cold_base + PAGE * np.arange(COLD_PAGES, dtype=np.uint64))
+        assert (hot_pfns != 0).all() and (cold_pfns != 0).all()
+        attrs = MonitoringAttrs(sample_us=10_000, aggr_us=200_000)
+        hot_hits = np.zeros(HOT_PAGES, dtype=np.int64)
+        cold_hits = np.zeros(COLD_PAGES, dtype=np.int64)
+        with DamonCollector(node_pfn_ranges(), attrs) as collector:
+            assert collector.health.health is Health.OK, collector.health.reason
+            time.sleep(4)  # let regions split around the two buffers
+            batches = [collector.collect() for _ in range(5)]
+            kdamond_pid = damon_sysfs.pid_of()
+            assert kdamond_pid is not None
+        for batch in batches:
+            assert batch is not None, collector.health.reason
+            hot = accesses_per_page(batch.pfn_start, batch.pfn_end, batch.nr_accesses, hot_pfns)
+            cold = accesses_per_page(batch.pfn_start, batch.pfn_end, batch.nr_accesses, cold_pfns)
+            assert (hot >= 0).all() and (cold >= 0).all()  # every page is in a region
+            hot_hits += hot > 0
+            cold_hits += cold > 0
+        # Per page: hot when its region was accessed in most intervals, cold when in few.
+        hot_share = np.mean(hot_hits >= 3)
+        cold_share = np.mean(cold_hits <= 1)
+        assert hot_share >= 0.95, f"only {hot_share:.1%} of the touched pages look hot"
+        assert cold_share >= 0.95, f"only {cold_share:.1%} of the untouched pages look cold"
+        # Stopped: no kdamond thread is left.
+        assert damon_sysfs.running_kdamonds() == []
+        assert not Path(f"/proc/{kdamond_pid}").exists()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.vm
+def test_damon_refuses_to_disturb_a_running_kdamond() -> None:
+    ranges = node_pfn_ranges()
+    with DamonCollector(ranges, MonitoringAttrs()) as first:
+        assert first.health.health is Health.OK
+        second = DamonCollector(ranges, MonitoringAttrs())
+        assert not second.start()
+        assert "already running" in second.health.reason
+        assert damon_sysfs.running_kdamonds() == [0]
+    assert damon_sysfs.running_kdamonds() == []

@@ -1,0 +1,219 @@
+"""DAMON's sysfs interface (/sys/kernel/mm/damon/admin/), as in Linux 6.12's usage.rst.
+
+tierd runs one kdamond with one context: `paddr` operations over physical
+address ranges, and a single DAMOS scheme with the `stat` action matching
+every region, so that writing `update_schemes_tried_regions` to the kdamond's
+`state` makes the kernel list every monitored region with its `nr_accesses`
+and `age` under `schemes/0/tried_regions/` (the kernel clears the old list
+itself; the write returns once the list is complete).
+
+Writing `kdamonds/nr_kdamonds` recreates every kdamond directory, and the
+kernel refuses it (EBUSY) while any kdamond runs: tierd never takes over a
+running kdamond that someone else started (DamonBusyError).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tierd.errors import KernelFileError
+from tierd.kernel.root import HOST, HostRoot
+
+ADMIN = "/sys/kernel/mm/damon/admin"
+KDAMONDS = f"{ADMIN}/kdamonds"
+MAX_UL = (1 << 64) - 1  # "no upper bound" for access-pattern ranges
+MAX_UINT = (1 << 32) - 1
+
+
+class DamonError(KernelFileError):
+    """A DAMON sysfs file is missing, refused a value, or DAMON is unusable."""
+
+
+class DamonBusyError(DamonError):
+    """Another DAMON user runs a kdamond; tierd will not disturb it."""
+
+
+@dataclass(frozen=True)
+class MonitoringAttrs:
+    """DAMON's intervals (microseconds) and region-count bounds."""
+
+    sample_us: int = 5_000
+    aggr_us: int = 100_000
+    update_us: int = 1_000_000
+    min_nr_regions: int = 10
+    max_nr_regions: int = 1000
+
+    @property
+    def max_nr_accesses(self) -> int:
+        """The most a region's nr_accesses can be: samples per aggregation interval."""
+        return self.aggr_us // self.sample_us
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Monitored regions: physical byte ranges [start, end) with their access counts."""
+
+    start: npt.NDArray[np.uint64]
+    end: npt.NDArray[np.uint64]
+    nr_accesses: npt.NDArray[np.uint32]
+    age: npt.NDArray[np.uint32]
+
+
+def _write(root: HostRoot, path: str, value: str | int) -> None:
+    """One write(2) per value, as sysfs expects; errors name the file and the value."""
+    full = root(path)
+    try:
+        fd = os.open(full, os.O_WRONLY | os.O_TRUNC)  # O_TRUNC: harmless on sysfs
+    except FileNotFoundError:
+        raise DamonError(full, "missing") from None
+    except PermissionError:
+        raise DamonError(full, "permission denied (needs root)") from None
+    except OSError as e:
+        raise DamonError(full, e.strerror or str(e)) from None
+    try:
+        os.write(fd, str(value).encode())
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise DamonBusyError(full, "busy (a kdamond is running)", key=str(value)) from None
+        raise DamonError(full, f"kernel refused {value!r}: {e.strerror}", key=str(value)) from None
+    finally:
+        os.close(fd)
+
+
+def _read(root: HostRoot, path: str) -> str:
+    try:
+        return root.read_text(path).strip()
+    except KernelFileError as e:
+        raise DamonError(e.path, e.reason, e.key) from None
+
+
+def _read_int(root: HostRoot, path: str) -> int:
+    text = _read(root, path)
+    try:
+        return int(text)
+    except ValueError:
+        raise DamonError(root(path), f"not a number: {text!r}") from None
+
+
+def availability(root: HostRoot = HOST) -> str | None:
+    """None when tierd can run a paddr kdamond here, else why not (without changing anything)."""
+    if not root(ADMIN).is_dir():
+        return f"{root(ADMIN)} is missing (kernel without CONFIG_DAMON_SYSFS)"
+    try:
+        running = running_kdamonds(root)
+    except DamonError as e:
+        return str(e)
+    if running:
+        return f"busy: kdamond {', '.join(map(str, running))} already running (another DAMON user)"
+    if not os.access(root(f"{KDAMONDS}/nr_kdamonds"), os.W_OK):
+        return f"{root(f'{KDAMONDS}/nr_kdamonds')}: permission denied (needs root)"
+    return None
+
+
+def running_kdamonds(root: HostRoot = HOST) -> list[int]:
+    """Indexes of the kdamonds whose state is `on`."""
+    count = _read_int(root, f"{KDAMONDS}/nr_kdamonds")
+    return [i for i in range(count) if _read(root, f"{KDAMONDS}/{i}/state") == "on"]
+
+
+class Kdamond:
+    """tierd's kdamond (index 0 after setup): configure, start, query, stop."""
+
+    def __init__(self, root: HostRoot = HOST, index: int = 0) -> None:
+        self.root = root
+        self.base = f"{KDAMONDS}/{index}"
+        self.ctx = f"{self.base}/contexts/0"
+        self.scheme = f"{self.ctx}/schemes/0"
+
+    def setup_paddr(self, ranges: list[tuple[int, int]], attrs: MonitoringAttrs) -> None:
+        """Lay out one paddr context over the physical byte `ranges` with a stat scheme."""
+        running = running_kdamonds(self.root)
+        if running:
+            raise DamonBusyError(self.root(f"{KDAMONDS}/{running[0]}/state"),
+                                 "already running (another DAMON user)")
+        _write(self.root, f"{KDAMONDS}/nr_kdamonds", 1)
+        _write(self.root, f"{self.base}/contexts/nr_contexts", 1)
+        available = _read(self.root, f"{self.ctx}/avail_operations").split()
+        if "paddr" not in available:
+            raise DamonError(self.root(f"{self.ctx}/avail_operations"),
+                             f"no paddr (kernel without CONFIG_DAMON_PADDR): {available}")
+        _write(self.root, f"{self.ctx}/operations", "paddr")
+        self._write_attrs(attrs)
+        self._write_regions(ranges)
+        self._write_stat_scheme()
+
+    def _write_attrs(self, attrs: MonitoringAttrs) -> None:
+        mon = f"{self.ctx}/monitoring_attrs"
+        _write(self.root, f"{mon}/intervals/sample_us", attrs.sample_us)
+        _write(self.root, f"{mon}/intervals/aggr_us", attrs.aggr_us)
+        _write(self.root, f"{mon}/intervals/update_us", attrs.update_us)
+        _write(self.root, f"{mon}/nr_regions/min", attrs.min_nr_regions)
+        _write(self.root, f"{mon}/nr_regions/max", attrs.max_nr_regions)
+
+    def _write_regions(self, ranges: list[tuple[int, int]]) -> None:
+        targets = f"{self.ctx}/targets"
+        _write(self.root, f"{targets}/nr_targets", 1)
+        _write(self.root, f"{targets}/0/regions/nr_regions", len(ranges))
+        for i, (start, end) in enumerate(ranges):
+            _write(self.root, f"{targets}/0/regions/{i}/start", start)
+            _write(self.root, f"{targets}/0/regions/{i}/end", end)
+
+    def _write_stat_scheme(self) -> None:
+        _write(self.root, f"{self.ctx}/schemes/nr_schemes", 1)
+        _write(self.root, f"{self.scheme}/action", "stat")
+        pattern = f"{self.scheme}/access_pattern"
+        for name, upper in (("sz", MAX_UL), ("nr_accesses", MAX_UINT), ("age", MAX_UINT)):
+            _write(self.root, f"{pattern}/{name}/min", 0)
+            _write(self.root, f"{pattern}/{name}/max", upper)
+
+    def state(self) -> str:
+        return _read(self.root, f"{self.base}/state")
+
+    def start(self) -> None:
+        _write(self.root, f"{self.base}/state", "on")
+
+    def stop(self) -> None:
+        """Turn the kdamond off if it runs (idempotent)."""
+        if self.root(f"{self.base}/state").exists() and self.state() == "on":
+            _write(self.root, f"{self.base}/state", "off")
+
+    def regions(self) -> Regions:
+        """Every monitored region with nr_accesses and age as of the next aggregation."""
+        _write(self.root, f"{self.base}/state", "update_schemes_tried_regions")
+        return self.read_tried_regions()
+
+    def read_tried_regions(self) -> Regions:
+        tried = f"{self.scheme}/tried_regions"
+        directory = self.root(tried)
+        try:
+            indexes = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        except OSError as e:
+            raise DamonError(directory, e.strerror or str(e)) from None
+        values = np.zeros((4, len(indexes)), dtype=np.uint64)
+        for column, i in enumerate(indexes):
+            values[:, column] = [
+                _read_int(self.root, f"{tried}/{i}/{name}")
+                for name in ("start", "end", "nr_accesses", "age")
+            ]
+        order = np.argsort(values[0], kind="stable")
+        values = values[:, order]
+        return Regions(values[0], values[1], values[2].astype(np.uint32),
+                       values[3].astype(np.uint32))
+
+    def release(self) -> None:
+        """Stop and drop tierd's kdamond directories, leaving DAMON as tierd found it."""
+        self.stop()
+        if self.root(f"{KDAMONDS}/nr_kdamonds").exists():
+            _write(self.root, f"{KDAMONDS}/nr_kdamonds", 0)
+
+
+def pid_of(root: HostRoot = HOST, index: int = 0) -> int | None:
+    """The running kdamond thread's pid, None when it is off."""
+    text = _read(root, f"{KDAMONDS}/{index}/pid")
+    pid = int(text) if text.lstrip("-").isdigit() else -1
+    return pid if pid > 0 else None
