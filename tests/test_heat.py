@@ -1,0 +1,145 @@
+"""The heat model: evidence in, two bytes per PFN out, classes with hysteresis."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tierd import heat as h
+from tierd.collectors.evidence import UNTRACKED, IdleScan, RegionBatch, SampleBatch
+
+PARAMS = h.HeatParams(decay=0.5, hot_threshold=4.0, cold_threshold=0.5, idle_access_weight=4.0,
+                      sample_weight=1.0, region_weight=8.0, initial_heat=2.0,
+                      cooldown_intervals=2)
+
+
+def _scan(ages: list[int], start: int = 0) -> IdleScan:
+    return IdleScan(start, np.array(ages, dtype=np.uint8), 0.0)
+
+
+def _interval(model: h.HeatModel, *evidence: object) -> None:
+    model.decay()
+    for e in evidence:
+        if isinstance(e, IdleScan):
+            model.add_idle_scan(e)
+        elif isinstance(e, SampleBatch):
+            model.add_samples(e)
+        else:
+            model.add_regions(e)
+    model.classify()
+
+
+def test_two_bytes_per_pfn() -> None:
+    assert h.HeatModel(1000).nbytes == 2000
+
+
+def test_idle_scan_tracks_lru_pages_and_heats_accessed_ones() -> None:
+    model = h.HeatModel(8, PARAMS)
+    _interval(model, _scan([0, 3, UNTRACKED, 0], start=2))
+    assert model.heat.tolist() == [0, 0, 32 + 64, 32, 0, 32 + 64, 0, 0]
+    cls = h.classes(model.mark)
+    assert cls.tolist() == [0, 0, h.HOT, h.WARM, 0, h.HOT, 0, 0]
+    assert model.tracked_count() == 3
+
+
+def test_a_page_no_longer_on_the_lru_becomes_untracked() -> None:
+    model = h.HeatModel(4, PARAMS)
+    _interval(model, _scan([0, 0, 0, 0]))
+    _interval(model, _scan([0, UNTRACKED, 0, 0]))
+    assert h.classes(model.mark).tolist() == [h.HOT, 0, h.HOT, h.HOT]
+    assert model.heat[1] == 0
+
+
+def test_decay_cools_an_idle_page_to_cold_and_streaks_count_intervals() -> None:
+    model = h.HeatModel(2, PARAMS)
+    _interval(model, _scan([0, 0]))  # 2 + 4 accesses -> 6.0: hot
+    seen = []
+    for _ in range(5):
+        _interval(model, _scan([0, 1]))
+        seen.append((int(model.heat[1]), int(h.classes(model.mark)[1]),
+                     int(h.streaks(model.mark)[1])))
+    # 6.0 -> 3.0 (warm) -> 1.5 -> 0.75 -> 0.375 (cold) -> 0.1875 (cold)
+    assert seen == [(48, h.WARM, 1), (24, h.WARM, 2), (12, h.WARM, 3), (6, h.COLD, 1),
+                    (3, h.COLD, 2)]
+    assert h.classes(model.mark)[0] == h.HOT and h.streaks(model.mark)[0] == 6
+
+
+def test_streak_saturates_and_cooldown_counts_down_to_zero() -> None:
+    model = h.HeatModel(1, PARAMS)
+    model.track(np.array([0], dtype=np.uint64))
+    assert h.cooldowns(model.mark)[0] == 2
+    cooldowns = []
+    for _ in range(10):
+        _interval(model, _scan([0]))
+        cooldowns.append(int(h.cooldowns(model.mark)[0]))
+    assert cooldowns[:3] == [1, 0, 0]
+    assert h.streaks(model.mark)[0] == h.STREAK_MAX
+
+
+def test_samples_add_per_sample_and_saturate() -> None:
+    model = h.HeatModel(4, PARAMS)
+    pfns = np.array([1, 1, 1, 3] + [2] * 300, dtype=np.uint64)
+    _interval(model, SampleBatch(pfns, lost=0, unresolved=0, collected_at=0.0))
+    assert model.heat.tolist() == [0, 32 + 48, 255, 32 + 16]
+    assert h.classes(model.mark).tolist() == [0, h.HOT, h.HOT, h.WARM]
+
+
+def test_samples_beyond_the_model_are_dropped_not_fatal() -> None:
+    model = h.HeatModel(4, PARAMS)
+    model.add_samples(SampleBatch(np.array([2, 1 << 40], dtype=np.uint64), 0, 0, 0.0))
+    assert model.tracked_count() == 1
+
+
+def test_regions_heat_by_access_rate_without_tracking_free_frames() -> None:
+    model = h.HeatModel(10, PARAMS)
+    model.track(np.array([1, 6], dtype=np.uint64))
+    batch = RegionBatch(np.array([0, 5], dtype=np.uint64), np.array([5, 10], dtype=np.uint64),
+                        np.array([20, 5], dtype=np.uint32), np.array([1, 1], dtype=np.uint32),
+                        max_nr_accesses=20, collected_at=0.0)
+    model.decay()
+    model.add_regions(batch)
+    assert model.heat.tolist() == [128, 16 + 128, 128, 128, 128, 32, 16 + 32, 32, 32, 32]
+    assert model.tracked_count() == 2
+
+
+def test_transfer_moves_heat_to_the_new_frame_with_a_cooldown() -> None:
+    model = h.HeatModel(8, PARAMS)
+    _interval(model, _scan([0, 0, 0, 0, 0, 0, 0, 0]))
+    _interval(model, _scan([0, 0, 0, 0, 0, 0, 0, 0]))
+    model.heat[5] = 0
+    model.mark[5] = 0
+    model.transfer(np.array([1], dtype=np.uint64), np.array([5], dtype=np.uint64))
+    assert model.mark[1] == 0 and model.heat[1] == 0
+    assert h.classes(model.mark)[5] == h.HOT and h.cooldowns(model.mark)[5] == 2
+    assert model.heat[5] > 0
+
+
+def test_vacate_and_cool_down() -> None:
+    model = h.HeatModel(4, PARAMS)
+    _interval(model, _scan([0, 0, 0, 0]))
+    _interval(model, _scan([0, 0, 0, 0]))
+    _interval(model, _scan([0, 0, 0, 0]))
+    model.vacate(np.array([0], dtype=np.uint64))
+    model.cool_down(np.array([2], dtype=np.uint64))
+    assert h.classes(model.mark).tolist() == [0, h.HOT, h.HOT, h.HOT]
+    assert h.cooldowns(model.mark).tolist() == [0, 0, 2, 0]
+
+
+def test_classify_matches_a_per_page_reference_on_random_marks() -> None:
+    rng = np.random.default_rng(5)
+    model = h.HeatModel(5000, PARAMS)
+    model.heat[:] = rng.integers(0, 256, 5000)
+    model.mark[:] = rng.integers(0, 256, 5000)
+    before_heat, before_mark = model.heat.copy(), model.mark.copy()
+    model.classify()
+    for heat, mark, got in zip(before_heat, before_mark, model.mark, strict=True):
+        assert got == _reference_classify(int(heat), int(mark))
+
+
+def _reference_classify(heat: int, mark: int) -> int:
+    old_cls = (mark >> 3) & 3
+    if old_cls == 0:
+        return 0
+    cls = h.HOT if heat >= 64 else h.COLD if heat <= 8 else h.WARM
+    streak = min(mark & 7, 6) + 1 if cls == old_cls else 1
+    cooldown = max(0, (mark >> 5) - 1)
+    return (cooldown << 5) | (cls << 3) | streak

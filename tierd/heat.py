@@ -1,0 +1,248 @@
+"""Per-PFN heat: the collectors' evidence folded into two bytes per PFN.
+
+`heat` (uint8) is a decayed access count in fixed point (HEAT_SCALE units per
+access). Each interval every heat value is multiplied by `decay`, then the
+interval's evidence is added:
+
+- an idle-bitmap scan that saw the page accessed adds `idle_access_weight`;
+- each perf sample of the page adds `sample_weight`;
+- a DAMON region adds `region_weight` x its access rate (nr_accesses / max).
+
+`mark` (uint8) holds what the policy needs besides heat, per PFN:
+
+    bits 0-2  streak: consecutive intervals in the current class (saturates at 7)
+    bits 3-4  class: 0 untracked, 1 cold, 2 warm, 3 hot
+    bits 5-7  cooldown: intervals before the page may be moved again
+
+"Untracked" PFNs (kernel memory, free frames, huge-page tails) are never
+candidates. A PFN becomes tracked when an idle scan says it is a user LRU
+page, when it is sampled, or when the reverse map finds it mapped; it starts
+warm, with `initial_heat` and a full cooldown, so a page is never moved on
+the strength of a single interval. A page the movers moved away leaves an
+untracked frame behind; where its new PFN is known (PID mover) the heat and
+a fresh cooldown follow it.
+
+Everything here is whole-array numpy, processed in chunks so that a 268M-PFN
+host needs no temporaries beyond a few chunk-sized arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tierd.collectors.evidence import UNTRACKED, IdleScan, RegionBatch, SampleBatch
+
+HEAT_SCALE = 16  # heat units per access: uint8 covers 0 .. 15.94 accesses
+HEAT_MAX = 255
+
+STREAK_MASK = np.uint8(0b0000_0111)
+CLASS_SHIFT = 3
+CLASS_MASK = np.uint8(0b0001_1000)
+COOLDOWN_SHIFT = 5
+COOLDOWN_MASK = np.uint8(0b1110_0000)
+STREAK_MAX = 7
+COOLDOWN_MAX = 7
+
+UNTRACKED_CLASS = 0
+COLD = 1
+WARM = 2
+HOT = 3
+
+CHUNK = 1 << 24  # PFNs per vectorized step
+
+
+@dataclass(frozen=True)
+class HeatParams:
+    """How evidence turns into heat and heat into classes (heat in accesses, not units)."""
+
+    decay: float = 0.5  # share of heat kept from one interval to the next
+    hot_threshold: float = 4.0  # heat >= this: hot
+    cold_threshold: float = 0.5  # heat <= this: cold
+    idle_access_weight: float = 4.0  # one observed access in an idle scan
+    sample_weight: float = 1.0  # per perf sample
+    region_weight: float = 8.0  # a DAMON region accessed at every sample
+    initial_heat: float = 2.0  # a newly tracked page: warm, neither hot nor cold
+    cooldown_intervals: int = 2  # after a move, or after becoming tracked
+
+    def units(self, accesses: float) -> int:
+        return int(min(HEAT_MAX, round(accesses * HEAT_SCALE)))
+
+    @property
+    def hot_units(self) -> int:
+        return self.units(self.hot_threshold)
+
+    @property
+    def cold_units(self) -> int:
+        return self.units(self.cold_threshold)
+
+
+def _pack(cls: int, streak: int, cooldown: int) -> np.uint8:
+    return np.uint8((cooldown << COOLDOWN_SHIFT) | (cls << CLASS_SHIFT) | streak)
+
+
+def classes(mark: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    return (mark & CLASS_MASK) >> np.uint8(CLASS_SHIFT)
+
+
+def streaks(mark: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    return mark & STREAK_MASK
+
+
+def cooldowns(mark: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    return mark >> np.uint8(COOLDOWN_SHIFT)
+
+
+class HeatModel:
+    """Heat and marks of PFNs [0, npfns): two bytes per PFN, nothing else per page."""
+
+    def __init__(self, npfns: int, params: HeatParams | None = None) -> None:
+        self.params = params or HeatParams()
+        self.heat = np.zeros(npfns, dtype=np.uint8)
+        self.mark = np.zeros(npfns, dtype=np.uint8)
+        self._set_params_tables()
+
+    def _set_params_tables(self) -> None:
+        p = self.params
+        self._decay_lut = np.floor(np.arange(256) * p.decay).astype(np.uint8)
+        self._new_mark = _pack(WARM, 0, min(COOLDOWN_MAX, p.cooldown_intervals))
+        self._initial = np.uint8(p.units(p.initial_heat))
+
+    def set_params(self, params: HeatParams) -> None:
+        """Swap in new parameters (a config reload); heat and marks are kept."""
+        self.params = params
+        self._set_params_tables()
+
+    @property
+    def npfns(self) -> int:
+        return self.heat.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.heat.nbytes + self.mark.nbytes
+
+    def tracked_count(self) -> int:
+        return int(np.count_nonzero(self.mark & CLASS_MASK))
+
+    # --- evidence ----------------------------------------------------------------
+
+    def _clip(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """PFNs as indices, dropping any beyond the model (hot-added memory, bad input)."""
+        index = np.asarray(pfns, dtype=np.uint64)
+        return index[index < np.uint64(self.npfns)].astype(np.intp)
+
+    def track(self, pfns: npt.NDArray[np.uint64]) -> None:
+        """Start tracking these PFNs (those already tracked keep their state)."""
+        index = self._clip(pfns)
+        new = index[(self.mark[index] & CLASS_MASK) == 0]
+        self.heat[new] = self._initial
+        self.mark[new] = self._new_mark
+
+    def _add(self, index: npt.NDArray[np.intp], units: npt.NDArray[np.int64] | int) -> None:
+        total = self.heat[index].astype(np.int64) + units
+        self.heat[index] = np.minimum(total, HEAT_MAX).astype(np.uint8)
+
+    def add_idle_scan(self, scan: IdleScan) -> None:
+        """Fold one idle-bitmap scan in: accessed pages heat up; non-LRU PFNs become untracked."""
+        start = scan.pfn_start
+        end = min(self.npfns, start + scan.idle_age.size)
+        if end <= start:
+            return
+        ages = scan.idle_age[: end - start]
+        index = np.arange(start, end, dtype=np.intp)
+        untracked = ages == UNTRACKED
+        self.mark[start:end][untracked] = 0
+        self.heat[start:end][untracked] = 0
+        self.track(index[~untracked].astype(np.uint64))
+        accessed = index[ages == 0]
+        self._add(accessed, self.params.units(self.params.idle_access_weight))
+
+    def add_samples(self, batch: SampleBatch) -> None:
+        """Each sample adds sample_weight to its PFN; sampled PFNs are tracked."""
+        index = self._clip(batch.pfns)
+        if index.size == 0:
+            return
+        unique, counts = np.unique(index, return_counts=True)
+        self.track(unique.astype(np.uint64))
+        self._add(unique, counts.astype(np.int64) * self.params.units(self.params.sample_weight))
+
+    def add_regions(self, batch: RegionBatch) -> None:
+        """A DAMON region's access rate heats every PFN of it (tracked or not)."""
+        if batch.max_nr_accesses <= 0:
+            return
+        rate = np.minimum(batch.nr_accesses, batch.max_nr_accesses) / batch.max_nr_accesses
+        units = np.rint(rate * self.params.units(self.params.region_weight)).astype(np.int64)
+        starts = np.minimum(batch.pfn_start, self.npfns).astype(np.intp)
+        ends = np.minimum(batch.pfn_end, self.npfns).astype(np.intp)
+        for start, end, add in zip(starts, ends, units, strict=True):
+            if add and end > start:
+                view = self.heat[start:end]
+                view[:] = np.minimum(view.astype(np.int64) + add, HEAT_MAX)
+
+    # --- moves -------------------------------------------------------------------
+
+    def vacate(self, pfns: npt.NDArray[np.uint64]) -> None:
+        """These frames were moved away from: nothing of ours lives there now."""
+        index = self._clip(pfns)
+        self.heat[index] = 0
+        self.mark[index] = 0
+
+    def transfer(self, old: npt.NDArray[np.uint64], new: npt.NDArray[np.uint64]) -> None:
+        """Moved pages: heat follows them to their new PFNs, with a fresh cooldown."""
+        old_i = np.asarray(old, dtype=np.uint64)
+        new_i = np.asarray(new, dtype=np.uint64)
+        keep = (old_i < np.uint64(self.npfns)) & (new_i < np.uint64(self.npfns)) & (new_i != 0)
+        old_i, new_i = old_i[keep].astype(np.intp), new_i[keep].astype(np.intp)
+        heat = self.heat[old_i]
+        cls = self.mark[old_i] & CLASS_MASK
+        self.vacate(old_i.astype(np.uint64))
+        cooldown = np.uint8(min(COOLDOWN_MAX, self.params.cooldown_intervals) << COOLDOWN_SHIFT)
+        self.heat[new_i] = heat
+        self.mark[new_i] = cls | cooldown
+
+    def cool_down(self, pfns: npt.NDArray[np.uint64]) -> None:
+        """Pages that stayed put after a failed or skipped move: do not retry them at once."""
+        index = self._clip(pfns)
+        cooldown = np.uint8(min(COOLDOWN_MAX, self.params.cooldown_intervals) << COOLDOWN_SHIFT)
+        self.mark[index] = (self.mark[index] & ~COOLDOWN_MASK) | cooldown
+
+    # --- the interval boundary -------------------------------------------------
+
+    def decay(self) -> None:
+        """Age every PFN's heat by one interval (before this interval's evidence is added)."""
+        for start in range(0, self.npfns, CHUNK):
+            chunk = self.heat[start:start + CHUNK]
+            np.take(self._decay_lut, chunk, out=chunk)
+
+    def classify(self) -> None:
+        """Recompute classes from heat; count streaks; tick cooldowns down."""
+        hot, cold = np.uint8(self.params.hot_units), np.uint8(self.params.cold_units)
+        for start in range(0, self.npfns, CHUNK):
+            self._classify_chunk(self.heat[start:start + CHUNK], self.mark[start:start + CHUNK],
+                                 hot, cold)
+
+    @staticmethod
+    def _classify_chunk(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
+                        hot: np.uint8, cold: np.uint8) -> None:
+        # Branch-free uint8 arithmetic (booleans viewed as 0/1 bytes): boolean
+        # indexing and np.where are several times slower on random masks.
+        u8 = np.uint8
+        step = u8(1 << CLASS_SHIFT)
+        old_cls = mark & CLASS_MASK
+        new_cls = u8(WARM << CLASS_SHIFT) + (heat >= hot).view(u8) * step
+        new_cls -= (heat <= cold).view(u8) * step
+        same = (old_cls == new_cls).view(u8)
+        streak = mark & STREAK_MASK
+        streak += (streak < STREAK_MAX).view(u8)
+        streak -= u8(1)
+        streak *= same
+        streak += u8(1)  # same class: streak + 1 (saturating); new class: 1
+        cooldown = mark >> u8(COOLDOWN_SHIFT)
+        cooldown -= (cooldown > 0).view(u8)
+        cooldown <<= u8(COOLDOWN_SHIFT)
+        cooldown |= new_cls
+        cooldown |= streak
+        cooldown *= (old_cls != 0).view(u8)  # untracked stays untracked
+        mark[:] = cooldown
