@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tierd.errors import KernelFileError
+from tierd.collectors.evidence import IDLE_AGE_MAX, UNTRACKED
+from tierd.collectors.idle import IdleCollector, NodeIdleStats, Pacer, chunks
+from tierd.collectors.idle import probe as idle_probe
+from tierd.collectors.topology import read_topology
+from tierd.errors import KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
+from tierd.kernel.page_idle import BITMAP
 from tierd.kernel.root import HostRoot
+from tierd.probe import State
 
 
 def _write_u64(root: Path, kernel_path: str, values: np.ndarray) -> None:
@@ -78,3 +85,240 @@ def test_a_truncated_entry_is_an_error(tmp_path: Path) -> None:
     path.write_bytes(b"\0" * 12)
     with pytest.raises(KernelFileError, match=r"offset 0xc: read ends inside an entry"):
         kpf.read_flags(0, 4, HostRoot(tmp_path))
+
+
+# --- the idle-page collector on a fixture tree -------------------------------------------
+#
+# The fixture's bitmap is a plain file: what mark() writes stays there. Between
+# mark() and collect() (the collector's sleep hook) `FakeKernel.interval`
+# does what the kernel would: a page that is not a user LRU page, or is a
+# large folio's tail, never reads back idle; an accessed page reads back 0.
+
+FIXTURE = Path(__file__).parent / "fixtures" / "idle" / "two-node"
+NODE0 = (100, 1100)  # [start, end) PFNs of node 0: both edges inside a 64-PFN word
+NODE1 = (2048, 3072)
+MAX_PFN = 4096
+LRU_ANON = (1 << kpf.KPF_LRU) | (1 << kpf.KPF_ANON) | (1 << kpf.KPF_MMAP)
+LRU_FILE = (1 << kpf.KPF_LRU) | (1 << kpf.KPF_MMAP)
+THP_HEAD = LRU_ANON | (1 << kpf.KPF_THP) | (1 << kpf.KPF_COMPOUND_HEAD)
+THP_TAIL = LRU_ANON | (1 << kpf.KPF_THP) | (1 << kpf.KPF_COMPOUND_TAIL)
+
+
+class FakeKernel:
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "root"
+        shutil.copytree(FIXTURE, self.root)
+        self.flags = np.zeros(MAX_PFN, dtype=np.uint64)  # kernel pages: untracked
+        self.accessed: set[int] = set()
+        self.bitmap_path = self.root / BITMAP.lstrip("/")
+        self.bitmap_path.parent.mkdir(parents=True)
+        self.bitmap_path.write_bytes(bytes(MAX_PFN // 8))
+
+    def set_flags(self, start: int, stop: int, flags: int) -> None:
+        self.flags[start:stop] = flags
+
+    def thp(self, head: int, pages: int = 512) -> None:
+        self.flags[head] = THP_HEAD
+        self.flags[head + 1:head + pages] = THP_TAIL
+
+    def bits(self) -> np.ndarray:
+        words = np.frombuffer(self.bitmap_path.read_bytes(), dtype=np.uint64)
+        return np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
+
+    def interval(self, seconds: float) -> None:
+        bits = self.bits()
+        trackable = ((self.flags & np.uint64(1 << kpf.KPF_LRU)) != 0) & (
+            (self.flags & np.uint64(1 << kpf.KPF_COMPOUND_TAIL)) == 0)
+        bits &= trackable[:bits.size]
+        bits[sorted(self.accessed)] = False
+        words = np.packbits(bits, bitorder="little").view(np.uint64)
+        self.bitmap_path.write_bytes(words.tobytes())
+
+    def collector(self, **kwargs: object) -> IdleCollector:
+        _write_u64(self.root, kpf.KPAGEFLAGS, self.flags)
+        root = HostRoot(self.root)
+        return IdleCollector(read_topology(root), root=root, sleep=self.interval,
+                             **kwargs)  # type: ignore[arg-type]
+
+
+def _ages(scans: list, pfns: range | list[int]) -> np.ndarray:
+    out = []
+    for pfn in pfns:
+        scan = next(s for s in scans if s.pfn_start <= pfn < s.pfn_start + s.idle_age.size)
+        out.append(int(scan.idle_age[pfn - scan.pfn_start]))
+    return np.array(out)
+
+
+def test_mark_sets_exactly_the_ranges_bits_with_partial_edge_words(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    c = k.collector()
+    c.mark()
+    expected = np.zeros(MAX_PFN, dtype=bool)
+    expected[NODE0[0]:NODE0[1]] = True
+    expected[NODE1[0]:NODE1[1]] = True
+    assert np.array_equal(k.bits(), expected)
+    assert c.health.state is State.OK
+
+
+def test_accessed_idle_and_untracked_pages(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(200, 300, LRU_ANON)
+    k.set_flags(300, 400, LRU_FILE)
+    k.accessed = {*range(250, 300), *range(350, 360)}
+    c = k.collector()
+    scans = c.scan(1.0)
+    assert [(s.pfn_start, s.idle_age.size) for s in scans] == [(100, 1000), (2048, 1024)]
+    assert (_ages(scans, range(200, 250)) == 1).all()
+    assert (_ages(scans, range(250, 300)) == 0).all()
+    assert (_ages(scans, range(350, 360)) == 0).all()
+    assert (_ages(scans, [100, 199, 400, 1099, 2048]) == UNTRACKED).all()
+    assert c.stats[0] == NodeIdleStats(tracked=200, idle=140, anon=100, anon_idle=50)
+    assert c.stats[0].file_idle == 90
+    assert not scans[0].idle_age.flags.writeable
+
+
+def test_ages_count_consecutive_idle_scans_and_saturate(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(2048, 2050, LRU_ANON)
+    c = k.collector()
+    for _ in range(3):
+        scans = c.scan(1.0)
+    assert _ages(scans, [2048, 2049]).tolist() == [3, 3]
+    k.accessed = {2049}
+    scans = c.scan(1.0)
+    assert _ages(scans, [2048, 2049]).tolist() == [4, 0]
+    k.accessed = set()
+    for _ in range(IDLE_AGE_MAX + 5):
+        scans = c.scan(1.0)
+    assert _ages(scans, [2048]).tolist() == [IDLE_AGE_MAX]
+
+
+def test_large_folio_tails_take_the_heads_state_across_chunks(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.thp(2048)  # 512 pages: spans two 256-PFN chunks
+    k.thp(2560)
+    k.accessed = {2560}  # only the head's bit ever changes in the kernel
+    c = k.collector(chunk_pfns=256)
+    scans = c.scan(1.0)
+    assert (_ages(scans, range(2048, 2560)) == 1).all()
+    assert (_ages(scans, range(2560, 3072)) == 0).all()
+    assert c.stats[1] == NodeIdleStats(tracked=1024, idle=512, anon=1024, anon_idle=512,
+                                       huge=1024)
+
+
+def test_tails_before_the_scanned_range_are_untracked(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.thp(64, 128)  # head at 64 lies before node 0 (starts at 100)
+    scans = k.collector().scan(1.0)
+    assert (_ages(scans, range(100, 192)) == UNTRACKED).all()
+
+
+def test_node_set_limits_the_scan(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    c = k.collector(nodes=[1])
+    c.mark()
+    assert not k.bits()[:2048].any() and k.bits()[2048:3072].all()
+    assert [s.pfn_start for s in c.collect()] == [2048]
+    with pytest.raises(TierdError, match=r"nodes \[7\] are not online"):
+        k.collector(nodes=[7])
+
+
+def test_pacing_sleeps_to_hold_the_rate() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = Pacer(1000.0, lambda: now[0], sleep)
+    for _ in range(4):
+        pacer.advance(250)
+    assert sum(slept) == pytest.approx(1.0)
+    assert Pacer(None, lambda: 0.0, sleep).advance(10**9) is None and len(slept) == 4
+
+
+def test_scan_is_paced_over_both_passes(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    c = k.collector(pfns_per_second=2024.0, chunk_pfns=256, clock=lambda: now[0])
+    c.sleep = sleep
+    c.mark()
+    assert now[0] == pytest.approx(1.0)  # 2024 PFNs at 2024 per second
+    c.collect()
+    assert now[0] == pytest.approx(2.0)
+
+
+def test_chunks_cut_at_aligned_boundaries() -> None:
+    assert list(chunks(100, 700, 256)) == [(100, 256), (256, 512), (512, 700)]
+    assert list(chunks(5, 5, 256)) == []
+
+
+def test_missing_bitmap_makes_the_collector_unavailable(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.bitmap_path.unlink()
+    c = k.collector()
+    c.mark()
+    assert c.collect() == []
+    assert c.health.state is State.UNAVAILABLE
+    assert "page_idle/bitmap: missing (kernel built without CONFIG_IDLE_PAGE_TRACKING)" in (
+        c.health.reason)
+    [cap] = idle_probe(HostRoot(k.root))
+    assert not cap.usable and "CONFIG_IDLE_PAGE_TRACKING" in cap.reason
+
+
+def test_probe_reports_usable_with_bitmap_and_kpageflags(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.collector()
+    [cap] = idle_probe(HostRoot(k.root))
+    assert cap.usable and "nodes [0, 1]" in cap.reason
+
+
+def test_a_write_error_degrades_and_names_file_and_offset(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(2048, 2100, LRU_ANON)
+    c = k.collector()
+    k.bitmap_path.unlink()
+    k.bitmap_path.symlink_to("/dev/full")  # every write fails with ENOSPC
+    c.mark()
+    scans = c.collect()
+    assert c.health.state is State.DEGRADED
+    assert "page_idle/bitmap: offset 0x8: No space left on device" in c.health.reason
+    assert "offset 0x100: No space left on device" in c.health.reason  # node 1, too
+    assert (_ages(scans, range(2048, 2100)) == UNTRACKED).all()  # never marked: unknown
+
+
+def test_a_bitmap_that_ends_mid_scan_degrades_and_leaves_the_rest_untracked(
+        tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(2048, 3072, LRU_ANON)
+    c = k.collector(chunk_pfns=256)
+    c.mark()
+    with open(k.bitmap_path, "r+b") as f:
+        f.truncate(2560 // 8)  # the kernel's memory now ends at PFN 2560
+    scans = c.collect()
+    assert c.health.state is State.DEGRADED
+    assert "offset 0x140: bitmap ends inside node 1" in c.health.reason
+    assert (_ages(scans, range(2048, 2560)) == 1).all()
+    assert (_ages(scans, range(2560, 3072)) == UNTRACKED).all()
+    c.mark()  # the next scan starts clean
+    assert c.health.state is State.OK
+
+
+def test_a_kpageflags_read_error_degrades_that_range_only(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(200, 300, LRU_ANON)
+    k.set_flags(2048, 2100, LRU_ANON)
+    c = k.collector()
+    kpageflags_path = k.root / "proc" / "kpageflags"
+    kpageflags_path.unlink()
+    kpageflags_path.mkdir()  # reads fail with EISDIR
+    c.flags_file.close()
+    scans = c.scan(1.0)
+    assert c.health.state is State.DEGRADED
+    assert "kpageflags: offset 0x320: Is a directory; node 0" in c.health.reason
+    assert (_ages(scans, range(200, 300)) == UNTRACKED).all()

@@ -8,6 +8,10 @@ Adding a probe (one line here):
      `reason` may carry a short note ("ibs_op, l3missonly").
   2. Append "package.module:function" to PROBES below.
 
+Collectors also carry a live `health` attribute (a `Health`: ok, degraded or
+unavailable, and why) that their probe and the metrics read; a collector
+never raises on bad kernel input, it changes its health.
+
 `run_probes` imports each probe lazily, so a broken or slow import costs only
 its own entry: a probe that raises is reported as unusable with the error.
 `tierd probe` prints the result as a table or JSON.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 
 from tierd.kernel.root import HOST, HostRoot
 
@@ -34,10 +39,31 @@ class Capability:
         return asdict(self)
 
 
+class State(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"  # working, but part of its input failed (see reason)
+    UNAVAILABLE = "unavailable"  # cannot work on this host (see reason)
+
+
+@dataclass(frozen=True)
+class Health:
+    """A collector's (or mover's) current state and why."""
+
+    state: State = State.OK
+    reason: str = ""
+
+    def capability(self, name: str) -> Capability:
+        """As a probe result: usable unless unavailable; degraded says so in the reason."""
+        reason = f"degraded: {self.reason}" if self.state is State.DEGRADED else self.reason
+        return Capability(name, self.state is not State.UNAVAILABLE, reason)
+
+
 ProbeFunction = Callable[[HostRoot], Capability | list[Capability]]
 
 # "module:function" of every probe, in report order.
 PROBES: list[str] = [
+    "tierd.collectors.topology:probe",
+    "tierd.collectors.idle:probe",
 ]
 
 

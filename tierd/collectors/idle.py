@@ -1,0 +1,303 @@
+"""Idle-page collector: per-PFN idle age from /sys/kernel/mm/page_idle/bitmap.
+
+A scan has two passes over the PFN ranges of the chosen nodes: `mark()`
+writes all-ones (every PFN idle), then, after the interval, `collect()`
+reads the bitmap back together with /proc/kpageflags and updates each PFN's
+idle age (evidence.IdleScan: 0 = accessed in the interval, n = idle for n
+scans in a row, UNTRACKED = not a user page on the LRU). The ages are the
+only per-PFN state: one byte per PFN; everything else is chunk-sized.
+
+The kernel tracks only a large folio's head page, so tail pages take their
+head's idle bit (kpageflags' COMPOUND_TAIL marks them; a running maximum of
+"last non-tail index" finds each tail's head without a Python loop).
+
+Both passes are paced (PFNs per second) so a scan does not hog a core, and
+never raise on kernel trouble: a failed read or write leaves the rest of
+that range untracked for this scan, logs why and marks `health` degraded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tierd.collectors.evidence import IDLE_AGE_MAX, UNTRACKED, IdleScan
+from tierd.collectors.topology import Topology, read_topology
+from tierd.errors import KernelFileError, TierdError
+from tierd.kernel import kpageflags as kpf
+from tierd.kernel.page_idle import (
+    PFNS_PER_WORD,
+    IdleBitmap,
+    edge_masks,
+    unpack,
+    words_for,
+)
+from tierd.kernel.root import HOST, HostRoot
+from tierd.probe import Capability, Health, State
+
+log = logging.getLogger(__name__)
+
+# 2^18 PFNs (1 GiB of 4 KiB pages) per chunk: 32 KiB of bitmap, 2 MiB of
+# kpageflags; big enough that Python's per-chunk cost vanishes next to the
+# kernel's per-page rmap walk.
+DEFAULT_CHUNK_PFNS = 1 << 18
+ALL_ONES = np.uint64(2**64 - 1)
+
+
+@dataclass
+class NodeIdleStats:
+    """Page counts of one node after the last collect()."""
+
+    tracked: int = 0  # user pages on the LRU (a large folio counts all its pages)
+    idle: int = 0  # tracked and not accessed during the interval
+    anon: int = 0
+    anon_idle: int = 0
+    huge: int = 0  # tracked pages in large folios (THP)
+
+    @property
+    def file(self) -> int:
+        return self.tracked - self.anon
+
+    @property
+    def file_idle(self) -> int:
+        return self.idle - self.anon_idle
+
+
+class Pacer:
+    """Sleeps so that work proceeds at no more than `rate` PFNs per second."""
+
+    def __init__(self, rate: float | None, clock: Callable[[], float],
+                 sleep: Callable[[float], None]) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.sleep = sleep
+        self.started = clock()
+        self.done = 0
+
+    def advance(self, pfns: int) -> None:
+        self.done += pfns
+        if not self.rate:
+            return
+        ahead = self.done / self.rate - (self.clock() - self.started)
+        if ahead > 0:
+            self.sleep(ahead)
+
+
+def chunks(start: int, end: int, size: int) -> Iterator[tuple[int, int]]:
+    """[start, end) cut at multiples of `size` (so chunks stay word aligned inside)."""
+    while start < end:
+        stop = min(end, (start // size + 1) * size)
+        yield start, stop
+        start = stop
+
+
+@dataclass
+class _Range:
+    start: int
+    end: int
+    node: int
+    ages: npt.NDArray[np.uint8]
+    marked_until: int  # PFNs from here on were not marked idle in this scan
+
+
+class IdleCollector:
+    """Idle ages of the PFNs of `nodes` (default: every node with memory)."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        nodes: list[int] | None = None,
+        pfns_per_second: float | None = None,
+        root: HostRoot = HOST,
+        chunk_pfns: int = DEFAULT_CHUNK_PFNS,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if chunk_pfns <= 0 or chunk_pfns % PFNS_PER_WORD:
+            raise ValueError(f"chunk_pfns {chunk_pfns} must be a positive multiple of 64")
+        wanted = topology.memory_nodes() if nodes is None else nodes
+        unknown = sorted(set(wanted) - set(topology.nodes))
+        if unknown:
+            raise TierdError(f"idle collector: nodes {unknown} are not online")
+        self.nodes = sorted(wanted)
+        self.pfns_per_second = pfns_per_second
+        self.chunk_pfns = chunk_pfns
+        self.clock = clock
+        self.sleep = sleep
+        self.bitmap = IdleBitmap(root)
+        self.flags_file = kpf.kpageflags(root)
+        self.ranges = [
+            _Range(s, e, n, np.full(e - s, UNTRACKED, dtype=np.uint8), s)
+            for s, e, n in topology.pfn_ranges(self.nodes)
+        ]
+        self.stats = {n: NodeIdleStats() for n in self.nodes}
+        self.health = Health()
+        self._words = np.empty(chunk_pfns // PFNS_PER_WORD + 1, dtype=np.uint64)
+        self._flags = np.empty(chunk_pfns, dtype=np.uint64)
+        self._index = np.arange(chunk_pfns, dtype=np.int64)
+        self._problems: list[str] = []
+
+    @property
+    def tracked_pfns(self) -> int:
+        return sum(r.end - r.start for r in self.ranges)
+
+    def _usable(self) -> bool:
+        reason = self.bitmap.check()
+        if reason is not None:
+            self.health = Health(State.UNAVAILABLE, reason)
+            return False
+        return True
+
+    def _problem(self, message: str) -> None:
+        log.warning("idle collector: %s", message)
+        self._problems.append(message)
+
+    def _finish(self) -> None:
+        self.health = (Health(State.DEGRADED, "; ".join(self._problems))
+                       if self._problems else Health())
+
+    # --- pass 1: mark every PFN idle -------------------------------------------------
+
+    def mark(self) -> None:
+        """Mark every PFN of the ranges idle (the start of an interval)."""
+        if not self._usable():
+            return
+        self._problems = []
+        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
+        for r in self.ranges:
+            r.marked_until = r.start
+            try:
+                for cs, ce in chunks(r.start, r.end, self.chunk_pfns):
+                    self._mark_chunk(r, cs, ce)
+                    pacer.advance(ce - cs)
+            except KernelFileError as e:
+                self._problem(f"{e}; node {r.node} partly untracked this scan")
+        self._finish()
+
+    def _mark_chunk(self, r: _Range, cs: int, ce: int) -> None:
+        first, last = words_for(cs, ce)
+        words = self._words[:last - first]
+        words[:] = ALL_ONES
+        head_mask, tail_mask = edge_masks(cs, ce)
+        words[0] &= head_mask
+        words[-1] &= tail_mask
+        written = self.bitmap.write_words(first, words)
+        r.marked_until = min(ce, (first + written) * PFNS_PER_WORD)
+        if written < words.size:
+            raise KernelFileError(self.bitmap.path, "past the kernel's last PFN",
+                                  key=f"offset {(first + written) * 8:#x}")
+
+    # --- pass 2: read back, update ages ---------------------------------------------------
+
+    def collect(self) -> list[IdleScan]:
+        """Read back the interval's result; the ages of every range, fast to slow PFN.
+
+        The returned arrays are read-only views of the collector's state,
+        valid until the next collect().
+        """
+        if not self._usable():
+            return []
+        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
+        self.stats = {n: NodeIdleStats() for n in self.nodes}
+        for r in self.ranges:
+            carry: bool | None = None  # idle bit of the last head seen in this range
+            cs = r.start
+            try:
+                for cs, ce in chunks(r.start, r.end, self.chunk_pfns):
+                    carry = self._collect_chunk(r, cs, ce, carry)
+                    pacer.advance(ce - cs)
+            except KernelFileError as e:
+                r.ages[cs - r.start:] = UNTRACKED
+                self._problem(f"{e}; node {r.node} partly untracked this scan")
+        self._finish()
+        now = self.clock()
+        scans = []
+        for r in self.ranges:
+            view = r.ages.view()
+            view.flags.writeable = False
+            scans.append(IdleScan(r.start, view, now))
+        return scans
+
+    def _collect_chunk(self, r: _Range, cs: int, ce: int, carry: bool | None) -> bool | None:
+        n = ce - cs
+        first, last = words_for(cs, ce)
+        words = self._words[:last - first]
+        got = self.bitmap.read_words(first, words)
+        idle = unpack(words, cs - first * PFNS_PER_WORD, n)
+        flags = self._flags[:n]
+        self.flags_file.read_into(cs, flags)
+        known_end = min(r.marked_until, (first + got) * PFNS_PER_WORD) - cs
+        if got < words.size:
+            self._problem(f"{self.bitmap.path}: offset {(first + got) * 8:#x}: "
+                          f"bitmap ends inside node {r.node}; the rest is untracked")
+        idle, carry = _expand_folios(idle, flags, self._index[:n], carry)
+        tracked = kpf.has_any(flags, kpf.KPF_LRU) & ~kpf.has_any(flags, kpf.KPF_NOPAGE)
+        tracked[max(known_end, 0):] = False
+        tracked &= idle >= 0  # leading tails whose head lies before the range
+        is_idle = tracked & (idle == 1)
+        ages = r.ages[cs - r.start:ce - r.start]
+        older = np.minimum(np.where(ages == UNTRACKED, 0, ages), IDLE_AGE_MAX - 1) + 1
+        ages[:] = np.where(tracked, np.where(is_idle, older, 0), UNTRACKED)
+        self._count(r.node, tracked, is_idle, flags)
+        return carry
+
+    def _count(self, node: int, tracked: npt.NDArray[np.bool_], is_idle: npt.NDArray[np.bool_],
+               flags: npt.NDArray[np.uint64]) -> None:
+        anon = tracked & kpf.has_any(flags, kpf.KPF_ANON)
+        s = self.stats[node]
+        s.tracked += int(np.count_nonzero(tracked))
+        s.idle += int(np.count_nonzero(is_idle))
+        s.anon += int(np.count_nonzero(anon))
+        s.anon_idle += int(np.count_nonzero(anon & is_idle))
+        s.huge += int(np.count_nonzero(tracked & kpf.has_any(flags, kpf.KPF_THP)))
+
+    def scan(self, interval: float) -> list[IdleScan]:
+        """mark(), wait `interval` seconds, collect()."""
+        self.mark()
+        self.sleep(interval)
+        return self.collect()
+
+    def close(self) -> None:
+        self.bitmap.close()
+        self.flags_file.close()
+
+
+def _expand_folios(
+    idle: npt.NDArray[np.bool_], flags: npt.NDArray[np.uint64],
+    index: npt.NDArray[np.int64], carry: bool | None,
+) -> tuple[npt.NDArray[np.int8], bool | None]:
+    """Give every tail page its head's idle bit.
+
+    Returns per PFN 1 (idle), 0 (accessed) or -1 (a tail whose head is
+    before the chunk with no carried state), and the carry for the next
+    chunk: the idle bit of this chunk's last non-tail page.
+    """
+    tail = kpf.has_any(flags, kpf.KPF_COMPOUND_TAIL)
+    head_of = np.maximum.accumulate(np.where(tail, -1, index))
+    expanded = idle[np.maximum(head_of, 0)].astype(np.int8)
+    if head_of.size and head_of[0] < 0:
+        expanded[head_of < 0] = -1 if carry is None else int(carry)
+    if head_of.size and head_of[-1] >= 0:
+        carry = bool(idle[head_of[-1]])
+    return expanded, carry
+
+
+def probe(root: HostRoot = HOST) -> list[Capability]:
+    """Idle-page tracking needs the bitmap (read-write) and /proc/kpageflags."""
+    reason = IdleBitmap(root).check()
+    if reason is not None:
+        return [Capability("idle_page_tracking", False, reason)]
+    try:
+        kpf.read_flags(0, 1, root)
+    except KernelFileError as e:
+        return [Capability("idle_page_tracking", False, str(e))]
+    try:
+        nodes = read_topology(root).memory_nodes()
+    except KernelFileError as e:
+        return [Capability("idle_page_tracking", False, f"no topology: {e}")]
+    return [Capability("idle_page_tracking", True, f"nodes {nodes}")]
