@@ -144,6 +144,8 @@ class HostLab:
             report = self.config.hook.pytest_report_from_serializable(
                 config=self.config, data=json.loads(line)
             )
+            if isinstance(report.longrepr, list):  # a skip's (path, line, reason) after JSON
+                report.longrepr = tuple(report.longrepr)
             by_node.setdefault(report.nodeid, []).append(report)
         self.results[kernel] = by_node
 
