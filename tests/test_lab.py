@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierd.kernel.numa import move_pages
 from lab import vm
+from tierd.kernel.numa import move_pages
 
 NODES = Path("/sys/devices/system/node")
 TIERS = Path("/sys/devices/virtual/memory_tiering")

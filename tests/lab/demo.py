@@ -50,7 +50,8 @@ def usage_line(elapsed: float, placement: object) -> str:
     nodes = []
     for node in (0, 1):
         info = node_meminfo(node)
-        nodes.append(f"node{node} used {info['MemUsed'] // mib:5d} MiB free {info['MemFree'] // mib:5d} MiB")
+        used, free = info["MemUsed"] // mib, info["MemFree"] // mib
+        nodes.append(f"node{node} used {used:5d} MiB free {free:5d} MiB")
     return (f"demo: t={elapsed:5.0f}s  {'  '.join(nodes)}  "
             f"hot_on_fast={placement.hot_on_fast:.2f} cold_on_slow={placement.cold_on_slow:.2f}")
 

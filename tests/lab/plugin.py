@@ -95,7 +95,9 @@ class HostLab:
         self.console: dict[str, str] = {}
 
     @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> bool | None:
         kernel = _kernel_of(item)
         if kernel is None:
             return None
@@ -105,9 +107,8 @@ class HostLab:
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for report in reports:
             if report.failed:
-                report.sections.append(
-                    (f"lab guest dmesg ({kernel}, last {DMESG_TAIL} lines)", self._dmesg_tail(kernel))
-                )
+                title = f"lab guest dmesg ({kernel}, last {DMESG_TAIL} lines)"
+                report.sections.append((title, self._dmesg_tail(kernel)))
             item.ihook.pytest_runtest_logreport(report=report)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
