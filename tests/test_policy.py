@@ -1,0 +1,173 @@
+"""The policy core: pure decisions from heat, marks and node capacities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tierd import heat as h
+from tierd import policy
+from tierd.policy import NodeTarget, PolicyParams
+from tierd.state import Direction
+
+N0 = (0, 100)  # node 0: PFNs 0-99 (fast), node 1: PFNs 100-199 (slow)
+N1 = (100, 200)
+
+
+def mark(cls: int, streak: int = 7, cooldown: int = 0) -> int:
+    return (cooldown << 5) | (cls << 3) | streak
+
+
+def arrays(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.uint8)
+
+
+def two_nodes(free0: int, keep0: int = 10, free1: int = 1000, keep1: int = 10
+              ) -> list[NodeTarget]:
+    return [NodeTarget(0, 0, (N0,), free0, keep0, promote_to=None, demote_to=1),
+            NodeTarget(1, 1, (N1,), free1, keep1, promote_to=0, demote_to=None)]
+
+
+def put(heat: np.ndarray, marks: np.ndarray, pfns: list[int] | range, heat_value: int,
+        mark_value: int) -> None:
+    heat[list(pfns)] = heat_value
+    marks[list(pfns)] = mark_value
+
+
+def test_below_headroom_demotes_the_coldest_settled_cold_pages_first() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 10), 5, mark(h.COLD))
+    put(heat, marks, [3, 7], 0, mark(h.COLD))
+    put(heat, marks, range(10, 20), 40, mark(h.WARM))
+    put(heat, marks, range(20, 30), 200, mark(h.HOT))
+    plan = policy.decide(heat, marks, two_nodes(free0=7, keep0=10), budget_pages=100)
+    assert len(plan.batches) == 1
+    batch = plan.batches[0]
+    assert (batch.direction, batch.source, batch.target) == (Direction.DEMOTE, 0, 1)
+    assert batch.pfns.tolist() == [0, 3, 7]  # the two heat-0 pages, then the lowest heat-5 PFN
+
+
+def test_pressure_falls_back_to_warm_pages_but_never_hot_ones() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 2), 5, mark(h.COLD))
+    put(heat, marks, range(10, 20), 40, mark(h.WARM))
+    put(heat, marks, [12], 30, mark(h.WARM))
+    put(heat, marks, range(20, 30), 200, mark(h.HOT))
+    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=4), budget_pages=100)
+    assert plan.batches[0].pfns.tolist() == [0, 1, 10, 12]
+
+
+def test_hot_pages_below_are_promoted_hottest_first_into_the_room() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(100, 110), 100, mark(h.HOT))
+    put(heat, marks, [105, 108], 250, mark(h.HOT))
+    plan = policy.decide(heat, marks, two_nodes(free0=13, keep0=10), budget_pages=100)
+    assert [(b.direction, b.source, b.target) for b in plan.batches] == [
+        (Direction.PROMOTE, 1, 0)]
+    assert plan.batches[0].pfns.tolist() == [100, 105, 108]
+
+
+def test_no_room_exchanges_settled_cold_for_hot() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 50), 0, mark(h.COLD))
+    put(heat, marks, range(50, 100), 200, mark(h.HOT))
+    put(heat, marks, range(100, 104), 200, mark(h.HOT))
+    put(heat, marks, range(104, 200), 0, mark(h.COLD))
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100)
+    demote, promote = plan.batches
+    assert demote.direction is Direction.DEMOTE and demote.pfns.tolist() == [0, 1, 2, 3]
+    assert promote.direction is Direction.PROMOTE and promote.pfns.tolist() == [100, 101, 102,
+                                                                                 103]
+
+
+def test_unsettled_or_cooling_pages_do_not_move() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 50), 0, mark(h.COLD, streak=1))
+    put(heat, marks, range(50, 100), 0, mark(h.COLD, cooldown=1))
+    put(heat, marks, range(100, 150), 200, mark(h.HOT, streak=1))
+    put(heat, marks, range(150, 200), 200, mark(h.HOT, cooldown=2))
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100,
+                         params=PolicyParams(hysteresis_intervals=2))
+    assert plan.batches == () and plan.deferred_pages == 0
+
+
+def test_budget_is_split_between_directions_and_the_rest_is_deferred() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 50), 0, mark(h.COLD))
+    put(heat, marks, range(50, 100), 200, mark(h.HOT))
+    put(heat, marks, range(100, 150), 200, mark(h.HOT))
+    put(heat, marks, range(150, 200), 0, mark(h.COLD))
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=20)
+    assert plan.pages(Direction.DEMOTE) == 10 and plan.pages(Direction.PROMOTE) == 10
+    assert plan.deferred_pages == 100 - 20
+
+
+def test_a_direction_without_work_leaves_its_budget_to_the_other() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 100), 0, mark(h.COLD))
+    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=30), budget_pages=20)
+    assert plan.pages(Direction.DEMOTE) == 20 and plan.deferred_pages == 10
+
+
+def test_demotion_stops_at_the_target_nodes_own_headroom() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 100), 0, mark(h.COLD))
+    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=30, free1=15, keep1=10),
+                         budget_pages=100)
+    assert plan.pages(Direction.DEMOTE) == 5
+
+
+def test_three_tiers_move_one_tier_at_a_time_demotions_first_sorted_by_target() -> None:
+    heat, marks = arrays(300)
+    put(heat, marks, range(0, 100), 0, mark(h.COLD))  # node 0, full
+    put(heat, marks, range(100, 200), 0, mark(h.COLD))  # node 1, full
+    put(heat, marks, range(200, 205), 200, mark(h.HOT))  # node 2: hot pages
+
+    def nodes(free1: int) -> list[NodeTarget]:
+        return [NodeTarget(0, 0, ((0, 100),), 0, 2, None, 1),
+                NodeTarget(1, 1, ((100, 200),), free1, 2, 0, 2),
+                NodeTarget(2, 2, ((200, 300),), 500, 2, 1, None)]
+
+    plan = policy.decide(heat, marks, nodes(free1=0), budget_pages=100)
+    summary = [(b.direction, b.source, b.target, b.pfns.size) for b in plan.batches]
+    # Node 1 has no room for node 0's cold pages yet: it first makes its own
+    # (2 to get above its headroom, 5 to exchange for node 2's hot pages).
+    assert summary == [(Direction.DEMOTE, 1, 2, 7), (Direction.PROMOTE, 2, 1, 5)]
+    plan = policy.decide(heat, marks, nodes(free1=6), budget_pages=100)
+    summary = [(b.direction, b.source, b.target, b.pfns.size) for b in plan.batches]
+    assert summary[0] == (Direction.DEMOTE, 0, 1, 2)
+    assert all(abs(b.source - b.target) == 1 for b in plan.batches)
+
+
+def test_estimated_histograms_still_pick_exactly_k_coldest(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    monkeypatch.setattr(policy, "EXACT_HISTOGRAM_PFNS", 7)
+    rng = np.random.default_rng(3)
+    heat, marks = arrays()
+    heat[:100] = rng.integers(0, 9, 100)
+    marks[:100] = mark(h.COLD)
+    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=25), budget_pages=100)
+    chosen = plan.batches[0].pfns.astype(int)
+    assert chosen.size == 25
+    assert heat[chosen].max() <= np.sort(heat[:100])[24]
+
+
+def test_random_demotions_are_the_k_coldest_eligible_pages() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        heat, marks = arrays()
+        heat[:] = rng.integers(0, 256, 200)
+        marks[:] = rng.integers(0, 256, 200)
+        k = int(rng.integers(1, 60))
+        plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=k, free1=10_000),
+                             budget_pages=1000)
+        demoted = [b for b in plan.batches if b.direction is Direction.DEMOTE]
+        cls, cd = h.classes(marks[:100]), h.cooldowns(marks[:100])
+        settled_cold = (cls == h.COLD) & (cd == 0) & (h.streaks(marks[:100]) >= 2)
+        movable = (cd == 0) & ((cls == h.COLD) | (cls == h.WARM))
+        pfns = demoted[0].pfns.astype(int) if demoted else np.zeros(0, int)
+        assert pfns.size == min(k, int(movable.sum()))
+        assert movable[pfns].all()
+        if pfns.size <= settled_cold.sum():
+            assert settled_cold[pfns].all()
+            assert heat[pfns].max(initial=0) <= np.sort(heat[:100][settled_cold])[pfns.size - 1]

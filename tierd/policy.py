@@ -1,0 +1,279 @@
+"""The policy core: heat and marks in, batches of PFNs to move out. Pure: no kernel access.
+
+For every node that has a slower tier below it, the policy keeps its free
+memory above `keep_free_pages` (its high/promo watermark plus a headroom):
+
+- below it, demote the coldest pages first (settled cold ones, then any
+  non-hot page) to the node's demotion target, one tier down;
+- above it, promote the hottest settled-hot pages of the nodes one tier
+  down, as far as the room allows;
+- when hot pages are waiting below and the node has no room, exchange:
+  demote one settled-cold page for every page promoted.
+
+"Settled" is the hysteresis: a page must have been in its class for
+`hysteresis_intervals` consecutive intervals and be out of its cooldown
+(see tierd.heat). The interval's budget (pages) is split between promotion
+and demotion; a direction that needs less leaves the rest to the other.
+
+One pass costs a few whole-array numpy operations per chunk and no sort:
+each PFN's (category, heat) pair is a 10-bit key, one bincount per chunk
+gives every node's heat histograms, and the cut-off heat for "the k coldest"
+or "the k hottest" is read off the cumulative histogram.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from tierd import heat as h
+from tierd.state import Direction
+
+# Move categories. With no cooldown left a mark byte is (class << 3) | streak,
+# so each category is a few ranges of mark values: uint8 compares, no lookups.
+NONE, COLD_SETTLED, NOT_HOT, HOT_SETTLED = 0, 1, 2, 3
+NCAT = 4
+# Above this many PFNs per node, heat histograms are estimated from an evenly
+# strided sample (counts stay exact); selection then trims to the exact k.
+EXACT_HISTOGRAM_PFNS = 1 << 22
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    hysteresis_intervals: int = 2  # consecutive intervals in a class before a move
+    promote_share: float = 0.5  # of the interval's budget, when both directions want it
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """One node as the policy sees it this interval (page counts, PFN ranges)."""
+
+    node: int
+    tier: int  # rank, 0 = fastest
+    ranges: tuple[tuple[int, int], ...]  # [start, end) PFNs of this node
+    free_pages: int
+    keep_free_pages: int  # watermark + headroom: demote below, promote only above
+    promote_to: int | None = None  # a node one tier up
+    demote_to: int | None = None  # a node one tier down
+
+
+@dataclass(frozen=True)
+class Batch:
+    direction: Direction
+    source: int
+    target: int
+    pfns: npt.NDArray[np.uint64]  # ascending
+
+
+@dataclass(frozen=True)
+class Plan:
+    # Demotions first (they make the room promotions need), each group by target node.
+    batches: tuple[Batch, ...] = ()
+    deferred_pages: int = 0  # moves the policy wanted but the budget held back
+
+    def pages(self, direction: Direction | None = None) -> int:
+        return sum(b.pfns.size for b in self.batches
+                   if direction is None or b.direction is direction)
+
+
+@dataclass
+class _Counts:
+    """How many pages of one node to move, decided from histograms alone."""
+
+    demote: int = 0
+    promote_from: dict[int, int] = field(default_factory=dict)  # source node -> pages
+
+
+def mark_ranges(category: int, hysteresis: int) -> tuple[tuple[int, int], ...]:
+    """Inclusive ranges of mark values (cooldown over) that fall in `category`."""
+    hyst = max(0, min(h.STREAK_MAX, hysteresis))
+    cold, warm, hot = (c << h.CLASS_SHIFT for c in (h.COLD, h.WARM, h.HOT))
+    if category == COLD_SETTLED:
+        return ((cold + hyst, cold + h.STREAK_MAX),)
+    if category == HOT_SETTLED:
+        return ((hot + hyst, hot + h.STREAK_MAX),)
+    if category == NOT_HOT:  # every movable non-hot page that is not settled cold
+        return ((cold, cold + hyst - 1), (warm, warm + h.STREAK_MAX))
+    raise ValueError(f"no mark ranges for category {category}")
+
+
+def _in_category(mark: npt.NDArray[np.uint8], ranges: tuple[tuple[int, int], ...]
+                 ) -> npt.NDArray[np.bool_]:
+    inside = np.zeros(mark.shape, dtype=np.bool_)
+    for low, high in ranges:
+        if low <= high:
+            inside |= (mark >= np.uint8(low)) & (mark <= np.uint8(high))
+    return inside
+
+
+def _chunks(ranges: tuple[tuple[int, int], ...], npfns: int, step: int = h.CHUNK
+            ) -> Iterator[tuple[int, int]]:
+    for start, end in ranges:
+        end = min(end, npfns)
+        for s in range(start, end, step):
+            yield s, min(end, s + step)
+
+
+def _span(ranges: tuple[tuple[int, int], ...], npfns: int) -> int:
+    return sum(max(0, min(e, npfns) - s) for s, e in ranges)
+
+
+def histograms(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
+               ranges: tuple[tuple[int, int], ...], hysteresis: int) -> npt.NDArray[np.int64]:
+    """[category, heat] -> pages of these PFN ranges (estimated beyond EXACT_HISTOGRAM_PFNS)."""
+    stride = max(1, -(-_span(ranges, heat.size) // EXACT_HISTOGRAM_PFNS))
+    hist = np.zeros((NCAT, 256), dtype=np.int64)
+    for cat in (COLD_SETTLED, NOT_HOT, HOT_SETTLED):
+        cranges = mark_ranges(cat, hysteresis)
+        exact, sampled = 0, np.zeros(256, dtype=np.int64)
+        for s, e in _chunks(ranges, heat.size):
+            inside = _in_category(mark[s:e], cranges)
+            exact += int(np.count_nonzero(inside))
+            sample = inside[::stride]
+            sampled += np.bincount(heat[s:e][::stride][sample], minlength=256)
+        total = int(sampled.sum())
+        if stride == 1 or total == 0:
+            hist[cat] = sampled
+        else:  # scale the sample to the exact count, keeping whole pages
+            hist[cat] = np.floor(sampled * (exact / total)).astype(np.int64)
+            hist[cat][int(np.argmax(sampled))] += exact - int(hist[cat].sum())
+    return hist
+
+
+def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64]],
+              budget: int, params: PolicyParams) -> dict[int, _Counts]:
+    """Page counts per node: what to demote from it and promote into it, within budget."""
+    free = {n: t.free_pages for n, t in nodes.items()}
+    waiting: dict[int, dict[int, int]] = defaultdict(dict)  # receiver -> source -> hot pages
+    for n, t in nodes.items():
+        if t.promote_to in nodes:
+            waiting[t.promote_to][n] = int(hist[n][HOT_SETTLED].sum())
+    promote_demand, demote_demand = 0, 0
+    for n, t in nodes.items():
+        if t.demote_to not in nodes:
+            continue
+        room = t.free_pages - t.keep_free_pages
+        cold = int(hist[n][COLD_SETTLED].sum())
+        hot_below = sum(waiting[n].values())
+        promote_demand += min(hot_below, max(0, room) + cold)
+        # Demotions needed: to get back above the headroom, and one per promoted
+        # page that does not fit into the room.
+        demote_demand += max(0, -room) + max(0, min(hot_below, cold) - max(0, room))
+    promote_left = min(promote_demand, max(round(budget * params.promote_share),
+                                           budget - demote_demand))
+    demote_left = budget - promote_left
+    out: dict[int, _Counts] = {}
+    for n in sorted(nodes, key=lambda n: (nodes[n].tier, n)):
+        t = nodes[n]
+        counts = out.setdefault(n, _Counts())
+        target = t.demote_to if t.demote_to in nodes else None
+        room = free[n] - t.keep_free_pages
+        n_cold = int(hist[n][COLD_SETTLED].sum())
+        n_any = n_cold + int(hist[n][NOT_HOT].sum())
+        demote_cap = 0
+        if target is not None:
+            target_room = max(0, free[target] - nodes[target].keep_free_pages)
+            demote_cap = min(demote_left, target_room, n_any)
+        need = min(max(0, -room), demote_cap)
+        exchange = max(0, min(n_cold - min(n_cold, need), demote_cap - need))
+        promote = min(sum(waiting[n].values()), promote_left, max(0, room) + exchange)
+        demote = need + max(0, promote - max(0, room))
+        counts.demote = demote
+        promote_left -= promote
+        demote_left -= demote
+        free[n] += demote - promote
+        if target is not None:
+            free[target] -= demote
+        for source, pages in sorted(waiting[n].items()):
+            take = min(pages, promote)
+            if take:
+                counts.promote_from[source] = take
+                free[source] += take
+                promote -= take
+    return out
+
+
+def _cut(hist: npt.NDArray[np.int64], k: int, coldest: bool) -> int:
+    """Heat cut-off t: the k coldest (hottest) pages have heat <= t (>= t)."""
+    order = hist if coldest else hist[::-1]
+    i = int(np.searchsorted(np.cumsum(order), k))
+    i = min(i, 255)
+    return i if coldest else 255 - i
+
+
+def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
+            ranges: tuple[tuple[int, int], ...], hysteresis: int, category: int,
+            hist: npt.NDArray[np.int64], k: int, coldest: bool) -> npt.NDArray[np.uint64]:
+    """The k coldest (or hottest) PFNs of `category` in `ranges`, ascending.
+
+    Pages strictly beyond the cut-off are all taken (their number is below k
+    when the histogram is exact; otherwise trimmed by heat); the rest come
+    from the cut-off bin, lowest PFNs first.
+    """
+    if k <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    t = np.uint8(_cut(hist, k, coldest))
+    cranges = mark_ranges(category, hysteresis)
+    beyond, at_cut = [], []
+    remaining = k
+    for s, e in _chunks(ranges, heat.size):
+        inside = _in_category(mark[s:e], cranges)
+        chunk_heat = heat[s:e]
+        strict = inside & ((chunk_heat < t) if coldest else (chunk_heat > t))
+        beyond.append(np.flatnonzero(strict).astype(np.uint64) + np.uint64(s))
+        if remaining > 0:
+            equal = np.flatnonzero(inside & (chunk_heat == t))[:remaining]
+            at_cut.append(equal.astype(np.uint64) + np.uint64(s))
+            remaining -= equal.size
+    strict_pfns = np.concatenate(beyond)
+    if strict_pfns.size >= k:  # an estimated histogram put too many beyond the cut
+        order = heat[strict_pfns.astype(np.intp)].astype(np.int16)
+        keep = np.argpartition(order if coldest else -order, k - 1)[:k]
+        return np.sort(strict_pfns[keep])
+    cut_pfns = np.concatenate(at_cut)[: k - strict_pfns.size]
+    return np.sort(np.concatenate((strict_pfns, cut_pfns)))
+
+
+def _demotions(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8], t: NodeTarget,
+               hysteresis: int, hist: npt.NDArray[np.int64], k: int
+               ) -> npt.NDArray[np.uint64]:
+    """The k coldest movable pages of node t: settled-cold ones first."""
+    cold = int(hist[COLD_SETTLED].sum())
+    from_cold = min(k, cold)
+    pfns = [_select(heat, mark, t.ranges, hysteresis, COLD_SETTLED, hist[COLD_SETTLED],
+                    from_cold, coldest=True)]
+    if k > from_cold:
+        pfns.append(_select(heat, mark, t.ranges, hysteresis, NOT_HOT, hist[NOT_HOT],
+                            k - from_cold, coldest=True))
+    return np.sort(np.concatenate(pfns))
+
+
+def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
+           nodes: list[NodeTarget], budget_pages: int, params: PolicyParams | None = None
+           ) -> Plan:
+    """One decision pass: which PFNs move where this interval."""
+    params = params or PolicyParams()
+    hyst = params.hysteresis_intervals
+    by_id = {t.node: t for t in nodes}
+    hist = {n: histograms(heat, mark, t.ranges, hyst) for n, t in by_id.items()}
+    counts = _allocate(by_id, hist, budget_pages, params)
+    unlimited = _allocate(by_id, hist, heat.size, params)
+    wanted = sum(c.demote + sum(c.promote_from.values()) for c in unlimited.values())
+    demotions, promotions = [], []
+    for n, c in counts.items():
+        t = by_id[n]
+        if c.demote:
+            pfns = _demotions(heat, mark, t, hyst, hist[n], c.demote)
+            demotions.append(Batch(Direction.DEMOTE, n, t.demote_to, pfns))
+        for source, k in c.promote_from.items():
+            s = by_id[source]
+            pfns = _select(heat, mark, s.ranges, hyst, HOT_SETTLED, hist[source][HOT_SETTLED],
+                           k, coldest=False)
+            promotions.append(Batch(Direction.PROMOTE, source, n, pfns))
+    batches = sorted(demotions, key=lambda b: b.target) + sorted(promotions, key=lambda b: b.target)
+    planned = sum(b.pfns.size for b in batches)
+    return Plan(tuple(batches), deferred_pages=max(0, wanted - planned))
