@@ -1,0 +1,1 @@
+"""The service edge: metrics endpoint, status page, systemd integration."""

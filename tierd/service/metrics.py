@@ -1,0 +1,306 @@
+"""Prometheus metrics: a custom collector that reads the daemon state at scrape time.
+
+Nothing is counted here: every value comes from one `DaemonState.snapshot()`
+(and the config store's reload status) taken when Prometheus scrapes, so a
+scrape sees one consistent interval. Names follow the Prometheus conventions
+(tierd_ prefix, base units, `_total` counters); labels are node numbers,
+tiers, directions, stages, collectors and failure reasons, all bounded sets,
+never a pid or an address. docs/metrics.md lists every family.
+
+`MetricsServer` serves `/metrics`, the status page `/` and `/status.json` on
+one port, bound to 127.0.0.1 unless the config says otherwise.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import TCPServer, ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from tierd import __version__
+from tierd.config import ReloadStatus
+from tierd.errors import TierdError
+from tierd.service import status
+from tierd.state import DURATION_BUCKETS, DaemonState, Direction, Health, MoveKey, StateSnapshot
+
+MOVE_LABELS = ["source_node", "target_node"]
+
+
+class TierdCollector(Collector):
+    """Every tierd_* family, built from one state snapshot per scrape."""
+
+    def __init__(self, state: DaemonState, reload_status: Callable[[], ReloadStatus],
+                 interval: Callable[[], float]) -> None:
+        self._state = state
+        self._reload_status = reload_status
+        self._interval = interval
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._state.snapshot()
+        yield from _daemon(snap, self._interval())
+        yield from _memory(snap)
+        yield from _moves(snap)
+        yield from _samples(snap)
+        yield from _durations(snap)
+        yield from _collectors(snap)
+        yield from _reload(self._reload_status())
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _daemon(snap: StateSnapshot, interval: float) -> Iterator[Metric]:
+    info = GaugeMetricFamily("tierd_build_info", "tierd's version; always 1.",
+                             labels=["version", "pythonversion"])
+    info.add_metric([__version__, platform.python_version()], 1)
+    yield info
+    yield _gauge("tierd_start_time_seconds", "When the daemon started (Unix time).",
+                 snap.started_at)
+    yield _gauge("tierd_dry_run", "1 when tierd decides but never moves pages.",
+                 float(snap.dry_run))
+    mover = GaugeMetricFamily("tierd_mover_info", "The mover in use; always 1.",
+                              labels=["mover"])
+    mover.add_metric([snap.mover], 1)
+    yield mover
+    stance = GaugeMetricFamily("tierd_kernel_tiering_info",
+                               "What the kernel's own tiering is doing; always 1.",
+                               labels=["state"])
+    stance.add_metric([snap.kernel_tiering], 1)
+    yield stance
+    yield _gauge("tierd_interval_seconds", "Configured period of the main loop.", interval)
+    yield _counter("tierd_intervals", "Main-loop intervals completed.", snap.intervals)
+    if snap.last_interval_at is not None:
+        yield _gauge("tierd_last_interval_timestamp_seconds",
+                     "When the last interval completed (Unix time).", snap.last_interval_at)
+    yield _gauge("tierd_tracked_pages", "Pages with heat.", snap.tracked_pages)
+    yield _gauge("tierd_rmap_entries", "Entries in the reverse-map cache.", snap.rmap_pages)
+    yield _gauge("tierd_rmap_bytes", "Memory held by the reverse-map cache.", snap.rmap_bytes)
+
+
+def _memory(snap: StateSnapshot) -> Iterator[Metric]:
+    kinds = ("total", "free", "used")
+    per_node = {k: GaugeMetricFamily(f"tierd_node_memory_{k}_bytes",
+                                     f"{k.capitalize()} memory of a NUMA node.",
+                                     labels=["node", "tier"]) for k in kinds}
+    per_tier = {k: GaugeMetricFamily(f"tierd_tier_memory_{k}_bytes",
+                                     f"{k.capitalize()} memory of a memory tier (all its nodes).",
+                                     labels=["tier"]) for k in kinds}
+    tiers: dict[int, Counter[str]] = {}
+    for usage in sorted(snap.nodes.values(), key=lambda u: u.node):
+        values = {"total": usage.total_bytes, "free": usage.free_bytes,
+                  "used": usage.total_bytes - usage.free_bytes}
+        for kind, value in values.items():
+            per_node[kind].add_metric([str(usage.node), str(usage.tier)], value)
+        tiers.setdefault(usage.tier, Counter()).update(values)
+    for tier, values in sorted(tiers.items()):
+        for kind in kinds:
+            per_tier[kind].add_metric([str(tier)], values[kind])
+    yield from per_node.values()
+    yield from per_tier.values()
+
+
+def _by_node_pair(name: str, doc: str, counts: Counter[MoveKey], direction: Direction,
+                  scale: int = 1) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=MOVE_LABELS)
+    for (d, source, target), n in sorted(counts.items()):
+        if d == direction:
+            family.add_metric([str(source), str(target)], n * scale)
+    return family
+
+
+def _moves(snap: StateSnapshot) -> Iterator[Metric]:
+    for direction, verb in ((Direction.PROMOTE, "promoted"), (Direction.DEMOTE, "demoted")):
+        yield _by_node_pair(f"tierd_{verb}_pages", f"Pages {verb} (reached the target node).",
+                            snap.pages_moved, direction)
+        yield _by_node_pair(f"tierd_{verb}_bytes", f"Bytes {verb}.", snap.bytes_moved, direction)
+    would = CounterMetricFamily("tierd_dry_run_pages",
+                                "Pages a dry run would have moved.",
+                                labels=["direction", *MOVE_LABELS])
+    attempts = CounterMetricFamily("tierd_migration_attempts",
+                                   "Pages handed to a mover, moved or not.",
+                                   labels=["direction", *MOVE_LABELS])
+    for family, counts in ((would, snap.pages_would_move), (attempts, snap.pages_attempted)):
+        for (d, source, target), n in sorted(counts.items()):
+            family.add_metric([str(d), str(source), str(target)], n)
+    yield would
+    yield attempts
+    yield _labelled(CounterMetricFamily(
+        "tierd_migration_failures", "Pages not moved, by reason (errno name or call failure).",
+        labels=["reason"]), snap.failures)
+    yield _labelled(CounterMetricFamily(
+        "tierd_excluded_pages", "Candidate pages skipped by a safety rule or an exclusion.",
+        labels=["reason"]), snap.pages_excluded)
+    yield _counter("tierd_rate_limit_hits",
+                   "Intervals in which the migration budget cut the plan.", snap.rate_limit_hits)
+    yield _counter("tierd_rate_limited_pages", "Pages held back by the migration budget.",
+                   snap.pages_deferred_by_rate_limit)
+
+
+def _labelled(family: CounterMetricFamily, counts: Counter[str]) -> CounterMetricFamily:
+    for label, n in sorted(counts.items()):
+        family.add_metric([label], n)
+    return family
+
+
+def _samples(snap: StateSnapshot) -> Iterator[Metric]:
+    yield _counter("tierd_samples", "Memory-access samples resolved to a page.",
+                   snap.samples_taken)
+    yield _counter("tierd_samples_lost", "Samples the kernel dropped (ring overruns).",
+                   snap.samples_lost)
+    yield _counter("tierd_samples_unresolved",
+                   "Samples whose page could not be found (counted, never guessed).",
+                   snap.samples_unresolved)
+
+
+def _durations(snap: StateSnapshot) -> Iterator[Metric]:
+    family = HistogramMetricFamily("tierd_stage_duration_seconds",
+                                   "Time each stage of an interval took (collect is the scan).",
+                                   labels=["stage"])
+    for stage, d in sorted(snap.durations.items()):
+        buckets = [(_le(b), float(n)) for b, n in zip(DURATION_BUCKETS, d.bucket_counts,
+                                                      strict=True)]
+        family.add_metric([stage], [*buckets, ("+Inf", float(d.count))], d.total_seconds)
+    yield family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _collectors(snap: StateSnapshot) -> Iterator[Metric]:
+    state = GaugeMetricFamily("tierd_collector_state",
+                              "1 for the collector's current health (ok, degraded, disabled).",
+                              labels=["collector", "state"])
+    last_ok = GaugeMetricFamily("tierd_collector_last_success_timestamp_seconds",
+                                "When the collector last delivered evidence (Unix time).",
+                                labels=["collector"])
+    for name, health in sorted(snap.collectors.items()):
+        for h in Health:
+            state.add_metric([name, str(h)], float(health.health is h))
+        if health.last_ok is not None:
+            last_ok.add_metric([name], health.last_ok)
+    yield state
+    yield last_ok
+
+
+def _reload(reload: ReloadStatus) -> Iterable[Metric]:
+    return (
+        _gauge("tierd_config_last_reload_successful",
+               "1 if the last config load or reload succeeded.", float(reload.successful)),
+        _gauge("tierd_config_last_reload_success_timestamp_seconds",
+               "When the config was last loaded successfully (Unix time).",
+               reload.success_timestamp),
+    )
+
+
+def build_registry(state: DaemonState, reload_status: Callable[[], ReloadStatus],
+                   interval: Callable[[], float]) -> CollectorRegistry:
+    """tierd's families plus the process_* ones (CPU, memory, fds of the daemon)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TierdCollector(state, reload_status, interval))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+# --- the HTTP endpoint ------------------------------------------------------------
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the journal."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host name (getfqdn): a DNS wait
+        # at startup on a host whose resolver is down. The literal will do.
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.setup_environ()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _app(registry: CollectorRegistry, page: Callable[[], str],
+         document: Callable[[], bytes]) -> WsgiApp:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/":
+            body, kind = page().encode(), "text/html; charset=utf-8"
+        elif path == "/status.json":
+            body, kind = document(), "application/json"
+        else:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: try /, /metrics or /status.json\n"]
+        start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+class MetricsServer:
+    """/metrics, / and /status.json on one port, served from a background thread."""
+
+    def __init__(self, state: DaemonState, reload_status: Callable[[], ReloadStatus],
+                 interval: Callable[[], float], address: str = "127.0.0.1",
+                 port: int = 9748) -> None:
+        self.address = address
+        self._registry = build_registry(state, reload_status, interval)
+        self._report = status.StatusReport(state, reload_status, interval)
+        app = _app(self._registry, self._report.html, self._report.json)
+        server_class = _Server6 if ":" in address else _Server
+        try:
+            self._server = make_server(address, port, app, server_class, _QuietHandler)
+        except OSError as e:
+            raise TierdError(f"metrics: cannot listen on {address} port {port}:"
+                             f" {e.strerror or e}") from None
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="tierd-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
