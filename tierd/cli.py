@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "probe": "probe",
     "topology": "topology",
     "check-config": "check_config",
+    "status": "status",
 }
 
 
