@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from tierd.collectors.idle import probe as idle_probe
 from tierd.collectors.topology import read_topology
 from tierd.errors import KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
+from tierd.kernel import pagemap
 from tierd.kernel.page_idle import BITMAP
 from tierd.kernel.root import HostRoot
 from tierd.probe import State
@@ -322,3 +326,98 @@ def test_a_kpageflags_read_error_degrades_that_range_only(tmp_path: Path) -> Non
     assert c.health.state is State.DEGRADED
     assert "kpageflags: offset 0x320: Is a directory; node 0" in c.health.reason
     assert (_ages(scans, range(200, 300)) == UNTRACKED).all()
+
+
+# --- the lab: the real bitmap -------------------------------------------------------------
+
+PAGE = mmap.PAGESIZE
+HUGE = 2 * 2**20
+
+
+class Buffer:
+    """An anonymous mapping whose every page is present, with the PFNs behind it."""
+
+    def __init__(self, size: int, advice: int) -> None:
+        self.map = mmap.mmap(-1, size + HUGE)  # slack to align to a huge page
+        self.view = np.frombuffer(self.map, dtype=np.uint8)
+        offset = -self.view.ctypes.data % HUGE
+        self.view = self.view[offset:offset + size]
+        self.map.madvise(advice, offset, size)
+        self.touch()
+
+    def touch(self) -> None:
+        self.view[::PAGE] += 1
+
+    def pfns(self) -> np.ndarray:
+        entries = pagemap.read_pagemap(os.getpid(), self.view.ctypes.data, self.view.size // PAGE)
+        pfns = pagemap.pfn_of(entries)
+        assert (pfns != 0).all(), "every page is present"
+        return pfns
+
+    def close(self) -> None:
+        del self.view
+        self.map.close()
+
+
+def _age_at(scans: list, pfns: np.ndarray) -> np.ndarray:
+    ages = np.full(pfns.size, -1, dtype=np.int16)
+    for s in scans:
+        inside = (pfns >= s.pfn_start) & (pfns < s.pfn_start + s.idle_age.size)
+        ages[inside] = s.idle_age[(pfns[inside] - s.pfn_start).astype(np.int64)]
+    return ages
+
+
+@pytest.mark.vm(kernels=["tierd"])
+@pytest.mark.parametrize("advice", [mmap.MADV_NOHUGEPAGE, mmap.MADV_HUGEPAGE],
+                         ids=["small", "thp"])
+def test_lab_idle_collector_tells_touched_from_untouched(advice: int) -> None:
+    hot, cold = Buffer(32 * 2**20, advice), Buffer(32 * 2**20, advice)
+    try:
+        topo = read_topology()
+        hot_pfns, cold_pfns = hot.pfns(), cold.pfns()
+        nodes = sorted(set(topo.node_of(np.concatenate([hot_pfns, cold_pfns])).tolist()))
+        collector = IdleCollector(topo, nodes=nodes)
+        collector.mark()
+        hot.touch()
+        scans = collector.collect()
+        assert collector.health.state is State.OK, collector.health.reason
+        assert np.array_equal(hot.pfns(), hot_pfns) and np.array_equal(cold.pfns(), cold_pfns)
+        hot_ages, cold_ages = _age_at(scans, hot_pfns), _age_at(scans, cold_pfns)
+        assert np.mean(hot_ages == 0) >= 0.99, np.unique(hot_ages, return_counts=True)
+        assert np.mean((cold_ages >= 1) & (cold_ages <= IDLE_AGE_MAX)) >= 0.99, (
+            np.unique(cold_ages, return_counts=True))
+        stats = collector.stats[nodes[0]]
+        assert stats.anon_idle >= cold_pfns.size * 0.99
+        flags = kpf.read_flags(int(cold_pfns[0]), 1)
+        if advice == mmap.MADV_HUGEPAGE and kpf.has_any(flags, kpf.KPF_THP)[0]:
+            assert stats.huge >= cold_pfns.size
+        collector.close()
+    finally:
+        hot.close()
+        cold.close()
+
+
+@pytest.mark.vm(kernels=["tierd"])
+def test_lab_a_range_past_the_last_pfn_degrades_with_the_offset() -> None:
+    topo = read_topology()
+    last_end = int(topo._ends[-1])  # extend the last range 1 GiB past the kernel's memory
+    beyond = replace(topo, _ends=np.append(topo._ends[:-1], last_end + 2**18).astype(np.uint64))
+    collector = IdleCollector(beyond, nodes=[int(topo._owners[-1])])
+    collector.mark()
+    scans = collector.collect()
+    assert collector.health.state is State.DEGRADED
+    assert "page_idle/bitmap: offset" in collector.health.reason
+    assert "past the kernel's last PFN" in collector.health.reason
+    tail = scans[-1].idle_age[-2**18:]
+    assert (tail == UNTRACKED).all()
+
+
+@pytest.mark.vm(kernels=["stock"])
+def test_lab_stock_kernel_has_no_idle_tracking_and_says_why() -> None:
+    collector = IdleCollector(read_topology())
+    collector.mark()
+    assert collector.collect() == []
+    assert collector.health.state is State.UNAVAILABLE
+    assert "CONFIG_IDLE_PAGE_TRACKING" in collector.health.reason
+    [cap] = idle_probe()
+    assert not cap.usable and "page_idle/bitmap: missing" in cap.reason

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +16,9 @@ import pytest
 from tierd.cli import main
 from tierd.collectors.topology import intersect_ranges, merge_ranges, probe, read_topology
 from tierd.errors import KernelFileError
-from tierd.kernel import memtiers
+from tierd.kernel import memtiers, pagemap
 from tierd.kernel.nodes import parse_cpulist, parse_meminfo
+from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
 from tierd.kernel.zoneinfo import parse_zoneinfo, read_zoneinfo
 
@@ -21,6 +26,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "topology"
 LAB = FIXTURES / "lab-6.12"  # captured from the lab guest (stock 6.12, 2 + 2 GiB)
 HOST61 = FIXTURES / "host-6.1"  # two sockets and a CXL expander (dax/kmem) on 6.1
 NODE_DIR = "sys/devices/system/node"
+PAGE = mmap.PAGESIZE
 
 
 def _copy(tmp_path: Path, fixture: Path) -> Path:
@@ -213,3 +219,66 @@ def test_topology_command_fails_cleanly_without_zoneinfo(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["topology", "--root", str(tmp_path)]) == 1
     assert "zoneinfo: missing" in capsys.readouterr().err
+
+
+# --- the lab: the topology the guest was booted with ------------------------------------
+
+GIB = 2**30
+
+
+@pytest.mark.vm
+def test_lab_topology_is_what_the_guest_was_booted_with() -> None:
+    topo = read_topology()
+    assert list(topo.nodes) == [0, 1]
+    assert topo.nodes[0].cpus == (0, 1) and topo.nodes[1].cpus == ()
+    assert topo.nodes[1].tier_rank > topo.nodes[0].tier_rank
+    assert topo.tiers[0].source == memtiers.SOURCE_KERNEL
+    for node in topo.nodes.values():
+        assert 1.8 * GIB < node.meminfo["MemTotal"] <= 2 * GIB
+        spanned = sum(e - s for s, e in node.pfn_ranges)
+        assert 1.8 * GIB < spanned * PAGE <= 2 * GIB
+        assert node.managed_pages <= spanned
+        assert node.watermark_min < node.watermark_low < node.watermark_high
+        assert "pgpromote_success" in node.vmstat
+    assert topo.problems == ()
+
+
+@pytest.mark.vm
+def test_lab_node_of_finds_pages_moved_between_nodes() -> None:
+    npages = 64
+    buf = mmap.mmap(-1, npages * PAGE)
+    view = np.frombuffer(buf, dtype=np.uint8)
+    try:
+        view[::PAGE] = 1
+        base = view.ctypes.data
+        addrs = base + PAGE * np.arange(npages, dtype=np.uint64)
+        topo = read_topology()
+        for node in (1, 0):
+            assert (move_pages(0, addrs, np.full(npages, node)) == node).all()
+            pfns = pagemap.pfn_of(pagemap.read_pagemap(os.getpid(), base, npages))
+            assert (pfns != 0).all()
+            assert (topo.node_of(pfns) == node).all()
+    finally:
+        del view
+        buf.close()
+
+
+def _tierd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tierd", *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.vm
+def test_lab_topology_and_probe_commands(lab_kernel: str) -> None:
+    table = _tierd("topology")
+    assert table.returncode == 0, table.stderr
+    assert "tiers, fast to slow: 0: nodes 0; 1: nodes 1" in table.stdout
+    data = json.loads(_tierd("topology", "--json").stdout)
+    assert [n["id"] for n in data["nodes"]] == [0, 1]
+    probe_text = _tierd("probe")
+    assert probe_text.returncode == 0, probe_text.stderr
+    caps = {c["name"]: c for c in json.loads(_tierd("probe", "--json").stdout)}
+    assert caps["topology"]["usable"]
+    assert caps["idle_page_tracking"]["usable"] == (lab_kernel == "tierd")
+    if lab_kernel == "stock":
+        assert "CONFIG_IDLE_PAGE_TRACKING" in caps["idle_page_tracking"]["reason"]
