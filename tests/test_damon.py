@@ -22,7 +22,7 @@ from tierd.kernel import damon_sysfs, pagemap
 from tierd.kernel.damon_sysfs import KDAMONDS, MonitoringAttrs
 from tierd.kernel.root import HostRoot
 from tierd.kernel.zoneinfo import read_zoneinfo
-from tierd.state import Health
+from tierd.probe import State
 
 FIXTURES = Path(__file__).parent / "fixtures" / "damon"
 PAGE = mmap.PAGESIZE
@@ -65,7 +65,7 @@ def test_start_lays_out_a_paddr_context_with_a_stat_scheme(tmp_path: Path) -> No
     assert read(root, f"{ctx}/schemes/0/access_pattern/sz/max") == str((1 << 64) - 1)
     assert read(root, f"{ctx}/schemes/0/access_pattern/nr_accesses/min") == "0"
     assert read(root, "0/state") == "on"
-    assert collector.health.health is Health.OK
+    assert collector.health.state is State.OK
     collector.stop()
 
 
@@ -109,7 +109,7 @@ def test_someone_elses_running_kdamond_is_left_alone(tmp_path: Path) -> None:
     root = tree(tmp_path, "busy")
     collector = DamonCollector(RANGES, root=root)
     assert not collector.start()
-    assert collector.health.health is Health.DISABLED
+    assert collector.health.state is State.UNAVAILABLE
     assert "busy: kdamond 0 already running" in collector.health.reason
     assert read(root, "0/state") == "on"
     assert read(root, "0/contexts/0/operations") == "vaddr"
@@ -139,13 +139,13 @@ def test_garbled_region_file_degrades_without_crashing(tmp_path: Path) -> None:
     bad.write_text("twenty\n")
     with DamonCollector(RANGES, root=root) as collector:
         assert collector.collect() is None
-        assert collector.health.health is Health.DEGRADED
+        assert collector.health.state is State.DEGRADED
         assert "tried_regions/1/nr_accesses" in collector.health.reason
         assert "not a number: 'twenty'" in collector.health.reason
         bad.write_text("20\n")
         kernel_keeps_running(root)
         assert collector.collect() is not None
-        assert collector.health.health is Health.OK
+        assert collector.health.state is State.OK
 
 
 def test_truncated_region_directory_degrades(tmp_path: Path) -> None:
@@ -233,7 +233,7 @@ def test_damon_finds_the_touched_buffer_hot_and_the_untouched_cold() -> None:
         hot_hits = np.zeros(HOT_PAGES, dtype=np.int64)
         cold_hits = np.zeros(COLD_PAGES, dtype=np.int64)
         with DamonCollector(node_pfn_ranges(), attrs) as collector:
-            assert collector.health.health is Health.OK, collector.health.reason
+            assert collector.health.state is State.OK, collector.health.reason
             time.sleep(4)  # let regions split around the two buffers
             batches = [collector.collect() for _ in range(5)]
             kdamond_pid = damon_sysfs.pid_of()
@@ -262,7 +262,7 @@ def test_damon_finds_the_touched_buffer_hot_and_the_untouched_cold() -> None:
 def test_damon_refuses_to_disturb_a_running_kdamond() -> None:
     ranges = node_pfn_ranges()
     with DamonCollector(ranges, MonitoringAttrs()) as first:
-        assert first.health.health is Health.OK
+        assert first.health.state is State.OK
         second = DamonCollector(ranges, MonitoringAttrs())
         assert not second.start()
         assert "already running" in second.health.reason

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierd.collectors import perf_bcc, perf_samples
 from tierd.collectors.perf_samples import (
     PerfSampleCollector,
     online_cpus,
@@ -19,7 +20,7 @@ from tierd.errors import KernelFileError
 from tierd.kernel import pagemap, pmu
 from tierd.kernel import perf_event as pe
 from tierd.kernel.root import HostRoot
-from tierd.state import Health
+from tierd.probe import State
 
 FIXTURES = Path(__file__).parent / "fixtures" / "perf"
 PAGE = mmap.PAGESIZE
@@ -185,7 +186,7 @@ def test_collector_turns_every_page_fault_into_the_right_pfn() -> None:
     buf.madvise(mmap.MADV_NOHUGEPAGE)
     view = np.frombuffer(buf, dtype=np.uint8)
     with PerfSampleCollector(event, online_cpus(), ring_pages=64) as collector:
-        assert collector.health.health is Health.OK, collector.health.reason
+        assert collector.health.state is State.OK, collector.health.reason
         view[::PAGE] = 1
         batch = collector.collect()
     expected = pagemap.pfns_of(os.getpid(), view.ctypes.data + PAGE * np.arange(FAULT_PAGES))
@@ -195,7 +196,6 @@ def test_collector_turns_every_page_fault_into_the_right_pfn() -> None:
     assert ours.size == FAULT_PAGES  # one sample per fault, none lost, none unresolved
     assert np.array_equal(np.sort(ours), np.sort(expected))
     assert collector.stats.samples >= FAULT_PAGES
-    assert collector.health.last_ok is not None
 
 
 @pytest.mark.vm
@@ -205,7 +205,7 @@ def test_a_pmu_that_is_gone_leaves_the_collector_disabled_with_the_reason() -> N
                            description="ibs_op (unplugged)")
     collector = PerfSampleCollector(gone, online_cpus())
     assert not collector.start()
-    assert collector.health.health is Health.DISABLED
+    assert collector.health.state is State.UNAVAILABLE
     assert "ibs_op (unplugged), cpu 0" in collector.health.reason
     assert "PMU or event is gone" in collector.health.reason
     assert collector.collect().pfns.size == 0
@@ -216,7 +216,7 @@ def test_a_pmu_that_is_gone_leaves_the_collector_disabled_with_the_reason() -> N
 def test_an_offline_cpu_degrades_but_keeps_the_others() -> None:
     collector = PerfSampleCollector(pmu.software_page_faults(), [0, 63])
     assert collector.start()
-    assert collector.health.health is Health.DEGRADED
+    assert collector.health.state is State.DEGRADED
     assert "cpu 63" in collector.health.reason
     collector.close()
 
@@ -241,3 +241,75 @@ def test_perf_event_paranoid_denies_an_unprivileged_user() -> None:
     os.waitpid(pid, 0)
     assert started == "False"
     assert "perf_event_paranoid" in reason
+
+
+# --- the bcc backend and the probes ----------------------------------------------------
+
+
+def test_bcc_needs_kernel_headers() -> None:
+    assert perf_bcc.kernel_headers(fixture("kheaders")) == "/sys/kernel/kheaders.tar.xz"
+    reason = perf_bcc.unusable_reason(fixture("no-pmu"))
+    assert reason is not None and "CONFIG_IKHEADERS" in reason
+    cap = perf_bcc.probe(fixture("no-pmu"))
+    assert (cap.name, cap.usable) == ("perf-bcc", False)
+
+
+def test_bcc_usable_where_the_kernel_carries_its_headers() -> None:
+    cap = perf_bcc.probe(fixture("kheaders"))
+    assert cap.usable, cap.reason
+    assert "kheaders.tar.xz" in cap.reason
+
+
+def test_bcc_collector_without_headers_is_unavailable_and_says_why() -> None:
+    collector = perf_bcc.BccSampleCollector(pmu.software_page_faults(), [0], fixture("no-pmu"))
+    assert not collector.start()
+    assert collector.health.state is State.UNAVAILABLE
+    assert collector.health.reason.startswith("bcc backend: no kernel headers")
+    assert collector.collect().pfns.size == 0
+
+
+def test_probe_reports_the_pmu_and_the_paranoid_setting() -> None:
+    pmu_cap, events_cap = perf_samples.probe(fixture("amd-zen4"))
+    assert (pmu_cap.name, pmu_cap.usable, pmu_cap.reason) == (
+        "perf-pmu", True, "AMD IBS op (L3 misses only)")
+    assert events_cap.name == "perf-events" and "perf_event_paranoid 2" in events_cap.reason
+    none_cap, _ = perf_samples.probe(fixture("no-pmu"))
+    assert not none_cap.usable and "no memory-sampling PMU" in none_cap.reason
+    garbled, _ = perf_samples.probe(fixture("garbled"))
+    assert not garbled.usable and "not a number" in garbled.reason
+    _, missing = perf_samples.probe(fixture("no-sysfs"))
+    assert not missing.usable and "kernel without perf events" in missing.reason
+
+
+@pytest.mark.vm(kernels=["tierd"])
+def test_bcc_backend_counts_every_page_fault_in_the_kernel() -> None:
+    event = pmu.software_page_faults()
+    buf = mmap.mmap(-1, FAULT_PAGES * PAGE)
+    buf.madvise(mmap.MADV_NOHUGEPAGE)
+    view = np.frombuffer(buf, dtype=np.uint8)
+    collector = perf_bcc.perf_collector("bcc", event, online_cpus())
+    try:
+        assert isinstance(collector, perf_bcc.BccSampleCollector), collector.health.reason
+        assert collector.health.state is State.OK, collector.health.reason
+        view[::PAGE] = 1
+        batch = collector.collect()
+        again = collector.collect()  # the map was drained: nothing twice
+    finally:
+        collector.close()
+    expected = pagemap.pfns_of(os.getpid(), view.ctypes.data + PAGE * np.arange(FAULT_PAGES))
+    assert batch.lost == 0
+    ours = batch.pfns[np.isin(batch.pfns, expected)]
+    assert ours.size == FAULT_PAGES
+    assert np.array_equal(np.sort(ours), np.sort(expected))
+    assert not np.isin(again.pfns, expected).any()
+
+
+@pytest.mark.vm(kernels=["stock"])
+def test_bcc_falls_back_to_the_ctypes_ring_on_the_stock_kernel() -> None:
+    collector = perf_bcc.perf_collector("bcc", pmu.software_page_faults(), online_cpus())
+    try:
+        assert isinstance(collector, PerfSampleCollector)
+        assert collector.health.state is State.OK
+        assert collector.health.reason.startswith("ctypes ring (bcc backend: no kernel headers")
+    finally:
+        collector.close()

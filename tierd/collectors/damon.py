@@ -23,7 +23,7 @@ from tierd.kernel import damon_sysfs
 from tierd.kernel.damon_sysfs import DamonError, Kdamond, MonitoringAttrs
 from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
-from tierd.state import CollectorHealth, Health
+from tierd.probe import Capability, Health, State
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class DamonCollector:
         self.attrs = attrs or MonitoringAttrs()
         self.root = root
         self.kdamond = Kdamond(root)
-        self.health = CollectorHealth(Health.DISABLED, "not started")
+        self.health = Health(State.UNAVAILABLE, "not started")
         self._running = False
 
     def __enter__(self) -> DamonCollector:
@@ -59,7 +59,7 @@ class DamonCollector:
         """Configure and start the kdamond; False (health says why) when DAMON is unusable."""
         why_not = damon_sysfs.availability(self.root)
         if why_not:
-            self.health = CollectorHealth(Health.DISABLED, why_not)
+            self.health = Health(State.UNAVAILABLE, why_not)
             log.warning("DAMON collector unusable: %s", why_not)
             return False
         byte_ranges = [(start << PAGE_SHIFT, end << PAGE_SHIFT) for start, end in self.pfn_ranges]
@@ -70,10 +70,10 @@ class DamonCollector:
             self.kdamond.start()
         except DamonError as e:
             self.stop()
-            self.health = CollectorHealth(Health.DISABLED, str(e))
+            self.health = Health(State.UNAVAILABLE, str(e))
             log.warning("DAMON collector unusable: %s", e)
             return False
-        self.health = CollectorHealth(Health.OK, "paddr", time.time())
+        self.health = Health(State.OK, "paddr")
         return True
 
     def collect(self) -> RegionBatch | None:
@@ -86,10 +86,10 @@ class DamonCollector:
                                  "kdamond stopped on its own (targets gone, or turned off)")
             regions = self.kdamond.regions()
         except DamonError as e:
-            self.health = CollectorHealth(Health.DEGRADED, str(e), self.health.last_ok)
+            self.health = Health(State.DEGRADED, str(e))
             log.warning("DAMON collector degraded: %s", e)
             return None
-        self.health = CollectorHealth(Health.OK, "paddr", time.time())
+        self.health = Health(State.OK, "paddr")
         shift = np.uint64(PAGE_SHIFT)
         return RegionBatch(
             pfn_start=regions.start >> shift,
@@ -110,6 +110,12 @@ class DamonCollector:
             self.kdamond.release()
         except DamonError as e:
             log.error("could not stop tierd's kdamond: %s", e)
-            self.health = CollectorHealth(Health.DEGRADED, f"stop failed: {e}")
+            self.health = Health(State.DEGRADED, f"stop failed: {e}")
             return
-        self.health = CollectorHealth(Health.DISABLED, "stopped")
+        self.health = Health(State.UNAVAILABLE, "stopped")
+
+
+def probe(root: HostRoot = HOST) -> Capability:
+    """Whether tierd can run a paddr kdamond here (missing, busy, or not root)."""
+    why_not = damon_sysfs.availability(root)
+    return Capability("damon", why_not is None, why_not or "paddr monitoring through sysfs")

@@ -29,13 +29,14 @@ from tierd.collectors.evidence import SampleBatch
 from tierd.errors import KernelFileError
 from tierd.kernel import pagemap
 from tierd.kernel import perf_event as pe
-from tierd.kernel.pmu import OPTIONAL_SAMPLE_BITS, MemoryEvent
+from tierd.kernel.pmu import OPTIONAL_SAMPLE_BITS, MemoryEvent, NoMemoryPmu, PmuError, memory_event
 from tierd.kernel.root import HOST, HostRoot
-from tierd.state import CollectorHealth, Health
+from tierd.probe import Capability, Health, State
 
 log = logging.getLogger(__name__)
 
 PAGE_SHIFT = pagemap.PAGE_SHIFT
+CAP_SYS_ADMIN, CAP_PERFMON = 21, 38
 DEFAULT_RING_PAGES = 64  # 256 KiB per CPU: ~5000 IBS samples between two drains
 
 # (pid, vaddrs) -> PFN per vaddr, 0 where not present; raises KernelFileError.
@@ -93,7 +94,7 @@ class PerfSampleCollector:
         self.root = root
         self._resolve = resolve or (lambda pid, vaddrs: pagemap.pfns_of(pid, vaddrs, root))
         self.sample_type = event.sample_type
-        self.health = CollectorHealth(Health.DISABLED, "not started")
+        self.health = Health(State.UNAVAILABLE, "not started")
         self.stats = SampleStats()
         self._events: list[_CpuEvent] = []
 
@@ -115,14 +116,14 @@ class PerfSampleCollector:
             except OSError as e:  # mmap or ioctl
                 failures.append(f"cpu {cpu}: mmap/enable: {e.strerror or e}")
         if not self._events:
-            self.health = CollectorHealth(Health.DISABLED, "; ".join(failures) or "no CPUs")
+            self.health = Health(State.UNAVAILABLE, "; ".join(failures) or "no CPUs")
             log.warning("perf collector unusable: %s", self.health.reason)
             return False
         if failures:
-            self.health = CollectorHealth(Health.DEGRADED, "; ".join(failures))
+            self.health = Health(State.DEGRADED, "; ".join(failures))
             log.warning("perf collector degraded: %s", self.health.reason)
         else:
-            self.health = CollectorHealth(Health.OK, self.event.description, time.time())
+            self.health = Health(State.OK, self.event.description)
         return True
 
     def _open_cpu(self, cpu: int) -> _CpuEvent:
@@ -165,8 +166,6 @@ class PerfSampleCollector:
         samples = np.concatenate(parts) if parts else np.zeros(0, pe.sample_dtype(self.sample_type))
         pfns, unresolved = samples_to_pfns(samples, self._resolve)
         self._count(samples, lost, unresolved)
-        if self.health.health is Health.OK:
-            self.health.last_ok = time.time()
         return SampleBatch(pfns=pfns, lost=lost, unresolved=unresolved,
                            collected_at=time.monotonic())
 
@@ -181,7 +180,7 @@ class PerfSampleCollector:
 
     def _degrade(self, reason: str) -> None:
         log.warning("perf collector degraded: %s", reason)
-        self.health = CollectorHealth(Health.DEGRADED, reason, self.health.last_ok)
+        self.health = Health(State.DEGRADED, reason)
 
     def close(self) -> None:
         """Disable and close every event (safe to call twice)."""
@@ -234,3 +233,33 @@ def resolve_through_pagemap(
         except KernelFileError:  # the process exited, or pagemap is not readable
             continue
     return out
+
+
+def _may_open_cpu_wide_events(paranoid: int) -> bool:
+    """perf_event_paranoid >= 1 needs CAP_PERFMON (or CAP_SYS_ADMIN) for CPU-wide events."""
+    if paranoid <= 0:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return os.geteuid() == 0
+    return bool(caps & (1 << CAP_PERFMON | 1 << CAP_SYS_ADMIN))
+
+
+def probe(root: HostRoot = HOST) -> list[Capability]:
+    """Which memory-sampling PMU this host has, and whether tierd may open CPU-wide events."""
+    try:
+        pmu = Capability("perf-pmu", True, memory_event(root).description)
+    except (NoMemoryPmu, PmuError, KernelFileError) as e:
+        pmu = Capability("perf-pmu", False, str(e))
+    paranoid = pe.read_paranoid(root)
+    if paranoid is None:
+        events = Capability("perf-events", False,
+                            f"{root(pe.PARANOID)} unreadable: kernel without perf events")
+    elif _may_open_cpu_wide_events(paranoid):
+        events = Capability("perf-events", True, f"perf_event_paranoid {paranoid}")
+    else:
+        events = Capability("perf-events", False, f"perf_event_paranoid {paranoid} forbids "
+                            "CPU-wide events without CAP_PERFMON (run as root)")
+    return [pmu, events]
