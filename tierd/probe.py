@@ -64,6 +64,9 @@ ProbeFunction = Callable[[HostRoot], Capability | list[Capability]]
 PROBES: list[str] = [
     "tierd.collectors.topology:probe",
     "tierd.collectors.idle:probe",
+    "tierd.collectors.perf_samples:probe",
+    "tierd.collectors.perf_bcc:probe",
+    "tierd.collectors.damon:probe",
 ]
 
 
