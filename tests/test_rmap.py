@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,8 @@ from tierd.errors import KernelFileError
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
+from tierd.movers.rmap import ReverseMap
+from tierd.movers.safety import Exclusions, ProcessFilter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
 ROOT = HostRoot(FIXTURES)
@@ -23,21 +28,21 @@ PAGE = pagemap.PAGE_SIZE
 def test_read_pagemap_decodes_present_swapped_and_file_pages() -> None:
     entries = pagemap.read_pagemap(PID, 16 * PAGE, 8, ROOT)
     pfns = pagemap.pfn_of(entries)
-    assert pfns.tolist() == [0x1000, 0x1001, 0x1002, 0x1003, 0, 0, 0x2000, 0x3000]
+    assert pfns.tolist() == [16, 17, 18, 19, 0, 0, 32, 48]
     assert pagemap.is_exclusive(entries).tolist() == [True] * 4 + [False] * 4
     assert pagemap.is_file_or_shared(entries).tolist() == [False] * 6 + [True] * 2
 
 
 def test_read_pagemap_past_the_end_reads_not_present() -> None:
     entries = pagemap.read_pagemap(PID, 22 * PAGE, 4, ROOT)
-    assert pagemap.pfn_of(entries).tolist() == [0x2000, 0x3000, 0, 0]
+    assert pagemap.pfn_of(entries).tolist() == [32, 48, 0, 0]
 
 
 def test_pfns_of_any_order_with_repeats_and_far_gaps() -> None:
     far = (pagemap.MERGE_GAP_PAGES + 100) * PAGE
     vaddrs = np.array([23 * PAGE + 5, 16 * PAGE, 16 * PAGE + 100, 21 * PAGE, far, 19 * PAGE],
                       dtype=np.uint64)
-    assert pagemap.pfns_of(PID, vaddrs, ROOT).tolist() == [0x3000, 0x1000, 0x1000, 0, 0, 0x1003]
+    assert pagemap.pfns_of(PID, vaddrs, ROOT).tolist() == [48, 16, 16, 0, 0, 19]
 
 
 def test_pagemap_of_a_missing_process_is_process_gone() -> None:
@@ -97,3 +102,91 @@ def _node_start_pfn(node: int) -> int:
     block_size = int(Path("/sys/devices/system/memory/block_size_bytes").read_text(), 16)
     blocks = [int(p.name.removeprefix("memory")) for p in node_dir.glob("memory[0-9]*")]
     return min(blocks) * block_size // PAGE
+
+
+# --- the reverse map on the fixture tree ---------------------------------------------------
+# /proc/4242 "workload": PFNs 16-19 (anon), 32 (file), 48 (shared with 4243)
+# /proc/4243 "postgres: writer": PFNs 40, 41, 48
+# /proc/4244 "dbhelper" in /system.slice/db.service/sub: PFNs 44, 45
+# /proc/2: a kernel thread (no mappings)
+
+
+def _rmap(exclusions: Exclusions | None = None, root: HostRoot = ROOT) -> ReverseMap:
+    process_filter = ProcessFilter(exclusions or Exclusions(), root, self_pid=1)
+    return ReverseMap(process_filter, root, full_every=3)
+
+
+def test_rmap_maps_every_present_page_of_every_process() -> None:
+    rmap = _rmap()
+    stats = rmap.refresh()
+    assert (stats.processes, stats.read, stats.excluded) == (4, 3, 0)
+    assert rmap.pfn.tolist() == [16, 17, 18, 19, 32, 40, 41, 44, 45, 48, 48]
+    assert rmap.nbytes == 16 * rmap.pages
+    found, pids, vaddrs = rmap.lookup(np.array([17, 32, 41, 44, 99], dtype=np.uint64))
+    assert found.tolist() == [True, True, True, True, False]
+    assert pids.tolist() == [4242, 4242, 4243, 4244, 0]
+    assert vaddrs.tolist() == [17 * PAGE, 22 * PAGE, 17 * PAGE, 16 * PAGE, 0]
+
+
+def test_rmap_never_reads_excluded_processes() -> None:
+    rmap = _rmap(Exclusions(comms=("postgres*",), cgroups=("/system.slice/db.service",)))
+    stats = rmap.refresh()
+    assert stats.excluded == 2
+    assert rmap.pfn.tolist() == [16, 17, 18, 19, 32, 48]
+    assert rmap.pfns_of_pid(4243).size == 0
+
+
+def test_rmap_rereads_only_changed_processes_and_drops_exited_ones(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    root = HostRoot(tmp_path)
+    rmap = _rmap(root=root)
+    rmap.refresh()
+    assert rmap.refresh().read == 0  # nothing changed
+    (tmp_path / "proc/4242/statm").write_text("100 7 2 1 0 50 0\n")  # a page faulted in
+    shutil.rmtree(tmp_path / "proc/4244")
+    stats = rmap.refresh()
+    assert stats.read == 1
+    assert rmap.pfns_of_pid(4244).size == 0 and 44 not in rmap.pfn.tolist()
+    assert rmap.refresh().read == 1  # full_every=3: 4243, last read three refreshes ago
+
+
+def test_rmap_invalidate_and_moved_repair_entries() -> None:
+    rmap = _rmap()
+    rmap.refresh()
+    rmap.moved(np.array([17], dtype=np.uint64), np.array([60], dtype=np.uint64))
+    found, _, vaddrs = rmap.lookup(np.array([17, 60], dtype=np.uint64))
+    assert found.tolist() == [False, True] and vaddrs[1] == 17 * PAGE
+    rmap.invalidate(np.array([40], dtype=np.uint64))
+    assert 40 not in rmap.pfn.tolist()
+    assert rmap.refresh().read == 1  # 4243 was marked stale and is read again
+    assert 40 in rmap.pfn.tolist()
+
+
+@pytest.mark.vm
+def test_rmap_finds_a_real_process_pages_and_tracks_them_after_a_move() -> None:
+    buf, view = _own_buffer(64)
+    child = None
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        base = view.ctypes.data
+        vaddrs = base + PAGE * np.arange(64, dtype=np.uint64)
+        pfns = pagemap.pfns_of(os.getpid(), vaddrs)
+        # Exclude nobody but the test runner's own child: the map must hold our pages.
+        rmap = ReverseMap(ProcessFilter(Exclusions(pids=(child.pid,)), self_pid=0))
+        stats = rmap.refresh()
+        assert stats.read >= 1 and not stats.errors
+        found, pids, got = rmap.lookup(pfns)
+        assert found.all() and (pids == os.getpid()).all()
+        assert np.array_equal(got, vaddrs)
+        assert rmap.pfns_of_pid(child.pid).size == 0
+        assert (move_pages(0, vaddrs, np.ones(64)) == 1).all()
+        rmap.refresh()  # resident count unchanged, maps unchanged: stale until told
+        rmap.invalidate(pfns)
+        rmap.refresh()
+        found, _, _ = rmap.lookup(pagemap.pfns_of(os.getpid(), vaddrs))
+        assert found.all()
+    finally:
+        if child:
+            child.kill()
+        del view
+        buf.close()

@@ -1,0 +1,75 @@
+"""Per-process facts the movers' safety rules need: /proc/PID/{comm,cgroup,status,statm}.
+
+A process can exit between any two reads; every reader raises
+ProcessGoneError (from tierd.kernel.pagemap) for that, KernelFileError for
+anything else, so callers can tell "gone" (normal) from "broken" (a problem).
+"""
+
+from __future__ import annotations
+
+import os
+
+from tierd.errors import KernelFileError
+from tierd.kernel.nodes import parse_cpulist
+from tierd.kernel.pagemap import ProcessGoneError
+from tierd.kernel.root import HOST, HostRoot
+
+
+def _read(pid: int, name: str, root: HostRoot) -> str:
+    path = root(f"/proc/{pid}/{name}")
+    try:
+        return path.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGoneError(path, "process gone") from None
+    except OSError as e:
+        raise KernelFileError(path, e.strerror or str(e)) from None
+
+
+def pids(root: HostRoot = HOST) -> list[int]:
+    """Every process id under /proc, ascending."""
+    proc = root("/proc")
+    try:
+        names = os.listdir(proc)
+    except OSError as e:
+        raise KernelFileError(proc, e.strerror or str(e)) from None
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def comm(pid: int, root: HostRoot = HOST) -> str:
+    return _read(pid, "comm", root).rstrip("\n")
+
+
+def cgroup(pid: int, root: HostRoot = HOST) -> str:
+    """The process's cgroup v2 path ("/system.slice/x.service"), "" without a v2 entry."""
+    for line in _read(pid, "cgroup", root).splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            return path
+    return ""
+
+
+def status_field(pid: int, key: str, root: HostRoot = HOST) -> str:
+    text = _read(pid, "status", root)
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name == key:
+            return value.strip()
+    raise KernelFileError(root(f"/proc/{pid}/status"), "no such field", key=key)
+
+
+def mems_allowed(pid: int, root: HostRoot = HOST) -> frozenset[int]:
+    """Nodes the process may allocate on (its cpuset's Mems_allowed_list)."""
+    value = status_field(pid, "Mems_allowed_list", root)
+    path = f"{root(f'/proc/{pid}/status')}: Mems_allowed_list"
+    return frozenset(parse_cpulist(value, path))
+
+
+def resident_pages(pid: int, root: HostRoot = HOST) -> int:
+    """Resident pages (statm's second field)."""
+    text = _read(pid, "statm", root)
+    try:
+        return int(text.split()[1])
+    except (IndexError, ValueError):
+        raise KernelFileError(root(f"/proc/{pid}/statm"), f"malformed: {text!r}",
+                              key="resident") from None

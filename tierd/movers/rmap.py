@@ -1,0 +1,264 @@
+"""Reverse map PFN -> (pid, vaddr), built from /proc/PID/pagemap, for the PID mover.
+
+Memory: 16 bytes per tracked page, in two parallel arrays sorted by PFN:
+
+    pfn    uint64
+    owner  uint64 = (slot << 44) | virtual page number
+
+A slot names one process (a small table slot -> pid); 44 bits of virtual
+page number cover a 56-bit user address space (5-level paging), 20 bits of
+slot a million processes. The per-process table costs ~200 bytes a process.
+A shared page appears once per process mapping it.
+
+Refreshes are incremental: a process is re-read only when it is new, when
+its /proc/PID/maps or resident page count changed since its last read,
+when a move showed one of its entries stale, or when its last read is older
+than `full_every` refreshes (the kernel migrates, compacts and reclaims
+without changing either fingerprint). Excluded processes are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from tierd.errors import KernelFileError
+from tierd.kernel import pagemap, task
+from tierd.kernel.pagemap import PAGE_SHIFT, ProcessGoneError
+from tierd.kernel.root import HOST, HostRoot
+from tierd.movers.safety import ProcessFilter
+
+log = logging.getLogger(__name__)
+
+VPN_BITS = 44
+VPN_MASK = np.uint64((1 << VPN_BITS) - 1)
+MAX_SLOTS = 1 << (64 - VPN_BITS)
+BYTES_PER_PAGE = 16
+
+
+@dataclass
+class _Process:
+    slot: int
+    fingerprint: bytes
+    read_at: int  # refresh number of the last read
+    stale: bool = False
+
+
+@dataclass
+class RefreshStats:
+    processes: int = 0
+    read: int = 0  # processes whose pagemap was read this refresh
+    gone: int = 0
+    excluded: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class ReverseMap:
+    def __init__(self, process_filter: ProcessFilter, root: HostRoot = HOST,
+                 full_every: int = 10) -> None:
+        self.filter = process_filter
+        self.root = root
+        self.full_every = full_every
+        self.pfn = np.zeros(0, dtype=np.uint64)
+        self.owner = np.zeros(0, dtype=np.uint64)
+        self._procs: dict[int, _Process] = {}
+        self._slot_pid = np.zeros(0, dtype=np.int64)  # slot -> pid (0: free)
+        self._free_slots: list[int] = []
+        self._refreshes = 0
+
+    # --- size ----------------------------------------------------------------------
+
+    @property
+    def pages(self) -> int:
+        return self.pfn.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.pfn.nbytes + self.owner.nbytes
+
+    # --- lookups -------------------------------------------------------------------
+
+    def lookup(self, pfns: npt.NDArray[np.uint64]
+               ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+        """(found, pid, vaddr) for each PFN; pid and vaddr are 0 where not found.
+
+        A page mapped by several processes answers with one of them.
+        """
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        if self.pfn.size == 0:
+            zeros = np.zeros(pfns.shape, dtype=np.uint64)
+            return np.zeros(pfns.shape, dtype=np.bool_), zeros.astype(np.int64), zeros
+        index = np.minimum(np.searchsorted(self.pfn, pfns), self.pfn.size - 1)
+        found = self.pfn[index] == pfns
+        owner = self.owner[index]
+        pid = np.where(found, self._slot_pid[(owner >> np.uint64(VPN_BITS)).astype(np.intp)], 0)
+        vaddr = np.where(found, (owner & VPN_MASK) << np.uint64(PAGE_SHIFT), np.uint64(0))
+        return found, pid.astype(np.int64), vaddr.astype(np.uint64)
+
+    def pfns_of_pid(self, pid: int) -> npt.NDArray[np.uint64]:
+        proc = self._procs.get(pid)
+        if proc is None:
+            return np.zeros(0, dtype=np.uint64)
+        return self.pfn[(self.owner >> np.uint64(VPN_BITS)) == np.uint64(proc.slot)]
+
+    # --- corrections from the movers -------------------------------------------
+
+    def invalidate(self, pfns: npt.NDArray[np.uint64]) -> None:
+        """Drop these PFNs' entries (the page moved, vanished or changed owner);
+        their processes are re-read at the next refresh."""
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        if pfns.size == 0 or self.pfn.size == 0:
+            return
+        gone = np.isin(self.pfn, pfns)
+        self._mark_stale(self.owner[gone])
+        self.pfn, self.owner = self.pfn[~gone], self.owner[~gone]
+
+    def moved(self, old: npt.NDArray[np.uint64], new: npt.NDArray[np.uint64]) -> None:
+        """Pages now live at new PFNs (read back from pagemap after the move).
+
+        The entry lookup() returned follows the page; other processes mapping
+        the old PFN are re-read at the next refresh.
+        """
+        old = np.asarray(old, dtype=np.uint64)
+        new = np.asarray(new, dtype=np.uint64)
+        if old.size == 0 or self.pfn.size == 0:
+            return
+        index = np.minimum(np.searchsorted(self.pfn, old), self.pfn.size - 1)
+        ok = (self.pfn[index] == old) & (new != 0)
+        owners = self.owner[index[ok]]
+        gone = np.isin(self.pfn, old)
+        others = gone.copy()
+        others[index[ok]] = False
+        self._mark_stale(self.owner[others])
+        self._merge(self.pfn[~gone], self.owner[~gone], new[ok], owners)
+
+    def _mark_stale(self, owners: npt.NDArray[np.uint64]) -> None:
+        for slot in np.unique(owners >> np.uint64(VPN_BITS)):
+            pid = int(self._slot_pid[int(slot)])
+            if pid in self._procs:
+                self._procs[pid].stale = True
+
+    # --- refresh ---------------------------------------------------------------------
+
+    def refresh(self) -> RefreshStats:
+        """Bring the map up to date with the processes now running."""
+        self._refreshes += 1
+        stats = RefreshStats()
+        pids = task.pids(self.root)
+        stats.processes = len(pids)
+        alive = set(pids)
+        drop = [pid for pid in self._procs if pid not in alive]
+        reread: dict[int, tuple[_Process, list[pagemap.Mapping]]] = {}
+        for pid in pids:
+            self._visit(pid, stats, drop, reread)
+        self._replace(drop, reread, stats)
+        return stats
+
+    def _visit(self, pid: int, stats: RefreshStats, drop: list[int],
+               reread: dict[int, tuple[_Process, list[pagemap.Mapping]]]) -> None:
+        try:
+            if self.filter.excluded(pid):
+                stats.excluded += 1
+                if pid in self._procs:
+                    drop.append(pid)
+                return
+            maps = pagemap.scannable(pagemap.read_maps(pid, self.root))
+            if not maps:  # kernel threads
+                return
+            fingerprint = self._fingerprint(pid, maps)
+        except ProcessGoneError:
+            stats.gone += 1
+            if pid in self._procs:
+                drop.append(pid)
+            return
+        except KernelFileError as e:
+            stats.errors.append(str(e))
+            return
+        proc = self._procs.get(pid)
+        due = proc is None or proc.stale or proc.fingerprint != fingerprint or (
+            self._refreshes - proc.read_at >= self.full_every)
+        if due:
+            if proc is None:
+                proc = _Process(self._new_slot(pid), fingerprint, self._refreshes)
+                self._procs[pid] = proc
+            proc.fingerprint, proc.read_at, proc.stale = fingerprint, self._refreshes, False
+            reread[pid] = (proc, maps)
+
+    def _fingerprint(self, pid: int, maps: list[pagemap.Mapping]) -> bytes:
+        digest = hashlib.blake2b(digest_size=16)
+        for m in maps:
+            digest.update(f"{m.start:x}-{m.end:x}{m.perms}{m.offset:x}{m.inode};".encode())
+        digest.update(str(task.resident_pages(pid, self.root)).encode())
+        return digest.digest()
+
+    def _read_process(self, pid: int, slot: int, maps: list[pagemap.Mapping]
+                      ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """(pfns, owners) of the process's present pages."""
+        ranges = [(m.start, m.end) for m in maps]
+        entries = pagemap.read_ranges(pid, ranges, self.root)
+        vpns = np.concatenate([np.arange(s >> PAGE_SHIFT, e >> PAGE_SHIFT, dtype=np.uint64)
+                               for s, e in ranges])
+        present = pagemap.is_present(entries)
+        pfns = entries[present] & pagemap.PFN_MASK
+        nonzero = pfns != 0  # PFNs read as 0 without CAP_SYS_ADMIN: useless
+        owners = (np.uint64(slot) << np.uint64(VPN_BITS)) | (vpns[present][nonzero] & VPN_MASK)
+        return pfns[nonzero], owners
+
+    def _replace(self, drop: list[int],
+                 reread: dict[int, tuple[_Process, list[pagemap.Mapping]]],
+                 stats: RefreshStats) -> None:
+        fresh_pfns, fresh_owners = [], []
+        for pid, (proc, maps) in reread.items():
+            try:
+                pfns, owners = self._read_process(pid, proc.slot, maps)
+            except ProcessGoneError:
+                stats.gone += 1
+                drop.append(pid)
+                continue
+            except KernelFileError as e:
+                stats.errors.append(str(e))
+                proc.stale = True
+                continue
+            fresh_pfns.append(pfns)
+            fresh_owners.append(owners)
+            stats.read += 1
+        cleared = [self._procs[pid].slot for pid in reread if pid not in drop]
+        cleared += [self._release(pid) for pid in dict.fromkeys(drop) if pid in self._procs]
+        if not cleared and not fresh_pfns:
+            return
+        dead = np.zeros(max(1, self._slot_pid.size), dtype=np.bool_)
+        dead[cleared] = True
+        keep = ~dead[(self.owner >> np.uint64(VPN_BITS)).astype(np.intp)]
+        new_pfns = np.concatenate(fresh_pfns) if fresh_pfns else np.zeros(0, np.uint64)
+        new_owners = np.concatenate(fresh_owners) if fresh_owners else np.zeros(0, np.uint64)
+        self._merge(self.pfn[keep], self.owner[keep], new_pfns, new_owners)
+
+    def _merge(self, pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
+               new_pfns: npt.NDArray[np.uint64], new_owners: npt.NDArray[np.uint64]) -> None:
+        order = np.argsort(new_pfns, kind="stable")
+        new_pfns, new_owners = new_pfns[order], new_owners[order]
+        at = np.searchsorted(pfns, new_pfns)
+        self.pfn = np.insert(pfns, at, new_pfns)
+        self.owner = np.insert(owners, at, new_owners)
+
+    def _new_slot(self, pid: int) -> int:
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot = self._slot_pid.size
+            if slot >= MAX_SLOTS:
+                raise KernelFileError("/proc", f"more than {MAX_SLOTS} processes to track")
+            self._slot_pid = np.concatenate((self._slot_pid, np.zeros(max(64, slot), np.int64)))
+            self._free_slots = list(range(self._slot_pid.size - 1, slot, -1))
+        self._slot_pid[slot] = pid
+        return slot
+
+    def _release(self, pid: int) -> int:
+        proc = self._procs.pop(pid)
+        self._slot_pid[proc.slot] = 0
+        self._free_slots.append(proc.slot)
+        return proc.slot

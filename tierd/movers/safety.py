@@ -1,0 +1,171 @@
+"""Safety rules both movers obey: excluded processes and cgroups, pinned pages, kernel tiering.
+
+- Excluded processes (by pid, by command-name pattern, by cgroup v2 path,
+  which covers the cgroup's descendants) are never in the reverse map, and
+  their cgroups' pages are filtered out by /proc/kpagecgroup before a move
+  by physical address; tierd never moves its own pages either.
+- Mlocked, unevictable, poisoned and reserved pages are dropped from every
+  batch by /proc/kpageflags before any syscall.
+- The kernel's own tiering (NUMA balancing in tiering mode, demotion on
+  reclaim) competes with tierd for the same pages: the configured stance is
+  to coexist, warn, or refuse to start.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tierd.errors import KernelFileError, TierdError
+from tierd.kernel import kpageflags as kpf
+from tierd.kernel import task
+from tierd.kernel.kernel_tiering import KernelTiering
+from tierd.kernel.root import HOST, HostRoot
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+STANCES = ("coexist", "warn", "refuse")
+# Two PFNs closer than this are read from kpageflags in one pread.
+MERGE_GAP_PFNS = 512
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    pids: tuple[int, ...] = ()
+    comms: tuple[str, ...] = ()  # fnmatch patterns on /proc/PID/comm
+    cgroups: tuple[str, ...] = ()  # cgroup v2 paths; descendants are excluded too
+
+
+def _in_cgroup(path: str, excluded: str) -> bool:
+    excluded = excluded.rstrip("/") or "/"
+    return excluded == "/" or path == excluded or path.startswith(excluded + "/")
+
+
+class ProcessFilter:
+    """Which processes tierd may touch."""
+
+    def __init__(self, exclusions: Exclusions, root: HostRoot = HOST,
+                 self_pid: int | None = None) -> None:
+        self.exclusions = exclusions
+        self.root = root
+        self.self_pid = os.getpid() if self_pid is None else self_pid
+
+    def excluded(self, pid: int) -> str | None:
+        """Why `pid` is excluded ("self", "pid", "comm", "cgroup"), or None.
+
+        Raises ProcessGoneError when the process exited meanwhile.
+        """
+        if pid == self.self_pid:
+            return "self"
+        if pid in self.exclusions.pids:
+            return "pid"
+        if self.exclusions.comms:
+            name = task.comm(pid, self.root)
+            if any(fnmatch.fnmatchcase(name, p) for p in self.exclusions.comms):
+                return "comm"
+        if self.exclusions.cgroups:
+            path = task.cgroup(pid, self.root)
+            if any(_in_cgroup(path, c) for c in self.exclusions.cgroups):
+                return "cgroup"
+        return None
+
+
+def excluded_memcg_inodes(exclusions: Exclusions, root: HostRoot = HOST) -> frozenset[int]:
+    """Inode numbers of the excluded cgroups and all their descendants (kpagecgroup's ids)."""
+    inodes: set[int] = set()
+    for cgroup in exclusions.cgroups:
+        top = root(CGROUP_ROOT + "/" + cgroup.strip("/"))
+        if not top.is_dir():
+            log.warning("excluded cgroup %s does not exist (yet); nothing to exclude there", cgroup)
+            continue
+        for dirpath, _, _ in os.walk(top):
+            inodes.add(os.stat(dirpath).st_ino)
+    return frozenset(inodes)
+
+
+def _runs(pfns: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
+    """[first, last] runs of sorted PFNs, gaps below MERGE_GAP_PFNS merged."""
+    if pfns.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pfns) > MERGE_GAP_PFNS) + 1
+    firsts = pfns[np.concatenate(([0], breaks))]
+    lasts = pfns[np.concatenate((breaks - 1, [pfns.size - 1]))]
+    return [(int(f), int(la)) for f, la in zip(firsts, lasts, strict=True)]
+
+
+def read_per_pfn(file: kpf.PfnFile, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The file's entry for each of the sorted `pfns`, one pread per run."""
+    out = np.empty(pfns.size, dtype=np.uint64)
+    at = 0
+    for first, last in _runs(pfns):
+        span = file.read(first, last - first + 1)
+        end = int(np.searchsorted(pfns, last, side="right"))
+        out[at:end] = span[(pfns[at:end] - np.uint64(first)).astype(np.intp)]
+        at = end
+    return out
+
+
+def pinned_reasons(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.object_]:
+    """Per PFN: why it must not move ("mlocked", "unevictable", ...) or None."""
+    reasons = np.full(flags.shape, None, dtype=object)
+    for bit, name in ((kpf.KPF_NOPAGE, "no_page"), (kpf.KPF_RESERVED, "reserved"),
+                      (kpf.KPF_HWPOISON, "hwpoison"), (kpf.KPF_UNEVICTABLE, "unevictable"),
+                      (kpf.KPF_MLOCKED, "mlocked")):
+        reasons[kpf.has_any(flags, bit)] = name  # the last (most specific) reason wins
+    return reasons
+
+
+def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
+                memcg_inodes: frozenset[int] = frozenset()
+                ) -> tuple[npt.NDArray[np.uint64], Counter[str]]:
+    """The sorted `pfns` minus pinned pages and pages of excluded cgroups, and why each went."""
+    if pfns.size == 0:
+        return pfns, Counter()
+    with kpf.kpageflags(root) as flags_file:
+        reasons = pinned_reasons(read_per_pfn(flags_file, pfns))
+    if memcg_inodes:
+        with kpf.kpagecgroup(root) as cgroup_file:
+            owners = read_per_pfn(cgroup_file, pfns)
+        excluded = np.isin(owners, np.fromiter(memcg_inodes, dtype=np.uint64))
+        reasons[excluded & (reasons == None)] = "excluded_cgroup"  # noqa: E711 (elementwise)
+    keep = reasons == None  # noqa: E711 (elementwise comparison)
+    dropped = Counter(reasons[~keep].tolist())
+    return pfns[keep], dropped
+
+
+def allowed_nodes(pid: int, root: HostRoot = HOST) -> frozenset[int] | None:
+    """The process's Mems_allowed, or None when the kernel does not say (no cpusets)."""
+    try:
+        return task.mems_allowed(pid, root)
+    except KernelFileError as e:
+        if e.key == "Mems_allowed_list":
+            return None
+        raise
+
+
+def check_kernel_tiering(tiering: KernelTiering, stance: str) -> str:
+    """Apply the configured stance; returns a one-word summary for the state.
+
+    Raises TierdError when the stance is "refuse" and the kernel tiers pages itself.
+    """
+    if stance not in STANCES:
+        raise TierdError(f"kernel_tiering: unknown stance {stance!r} (one of {STANCES})")
+    if not tiering.active:
+        return "off"
+    what = tiering.describe()
+    if stance == "refuse":
+        raise TierdError(f"the kernel tiers memory itself ({what}); kernel_tiering is "
+                         "'refuse': turn it off or set kernel_tiering: coexist")
+    if stance == "warn":
+        log.warning("the kernel tiers memory itself (%s): tierd and the kernel may move "
+                    "the same pages back and forth", what)
+    else:
+        log.info("coexisting with the kernel's own tiering (%s)", what)
+    return "on"
