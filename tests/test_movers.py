@@ -1,0 +1,201 @@
+"""Movers and their safety rules: per-page statuses, call errors, pinned and excluded pages."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierd.errors import TierdError
+from tierd.kernel import numa
+from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
+from tierd.kernel.pagemap import PAGE_SIZE
+from tierd.kernel.root import HostRoot
+from tierd.movers import safety
+from tierd.movers.pid import PidMover, PidMoverParams
+from tierd.movers.rmap import ReverseMap
+from tierd.movers.safety import Exclusions, ProcessFilter
+from tierd.movers.status import count_reasons
+from tierd.policy import Batch
+from tierd.state import Direction
+
+FIXTURES = Path(__file__).parent / "fixtures" / "movers"
+ROOT = HostRoot(FIXTURES)
+PAGE = PAGE_SIZE
+
+
+class FakeKernel:
+    """move_pages with scripted per-page statuses (by vaddr page), recording each call."""
+
+    def __init__(self, statuses: dict[int, list[int]] | None = None,
+                 call_error: int | None = None) -> None:
+        self.statuses = statuses or {}  # vaddr page -> statuses of successive calls
+        self.call_error = call_error
+        self.calls: list[tuple[int, list[int], list[int], int]] = []
+
+    def __call__(self, pid: int, addrs: np.ndarray, nodes: np.ndarray, flags: int) -> np.ndarray:
+        self.calls.append((pid, (addrs // PAGE).tolist(), nodes.tolist(), flags))
+        if self.call_error is not None:
+            raise numa.MovePagesError(self.call_error, os.strerror(self.call_error))
+        out = []
+        for page, node in zip((addrs // PAGE).tolist(), nodes.tolist(), strict=True):
+            script = self.statuses.get(page, [])
+            out.append(script.pop(0) if script else node)
+        return np.array(out, dtype=np.int32)
+
+
+def _mover(kernel: FakeKernel, exclusions: Exclusions | None = None, **params: object
+           ) -> tuple[PidMover, ReverseMap]:
+    rmap = ReverseMap(ProcessFilter(exclusions or Exclusions(), ROOT, self_pid=1), ROOT)
+    rmap.refresh()
+    mover = PidMover(rmap, PidMoverParams(busy_backoff=0, **params), ROOT, move_pages=kernel)
+    return mover, rmap
+
+
+def _batch(pfns: list[int], target: int = 1) -> Batch:
+    return Batch(Direction.DEMOTE, 0, target, np.array(pfns, dtype=np.uint64))
+
+
+def test_pages_are_grouped_by_process_and_chunked_to_one_target() -> None:
+    kernel = FakeKernel()
+    mover, _ = _mover(kernel, batch_pages=2)
+    result = mover.move(_batch([16, 17, 18, 40, 41]))
+    assert [(pid, pages, nodes) for pid, pages, nodes, _ in kernel.calls] == [
+        (4242, [16, 17], [1, 1]), (4242, [18], [1]), (4243, [16, 17], [1, 1])]
+    assert all(flags == numa.MPOL_MF_MOVE for *_, flags in kernel.calls)
+    assert sorted(result.moved.tolist()) == [16, 17, 18, 40, 41]
+    assert not result.failures
+
+
+def test_every_per_page_status_is_counted_by_reason() -> None:
+    kernel = FakeKernel({16: [-errno.ENOENT], 17: [-errno.EACCES], 18: [-errno.EPERM],
+                         19: [-errno.EFAULT], 22: [-errno.EIO], 23: [-errno.EINVAL]})
+    mover, rmap = _mover(kernel)
+    result = mover.move(_batch([16, 17, 18, 19, 32, 48, 99]))
+    assert result.failures == {"ENOENT": 1, "EACCES": 1, "EPERM": 1, "EFAULT": 1, "EIO": 1,
+                               "EINVAL": 1, "not_in_rmap": 1}
+    assert result.moved.size == 0 and sorted(result.not_moved.tolist()) == [16, 17, 18, 19, 32,
+                                                                            48, 99]
+    # A page that vanished or is not migratable any more: its cached owner is dropped.
+    assert sorted(result.stale.tolist()) == [16, 19]
+    assert 16 not in rmap.pfn.tolist()
+
+
+def test_busy_pages_are_retried_a_bounded_number_of_times() -> None:
+    kernel = FakeKernel({16: [-errno.EBUSY, 1], 17: [-errno.EBUSY] * 10})
+    mover, _ = _mover(kernel, busy_retries=2)
+    result = mover.move(_batch([16, 17]))
+    assert result.moved.tolist() == [16]
+    assert result.failures == {"EBUSY": 1}
+    assert [pages for _, pages, _, _ in kernel.calls] == [[16, 17], [16, 17], [17]]
+
+
+def test_enomem_stops_the_batch_for_that_target() -> None:
+    kernel = FakeKernel({17: [-errno.ENOMEM]})
+    mover, _ = _mover(kernel, batch_pages=2)
+    result = mover.move(_batch([16, 17, 18, 19, 40]))
+    assert result.target_full
+    assert result.moved.tolist() == [16]
+    assert result.failures == {"ENOMEM": 1, "target_full": 3}
+    assert len(kernel.calls) == 1
+
+
+@pytest.mark.parametrize(("err", "reason"), [(errno.ESRCH, "process_gone"),
+                                             (errno.EPERM, "call_EPERM"),
+                                             (errno.EACCES, "call_EACCES"),
+                                             (errno.ENODEV, "call_ENODEV")])
+def test_call_level_errors_fail_the_pages_and_the_mover_goes_on(err: int, reason: str) -> None:
+    mover, _ = _mover(FakeKernel(call_error=err))
+    result = mover.move(_batch([16, 17, 40]))
+    assert result.failures == {reason: 3}
+    assert result.moved.size == 0
+
+
+def test_a_node_outside_mems_allowed_is_never_asked_for() -> None:
+    kernel = FakeKernel()
+    mover, _ = _mover(kernel)
+    result = mover.move(_batch([44, 45, 16], target=1))
+    assert result.failures == {"node_not_allowed": 2}
+    assert [pid for pid, *_ in kernel.calls] == [4242]
+
+
+def test_a_stale_reverse_map_entry_is_not_moved(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    root = HostRoot(tmp_path)
+    rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
+    rmap.refresh()
+    entries = np.fromfile(tmp_path / "proc/4242/pagemap", dtype=np.uint64)
+    entries[16] = (1 << 63) | 63  # the page at vaddr page 16 now lives at PFN 63
+    entries.tofile(tmp_path / "proc/4242/pagemap")
+    kernel = FakeKernel()
+    result = PidMover(rmap, PidMoverParams(busy_backoff=0), root, kernel).move(_batch([16, 17]))
+    assert result.failures == {"stale_rmap": 1} and result.moved.tolist() == [17]
+    assert kernel.calls[0][1] == [17]
+
+
+def test_excluded_processes_pages_are_not_in_the_map_so_never_moved() -> None:
+    kernel = FakeKernel()
+    mover, _ = _mover(kernel, exclusions=Exclusions(comms=("postgres*",)))
+    result = mover.move(_batch([40, 41]))
+    assert result.failures == {"not_in_rmap": 2} and not kernel.calls
+
+
+def test_move_all_shared_uses_mpol_mf_move_all() -> None:
+    kernel = FakeKernel()
+    mover, _ = _mover(kernel, move_all_shared=True)
+    mover.move(_batch([48]))
+    assert kernel.calls[0][3] == numa.MPOL_MF_MOVE_ALL
+
+
+def test_count_reasons_names_errnos_and_wrong_nodes() -> None:
+    statuses = np.array([1, 0, -errno.EBUSY, -errno.EBUSY, -999], dtype=np.int32)
+    assert count_reasons(statuses, target=1) == {"moved": 1, "stayed_on_node0": 1, "EBUSY": 2,
+                                                 "errno999": 1}
+
+
+# --- safety --------------------------------------------------------------------------------
+
+
+def test_mlocked_and_unevictable_pages_are_dropped_before_any_move() -> None:
+    pfns = np.array([16, 17, 18, 19, 80], dtype=np.uint64)
+    keep, dropped = safety.drop_pinned(pfns, ROOT)
+    assert keep.tolist() == [16, 17]
+    assert dropped == {"mlocked": 1, "unevictable": 1, "no_page": 1}
+
+
+def test_pages_of_excluded_cgroups_are_dropped_by_kpagecgroup(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    root = HostRoot(tmp_path)
+    inodes = safety.excluded_memcg_inodes(Exclusions(cgroups=("/system.slice/db.service",)),
+                                          root)
+    sub = os.stat(tmp_path / "sys/fs/cgroup/system.slice/db.service/sub").st_ino
+    assert sub in inodes and len(inodes) == 2
+    owners = np.zeros(64, dtype=np.uint64)
+    owners[[44, 45]] = sub
+    owners.tofile(tmp_path / "proc/kpagecgroup")
+    keep, dropped = safety.drop_pinned(np.array([16, 44, 45], dtype=np.uint64), root, inodes)
+    assert keep.tolist() == [16] and dropped == {"excluded_cgroup": 2}
+
+
+def test_process_filter_reasons() -> None:
+    f = ProcessFilter(Exclusions(pids=(4242,), comms=("postgres*",),
+                                 cgroups=("/system.slice/db.service/",)), ROOT, self_pid=2)
+    assert [f.excluded(p) for p in (2, 4242, 4243, 4244)] == ["self", "pid", "comm", "cgroup"]
+    assert ProcessFilter(Exclusions(cgroups=("/user",)), ROOT, 1).excluded(4242) is None
+
+
+def test_kernel_tiering_is_read_and_the_stance_applied(tmp_path: Path) -> None:
+    assert read_kernel_tiering(ROOT) == KernelTiering(0, False)
+    assert safety.check_kernel_tiering(KernelTiering(0, False), "refuse") == "off"
+    on = KernelTiering(2, True)
+    assert on.describe() == "kernel.numa_balancing=2, demotion_enabled=true"
+    assert safety.check_kernel_tiering(on, "coexist") == "on"
+    assert safety.check_kernel_tiering(on, "warn") == "on"
+    with pytest.raises(TierdError, match=r"numa_balancing=2.*refuse"):
+        safety.check_kernel_tiering(on, "refuse")
+    assert not KernelTiering(1, False).active  # classic NUMA balancing does not tier
+    assert read_kernel_tiering(HostRoot(tmp_path)) == KernelTiering(None, None)
