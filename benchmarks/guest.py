@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""tierbench's driver inside the lab guest: every (workload, system) run, then the micros.
+
+Per run: start the workload (its hot set lands on the slow node, its cold
+set fills the fast node), start the tiering system, sample where the hot set
+is every --sample-seconds with move_pages(2) in query mode, shift the hot set
+every --phase-seconds, stop everything and write the run's record. The
+summary arithmetic lives in metrics.py; the host (run.py) turns the records
+into the report.
+
+    guest.py --out /lab-out/guest.json [--systems none,damon] [--workloads shift]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests" / "lab")]
+
+import kstat  # noqa: E402
+import metrics  # noqa: E402
+import micro  # noqa: E402
+import systems  # noqa: E402
+from workload import Workload  # noqa: E402
+from workloads import Variant  # noqa: E402
+
+from tierd.kernel.numa import move_pages  # noqa: E402
+
+SYSTEMS = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
+WORKLOADS = ("shift", "zipf", "shared")
+MIGRATION_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "pgpromote_success",
+                      "pgdemote_kswapd", "pgdemote_direct", "pgdemote_khugepaged",
+                      "numa_hint_faults", "numa_pages_migrated")
+
+
+def make_system(name: str, scratch: Path) -> systems.System:
+    if name.startswith("tierd_"):
+        return systems.Tierd(name.removeprefix("tierd_"), scratch)
+    return {"none": systems.System, "numa_balancing": systems.NumaBalancing,
+            "damon": systems.DamonTiering}[name]()
+
+
+def start_workload(name: str, args: argparse.Namespace) -> Workload | Variant:
+    if name == "shift":
+        return Workload.start(args.hot, args.cold, start_node=systems.FAST_NODE)
+    return Variant.start(name, args.hot, args.cold, procs=args.procs)
+
+
+def workload_pids(workload: Workload | Variant) -> list[int]:
+    return workload.pids() if isinstance(workload, Variant) else [workload.pid]
+
+
+def share_on(status: np.ndarray, node: int) -> float:
+    present = status >= 0
+    return float((status[present] == node).sum() / max(1, present.sum()))
+
+
+def phase_start(workload: Workload | Variant, t: float) -> metrics.PhaseStart:
+    hot = move_pages(workload.pid, workload.region_addresses("hot"))
+    cold = move_pages(workload.pid, workload.region_addresses("cold"))
+    return metrics.PhaseStart(
+        t=t,
+        hot_off_fast=int(((hot >= 0) & (hot != systems.FAST_NODE)).sum()),
+        cold_on_fast=int((cold == systems.FAST_NODE).sum()),
+        fast_free_pages=kstat.free_pages_above_high(systems.FAST_NODE),
+    )
+
+
+def system_seconds(pids: list[int]) -> float:
+    return sum(cpu[1] for cpu in map(kstat.task_cpu_seconds, pids) if cpu is not None)
+
+
+def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> dict:
+    """One (workload, system) run; returns its record (see docs/benchmarks.md)."""
+    record: dict = {"workload": workload_name, "system": system_name}
+    system = make_system(system_name, Path("/tmp"))
+    if reason := system.unavailable():
+        record["status"] = f"not available: {reason}"
+        return record
+    reset_memory()
+    workload = start_workload(workload_name, args)
+    pids = workload_pids(workload)
+    try:
+        before = kstat.vmstat()
+        stime_before = system_seconds(pids)
+        phases = [phase_start(workload, 0.0)]
+        t0 = time.monotonic()
+        system.start()
+        samples = sample_run(workload, system, phases, t0, args)
+        system.stop()
+        elapsed = time.monotonic() - t0
+        after = kstat.vmstat()
+        record["workload_system_seconds"] = system_seconds(pids) - stime_before
+    finally:
+        record["intact"] = workload.stop()
+    counters = {k: after.get(k, 0) - before.get(k, 0) for k in MIGRATION_COUNTERS}
+    record.update(
+        status="ok", seconds=elapsed, shifts_at=[p.t for p in phases[1:]],
+        samples=[asdict(s) for s in samples], phases=[asdict(p) for p in phases],
+        vmstat=counters, agent_cpu_seconds=system.agent_cpu_seconds(),
+        migration_failures=counters["pgmigrate_fail"],
+        **metrics.summarize_quality(samples, phases, elapsed, counters["pgmigrate_success"]),
+    )
+    return record
+
+
+def sample_run(workload: Workload | Variant, system: systems.System,
+               phases: list[metrics.PhaseStart], t0: float,
+               args: argparse.Namespace) -> list[metrics.Sample]:
+    """Sample the hot set's placement until the last phase ends, shifting on schedule."""
+    samples: list[metrics.Sample] = []
+    hot = workload.region_addresses("hot")
+    end = args.phase_seconds * (args.shifts + 1)
+    tick = 0
+    while (t := time.monotonic() - t0) < end:
+        if t >= args.phase_seconds * len(phases):
+            workload.swap()
+            phases.append(phase_start(workload, time.monotonic() - t0))
+            hot = workload.region_addresses("hot")
+        status = move_pages(workload.pid, hot)
+        samples.append(metrics.Sample(time.monotonic() - t0, share_on(status, systems.FAST_NODE)))
+        system.sample()
+        tick += 1
+        time.sleep(max(0.0, t0 + tick * args.sample_seconds - time.monotonic()))
+    return samples
+
+
+def reset_memory() -> None:
+    """Start every run from the same free memory: drop clean caches, compact."""
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    Path("/proc/sys/vm/compact_memory").write_text("1\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--hot", default="128M")
+    parser.add_argument("--cold", default="768M")
+    parser.add_argument("--procs", type=int, default=4, help="shared workload's processes")
+    parser.add_argument("--phase-seconds", type=float, default=40)
+    parser.add_argument("--shifts", type=int, default=2)
+    parser.add_argument("--sample-seconds", type=float, default=1.0)
+    parser.add_argument("--micro", default=",".join(micro.GUEST_MICROS),
+                        help="guest micro-benchmarks to run ('' for none)")
+    args = parser.parse_args()
+    result: dict = {"kernel": os.uname().release, "config": {
+        k: v for k, v in vars(args).items() if k != "out"}, "runs": [], "micro": {}}
+    for workload_name in filter(None, args.workloads.split(",")):
+        for system_name in filter(None, args.systems.split(",")):
+            print(f"tierbench: {workload_name} under {system_name}", flush=True)
+            try:
+                record = run_one(workload_name, system_name, args)
+            except Exception as e:  # one broken run must not lose the others
+                traceback.print_exc()
+                record = {"workload": workload_name, "system": system_name,
+                          "status": f"failed: {type(e).__name__}: {e}"}
+            print(f"tierbench: {summary_line(record)}", flush=True)
+            result["runs"].append(record)
+            save(args.out, result)
+    for name in filter(None, args.micro.split(",")):
+        print(f"tierbench: micro {name}", flush=True)
+        result["micro"][name] = micro.run_guest_micro(name)
+        save(args.out, result)
+    return 0
+
+
+def summary_line(record: dict) -> str:
+    head = f"{record['workload']}/{record['system']}: {record['status']}"
+    if record["status"] != "ok":
+        return head
+    return (f"{head}, hot on fast {record['hot_on_fast_steady']}, "
+            f"to 90% {record['seconds_to_90pct']}, churn {record['churn']}, "
+            f"agent cpu {record['agent_cpu_seconds']:.2f} s, intact {record['intact']}")
+
+
+def save(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Overhead micro-benchmarks: each tierd piece against the raw kernel cost it builds on.
+
+Times in a TCG guest (or on a shared 2-core host) are not absolute, so each
+result is a ratio of two measurements taken back to back in the same run:
+tierd's path over the raw baseline (a small C program under benchmarks/c,
+or the plainest numpy pass over the same data). Every result is a dict
+with "status": "ok", or "not available: <why>" and no number.
+
+Host micros (pure CPU work): perf_decode, policy_pass.
+Guest micros (need the lab kernel): idle_scan, rmap_build, move_pages,
+move_phys, demote_cpu.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+BIN = Path(__file__).resolve().parent.parent / "build" / "bench"
+C_SOURCES = Path(__file__).resolve().parent / "c"
+HOST_MICROS = ("perf_decode", "policy_pass")
+GUEST_MICROS = ("idle_scan", "rmap_build", "move_pages", "move_phys", "demote_cpu")
+REPEATS = 3
+PFNS_1TIB = (1 << 40) // 4096
+
+
+def build_c(out: Path = BIN) -> Path:
+    """Compile the raw baselines (on the host: the guest sees the same path)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for source in sorted(C_SOURCES.glob("*.c")):
+        binary = out / source.stem
+        if not binary.exists() or binary.stat().st_mtime < max(
+                source.stat().st_mtime, (C_SOURCES / "common.h").stat().st_mtime):
+            subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source)], check=True)
+    return out
+
+
+def run_c(name: str, *args: object) -> dict:
+    done = subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
+
+
+def missing(module: str) -> str | None:
+    """Why a tierd module cannot be used here, or None."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"{module} is not in this checkout yet"
+
+
+def not_available(why: str, **measured: object) -> dict:
+    return {"status": f"not available: {why}", **measured}
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def compared(tierd: list[float], raw: list[float], *, target: float | None = None,
+             higher_is_better: bool = False, **extra: object) -> dict:
+    """Medians of both sides and their ratio; meets_target when a target is given."""
+    t, r = statistics.median(tierd), statistics.median(raw)
+    result: dict = {"status": "ok", "tierd": t, "raw": r, "ratio": t / r if r else None,
+                    "tierd_runs": tierd, "raw_runs": raw, **extra}
+    if target is not None and result["ratio"] is not None:
+        result["target_ratio"] = target
+        ok = result["ratio"] >= target if higher_is_better else result["ratio"] <= target
+        result["meets_target"] = bool(ok)
+    return result
+
+
+# --- host micros -----------------------------------------------------------------------
+
+
+def perf_decode(records: int = 2_000_000) -> dict:
+    """tierd's bulk decoder on a synthetic ring vs a bare numpy view of the same bytes.
+
+    Target (issue 4): >= 5 million records per second per core.
+    """
+    if reason := missing("tierd.kernel.perf_event"):
+        return not_available(reason)
+    from tierd.kernel import perf_event as pe
+
+    sample_type = (pe.SAMPLE_IP | pe.SAMPLE_TID | pe.SAMPLE_TIME | pe.SAMPLE_ADDR
+                   | pe.SAMPLE_CPU | pe.SAMPLE_WEIGHT | pe.SAMPLE_DATA_SRC | pe.SAMPLE_PHYS_ADDR)
+    dtype = pe.sample_dtype(sample_type)
+    ring = np.zeros(records, dtype=dtype)
+    ring["header"]["type"] = pe.RECORD_SAMPLE
+    ring["header"]["size"] = dtype.itemsize
+    ring["addr"] = np.arange(records, dtype=np.uint64) << np.uint64(12)
+    ring["phys_addr"] = ring["addr"]
+    data = ring.tobytes()
+    mixed = _with_lost_records(ring, every=10_000, header_dtype=pe.HEADER_DTYPE,
+                               lost_type=pe.RECORD_LOST)
+    decoded = pe.decode(mixed, sample_type)
+    assert decoded.samples.size == records and decoded.lost == records // 10_000
+
+    def raw() -> None:
+        np.frombuffer(data, dtype=dtype)["addr"].copy()
+
+    def tierd() -> None:
+        pe.decode(data, sample_type).samples["addr"].copy()
+
+    def tierd_mixed() -> None:
+        pe.decode(mixed, sample_type).samples["addr"].copy()
+
+    raw_s = [timed(raw)[1] for _ in range(REPEATS)]
+    tierd_s = [timed(tierd)[1] for _ in range(REPEATS)]
+    mixed_s = [timed(tierd_mixed)[1] for _ in range(REPEATS)]
+    rate = records / statistics.median(tierd_s)
+    mixed_rate = records / statistics.median(mixed_s)
+    return compared(tierd_s, raw_s, records=records, record_bytes=dtype.itemsize,
+                    records_per_cpu_second=rate, mixed_records_per_cpu_second=mixed_rate,
+                    target_records_per_second=5e6, meets_target=bool(min(rate, mixed_rate) >= 5e6),
+                    note="seconds are CPU seconds of one decode; mixed = a LOST record "
+                         "every 10,000 samples")
+
+
+def _with_lost_records(ring: np.ndarray, every: int, header_dtype: np.dtype,
+                       lost_type: int) -> bytes:
+    """The ring's samples with a PERF_RECORD_LOST (id, lost=1) after every `every` samples."""
+    lost = np.zeros(1, dtype=[("header", header_dtype), ("id", "<u8"), ("lost", "<u8")])
+    lost["header"]["type"] = lost_type
+    lost["header"]["size"] = lost.dtype.itemsize
+    lost["lost"] = 1
+    parts = []
+    for start in range(0, ring.size, every):
+        parts.append(ring[start:start + every].tobytes())
+        if start + every <= ring.size:
+            parts.append(lost.tobytes())
+    return b"".join(parts)
+
+
+def policy_pass(npfns: int = PFNS_1TIB) -> dict:
+    """One decision pass over a simulated 1 TiB host (268M PFNs) vs one raw pass over its state.
+
+    Simulated: a fast node with a third of the PFNs above a slow node with
+    the rest, heat from a skewed random draw, classes computed by the heat
+    model. The raw pass is np.bincount over the heat and mark arrays: the
+    least any policy must do to look at every PFN once.
+    Targets (issue 5): <= 2 s per pass on one core, <= 2 bytes of state per PFN.
+    """
+    for module in ("tierd.heat", "tierd.policy"):
+        if reason := missing(module):
+            return not_available(reason)
+    from tierd import heat as h
+    from tierd import policy
+
+    model = h.HeatModel(npfns)
+    rng = np.random.default_rng(1)
+    for start in range(0, npfns, h.CHUNK):
+        n = min(h.CHUNK, npfns - start)
+        # Most pages cold, a tail of warm and hot ones, as on a real host.
+        model.heat[start:start + n] = np.minimum(rng.exponential(24, n), 255).astype(np.uint8)
+        model.mark[start:start + n] = h._pack(h.WARM, 0, 0)
+    for _ in range(3):  # settle streaks past the hysteresis
+        model.classify()
+    split = npfns // 3
+    nodes = [
+        policy.NodeTarget(0, 0, ((0, split),), free_pages=split // 100,
+                          keep_free_pages=split // 50, demote_to=1),
+        policy.NodeTarget(1, 1, ((split, npfns),), free_pages=npfns // 2,
+                          keep_free_pages=npfns // 100, promote_to=0),
+    ]
+    budget = 262_144  # 1 GiB per interval
+
+    def raw() -> None:
+        np.bincount(model.heat, minlength=256)
+        np.bincount(model.mark, minlength=256)
+
+    def decide() -> None:
+        policy.decide(model.heat, model.mark, nodes, budget)
+
+    def interval() -> None:
+        model.decay()
+        model.classify()
+
+    gc.collect()
+    raw_s = [timed(raw)[1] for _ in range(REPEATS)]
+    decide_s = [timed(decide)[1] for _ in range(REPEATS)]
+    interval_s = [timed(interval)[1] for _ in range(REPEATS)]
+    plan = policy.decide(model.heat, model.mark, nodes, budget)
+    seconds = statistics.median(decide_s)
+    return compared(decide_s, raw_s, npfns=npfns, state_bytes_per_pfn=model.nbytes / npfns,
+                    decay_classify_seconds=statistics.median(interval_s),
+                    planned_pages=plan.pages(), target_seconds=2.0,
+                    meets_target=bool(seconds <= 2.0 and model.nbytes / npfns <= 2),
+                    note="CPU seconds; decide() only, decay+classify reported beside it")
+
+
+# --- guest micros --------------------------------------------------------------------------
+
+
+def idle_scan() -> dict:
+    """tierd's idle scan (mark + collect) vs idle_rw in C over the same PFN ranges.
+
+    Target (issue 4): tierd <= 1.1 x raw. Run with a workload resident, so
+    the bitmap write has user pages to walk.
+    """
+    if not Path("/sys/kernel/mm/page_idle/bitmap").exists():
+        return not_available("no /sys/kernel/mm/page_idle/bitmap on this kernel")
+    if reason := missing("tierd.collectors.idle"):
+        return not_available(reason)
+    from tierd.collectors.idle import IdleCollector
+    from tierd.collectors.topology import read_topology
+
+    collector = IdleCollector(read_topology())
+    ranges = [(r.start, r.end) for r in collector.ranges]
+
+    def raw() -> float:
+        return sum(run_c("idle_rw", start, end)["seconds"] for start, end in ranges)
+
+    def tierd() -> float:
+        return timed(lambda: (collector.mark(), collector.collect()))[0]
+
+    with resident_workload():
+        raw_s, tierd_s = [], []
+        for _ in range(REPEATS):
+            raw_s.append(raw())
+            tierd_s.append(tierd())
+    return compared(tierd_s, raw_s, target=1.1, pfns=sum(e - s for s, e in ranges),
+                    note="wall seconds of one full scan (mark + read back)")
+
+
+class resident_workload:
+    """The lab workload with 128 MiB hot and 128 MiB cold, running for the block."""
+
+    def __init__(self, hot: str = "128M", cold: str = "128M") -> None:
+        self.hot, self.cold = hot, cold
+
+    def __enter__(self) -> object:
+        from workload import Workload
+
+        self.workload = Workload.start(self.hot, self.cold)
+        return self.workload
+
+    def __exit__(self, *exc: object) -> None:
+        self.workload.stop()
+
+
+def rmap_build() -> dict:
+    return not_available("the reverse-map cache (tierd.movers) is not in this checkout yet")
+
+
+def move_pages_micro() -> dict:
+    return not_available("the PID mover (tierd.movers) is not in this checkout yet")
+
+
+def move_phys_micro() -> dict:
+    return not_available("the phys mover (tierd.kernel.move_phys) is not in this checkout yet")
+
+
+def demote_cpu() -> dict:
+    return not_available("needs both movers (tierd.movers, tierd.kernel.move_phys)")
+
+
+def run_host_micro(name: str) -> dict:
+    return _run({"perf_decode": perf_decode, "policy_pass": policy_pass}[name])
+
+
+def run_guest_micro(name: str) -> dict:
+    return _run({"idle_scan": idle_scan, "rmap_build": rmap_build,
+                 "move_pages": move_pages_micro, "move_phys": move_phys_micro,
+                 "demote_cpu": demote_cpu}[name])
+
+
+def _run(fn: Callable[[], dict]) -> dict:
+    try:
+        return fn()
+    except Exception as e:  # a broken micro must not cost the others
+        return {"status": f"failed: {type(e).__name__}: {e}"}

@@ -1,0 +1,149 @@
+"""Turn the guest's run records into tierbench's results: JSON, a Markdown table, PNG plots.
+
+`summarize` is pure (records in, results out) and unit-tested; `plot` and
+`markdown` render a results dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metrics import PAGE_SIZE, per_gib
+
+SYSTEM_ORDER = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
+# What each run's record keeps in latest.json besides the headline metrics.
+KEPT_FIELDS = ("status", "hot_on_fast_steady", "hot_on_fast_steady_per_phase",
+               "seconds_to_90pct", "churn", "pages_had_to_move", "pages_migrated",
+               "migration_failures", "agent_cpu_seconds", "workload_system_seconds",
+               "seconds", "shifts_at", "intact", "vmstat")
+
+
+def summarize(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """results[workload][system]: headline metrics, costs and the placement series.
+
+    NUMA balancing's hinting faults and page-table scans run in the
+    workload's own context, so its agent CPU is kswapd/kcompactd plus the
+    workload's system time above the same workload's no-tiering run.
+    """
+    baseline = {r["workload"]: r.get("workload_system_seconds")
+                for r in records if r["system"] == "none" and r["status"] == "ok"}
+    results: dict[str, dict[str, dict]] = {}
+    for record in records:
+        out = {k: record[k] for k in KEPT_FIELDS if k in record}
+        if record["status"] == "ok":
+            out.update(_costs(record, baseline.get(record["workload"])))
+            out["series"] = {"t": [s["t"] for s in record["samples"]],
+                             "hot_on_fast": [s["hot_on_fast"] for s in record["samples"]]}
+        results.setdefault(record["workload"], {})[record["system"]] = out
+    return results
+
+
+def _costs(record: dict, none_system_seconds: float | None) -> dict:
+    agent = record["agent_cpu_seconds"]
+    costs: dict = {"agent_cpu_kthreads_and_agents": agent}
+    if record["system"] == "numa_balancing":
+        if none_system_seconds is None:
+            costs["agent_cpu_note"] = "no no-tiering run to subtract: hinting faults not counted"
+        else:
+            excess = max(0.0, record["workload_system_seconds"] - none_system_seconds)
+            costs["agent_cpu_in_workload_context"] = excess
+            agent += excess
+    costs["agent_cpu_seconds"] = agent
+    costs["agent_cpu_per_second"] = agent / record["seconds"] if record["seconds"] else None
+    costs["agent_cpu_seconds_per_gib_migrated"] = per_gib(agent, record["pages_migrated"])
+    costs["gib_migrated"] = record["pages_migrated"] * PAGE_SIZE / (1 << 30)
+    return costs
+
+
+def _fmt(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, list):
+        return " / ".join(_fmt(v, 0) if v is not None else "never" for v in value)
+    return str(value)
+
+
+def _systems(by_system: dict[str, dict]) -> list[str]:
+    known = [s for s in SYSTEM_ORDER if s in by_system]
+    return known + sorted(set(by_system) - set(known))
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| workload | system | hot on fast (steady) | s to 90% per phase | churn "
+        "| migrated GiB | failures | agent CPU s | CPU s / GiB | intact |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for workload, by_system in results["results"].items():
+        for system in _systems(by_system):
+            r = by_system[system]
+            if r["status"] != "ok":
+                lines.append(f"| {workload} | {system} | {r['status']} |||||||| |")
+                continue
+            lines.append(
+                f"| {workload} | {system} | {_fmt(r['hot_on_fast_steady'])} "
+                f"| {_fmt(r['seconds_to_90pct'])} | {_fmt(r['churn'])} "
+                f"| {_fmt(r['gib_migrated'])} | {r['migration_failures']} "
+                f"| {_fmt(r['agent_cpu_seconds'])} "
+                f"| {_fmt(r['agent_cpu_seconds_per_gib_migrated'])} | {_fmt(r['intact'])} |")
+    lines += ["", "| micro-benchmark | tierd | raw | ratio | target | meets | status |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in results["micro"].items():
+        target = m.get("target_ratio", m.get("target_seconds", m.get("target_records_per_second")))
+        lines.append(
+            f"| {name} | {_fmt(m.get('tierd'), 4)} | {_fmt(m.get('raw'), 4)} "
+            f"| {_fmt(m.get('ratio'))} | {_fmt(target)} | {_fmt(m.get('meets_target'))} "
+            f"| {m['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    """One placement-over-time PNG per workload, and one agent-CPU bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for workload, by_system in results["results"].items():
+        fig, ax = plt.subplots(figsize=(8, 4))
+        shifts: list[float] = []
+        for system in _systems(by_system):
+            r = by_system[system]
+            if r["status"] == "ok":
+                ax.plot(r["series"]["t"], r["series"]["hot_on_fast"], label=system)
+                shifts = r["shifts_at"]
+        for t in shifts:
+            ax.axvline(t, color="grey", linestyle=":")
+        ax.axhline(0.9, color="grey", linewidth=0.5)
+        ax.set(title=f"{workload}: share of the hot set on the fast node",
+               xlabel="seconds (dotted: hot set shifts)", ylabel="hot on fast", ylim=(0, 1.02))
+        ax.legend(loc="lower right", fontsize="small")
+        written.append(_save(fig, out / f"placement-{workload}.png"))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    workloads = list(results["results"])
+    systems = sorted({s for by in results["results"].values() for s in by},
+                     key=lambda s: SYSTEM_ORDER.index(s) if s in SYSTEM_ORDER else 99)
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        values = [results["results"][w].get(system, {}).get("agent_cpu_seconds") or 0
+                  for w in workloads]
+        ax.bar([x + i * width for x in range(len(workloads))], values, width, label=system)
+    ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(workloads))], workloads)
+    ax.set(title="CPU seconds of the tiering agents per run", ylabel="CPU seconds")
+    ax.legend(fontsize="small")
+    written.append(_save(fig, out / "agent-cpu.png"))
+    return written
+
+
+def _save(fig: object, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,212 @@
+"""The tiering systems tierbench compares, each started and stopped in the guest.
+
+Every system reports the CPU time of its agents: the tasks doing its
+tiering work. kswapd and kcompactd count for every system (reclaim is what
+demotes under NUMA balancing, and any system's migrations can wake it);
+the rest is per system.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from kstat import MM_KTHREADS, CpuTracker, node_pfn_ranges, threads_named
+
+DAMON = Path("/sys/kernel/mm/damon/admin")
+NUMA_BALANCING = Path("/proc/sys/kernel/numa_balancing")
+DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
+PAGE_SIZE = 4096
+FAST_NODE, SLOW_NODE = 0, 1
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, value: object) -> None:
+    path.write_text(f"{value}\n")
+
+
+class System:
+    """No tiering: the kernel's default placement, nothing migrates pages."""
+
+    name = "none"
+
+    def __init__(self) -> None:
+        self.cpu = CpuTracker()
+
+    def unavailable(self) -> str | None:
+        """Why this system cannot run here, or None when it can."""
+        return None
+
+    def start(self) -> None:
+        write(NUMA_BALANCING, 0)
+        if DEMOTION.exists():
+            write(DEMOTION, 0)
+        self.cpu.start(threads_named(MM_KTHREADS))
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the system's own agents (none here)."""
+
+    def sample(self) -> None:
+        """Record the agents' CPU time; call once per placement sample."""
+        self.cpu.sample(self.agent_pids())
+
+    def agent_pids(self) -> list[int]:
+        return threads_named(MM_KTHREADS)
+
+    def agent_cpu_seconds(self) -> float:
+        return self.cpu.seconds()
+
+    def stop(self) -> None:
+        self.sample()
+
+
+class NumaBalancing(System):
+    """Kernel NUMA-balancing tiering (TPP): hinting faults promote, reclaim demotes.
+
+    Its hinting faults and the page-table scans behind them run in the
+    workload's own context; the driver charges the workload's system time
+    above the no-tiering run's to this system.
+    """
+
+    name = "numa_balancing"
+
+    def unavailable(self) -> str | None:
+        return None if DEMOTION.exists() else f"{DEMOTION} missing"
+
+    def launch(self) -> None:
+        write(DEMOTION, 1)
+        write(NUMA_BALANCING, 2)
+
+    def stop(self) -> None:
+        self.sample()
+        write(NUMA_BALANCING, 0)
+        write(DEMOTION, 0)
+
+
+class DamonTiering(System):
+    """DAMOS migrate_hot / migrate_cold on physical addresses, one kdamond per node.
+
+    As damo's scripts/mem_tier.sh and the kernel's samples/damon/mtier.c set
+    it up, minus the node-usage quota goals 6.12 lacks: sampling 5 ms,
+    aggregation 100 ms; on the slow node migrate_hot to the fast node for
+    regions with >= 5% access rate, young pages only; on the fast node
+    migrate_cold to the slow node for regions with no access, young pages
+    skipped; 200 MiB per second each, applied every second, hottest (or
+    coldest) first.
+    """
+
+    name = "damon"
+    SAMPLE_US, AGGR_US, UPDATE_US = 5_000, 100_000, 1_000_000
+    QUOTA_BYTES, QUOTA_RESET_MS, APPLY_US = 200 << 20, 1_000, 1_000_000
+
+    def unavailable(self) -> str | None:
+        return None if (DAMON / "kdamonds").exists() else f"{DAMON} missing (no DAMON_SYSFS)"
+
+    def launch(self) -> None:
+        ranges = node_pfn_ranges()
+        write(DAMON / "kdamonds/nr_kdamonds", 2)
+        plans = ((SLOW_NODE, FAST_NODE, "migrate_hot"), (FAST_NODE, SLOW_NODE, "migrate_cold"))
+        for index, (source, target, action) in enumerate(plans):
+            kdamond = DAMON / f"kdamonds/{index}"
+            self._context(kdamond / "contexts", ranges[source])
+            self._scheme(kdamond / "contexts/0/schemes", action, target)
+        for index in range(len(plans)):
+            write(DAMON / f"kdamonds/{index}/state", "on")
+
+    def _context(self, contexts: Path, pfns: tuple[int, int]) -> None:
+        write(contexts / "nr_contexts", 1)
+        ctx = contexts / "0"
+        write(ctx / "operations", "paddr")
+        intervals = ctx / "monitoring_attrs/intervals"
+        write(intervals / "sample_us", self.SAMPLE_US)
+        write(intervals / "aggr_us", self.AGGR_US)
+        write(intervals / "update_us", self.UPDATE_US)
+        write(ctx / "monitoring_attrs/nr_regions/min", 10)
+        write(ctx / "monitoring_attrs/nr_regions/max", 1000)
+        write(ctx / "targets/nr_targets", 1)
+        write(ctx / "targets/0/regions/nr_regions", 1)
+        write(ctx / "targets/0/regions/0/start", pfns[0] * PAGE_SIZE)
+        write(ctx / "targets/0/regions/0/end", pfns[1] * PAGE_SIZE)
+
+    def _scheme(self, schemes: Path, action: str, target: int) -> None:
+        promote = action == "migrate_hot"
+        max_accesses = self.AGGR_US // self.SAMPLE_US
+        write(schemes / "nr_schemes", 1)
+        scheme = schemes / "0"
+        write(scheme / "action", action)
+        write(scheme / "target_nid", target)
+        write(scheme / "apply_interval_us", self.APPLY_US)
+        pattern = scheme / "access_pattern"
+        write(pattern / "sz/min", PAGE_SIZE)
+        write(pattern / "sz/max", 2**64 - 1)
+        write(pattern / "nr_accesses/min", max(1, max_accesses * 5 // 100) if promote else 0)
+        write(pattern / "nr_accesses/max", max_accesses if promote else 0)
+        write(pattern / "age/min", 0)
+        write(pattern / "age/max", 2**32 - 1)
+        write(scheme / "quotas/bytes", self.QUOTA_BYTES)
+        write(scheme / "quotas/reset_interval_ms", self.QUOTA_RESET_MS)
+        write(scheme / "quotas/weights/sz_permil", 0)
+        write(scheme / "quotas/weights/nr_accesses_permil", 100)
+        write(scheme / "quotas/weights/age_permil", 100)
+        # 6.12's filters only exclude: "matching" Y skips young pages (demotion),
+        # N skips pages that are not young (promotion: "allow young").
+        write(scheme / "filters/nr_filters", 1)
+        write(scheme / "filters/0/type", "young")
+        write(scheme / "filters/0/matching", "N" if promote else "Y")
+
+    def agent_pids(self) -> list[int]:
+        return threads_named((*MM_KTHREADS, "kdamond"))
+
+    def stop(self) -> None:
+        self.sample()
+        for kdamond in sorted((DAMON / "kdamonds").glob("[0-9]*")):
+            if (kdamond / "state").read_text().strip() == "on":
+                write(kdamond / "state", "off")
+        write(DAMON / "kdamonds/nr_kdamonds", 0)
+
+
+class Tierd(System):
+    """tierd's daemon (`tierd run`) with its phys or its PID mover."""
+
+    def __init__(self, mover: str, config_dir: Path) -> None:
+        super().__init__()
+        self.mover = mover
+        self.name = f"tierd_{mover}"
+        self.config = config_dir / f"tierd-{mover}.yaml"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def unavailable(self) -> str | None:
+        if not (REPO / "tierd/daemon.py").exists():
+            return "tierd run is not in this checkout yet (no tierd/daemon.py)"
+        return None
+
+    def launch(self) -> None:
+        self.config.write_text(self.config_text())
+        with open(self.log_path(), "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tierd", "run", "--config", str(self.config)],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def config_text(self) -> str:
+        return f"movers:\n  prefer: {self.mover}\n"
+
+    def log_path(self) -> Path:
+        return self.config.with_suffix(".log")
+
+    def agent_pids(self) -> list[int]:
+        return threads_named((*MM_KTHREADS, "kdamond"))
+
+    def sample(self) -> None:
+        super().sample()
+        if self.proc:
+            # With its children: tierd may run helpers (compilers for bcc, ...).
+            self.cpu.sample([self.proc.pid], children=True)
+
+    def stop(self) -> None:
+        self.sample()
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(60)
