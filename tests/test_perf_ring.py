@@ -212,6 +212,16 @@ def test_a_record_of_another_type_with_the_sample_size_is_not_a_sample() -> None
     assert decoded.other == 1
 
 
+def test_payload_words_that_look_like_headers_do_not_confuse_the_walk() -> None:
+    size = len(ibs_record(1, 1, 0, 0, 0))
+    fake_header = pe.RECORD_SAMPLE | size << 48  # as a u64: a SAMPLE header of this size
+    tricky = ibs_record(7, 7, fake_header, fake_header, IBS_DRAM)
+    data = lost_record(1) + tricky * 3 + throttle_record() + tricky
+    decoded = pe.decode(data, IBS_OP_TYPE)
+    assert decoded.samples["addr"].tolist() == [fake_header] * 4
+    assert (decoded.lost, decoded.other) == (1, 1)
+
+
 def test_corrupt_record_size_is_an_error_not_a_hang() -> None:
     data = ibs_record(1, 1, 0, 0, 0) + header(5, 0) + b"\0" * 24
     with pytest.raises(ValueError, match="corrupt perf record at byte"):

@@ -333,43 +333,66 @@ def decode(data: bytes, sample_type: int) -> Decoded:
     return _decode_mixed(data, dtype)
 
 
-def _sample_run(data: bytes, pos: int, size: int, limit: int) -> int:
-    """How many consecutive fixed-size SAMPLE records start at `pos` (at most `limit`)."""
-    count = min(limit, (len(data) - pos) // size)
-    if count == 0:
-        return 0
-    raw = np.frombuffer(data, dtype=np.uint8, count=count * size, offset=pos)
-    header = raw.reshape(count, size)[:, :HEADER_SIZE].copy().view(HEADER_DTYPE)[:, 0]
-    ok = (header["type"] == RECORD_SAMPLE) & (header["size"] == size)
-    return count if ok.all() else int(np.argmin(ok))
+SAMPLE_HEADER_MASK = np.uint64(0xFFFF_0000_FFFF_FFFF)  # type and size; misc varies
+
+
+class _SampleRuns:
+    """Where runs of fixed-size SAMPLE records end, found vectorially per stride phase.
+
+    A run that starts at word w continues at w + stride, w + 2 * stride, ...
+    so it lies in one phase (w % stride) of the buffer's words. For each phase
+    actually visited (one, unless other records shift the alignment), every
+    word of the phase is tested at once as a SAMPLE header of the right size;
+    a run's length is then one binary search for the next word that is not.
+    """
+
+    def __init__(self, words: npt.NDArray[np.uint64], dtype: np.dtype) -> None:
+        self.words = words
+        self.stride = dtype.itemsize // 8
+        self.header = np.uint64(RECORD_SAMPLE | dtype.itemsize << 48)
+        self._breaks: dict[int, npt.NDArray[np.intp]] = {}
+
+    def _breaks_of(self, phase: int) -> npt.NDArray[np.intp]:
+        if phase not in self._breaks:
+            column = self.words[phase::self.stride]
+            ok = (column & SAMPLE_HEADER_MASK) == self.header
+            fits = (self.words.size - phase) // self.stride  # records that fit from this phase
+            ok[fits:] = False
+            self._breaks[phase] = np.append(np.flatnonzero(~ok), column.size)
+        return self._breaks[phase]
+
+    def length_at(self, word: int) -> int:
+        """How many SAMPLE records follow one another from `word` on."""
+        breaks = self._breaks_of(word % self.stride)
+        index = word // self.stride
+        return int(breaks[np.searchsorted(breaks, index)] - index)
 
 
 def _decode_mixed(data: bytes, dtype: np.dtype) -> Decoded:
-    """Walk headers only where non-sample records are; samples still go by runs."""
-    size = dtype.itemsize
-    runs: list[memoryview] = []
-    view = memoryview(data)
+    """Samples among other records: one step per run of samples and one per other record."""
+    words = np.frombuffer(data, dtype="<u8", count=len(data) // 8)
+    runs = _SampleRuns(words, dtype)
+    parts: list[np.ndarray] = []
     lost = other = 0
-    pos = 0
-    window = 64  # grows while runs are long, so a mostly-sample buffer costs few steps
-    while pos + HEADER_SIZE <= len(data):
-        count = _sample_run(data, pos, size, window)
+    at = 0
+    while at < words.size:
+        count = runs.length_at(at)
         if count:
-            runs.append(view[pos: pos + count * size])
-            pos += count * size
-            window = window * 2 if count == window else 64
+            parts.append(np.frombuffer(data, dtype=dtype, count=count, offset=at * 8))
+            at += count * runs.stride
             continue
-        rtype, _, rsize = np.frombuffer(data, dtype=HEADER_DTYPE, count=1, offset=pos)[0]
-        if rsize < HEADER_SIZE or pos + rsize > len(data):
-            raise ValueError(f"corrupt perf record at byte {pos}: size {rsize}")
-        if rtype in (RECORD_LOST, RECORD_LOST_SAMPLES):
-            # LOST: u64 id, u64 lost; LOST_SAMPLES: u64 lost.
-            at = pos + HEADER_SIZE + (8 if rtype == RECORD_LOST else 0)
-            lost += int(np.frombuffer(data, dtype="<u8", count=1, offset=at)[0])
+        header = int(words[at])
+        rtype, rsize = header & 0xFFFF_FFFF, header >> 48
+        if rsize < HEADER_SIZE or rsize % 8 or at * 8 + rsize > len(data):
+            raise ValueError(f"corrupt perf record at byte {at * 8}: size {rsize}")
+        if rtype == RECORD_LOST:  # u64 id, u64 lost
+            lost += int(words[at + 2])
+        elif rtype == RECORD_LOST_SAMPLES:  # u64 lost
+            lost += int(words[at + 1])
         else:
             other += 1
-        pos += int(rsize)
-    samples = np.frombuffer(b"".join(runs), dtype=dtype) if runs else np.zeros(0, dtype)
+        at += rsize // 8
+    samples = np.concatenate(parts) if parts else np.zeros(0, dtype)
     return Decoded(samples, lost, other)
 
 
