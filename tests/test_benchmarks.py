@@ -1,0 +1,146 @@
+"""tierbench's pure parts: metrics, result schema, report rendering (no lab, no timing)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import metrics
+import micro
+import report
+from metrics import PhaseStart, Sample
+
+
+def ramp(start: float, end: float, rise_at: float, low: float = 0.1) -> list[Sample]:
+    """One sample a second: `low` until `rise_at`, then 1.0."""
+    return [Sample(float(t), low if t < rise_at else 1.0) for t in range(int(start), int(end))]
+
+
+def test_seconds_to_share_is_measured_from_each_phase_start() -> None:
+    samples = ramp(0, 40, rise_at=12) + ramp(40, 80, rise_at=47)
+    assert metrics.seconds_to_share(samples, 0, 40) == 12
+    assert metrics.seconds_to_share(samples, 40, 80) == 7
+
+
+def test_seconds_to_share_is_none_when_never_reached() -> None:
+    assert metrics.seconds_to_share(ramp(0, 40, rise_at=99), 0, 40) is None
+
+
+def test_steady_share_averages_the_last_quarter_only() -> None:
+    samples = [Sample(float(t), 0.0 if t < 30 else 0.8) for t in range(40)]
+    assert metrics.steady_share(samples, 0, 40) == pytest.approx(0.8)
+    assert metrics.steady_share([], 0, 40) is None
+
+
+def test_pages_that_had_to_move_counts_cold_pages_only_when_room_is_short() -> None:
+    roomy = PhaseStart(0, hot_off_fast=100, cold_on_fast=500, fast_free_pages=1000)
+    tight = PhaseStart(0, hot_off_fast=100, cold_on_fast=500, fast_free_pages=30)
+    assert metrics.pages_that_had_to_move(roomy) == 100
+    assert metrics.pages_that_had_to_move(tight) == 100 + 70
+
+
+def test_churn_is_migrations_per_needed_page() -> None:
+    phases = [PhaseStart(0, 100, 0, 1000), PhaseStart(40, 50, 50, 0)]
+    assert metrics.churn(300, phases) == pytest.approx(300 / 200)
+    assert metrics.churn(10, [PhaseStart(0, 0, 0, 0)]) is None
+
+
+def test_per_gib_and_ratio_handle_zero() -> None:
+    assert metrics.per_gib(2.0, 262144) == pytest.approx(2.0)
+    assert metrics.per_gib(2.0, 0) is None
+    assert metrics.ratio(3.0, 2.0) == 1.5
+    assert metrics.ratio(3.0, 0.0) is None
+    assert metrics.ratio(None, 1.0) is None
+
+
+def test_summarize_quality_splits_at_shifts() -> None:
+    samples = ramp(0, 40, rise_at=10) + ramp(40, 80, rise_at=60)
+    phases = [PhaseStart(0, 1000, 0, 5000), PhaseStart(40, 800, 0, 5000)]
+    q = metrics.summarize_quality(samples, phases, 80, pages_migrated=2700)
+    assert q["seconds_to_90pct"] == [10, 20]
+    assert q["hot_on_fast_steady"] == pytest.approx(1.0)
+    assert q["churn"] == pytest.approx(1.5)
+
+
+def record(system: str, workload_stime: float, agent: float, migrated: int = 262144) -> dict:
+    samples = [{"t": float(t), "hot_on_fast": min(1.0, t / 10)} for t in range(20)]
+    return {"workload": "shift", "system": system, "status": "ok", "seconds": 20.0,
+            "samples": samples, "shifts_at": [10.0], "hot_on_fast_steady": 1.0,
+            "seconds_to_90pct": [9.0, None], "churn": 1.0, "pages_migrated": migrated,
+            "migration_failures": 0, "agent_cpu_seconds": agent,
+            "workload_system_seconds": workload_stime, "intact": True}
+
+
+def test_summarize_charges_numa_balancing_its_excess_workload_system_time() -> None:
+    results = report.summarize([record("none", 1.0, 0.5, migrated=0),
+                                record("numa_balancing", 4.0, 0.5)])
+    nb = results["shift"]["numa_balancing"]
+    assert nb["agent_cpu_seconds"] == pytest.approx(0.5 + 3.0)
+    assert nb["agent_cpu_seconds_per_gib_migrated"] == pytest.approx(3.5)
+    assert nb["agent_cpu_per_second"] == pytest.approx(3.5 / 20)
+    assert results["shift"]["none"]["agent_cpu_seconds_per_gib_migrated"] is None
+    assert nb["series"]["hot_on_fast"][-1] == 1.0
+
+
+def test_summarize_keeps_unavailable_systems_with_their_reason() -> None:
+    results = report.summarize([{"workload": "zipf", "system": "tierd_phys",
+                                 "status": "not available: no daemon"}])
+    assert results == {"zipf": {"tierd_phys": {"status": "not available: no daemon"}}}
+
+
+@pytest.fixture
+def results() -> dict:
+    return {"results": report.summarize([record("none", 1.0, 0.1, migrated=0),
+                                         record("damon", 1.0, 2.0),
+                                         {"workload": "shift", "system": "tierd_pid",
+                                          "status": "not available: no daemon"}]),
+            "micro": {"idle_scan": micro.compared([1.2, 1.0, 1.1], [1.0, 1.0, 1.0], target=1.1),
+                      "rmap_build": micro.not_available("not yet")}}
+
+
+def test_markdown_has_a_row_per_run_and_micro(results: dict) -> None:
+    table = report.markdown(results)
+    assert "| shift | damon | 1.00 | 9 / never |" in table
+    assert "| shift | tierd_pid | not available: no daemon |" in table
+    assert "| idle_scan | 1.1000 | 1.0000 | 1.10 | 1.10 | yes | ok |" in table
+    assert "| rmap_build | — | — | — | — | — | not available: not yet |" in table
+
+
+def test_plots_render_synthetic_results(results: dict, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    written = report.plot(results, tmp_path)
+    assert sorted(p.name for p in written) == ["agent-cpu.png", "placement-shift.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_compared_ratio_and_target_direction() -> None:
+    slower = micro.compared([2.0], [1.0], target=1.1)
+    assert slower["ratio"] == 2.0 and slower["meets_target"] is False
+    faster = micro.compared([0.95], [1.0], target=0.9, higher_is_better=True)
+    assert faster["meets_target"] is True
+
+
+def test_lost_records_are_interleaved_where_the_decoder_expects_them() -> None:
+    pe = pytest.importorskip("tierd.kernel.perf_event")
+    dtype = pe.sample_dtype(pe.SAMPLE_ADDR)
+    ring = np.zeros(25, dtype=dtype)
+    ring["header"]["type"] = pe.RECORD_SAMPLE
+    ring["header"]["size"] = dtype.itemsize
+    ring["addr"] = np.arange(25)
+    data = micro._with_lost_records(ring, every=10, header_dtype=pe.HEADER_DTYPE,
+                                    lost_type=pe.RECORD_LOST)
+    decoded = pe.decode(data, pe.SAMPLE_ADDR)
+    assert decoded.lost == 2
+    assert list(decoded.samples["addr"]) == list(range(25))
+
+
+def test_zipf_cdf_is_skewed_and_normalized() -> None:
+    workloads = pytest.importorskip("workloads")
+    cdf = workloads.zipf_cdf(1000, 1.0)
+    assert cdf[-1] == pytest.approx(1.0)
+    assert cdf[99] > 0.6  # the top 10% of pages take most accesses
