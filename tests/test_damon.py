@@ -156,6 +156,18 @@ def test_truncated_region_directory_degrades(tmp_path: Path) -> None:
         assert "tried_regions/2/age: missing" in collector.health.reason
 
 
+def test_a_snapshot_that_lists_no_region_is_retried_then_degrades(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    tried = root(f"{KDAMONDS}/0/contexts/0/schemes/0/tried_regions")
+    for region in tried.iterdir():
+        if region.is_dir():
+            shutil.rmtree(region)
+    with DamonCollector(RANGES, root=root) as collector:
+        assert collector.collect() is None
+        assert collector.health.state is State.DEGRADED
+        assert "no region listed after 3 snapshots" in collector.health.reason
+
+
 def test_kdamond_that_stopped_by_itself_degrades(tmp_path: Path) -> None:
     root = tree(tmp_path, "two-nodes")
     with DamonCollector(RANGES, root=root) as collector:

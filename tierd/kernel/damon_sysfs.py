@@ -182,10 +182,21 @@ class Kdamond:
         if self.root(f"{self.base}/state").exists() and self.state() == "on":
             _write(self.root, f"{self.base}/state", "off")
 
-    def regions(self) -> Regions:
-        """Every monitored region with nr_accesses and age as of the next aggregation."""
-        _write(self.root, f"{self.base}/state", "update_schemes_tried_regions")
-        return self.read_tried_regions()
+    def regions(self, attempts: int = 3) -> Regions:
+        """Every monitored region with nr_accesses and age as of the next aggregation.
+
+        The kernel gives up on a snapshot after two apply intervals of wall
+        time (damos_sysfs_mark_finished_regions_updates) and then lists no
+        region at all; a kdamond slowed down by a busy host hits that, so an
+        empty snapshot is retried before it counts as a failure.
+        """
+        for _ in range(attempts):
+            _write(self.root, f"{self.base}/state", "update_schemes_tried_regions")
+            regions = self.read_tried_regions()
+            if regions.start.size:
+                return regions
+        raise DamonError(self.root(f"{self.scheme}/tried_regions"),
+                         f"no region listed after {attempts} snapshots (kdamond too slow?)")
 
     def read_tried_regions(self) -> Regions:
         tried = f"{self.scheme}/tried_regions"
