@@ -30,7 +30,11 @@ flock 9
 srcver=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 
 shopt -s nullglob
-patches=("$patchdir"/*.patch)
+patches=()
+for p in "$patchdir"/*.patch; do
+    # git format-patch's cover letter describes the series and has no diff.
+    [ "$(basename "$p")" = 0000-cover-letter.patch ] || patches+=("$p")
+done
 shopt -u nullglob
 
 key=$( { echo "$srcver"; cat "$fragment" "$0"; for p in "${patches[@]}"; do basename "$p"; cat "$p"; done; } \
