@@ -171,3 +171,15 @@ def test_random_demotions_are_the_k_coldest_eligible_pages() -> None:
         if pfns.size <= settled_cold.sum():
             assert settled_cold[pfns].all()
             assert heat[pfns].max(initial=0) <= np.sort(heat[:100][settled_cold])[pfns.size - 1]
+
+
+def test_targets_add_headroom_and_pick_the_roomiest_neighbour_one_tier_away() -> None:
+    facts = [policy.NodeFacts(0, 0, ((0, 100),), 1000, 50, 20),
+             policy.NodeFacts(1, 1, ((100, 200),), 1000, 300, 20),
+             policy.NodeFacts(2, 1, ((200, 300),), 1000, 700, 20),
+             policy.NodeFacts(3, 2, ((300, 400),), 1000, 10, 20)]
+    by_node = {t.node: t for t in policy.targets(facts, headroom_percent=5.0)}
+    assert by_node[0].keep_free_pages == 20 + 50
+    assert (by_node[0].promote_to, by_node[0].demote_to) == (None, 2)
+    assert (by_node[1].promote_to, by_node[1].demote_to) == (0, 3)
+    assert (by_node[3].promote_to, by_node[3].demote_to) == (2, None)

@@ -28,6 +28,7 @@ host needs no temporaries beyond a few chunk-sized arrays.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,6 +210,18 @@ class HeatModel:
         self.mark[index] = (self.mark[index] & ~COOLDOWN_MASK) | cooldown
 
     # --- the interval boundary -------------------------------------------------
+
+    def fold(self, idle: Iterable[IdleScan] = (), samples: Iterable[SampleBatch] = (),
+             regions: Iterable[RegionBatch] = ()) -> None:
+        """One interval: decay, add the interval's evidence, reclassify."""
+        self.decay()
+        for scan in idle:
+            self.add_idle_scan(scan)
+        for batch in samples:
+            self.add_samples(batch)
+        for region_batch in regions:
+            self.add_regions(region_batch)
+        self.classify()
 
     def decay(self) -> None:
         """Age every PFN's heat by one interval (before this interval's evidence is added)."""

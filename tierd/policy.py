@@ -62,6 +62,38 @@ class NodeTarget:
 
 
 @dataclass(frozen=True)
+class NodeFacts:
+    """What the host says about a node (from the topology), before policy parameters apply."""
+
+    node: int
+    tier: int  # rank, 0 = fastest
+    ranges: tuple[tuple[int, int], ...]
+    managed_pages: int
+    free_pages: int
+    watermark_pages: int  # max(high, promo): where the kernel itself starts to worry
+
+
+def targets(facts: list[NodeFacts], headroom_percent: float) -> list[NodeTarget]:
+    """NodeTargets from node facts: keep watermark + headroom free; neighbours one tier away.
+
+    Of several nodes one tier up (down), the one with the most free pages is the target.
+    """
+    by_tier: dict[int, list[NodeFacts]] = defaultdict(list)
+    for f in facts:
+        by_tier[f.tier].append(f)
+
+    def roomiest(tier: int) -> int | None:
+        nodes = by_tier.get(tier)
+        return max(nodes, key=lambda f: (f.free_pages, -f.node)).node if nodes else None
+
+    return [NodeTarget(
+        node=f.node, tier=f.tier, ranges=f.ranges, free_pages=f.free_pages,
+        keep_free_pages=f.watermark_pages + int(f.managed_pages * headroom_percent / 100),
+        promote_to=roomiest(f.tier - 1), demote_to=roomiest(f.tier + 1),
+    ) for f in facts]
+
+
+@dataclass(frozen=True)
 class Batch:
     direction: Direction
     source: int

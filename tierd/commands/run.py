@@ -1,0 +1,100 @@
+"""Run the tiering daemon: collect, decide and move pages every interval.
+
+SIGTERM or SIGINT stops it after the batch in flight; SIGHUP reloads the
+config file (a bad file is reported and the running config kept). On exit
+it prints one summary line of what it moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from tierd.config import DEFAULT_PATH, Config, ConfigStore, ReloadStatus
+from tierd.daemon import Daemon
+from tierd.service.metrics import MetricsServer
+from tierd.state import Direction, StateSnapshot
+
+log = logging.getLogger("tierd.run")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help=f"YAML config (default {DEFAULT_PATH} if it exists, else defaults)")
+    parser.add_argument("--once", action="store_true", help="run a single interval and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="decide and count what would move; move nothing")
+    parser.add_argument("--record", type=Path, metavar="FILE",
+                        help="write the evidence trace to FILE (for `tierd simulate`)")
+
+
+def _load(path: Path | None) -> tuple[ConfigStore | None, Config]:
+    if path is None and not DEFAULT_PATH.exists():
+        return None, Config()
+    store = ConfigStore(path or DEFAULT_PATH)
+    return store, store.config
+
+
+def summary_line(snap: StateSnapshot) -> str:
+    """'tierd: 12 intervals, promoted 65536 pages (256.0 MiB), demoted ..., not moved ...'."""
+    def total(direction: Direction, counts: dict) -> int:
+        return sum(v for (d, _, _), v in counts.items() if d is direction)
+
+    counts = snap.pages_would_move if snap.dry_run else snap.pages_moved
+    verb = "would have " if snap.dry_run else ""
+    mib = snap.page_size / (1 << 20)
+    promoted, demoted = total(Direction.PROMOTE, counts), total(Direction.DEMOTE, counts)
+    line = (f"tierd: {snap.intervals} intervals, mover {snap.mover}, {verb}promoted "
+            f"{promoted} pages ({promoted * mib:.1f} MiB), {verb}demoted {demoted} pages "
+            f"({demoted * mib:.1f} MiB)")
+    failures = sum(snap.failures.values())
+    if failures:
+        top = ", ".join(f"{k}={v}" for k, v in snap.failures.most_common(4))
+        line += f", {failures} not moved ({top})"
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    store, config = _load(args.config)
+    daemon = Daemon(config, dry_run=args.dry_run, record=args.record)
+    started = time.time()
+
+    def reload_status() -> ReloadStatus:
+        return store.status if store else ReloadStatus(True, started, None)
+
+    def on_stop(signum: int, _: FrameType | None) -> None:
+        log.info("%s: stopping after the batch in flight", signal.Signals(signum).name)
+        daemon.stop_event.set()
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        if store is None:
+            log.warning("SIGHUP: no config file to reload")
+        elif store.reload():
+            daemon.reload(store.config)
+        else:
+            log.error("config reload failed, keeping the running config: %s",
+                      store.status.error)
+            daemon.state.record_error("config", store.status.error or "reload failed")
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    server = None
+    try:
+        daemon.start()
+        if config.metrics.enabled:
+            server = MetricsServer(daemon.state, reload_status, lambda: daemon.settings.interval,
+                                   config.metrics.address, config.metrics.port).start()
+            log.info("metrics on %s/metrics", server.url)
+        daemon.run(once=args.once)
+    finally:
+        daemon.close()
+        if server is not None:
+            server.stop()
+    print(summary_line(daemon.state.snapshot()), file=sys.stdout, flush=True)
+    return 0
