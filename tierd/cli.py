@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "topology": "topology",
     "check-config": "check_config",
     "status": "status",
+    "run": "run",
+    "simulate": "simulate",
 }
 
 
