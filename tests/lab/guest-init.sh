@@ -2,8 +2,30 @@
 # PID 1 of the lab guest, on the overlay of the host root: finish the
 # mounts a normal boot would make, run /lab-out/cmd, save its exit code and
 # the kernel log to the results share, power off.
+#
+# With TIERD_LAB_INIT=systemd (in /lab-out/env) it hands PID 1 to the host's
+# systemd instead, which boots to lab.target and runs the command as
+# lab-cmd.service (this script again, with the argument "run"); the unit
+# powers the guest off when the command is done.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=dumb
+
+run_cmd() {
+    echo "lab-guest: $(uname -r) up in $(cut -d' ' -f1 /proc/uptime) s"
+    cd "$TIERD_LAB_CWD" || cd /
+    sh /lab-out/cmd
+    echo $? > /lab-out/rc
+    dmesg > /lab-out/dmesg
+    sync
+}
+
+# lab-cmd.service, under systemd: everything is mounted already.
+if [ "${1:-}" = run ]; then
+    . /lab-out/env
+    run_cmd
+    exit 0
+fi
+
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t tmpfs -o mode=1777 tmpfs /tmp
@@ -16,15 +38,45 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
 
+# Units for systemd as PID 1: lab.target is the whole boot (basic.target, so
+# services get the environment of a real boot, but no gettys or timers).
+write_lab_units() {
+    mkdir -p /run/systemd/system
+    cat > /run/systemd/system/lab.target <<'UNIT'
+[Unit]
+Description=Lab guest
+Requires=basic.target lab-cmd.service
+After=basic.target lab-cmd.service
+AllowIsolate=yes
+UNIT
+    cat > /run/systemd/system/lab-cmd.service <<'UNIT'
+[Unit]
+Description=Lab command (/lab-out/cmd)
+After=basic.target
+# rc and dmesg are on the 9p share and synced: nothing left to stop cleanly.
+SuccessAction=poweroff-immediate
+FailureAction=poweroff-immediate
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh /lab-out/guest-init.sh run
+TimeoutStartSec=infinity
+StandardInput=null
+StandardOutput=tty
+StandardError=inherit
+TTYPath=/dev/console
+UNIT
+}
+
 . /lab-out/env
 if [ -n "${TIERD_LAB_MODULES:-}" ]; then
     mkdir -p /lib/modules && mount --bind "$TIERD_LAB_MODULES" /lib/modules
 fi
-echo "lab-guest: $(uname -r) up in $(cut -d' ' -f1 /proc/uptime) s"
-cd "$TIERD_LAB_CWD" || cd /
-sh /lab-out/cmd
-echo $? > /lab-out/rc
-dmesg > /lab-out/dmesg
-sync
+if [ "${TIERD_LAB_INIT:-shell}" = systemd ]; then
+    write_lab_units
+    exec /lib/systemd/systemd --unit=lab.target --show-status=no --log-level=notice \
+        --log-target=console
+fi
+run_cmd
 echo o > /proc/sysrq-trigger
 sleep 30

@@ -7,6 +7,8 @@ guest for that kernel, which runs all of that kernel's selected vm tests with
 this same plugin in guest mode; the guest's reports are serialized to the
 results share and replayed into the host's pytest as if the tests had run
 here. A test that failed in the guest carries the tail of the guest's dmesg.
+Tests marked `@pytest.mark.vm(init="systemd")` get a guest of their own per
+kernel, with systemd as PID 1.
 
 `pytest -m "not vm"` never starts QEMU.
 """
@@ -22,13 +24,16 @@ import time
 import pytest
 
 GUEST_KERNEL = os.environ.get("TIERD_LAB_GUEST")  # set inside the guest only
+GUEST_INIT = os.environ.get("TIERD_LAB_INIT", "shell")  # the guest's PID 1 (vm.INITS)
 RESULTS_ENV = "TIERD_LAB_RESULTS"
 DMESG_TAIL = 80
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "vm(kernels=('stock', 'tierd')): run inside the lab guest"
+        "markers",
+        "vm(kernels=('stock', 'tierd'), init='shell'): run inside the lab guest"
+        " (init='systemd': with systemd as PID 1)",
     )
     if GUEST_KERNEL is None:
         config.pluginmanager.register(HostLab(config), "tierd-lab-host")
@@ -58,8 +63,22 @@ def _kernel_of(item: pytest.Item) -> str | None:
     return item.callspec.params["lab_kernel"]  # type: ignore[attr-defined]
 
 
+def _guest_of(item: pytest.Item) -> tuple[str, str] | None:
+    """(kernel, init) of the guest a vm test runs in; one boot per pair."""
+    kernel = _kernel_of(item)
+    marker = item.get_closest_marker("vm")
+    if kernel is None or marker is None:
+        return None
+    return kernel, marker.kwargs.get("init", "shell")
+
+
+def _label(guest: tuple[str, str]) -> str:
+    kernel, init = guest
+    return kernel if init == "shell" else f"{kernel}+{init}"
+
+
 class GuestReporter:
-    """Guest side: keep only this kernel's vm tests, serialize every report."""
+    """Guest side: keep only this guest's vm tests, serialize every report."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -68,7 +87,7 @@ class GuestReporter:
     def pytest_collection_modifyitems(
         self, config: pytest.Config, items: list[pytest.Item]
     ) -> None:
-        keep = [i for i in items if _kernel_of(i) == GUEST_KERNEL]
+        keep = [i for i in items if _guest_of(i) == (GUEST_KERNEL, GUEST_INIT)]
         dropped = [i for i in items if i not in keep]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
@@ -86,37 +105,38 @@ class GuestReporter:
 
 
 class HostLab:
-    """Host side: boot each kernel once, replay the guest's reports."""
+    """Host side: boot each (kernel, init) once, replay the guest's reports."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.results: dict[str, dict[str, list[pytest.TestReport]]] = {}
-        self.dmesg: dict[str, str] = {}
-        self.console: dict[str, str] = {}
+        self.results: dict[tuple[str, str], dict[str, list[pytest.TestReport]]] = {}
+        self.dmesg: dict[tuple[str, str], str] = {}
+        self.console: dict[tuple[str, str], str] = {}
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> bool | None:
-        kernel = _kernel_of(item)
-        if kernel is None:
+        guest = _guest_of(item)
+        if guest is None:
             return None
-        if kernel not in self.results:
-            self._run_guest(kernel, item.session)
-        reports = self.results[kernel].get(item.nodeid) or [self._missing(item, kernel)]
+        if guest not in self.results:
+            self._run_guest(guest, item.session)
+        reports = self.results[guest].get(item.nodeid) or [self._missing(item, guest)]
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for report in reports:
             if report.failed:
-                title = f"lab guest dmesg ({kernel}, last {DMESG_TAIL} lines)"
-                report.sections.append((title, self._dmesg_tail(kernel)))
+                title = f"lab guest dmesg ({_label(guest)}, last {DMESG_TAIL} lines)"
+                report.sections.append((title, self._dmesg_tail(guest)))
             item.ihook.pytest_runtest_logreport(report=report)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
-    def _run_guest(self, kernel: str, session: pytest.Session) -> None:
+    def _run_guest(self, guest: tuple[str, str], session: pytest.Session) -> None:
         from lab import vm  # imported late: "not vm" runs never need QEMU
 
-        nodeids = [i.nodeid for i in session.items if _kernel_of(i) == kernel]
+        kernel, init = guest
+        nodeids = [i.nodeid for i in session.items if _guest_of(i) == guest]
         results = "/lab-out/results.jsonl"
         command = shlex.join(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
@@ -124,22 +144,25 @@ class HostLab:
         )
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"lab: booting the {kernel} kernel for {len(nodeids)} vm tests")
+            reporter.write_line(
+                f"lab: booting the {kernel} kernel (init: {init}) for {len(nodeids)} vm tests"
+            )
         start = time.monotonic()
-        guest = vm.boot(
+        result = vm.boot(
             vm.lab_kernel(kernel), command, echo=False,
             env={"TIERD_LAB_GUEST": kernel, RESULTS_ENV: results,
                  "PYTHONDONTWRITEBYTECODE": "1"},
-            cwd=self.config.rootpath,
+            cwd=self.config.rootpath, init=init,
         )
         if reporter is not None:
+            elapsed = time.monotonic() - start
             reporter.write_line(
-                f"lab: {kernel} guest done in {time.monotonic() - start:.0f} s (exit {guest.rc})"
+                f"lab: {_label(guest)} guest done in {elapsed:.0f} s (exit {result.rc})"
             )
-        self.dmesg[kernel] = guest.dmesg or guest.console
-        self.console[kernel] = guest.console
+        self.dmesg[guest] = result.dmesg or result.console
+        self.console[guest] = result.console
         by_node: dict[str, list[pytest.TestReport]] = {}
-        result_file = guest.outdir / "results.jsonl"
+        result_file = result.outdir / "results.jsonl"
         lines = result_file.read_text().splitlines() if result_file.exists() else []
         for line in lines:
             report = self.config.hook.pytest_report_from_serializable(
@@ -148,15 +171,16 @@ class HostLab:
             if isinstance(report.longrepr, list):  # a skip's (path, line, reason) after JSON
                 report.longrepr = tuple(report.longrepr)
             by_node.setdefault(report.nodeid, []).append(report)
-        self.results[kernel] = by_node
+        self.results[guest] = by_node
 
-    def _dmesg_tail(self, kernel: str) -> str:
-        return "\n".join(self.dmesg.get(kernel, "").splitlines()[-DMESG_TAIL:])
+    def _dmesg_tail(self, guest: tuple[str, str]) -> str:
+        return "\n".join(self.dmesg.get(guest, "").splitlines()[-DMESG_TAIL:])
 
-    def _missing(self, item: pytest.Item, kernel: str) -> pytest.TestReport:
-        console_tail = "\n".join(self.console.get(kernel, "").splitlines()[-60:])
+    def _missing(self, item: pytest.Item, guest: tuple[str, str]) -> pytest.TestReport:
+        console_tail = "\n".join(self.console.get(guest, "").splitlines()[-60:])
         return pytest.TestReport(
             nodeid=item.nodeid, location=item.location, keywords={}, outcome="failed",
-            longrepr=f"no result from the {kernel} lab guest; its console ended:\n{console_tail}",
+            longrepr=f"no result from the {_label(guest)} lab guest;"
+            f" its console ended:\n{console_tail}",
             when="call",
         )
