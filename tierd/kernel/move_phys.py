@@ -1,0 +1,127 @@
+"""move_phys_pages: move pages named by physical address, whoever maps them.
+
+The syscall comes from tierd's kernel patch series
+(packaging/kernel/patches, docs/move_phys_pages.md); no mainline kernel has
+it, so it has no fixed number. A kernel with the series says which number it
+uses in /sys/kernel/mm/move_phys_pages/syscall_nr; without that file tierd
+never calls it. The RFC's numbers, 454 and 462, are futex_wake and mseal in
+mainline, which is why a number is never guessed, and why one that mainline
+or x32 uses is refused even when the file names it.
+
+Like tierd.kernel.numa: physical addresses are a uint64 array, nodes an int32
+array, the per-page status comes back as an int32 array, one syscall a batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tierd.errors import KernelFileError
+from tierd.kernel.numa import MPOL_MF_MOVE
+from tierd.kernel.root import HOST, HostRoot
+
+SYSCALL_NR_FILE = "/sys/kernel/mm/move_phys_pages/syscall_nr"
+# x86_64 numbers mainline has handed out (through 6.18) and the x32 range:
+# a kernel naming one of these for move_phys_pages is not to be believed.
+MAINLINE_LAST_NR = 469
+X32_RANGE = range(512, 548)
+# Pages the kernel never got to (it stopped at a failed batch) keep this.
+NOT_ATTEMPTED = -errno.EAGAIN
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class MovePhysPagesError(OSError):
+    """The whole move_phys_pages call failed (EPERM, EINVAL, ENODEV, EFAULT, ...)."""
+
+
+@dataclass(frozen=True)
+class MovePhysPagesSupport:
+    """Whether this kernel has move_phys_pages, its number, and if not, why not."""
+
+    available: bool
+    number: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        if self.available:
+            return f"move_phys_pages: available (syscall {self.number})"
+        return f"move_phys_pages: unavailable ({self.reason})"
+
+
+def refusal(number: int) -> str | None:
+    """Why `number` must not be called as move_phys_pages, or None if it may."""
+    if number <= MAINLINE_LAST_NR:
+        return f"syscall {number} belongs to mainline (<= {MAINLINE_LAST_NR})"
+    if number in X32_RANGE:
+        return f"syscall {number} is in the x32 range"
+    return None
+
+
+def probe(root: HostRoot = HOST) -> MovePhysPagesSupport:
+    """Read the running kernel's proof that it implements move_phys_pages."""
+    try:
+        text = root.read_text(SYSCALL_NR_FILE)
+    except KernelFileError as e:
+        if e.reason == "missing":
+            return MovePhysPagesSupport(
+                False, None, f"{SYSCALL_NR_FILE} missing: kernel without the tierd series"
+            )
+        return MovePhysPagesSupport(False, None, str(e))
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()):
+        error = KernelFileError(root(SYSCALL_NR_FILE), f"not a syscall number: {value!r}")
+        return MovePhysPagesSupport(False, None, str(error))
+    number = int(value)
+    refused = refusal(number)
+    if refused:
+        error = KernelFileError(root(SYSCALL_NR_FILE), refused)
+        return MovePhysPagesSupport(False, None, str(error))
+    return MovePhysPagesSupport(True, number, "")
+
+
+def _ptr(array: np.ndarray | None) -> ctypes.c_void_p | None:
+    return None if array is None else ctypes.c_void_p(array.ctypes.data)
+
+
+def move_phys_pages(
+    nr: int,
+    phys_addrs: npt.ArrayLike,
+    nodes: npt.ArrayLike | None = None,
+    flags: int = MPOL_MF_MOVE,
+) -> npt.NDArray[np.int32]:
+    """Move (or with nodes=None, query) the pages at physical addresses `phys_addrs`.
+
+    `nr` is the syscall number from probe(). Returns the per-page status: the
+    node the page is on after the call, or a negative errno (-ENOENT offline,
+    free, kernel or isolated; -EFAULT zero page or unmigratable mapping;
+    -EACCES shared without MPOL_MF_MOVE_ALL or outside a mapping task's
+    cpuset; -EBUSY; -ENOMEM; ...). Pages after a batch the kernel failed to
+    migrate keep NOT_ATTEMPTED. Raises MovePhysPagesError when the call as a
+    whole fails, ValueError for a number that must not be called.
+    """
+    refused = refusal(nr)
+    if refused:
+        raise ValueError(f"refusing to call {refused}")
+    addrs = np.ascontiguousarray(phys_addrs, dtype=np.uint64)
+    node_array = None if nodes is None else np.ascontiguousarray(nodes, dtype=np.int32)
+    if node_array is not None and node_array.shape != addrs.shape:
+        raise ValueError(f"{addrs.size} addresses but {node_array.size} nodes")
+    status = np.full(addrs.shape, NOT_ATTEMPTED, dtype=np.int32)
+    if addrs.size == 0:
+        return status
+    rc = _libc.syscall(
+        ctypes.c_long(nr), ctypes.c_ulong(addrs.size),
+        _ptr(addrs), _ptr(node_array), _ptr(status), ctypes.c_int(flags),
+    )
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise MovePhysPagesError(err, f"move_phys_pages({addrs.size} pages): {os.strerror(err)}")
+    return status
