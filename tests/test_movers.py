@@ -16,6 +16,7 @@ from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HostRoot
 from tierd.movers import safety
+from tierd.movers.phys import PhysMover, PhysMoverParams
 from tierd.movers.pid import PidMover, PidMoverParams
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
@@ -199,3 +200,51 @@ def test_kernel_tiering_is_read_and_the_stance_applied(tmp_path: Path) -> None:
         safety.check_kernel_tiering(on, "refuse")
     assert not KernelTiering(1, False).active  # classic NUMA balancing does not tier
     assert read_kernel_tiering(HostRoot(tmp_path)) == KernelTiering(None, None)
+
+
+def test_pages_of_excluded_processes_are_dropped_for_any_mover() -> None:
+    process_filter = ProcessFilter(Exclusions(comms=("postgres*",)), ROOT, self_pid=1)
+    owned = safety.excluded_process_pfns(process_filter, ROOT)
+    assert owned.tolist() == [40, 41, 48]  # 48 is shared with 4242: protected too
+    keep, dropped = safety.drop_pinned(np.array([16, 40, 48], dtype=np.uint64), ROOT,
+                                       excluded_pfns=owned)
+    assert keep.tolist() == [16] and dropped == {"excluded_process": 2}
+
+
+# --- the phys mover ------------------------------------------------------------------------
+
+
+class FakePhys:
+    """move_phys_pages with scripted per-PFN statuses."""
+
+    def __init__(self, statuses: dict[int, list[int]] | None = None,
+                 call_error: int | None = None) -> None:
+        self.statuses = statuses or {}
+        self.call_error = call_error
+        self.calls: list[tuple[list[int], list[int]]] = []
+
+    def __call__(self, addrs: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+        self.calls.append(((addrs // PAGE).tolist(), nodes.tolist()))
+        if self.call_error is not None:
+            raise OSError(self.call_error, os.strerror(self.call_error))
+        return np.array([(self.statuses.get(pfn) or [node]).pop(0)
+                         for pfn, node in zip((addrs // PAGE).tolist(), nodes.tolist(),
+                                              strict=True)], dtype=np.int32)
+
+
+def test_phys_mover_passes_physical_addresses_in_chunks_and_counts_statuses() -> None:
+    kernel = FakePhys({3: [-errno.ENOENT], 4: [-errno.EBUSY, 1], 5: [-errno.EACCES]})
+    mover = PhysMover(kernel, PhysMoverParams(batch_pages=4, busy_backoff=0))
+    result = mover.move(_batch([1, 2, 3, 4, 5, 6]))
+    assert kernel.calls[0] == ([1, 2, 3, 4], [1, 1, 1, 1])
+    assert sorted(result.moved.tolist()) == [1, 2, 4, 6]
+    assert result.failures == {"ENOENT": 1, "EACCES": 1}
+    assert (result.new_pfns == 0).all()  # the kernel does not say where pages went
+
+
+def test_phys_mover_enomem_and_call_errors() -> None:
+    mover = PhysMover(FakePhys({2: [-errno.ENOMEM]}), PhysMoverParams(batch_pages=2))
+    result = mover.move(_batch([1, 2, 3, 4]))
+    assert result.target_full and result.failures == {"ENOMEM": 1, "target_full": 2}
+    result = PhysMover(FakePhys(call_error=errno.EPERM)).move(_batch([1, 2]))
+    assert result.failures == {"call_EPERM": 2} and result.moved.size == 0

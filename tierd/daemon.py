@@ -160,6 +160,8 @@ class Daemon:
         self.rmap: ReverseMap | None = None
         self.mover: PidMover | PhysMover | None = None
         self._memcg_inodes: frozenset[int] = frozenset()
+        self._process_filter = ProcessFilter(self.settings.exclusions, self.root)
+        self._excluded_pfns = np.zeros(0, dtype=np.uint64)
         self._idle_marked_at: float | None = None
 
     # --- start and stop ------------------------------------------------------------
@@ -235,8 +237,7 @@ class Daemon:
             self.mover = PhysMover(syscall, params)
         else:
             log.info("PID mover (move_pages through the reverse map): %s", why_not)
-            process_filter = ProcessFilter(self.settings.exclusions, self.root)
-            self.rmap = ReverseMap(process_filter, self.root)
+            self.rmap = ReverseMap(self._process_filter, self.root)
             self.mover = PidMover(self.rmap, self.settings.pid_mover, self.root)
         self.state.mover = self.mover.name
 
@@ -276,9 +277,10 @@ class Daemon:
         self.state.dry_run = self.settings.dry_run
         assert self.heat is not None
         self.heat.set_params(self.settings.heat)
+        self._process_filter = ProcessFilter(self.settings.exclusions, self.root)
         if isinstance(self.mover, PidMover) and self.rmap is not None:
             self.mover.params = self.settings.pid_mover
-            self.rmap.filter = ProcessFilter(self.settings.exclusions, self.root)
+            self.rmap.filter = self._process_filter
         self._memcg_inodes = safety.excluded_memcg_inodes(self.settings.exclusions, self.root)
         log.info("config reloaded")
 
@@ -367,6 +369,8 @@ class Daemon:
 
     def move(self, plan: Plan) -> IntervalSummary:
         summary = IntervalSummary(planned=plan.pages(), deferred=plan.deferred_pages)
+        if plan.batches:
+            self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
         full: set[int] = set()
         for batch in plan.batches:
             if self.stop_event.is_set():
@@ -384,7 +388,8 @@ class Daemon:
 
     def _move_batch(self, batch: Batch, summary: IntervalSummary) -> BatchResult | None:
         assert self.heat is not None and self.mover is not None
-        pfns, dropped = safety.drop_pinned(batch.pfns, self.root, self._memcg_inodes)
+        pfns, dropped = safety.drop_pinned(batch.pfns, self.root, self._memcg_inodes,
+                                           self._excluded_pfns)
         for reason, count in dropped.items():
             self.state.record_excluded(reason, count)
         self.heat.cool_down(np.setdiff1d(batch.pfns, pfns))

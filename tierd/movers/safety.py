@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from tierd.errors import KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
-from tierd.kernel import task
+from tierd.kernel import pagemap, task
 from tierd.kernel.kernel_tiering import KernelTiering
 from tierd.kernel.root import HOST, HostRoot
 
@@ -122,10 +122,33 @@ def pinned_reasons(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.object_]:
     return reasons
 
 
+def excluded_process_pfns(process_filter: ProcessFilter, root: HostRoot = HOST
+                          ) -> npt.NDArray[np.uint64]:
+    """Sorted PFNs mapped by excluded processes (tierd's own pages are not protected).
+
+    Reads only the excluded processes' pagemaps, so it stays cheap; a process
+    that exits meanwhile simply contributes nothing.
+    """
+    parts = [np.zeros(0, dtype=np.uint64)]
+    for pid in task.pids(root):
+        try:
+            if process_filter.excluded(pid) in (None, "self"):
+                continue
+            maps = pagemap.scannable(pagemap.read_maps(pid, root))
+            entries = pagemap.read_ranges(pid, [(m.start, m.end) for m in maps], root)
+        except pagemap.ProcessGoneError:
+            continue
+        pfns = pagemap.pfn_of(entries)
+        parts.append(pfns[pfns != 0])
+    return np.unique(np.concatenate(parts))
+
+
 def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
-                memcg_inodes: frozenset[int] = frozenset()
+                memcg_inodes: frozenset[int] = frozenset(),
+                excluded_pfns: npt.NDArray[np.uint64] | None = None,
                 ) -> tuple[npt.NDArray[np.uint64], Counter[str]]:
-    """The sorted `pfns` minus pinned pages and pages of excluded cgroups, and why each went."""
+    """The sorted `pfns` minus pinned pages and pages of excluded processes and cgroups,
+    and why each went."""
     if pfns.size == 0:
         return pfns, Counter()
     with kpf.kpageflags(root) as flags_file:
@@ -135,6 +158,9 @@ def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
             owners = read_per_pfn(cgroup_file, pfns)
         excluded = np.isin(owners, np.fromiter(memcg_inodes, dtype=np.uint64))
         reasons[excluded & (reasons == None)] = "excluded_cgroup"  # noqa: E711 (elementwise)
+    if excluded_pfns is not None and excluded_pfns.size:
+        owned = np.isin(pfns, excluded_pfns, assume_unique=False)
+        reasons[owned & (reasons == None)] = "excluded_process"  # noqa: E711 (elementwise)
     keep = reasons == None  # noqa: E711 (elementwise comparison)
     dropped = Counter(reasons[~keep].tolist())
     return pfns[keep], dropped
