@@ -83,6 +83,44 @@ def test_wrapper_checks_shapes_before_any_syscall() -> None:
         move_phys_pages(500, [0x1000, 0x2000], [1])
 
 
+# The series and its man page, checked with the kernel's own tools.
+
+MAN_PAGE = REPO / "packaging" / "kernel" / "man" / "move_phys_pages.2"
+KERNEL_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
+CHECKPATCH_FILES = ("scripts/checkpatch.pl", "scripts/spelling.txt",
+                    "scripts/const_structs.checkpatch")
+
+
+def test_man_page_renders_without_warnings() -> None:
+    groff = subprocess.run(["groff", "-man", "-ww", "-z", str(MAN_PAGE)],
+                           capture_output=True, text=True, check=False)
+    assert (groff.returncode, groff.stderr) == (0, "")
+    man = subprocess.run(["man", "-l", str(MAN_PAGE)], capture_output=True, text=True,
+                         env={**os.environ, "MANWIDTH": "80"}, check=False)
+    assert (man.returncode, man.stderr) == (0, "")
+    assert "move_phys_pages - move pages named by physical address" in " ".join(man.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def checkpatch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scripts/checkpatch.pl of the kernel the series is for, from the Debian source tarball."""
+    if not KERNEL_TARBALL.exists():
+        pytest.skip(f"{KERNEL_TARBALL} missing (apt-get install linux-source-6.12)")
+    out = tmp_path_factory.mktemp("kernel")
+    subprocess.run(["tar", "-xf", str(KERNEL_TARBALL), "-C", str(out), "--strip-components=1",
+                    "--wildcards", *(f"*/{f}" for f in CHECKPATCH_FILES)], check=True)
+    return out / CHECKPATCH_FILES[0]
+
+
+@pytest.mark.parametrize("patch", sorted(p.name for p in PATCHES.glob("0*.patch")
+                                         if p.name != "0000-cover-letter.patch"))
+def test_checkpatch_strict_is_clean(checkpatch: Path, patch: str) -> None:
+    done = subprocess.run(["perl", str(checkpatch), "--strict", "--no-tree",
+                           str(PATCHES / patch)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "total: 0 errors, 0 warnings, 0 checks" in done.stdout, done.stdout
+
+
 # The series in the lab.
 
 @pytest.fixture
