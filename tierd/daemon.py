@@ -287,9 +287,15 @@ class Daemon:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self, once: bool = False,
-            on_interval: Callable[[IntervalSummary], None] | None = None) -> None:
-        """Step every interval until stop_event is set (or once)."""
-        while not self.stop_event.wait(self.settings.interval):
+            on_interval: Callable[[IntervalSummary], None] | None = None,
+            wait: Callable[[float], bool] | None = None) -> None:
+        """Step every interval until stop_event is set (or once).
+
+        `wait(seconds)` replaces stop_event.wait: the service's feeds systemd's
+        watchdog while it waits (tierd.service.systemd.Notifier.wait).
+        """
+        wait = wait or self.stop_event.wait
+        while not wait(self.settings.interval):
             summary = self.step()
             if on_interval is not None:
                 on_interval(summary)

@@ -15,9 +15,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from tierd.config import DEFAULT_PATH, Config, ConfigStore, ReloadStatus
-from tierd.daemon import Daemon
+from tierd.commands.check_config import EX_CONFIG
+from tierd.config import DEFAULT_PATH, Config, ConfigError, ConfigStore, ReloadStatus
+from tierd.daemon import Daemon, IntervalSummary, describe
+from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.service.metrics import MetricsServer
+from tierd.service.systemd import Notifier, log_to_journal
 from tierd.state import Direction, StateSnapshot
 
 log = logging.getLogger("tierd.run")
@@ -60,7 +63,14 @@ def summary_line(snap: StateSnapshot) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    store, config = _load(args.config)
+    # systemd: READY=1, STATUS=, RELOADING=1, WATCHDOG=1 (no-ops outside a service).
+    notifier = Notifier()
+    log_to_journal()
+    try:
+        store, config = _load(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EX_CONFIG  # systemd's RestartPreventExitStatus=78: no restart loop
     daemon = Daemon(config, dry_run=args.dry_run, record=args.record)
     started = time.time()
 
@@ -74,12 +84,20 @@ def run(args: argparse.Namespace) -> int:
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
         if store is None:
             log.warning("SIGHUP: no config file to reload")
-        elif store.reload():
+            return
+        notifier.reloading()
+        if store.reload():
             daemon.reload(store.config)
+            notifier.reloaded(f"config reloaded from {store.path}")
         else:
             log.error("config reload failed, keeping the running config: %s",
                       store.status.error)
             daemon.state.record_error("config", store.status.error or "reload failed")
+            notifier.reloaded(f"config reload failed, running the previous one: "
+                              f"{store.status.error}")
+
+    def on_interval(summary: IntervalSummary) -> None:
+        notifier.status(f"interval {daemon.state.intervals}: {describe(summary, PAGE_SIZE)}")
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -91,8 +109,13 @@ def run(args: argparse.Namespace) -> int:
             server = MetricsServer(daemon.state, reload_status, lambda: daemon.settings.interval,
                                    config.metrics.address, config.metrics.port).start()
             log.info("metrics on %s/metrics", server.url)
-        daemon.run(once=args.once)
+        notifier.ready(f"mover {daemon.state.mover}, "
+                       f"{'dry run' if daemon.settings.dry_run else 'moving pages'}, "
+                       f"metrics {server.url if server else 'off'}")
+        daemon.run(once=args.once, on_interval=on_interval,
+                   wait=lambda seconds: notifier.wait(daemon.stop_event, seconds))
     finally:
+        notifier.stopping()
         daemon.close()
         if server is not None:
             server.stop()
