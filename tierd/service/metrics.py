@@ -301,6 +301,7 @@ class MetricsServer:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, so only if it runs
+            self._server.shutdown()
+            self._thread.join()
         self._server.server_close()
-        self._thread.join(timeout=5)

@@ -1,0 +1,248 @@
+"""The Prometheus endpoint: values from a state fixture, promtool, and a real Prometheus scrape."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from service_fixture import DEMOTED_PAGES, GIB, PROMOTED_PAGES, failed_reload, populated_state
+
+from tierd import config
+from tierd.config import ReloadStatus
+from tierd.errors import TierdError
+from tierd.service.metrics import MetricsServer
+from tierd.state import DaemonState
+
+ALLOWED_LABELS = {"node", "tier", "source_node", "target_node", "direction", "reason", "stage",
+                  "collector", "state", "mover", "version", "pythonversion", "le"}
+
+
+def ok_reload() -> ReloadStatus:
+    return ReloadStatus(True, 1_700_000_000.0, None)
+
+
+@pytest.fixture
+def server() -> Iterator[MetricsServer]:
+    srv = MetricsServer(populated_state(), failed_reload, lambda: 5.0, port=0).start()
+    yield srv
+    srv.stop()
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+def test_moves_by_direction_and_node_pair(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_promoted_pages_total", source_node="1",
+                 target_node="0") == PROMOTED_PAGES
+    assert value(text, "tierd_promoted_bytes_total", source_node="1",
+                 target_node="0") == PROMOTED_PAGES * 4096
+    assert value(text, "tierd_demoted_pages_total", source_node="0",
+                 target_node="1") == DEMOTED_PAGES
+    assert value(text, "tierd_migration_attempts_total", direction="promote", source_node="1",
+                 target_node="0") == PROMOTED_PAGES + 25
+    assert value(text, "tierd_migration_failures_total", reason="EBUSY") == 20
+    assert value(text, "tierd_excluded_pages_total", reason="mlocked") == 7
+    assert value(text, "tierd_rate_limit_hits_total") == 1
+    assert value(text, "tierd_rate_limited_pages_total") == 64
+    assert value(text, "tierd_samples_total") == 5000
+    assert value(text, "tierd_samples_lost_total") == 12
+
+
+def test_memory_per_node_and_per_tier(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_node_memory_total_bytes", node="0", tier="4") == 2 * GIB
+    assert value(text, "tierd_node_memory_used_bytes", node="0", tier="4") == 1.5 * GIB
+    assert value(text, "tierd_node_memory_free_bytes", node="1", tier="54") == 1.5 * GIB
+    assert value(text, "tierd_tier_memory_used_bytes", tier="54") == 0.5 * GIB
+
+
+def test_durations_are_cumulative_histograms(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_stage_duration_seconds_bucket", stage="collect", le="0.005") == 1
+    assert value(text, "tierd_stage_duration_seconds_bucket", stage="collect", le="0.05") == 2
+    assert value(text, "tierd_stage_duration_seconds_bucket", stage="collect", le="+Inf") == 3
+    assert value(text, "tierd_stage_duration_seconds_count", stage="collect") == 3
+    assert value(text, "tierd_stage_duration_seconds_sum", stage="collect") == pytest.approx(0.234)
+
+
+def test_daemon_health_reload_and_build_info(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_config_last_reload_successful") == 0
+    assert value(text, "tierd_config_last_reload_success_timestamp_seconds") < time.time() - 500
+    assert value(text, "tierd_dry_run") == 0
+    assert value(text, "tierd_collector_state", collector="perf", state="disabled") == 1
+    assert value(text, "tierd_collector_state", collector="perf", state="ok") == 0
+    assert value(text, "tierd_collector_state", collector="idle", state="ok") == 1
+    assert value(text, "tierd_interval_seconds") == 5
+    assert value(text, "tierd_intervals_total") == 1
+    assert any(name == "tierd_build_info" for name, _ in samples(text))
+
+
+def test_labels_are_bounded_and_hold_no_addresses(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    for name, labels in samples(text):
+        if name.startswith("tierd_"):
+            assert {k for k, _ in labels} <= ALLOWED_LABELS, name
+            for _, v in labels:
+                assert not re.fullmatch(r"0x[0-9a-f]+|\d{6,}", v), (name, v)
+
+
+def test_dry_run_counts_what_would_move() -> None:
+    state = populated_state(dry_run=True)
+    srv = MetricsServer(state, ok_reload, lambda: 5.0, port=0).start()
+    try:
+        text = get(srv.url + "/metrics")
+    finally:
+        srv.stop()
+    assert value(text, "tierd_dry_run") == 1
+    assert value(text, "tierd_dry_run_pages_total", direction="promote", source_node="1",
+                 target_node="0") == PROMOTED_PAGES
+    assert ("tierd_promoted_pages_total", frozenset({("source_node", "1"),
+                                                     ("target_node", "0")})) not in samples(text)
+
+
+def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_promtool_finds_nothing_to_lint(server: MetricsServer) -> None:
+    result = promtool_check(get(server.url + "/metrics"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == ""
+
+
+def test_promtool_on_a_fresh_daemon() -> None:
+    srv = MetricsServer(DaemonState(), ok_reload, lambda: 5.0, port=0).start()
+    try:
+        result = promtool_check(get(srv.url + "/metrics"))
+    finally:
+        srv.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_would_catch_a_bad_name() -> None:
+    """The lint above is live: a counter without _total is reported."""
+    bad = "# HELP tierd_moves Moves.\n# TYPE tierd_moves counter\ntierd_moves 1\n"
+    assert promtool_check(bad).returncode != 0
+
+
+def test_default_bind_is_loopback() -> None:
+    assert config.Config().metrics.address == "127.0.0.1"
+    srv = MetricsServer(DaemonState(), ok_reload, lambda: 5.0, port=0)
+    try:
+        assert srv.url.startswith("http://127.0.0.1:")
+    finally:
+        srv.stop()
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    first = MetricsServer(DaemonState(), ok_reload, lambda: 5.0, port=0)
+    try:
+        with pytest.raises(TierdError, match=rf"cannot listen on 127.0.0.1 port {first.port}"):
+            MetricsServer(DaemonState(), ok_reload, lambda: 5.0, port=first.port)
+    finally:
+        first.stop()
+
+
+def test_reload_status_follows_the_config_store(tmp_path: Path) -> None:
+    path = tmp_path / "tierd.yaml"
+    path.write_text("interval: 5\n")
+    store = config.ConfigStore(path)
+    srv = MetricsServer(DaemonState(), lambda: store.status, lambda: store.config.interval,
+                        port=0).start()
+    try:
+        assert value(get(srv.url + "/metrics"), "tierd_config_last_reload_successful") == 1
+        loaded = value(get(srv.url + "/metrics"),
+                       "tierd_config_last_reload_success_timestamp_seconds")
+        path.write_text("interval: [5]\n")
+        store.reload()
+        text = get(srv.url + "/metrics")
+        assert value(text, "tierd_config_last_reload_successful") == 0
+        assert value(text, "tierd_config_last_reload_success_timestamp_seconds") == loaded
+        assert value(text, "tierd_interval_seconds") == 5
+    finally:
+        srv.stop()
+
+
+def test_unknown_path_is_404(server: MetricsServer) -> None:
+    with pytest.raises(urllib.error.HTTPError) as e:
+        get(server.url + "/debug")
+    assert e.value.code == 404
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def query(prometheus: str, expr: str) -> list[dict]:
+    url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_a_real_prometheus_scrapes_tierd(server: MetricsServer, tmp_path: Path) -> None:
+    target = server.url.removeprefix("http://")
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: tierd\n    static_configs: [{{targets: ['{target}']}}]\n")
+    port = free_port()
+    prometheus = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+    try:
+        result = wait_for_series(f"http://127.0.0.1:{port}",
+                                 'tierd_promoted_pages_total{source_node="1",target_node="0"}',
+                                 prometheus)
+        assert float(result[0]["value"][1]) == PROMOTED_PAGES
+        assert result[0]["metric"]["job"] == "tierd"
+        up = query(f"http://127.0.0.1:{port}", 'up{job="tierd"}')
+        assert up[0]["value"][1] == "1"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+
+
+def wait_for_series(prometheus: str, expr: str, process: subprocess.Popen[bytes]) -> list[dict]:
+    """Poll until Prometheus has scraped the series (it scrapes every second)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "prometheus exited"
+        try:
+            result = query(prometheus, expr)
+        except OSError:
+            result = []  # not listening yet
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"prometheus never returned {expr}")
