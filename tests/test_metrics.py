@@ -246,3 +246,108 @@ def wait_for_series(prometheus: str, expr: str, process: subprocess.Popen[bytes]
             return result
         time.sleep(0.5)
     raise AssertionError(f"prometheus never returned {expr}")
+
+
+# --- alerting rules and the Grafana dashboard -------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+ALERTS = REPO / "packaging" / "prometheus" / "alerts.yml"
+ALERTS_TEST = REPO / "packaging" / "prometheus" / "alerts_test.yml"
+DASHBOARD = REPO / "packaging" / "grafana" / "tierd-dashboard.json"
+
+
+def exported_names() -> set[str]:
+    """Every sample name tierd exports (families and their _total/_bucket/... samples)."""
+    from prometheus_client import generate_latest
+
+    from tierd.service.metrics import build_registry
+    names = set()
+    for dry_run in (False, True):  # some families only have samples in one mode
+        registry = build_registry(populated_state(dry_run), failed_reload, lambda: 5.0)
+        names |= {name for name, _ in samples(generate_latest(registry).decode())}
+    return names
+
+
+def tierd_names(expr: str) -> set[str]:
+    return set(re.findall(r"\btierd_[a-z_]+", expr))
+
+
+def alert_rules() -> list[dict]:
+    import yaml
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+def test_promtool_checks_the_alert_rules() -> None:
+    result = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_of_the_alerts_pass() -> None:
+    result = subprocess.run(["promtool", "test", "rules", str(ALERTS_TEST)], capture_output=True,
+                            text=True, timeout=120, cwd=ALERTS_TEST.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_test_that_fires_it() -> None:
+    import yaml
+    fired = {case["alertname"] for test in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+             for case in test["alert_rule_test"] if case.get("exp_alerts")}
+    names = {r["alert"] for r in alert_rules()}
+    assert names == fired
+    assert {"TierdDown", "TierdConfigReloadFailed", "TierdScanLag", "TierdTierFull",
+            "TierdMigrationFailureRatio", "TierdMigrationChurn"} <= names
+
+
+def test_alerts_use_only_exported_metrics() -> None:
+    exported = exported_names()
+    for rule in alert_rules():
+        assert tierd_names(rule["expr"]) <= exported, rule["alert"]
+
+
+def dashboard_panels() -> list[dict]:
+    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+
+
+def test_dashboard_datasource_is_a_template_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["datasource"]["uid"] == "${datasource}"
+    for panel in dashboard_panels():
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_dashboard_layout_is_sound() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for p in dashboard["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        area = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])}
+        assert not area & cells, f"{p['title']} overlaps another panel"
+        cells |= area
+    assert dashboard["uid"] and dashboard["schemaVersion"] >= 30
+
+
+def test_dashboard_queries_use_exported_metrics_and_parse(tmp_path: Path) -> None:
+    exported = exported_names()
+    exprs = [t["expr"] for p in dashboard_panels() for t in p["targets"]]
+    for expr in exprs:
+        assert tierd_names(expr) <= exported, expr
+        assert 'instance=~"$instance"' in expr, expr
+    # promtool parses PromQL when checking rules: one recording rule per query
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{i}",
+         "expr": e.replace("$__rate_interval", "5m").replace("$instance", ".*")}
+        for i, e in enumerate(exprs)]}]}
+    (tmp_path / "rules.yml").write_text(json.dumps(rules))
+    result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
