@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -351,3 +353,64 @@ def test_dashboard_queries_use_exported_metrics_and_parse(tmp_path: Path) -> Non
     result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the real daemon in the lab guest ----------------------------------------------------
+
+
+def wait_for(url: str, ready: Callable[[str], bool], process: subprocess.Popen[str]) -> str:
+    """GET url until ready(body) (the daemon binds, then finishes its first interval)."""
+    deadline = time.monotonic() + 300  # TCG guests are slow; the first interval scans 2 GiB
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        try:
+            body = get(url)
+        except OSError:
+            body = ""
+        if body and ready(body):
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"{url} never became ready")
+
+
+def first_interval_done(text: str) -> bool:
+    return value(text, "tierd_intervals_total") >= 1
+
+
+@pytest.mark.vm(kernels=["tierd"])
+def test_tierd_run_in_the_lab_exports_the_real_topology(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = tmp_path / "tierd.yaml"
+    good = (f"interval: 1\ndry_run: true\nmetrics: {{port: {port}}}\n"
+            "collectors: {perf: {enabled: false}, idle: {interval: 1}}\n")
+    cfg.write_text(good)
+    daemon = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--config", str(cfg)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        text = wait_for(url + "/metrics", first_interval_done, daemon)
+        # the lab: node 0 DRAM in memory_tier4, node 1 CXL-like in memory_tier54, 2 GiB each
+        total0 = value(text, "tierd_node_memory_total_bytes", node="0", tier="4")
+        total1 = value(text, "tierd_node_memory_total_bytes", node="1", tier="54")
+        assert 1.5 * GIB < total0 <= 2 * GIB and 1.5 * GIB < total1 <= 2 * GIB
+        assert value(text, "tierd_dry_run") == 1
+        assert value(text, "tierd_collector_state", collector="idle", state="ok") == 1
+        assert promtool_check(text).returncode == 0, promtool_check(text).stdout
+
+        doc = json.loads(get(url + "/status.json"))
+        assert [(n["node"], n["tier"]) for n in doc["nodes"]] == [(0, 4), (1, 54)]
+        assert doc["nodes"][0]["heat"], "no heat strip for node 0"
+
+        cfg.write_text("interval: fast\n")
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(url + "/metrics",
+                 lambda t: value(t, "tierd_config_last_reload_successful") == 0, daemon)
+        cfg.write_text(good)
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(url + "/metrics",
+                 lambda t: value(t, "tierd_config_last_reload_successful") == 1, daemon)
+    finally:
+        daemon.terminate()
+        _, err = daemon.communicate(timeout=120)
+    assert daemon.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
