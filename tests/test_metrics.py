@@ -414,3 +414,11 @@ def test_tierd_run_in_the_lab_exports_the_real_topology(tmp_path: Path) -> None:
         _, err = daemon.communicate(timeout=120)
     assert daemon.returncode == 0, err[-3000:]
     assert "Traceback" not in err
+
+
+def test_every_metric_is_documented() -> None:
+    documented = set(re.findall(r"`(tierd_[a-z_]+)`", (REPO / "docs" / "metrics.md").read_text()))
+    exported = {re.sub(r"_(bucket|count|sum)$", "", n) for n in exported_names()
+                if n.startswith("tierd_")}
+    assert exported - documented == set(), "undocumented in docs/metrics.md"
+    assert documented - exported == set(), "documented but not exported"
