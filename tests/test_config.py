@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -313,3 +314,9 @@ class TestConfigStore:
         assert store.reload() is False
         assert store.config.dry_run is True
         assert "cannot read" in store.status.error
+
+
+def test_tree_in_the_module_docstring_is_the_defaults() -> None:
+    doc = config.__doc__
+    tree = doc[doc.index("\n\n", doc.index("The tree")) + 2:doc.index("`load(path)`")]
+    assert config.parse(textwrap.dedent(tree).encode()) == config.Config()
