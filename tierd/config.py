@@ -458,8 +458,45 @@ def _parse_yaml(data: bytes, file: Path | str) -> _Document:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             words = [str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None))]
             reason = "not valid YAML: " + " ".join(w for w in words if w != "None")
-        path = doc.path_at(mark)
+        path = doc.path_at(mark) or _open_path(data)
         raise ConfigError(file, [Problem(path, reason, mark.line + 1 if mark else None)]) from None
+
+
+def _open_path(data: bytes) -> KeyPath:
+    """The key path the parser was inside when the YAML syntax broke.
+
+    Replays the parser's events up to the error: each open mapping contributes
+    the key whose value is being read, each open list the item's index.
+    """
+    # per open container: [is_mapping, current key or index, awaiting a key]
+    stack: list[list[Any]] = []
+    try:
+        for event in yaml.parse(data, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+                _value_seen(stack, None)
+                stack.append([isinstance(event, yaml.MappingStartEvent), -1, True])
+            elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+                stack.pop()
+                if stack and stack[-1][0]:
+                    stack[-1][2] = True  # the mapping's value is complete
+            elif isinstance(event, yaml.ScalarEvent | yaml.AliasEvent):
+                _value_seen(stack, getattr(event, "value", None))
+    except yaml.YAMLError:
+        pass
+    return tuple(key for is_map, key, awaiting in stack if not (is_map and awaiting))
+
+
+def _value_seen(stack: list[list[Any]], scalar: str | None) -> None:
+    """Account for a node starting inside the innermost open container."""
+    if not stack:
+        return
+    top = stack[-1]
+    if not top[0]:
+        top[1] += 1  # the next list item
+    elif top[2]:
+        top[1], top[2] = str(scalar), False  # a key: its value comes next
+    elif scalar is not None:
+        top[2] = True  # a scalar value completes the pair
 
 
 def load(path: Path | str) -> Config:
