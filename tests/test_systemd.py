@@ -8,6 +8,8 @@ with systemctl (see test_service_* below).
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import re
@@ -16,7 +18,9 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -273,3 +277,248 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     done = subprocess.run(["systemd-analyze", "verify", str(local)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_install_doc_records_the_current_security_analysis() -> None:
+    doc = (REPO / "docs/install.md").read_text()
+    section = doc.split("### systemd-analyze security", 1)[1]
+    recorded = section.split("```text\n", 1)[1].split("```", 1)[0].rstrip("\n")
+    current = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+        capture_output=True, text=True, check=True).stdout
+    assert recorded == "\n".join(line.rstrip() for line in current.rstrip("\n").splitlines())
+
+
+# --- in the lab guest, with systemd as PID 1 ------------------------------------------
+
+in_systemd_guest = pytest.mark.vm(kernels=["tierd"], init="systemd")
+METRICS = "http://127.0.0.1:9748/metrics"
+CONFIG = Path("/etc/tierd/tierd.yaml")
+DROP_IN = Path("/run/systemd/system/tierd.service.d/lab-probe.conf")
+PROBE_OUT = Path("/run/tierd-sandbox-probe.json")
+
+# Run under tierd.service's own sandbox (a drop-in swaps only ExecStart): can
+# it do what tierd does, and is what it must not do still denied?
+SANDBOX_PROBE = r'''
+import ctypes, errno, json, mmap, struct
+import numpy as np
+from tierd.kernel import move_phys
+from tierd.kernel.numa import move_pages
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def call(nr, *args):
+    return 0 if libc.syscall(nr, *args) >= 0 else ctypes.get_errno()
+
+out = {}
+# mseal(0, 0, 0) is 0 in 6.12, and bookworm's libseccomp has no name for it:
+# it stands for every syscall systemd cannot name, move_phys_pages included.
+out["unnamed_syscall"] = call(462, 0, 0, 0)
+out["mount"] = call(165, None, None, None, 0, None)            # @mount: denied
+out["process_vm_readv"] = call(310, 0, None, 0, None, 0, 0)    # denied by name
+attr = ctypes.create_string_buffer(struct.pack("IIQ", 1, 128, 0), 128)  # software CPU clock
+out["perf_event_open"] = call(298, attr, -1, 0, -1, 0)
+bpf_attr = ctypes.create_string_buffer(struct.pack("IIII", 2, 4, 4, 1), 128)  # ARRAY map
+out["bpf"] = call(321, 0, bpf_attr, 128)
+buf = mmap.mmap(-1, mmap.PAGESIZE)
+buf[0] = 1
+view = np.frombuffer(buf, dtype=np.uint8)
+address = np.array([view.ctypes.data], dtype=np.uint64)
+out["move_pages"] = int(move_pages(0, address, np.ones(1))[0])
+with open("/proc/self/pagemap", "rb") as f:
+    f.seek(view.ctypes.data // mmap.PAGESIZE * 8)
+    pfn = int.from_bytes(f.read(8), "little") & ((1 << 55) - 1)
+out["pagemap_pfn"] = pfn
+with open("/proc/kpageflags", "rb") as f:
+    f.seek(pfn * 8)
+    out["kpageflags"] = len(f.read(8))
+try:
+    with open("/sys/kernel/mm/page_idle/bitmap", "r+b") as f:
+        f.write(bytes(8))  # no bits set: marks nothing idle, proves the file is writable
+    out["page_idle_write"] = 0
+except OSError as e:
+    out["page_idle_write"] = e.errno
+support = move_phys.probe()
+out["move_phys_pages"] = str(support)
+if support.usable:
+    try:
+        move_phys.move_phys_pages(np.array([pfn * mmap.PAGESIZE], dtype=np.uint64))
+        out["move_phys_pages_call"] = 0
+    except OSError as e:
+        out["move_phys_pages_call"] = e.errno
+print(json.dumps(out))
+'''
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=300)
+
+
+def unit(prop: str) -> str:
+    return sh("systemctl", "show", "-p", prop, "--value", "tierd.service").stdout.strip()
+
+
+def journal_since(cursor: str) -> str:
+    return sh("journalctl", "-u", "tierd.service", "--no-pager", "-o", "cat",
+              f"--after-cursor={cursor}").stdout
+
+
+def journal_cursor() -> str:
+    out = sh("journalctl", "-n", "0", "--show-cursor", "--no-pager").stdout
+    return out.strip().rsplit("-- cursor: ", 1)[1]
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    """Poll `check()` until true; the lab runs under TCG, so timeouts are generous."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(1)
+
+
+def metric(name: str) -> float:
+    with urllib.request.urlopen(METRICS, timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in {METRICS}")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tierd's .deb, built and installed with dpkg in this guest (a throwaway root)."""
+    from test_packaging import build_deb
+
+    deb = build_deb(tmp_path_factory.mktemp("deb"))
+    sh("dpkg", "-i", str(deb))
+    return deb
+
+
+@in_systemd_guest
+def test_guest_runs_systemd_as_pid1() -> None:
+    assert Path("/proc/1/comm").read_text().strip() == "systemd"
+    assert sh("systemctl", "is-system-running", check=False).stdout.strip() in (
+        "starting", "running", "degraded")
+
+
+@in_systemd_guest
+def test_deb_installs_an_enabled_unit_that_verifies(installed: Path) -> None:
+    assert "install ok installed" in sh("dpkg", "-s", "tierd").stdout
+    assert sh("systemctl", "is-enabled", "tierd").stdout.strip() == "enabled"
+    assert unit("ActiveState") == "inactive"  # enabled, not started by the postinst
+    verify = sh("systemd-analyze", "verify", "tierd.service", check=False)
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+    assert unit("FragmentPath") == "/lib/systemd/system/tierd.service"
+
+
+@in_systemd_guest
+def test_sandbox_allows_what_tierd_does_and_denies_the_rest(installed: Path) -> None:
+    probe = Path("/run/tierd-sandbox-probe.py")
+    probe.write_text(SANDBOX_PROBE)
+    DROP_IN.parent.mkdir(parents=True, exist_ok=True)
+    DROP_IN.write_text(
+        "[Service]\nType=oneshot\nExecStart=\n"
+        f"ExecStart=/usr/bin/python3 {probe}\nStandardOutput=file:{PROBE_OUT}\n"
+        "WatchdogSec=0\nRestart=no\n")
+    try:
+        sh("systemctl", "daemon-reload")
+        started = sh("systemctl", "start", "tierd.service", check=False)
+        assert started.returncode == 0, started.stderr + sh(
+            "journalctl", "-u", "tierd", "--no-pager", "-n", "30").stdout
+        out = json.loads(PROBE_OUT.read_text())
+    finally:
+        DROP_IN.unlink()
+        sh("systemctl", "daemon-reload")
+    assert out["unnamed_syscall"] == 0, "a syscall systemd cannot name is blocked"
+    assert out["mount"] == errno.EPERM
+    assert out["process_vm_readv"] == errno.EPERM
+    assert out["perf_event_open"] == 0
+    assert out["bpf"] == 0
+    assert out["move_pages"] == 1
+    assert out["pagemap_pfn"] != 0, "CAP_SYS_ADMIN missing: pagemap PFNs are zeroed"
+    assert out["kpageflags"] == 8
+    assert out["page_idle_write"] == 0
+    if "move_phys_pages_call" in out:
+        assert out["move_phys_pages_call"] == 0, out["move_phys_pages"]
+
+
+@in_systemd_guest
+def test_start_reaches_active_after_ready(installed: Path) -> None:
+    started = sh("systemctl", "start", "tierd", check=False)
+    assert started.returncode == 0, sh("journalctl", "-u", "tierd", "--no-pager").stdout
+    assert unit("ActiveState") == "active"
+    assert unit("StatusText").startswith("mover ")
+    assert metric("tierd_config_last_reload_successful") == 1
+    wait_for("an interval's STATUS=", lambda: unit("StatusText").startswith("interval "), 180)
+
+
+@in_systemd_guest
+def test_reload_applies_a_good_config(installed: Path) -> None:
+    pid = unit("MainPID")
+    cursor = journal_cursor()
+    CONFIG.write_text(CONFIG.read_text().replace("interval: 5.0", "interval: 4.0", 1))
+    sh("systemctl", "reload", "tierd")
+    wait_for("the reload in the journal", lambda: "config reloaded" in journal_since(cursor), 120)
+    assert unit("ActiveState") == "active" and unit("MainPID") == pid
+    assert metric("tierd_config_last_reload_successful") == 1
+
+
+@in_systemd_guest
+def test_bad_config_on_reload_keeps_the_old_one_running(installed: Path) -> None:
+    pid = unit("MainPID")
+    good = CONFIG.read_text()
+    cursor = journal_cursor()
+    CONFIG.write_text(good + "\npolicy:\n  heat_decay: lots\n")
+    try:
+        sh("systemctl", "reload", "tierd")
+        wait_for("the refusal in the journal",
+                 lambda: "config reload failed" in journal_since(cursor), 120)
+        assert "heat_decay" in journal_since(cursor)
+        assert unit("ActiveState") == "active" and unit("MainPID") == pid
+        assert metric("tierd_config_last_reload_successful") == 0
+        wait_for("the next interval", lambda: unit("StatusText").startswith("interval "), 120)
+        assert unit("MainPID") == pid
+    finally:
+        CONFIG.write_text(good)
+    sh("systemctl", "reload", "tierd")
+    wait_for("a good reload", lambda: metric("tierd_config_last_reload_successful") == 1, 120)
+
+
+@in_systemd_guest
+def test_watchdog_restarts_a_stopped_main_loop(installed: Path) -> None:
+    pid = unit("MainPID")
+    restarts = int(unit("NRestarts"))
+    cursor = journal_cursor()
+    os.kill(int(pid), 19)  # SIGSTOP: the loop stops feeding WATCHDOG=1
+    watchdog = int(unit("WatchdogUSec")) / 1e6
+    wait_for("a new main process", lambda: unit("MainPID") not in (pid, "0"), watchdog + 240)
+    wait_for("active again", lambda: unit("ActiveState") == "active", 240)
+    assert int(unit("NRestarts")) == restarts + 1
+    assert "Watchdog timeout" in sh("journalctl", "--no-pager", "-o", "cat",
+                                    f"--after-cursor={cursor}").stdout
+
+
+@in_systemd_guest
+def test_config_error_at_start_fails_at_once_without_a_restart_loop(installed: Path) -> None:
+    good = CONFIG.read_text()
+    sh("systemctl", "stop", "tierd")
+    sh("systemctl", "reset-failed", "tierd", check=False)
+    CONFIG.write_text(good + "\nmovers:\n  batch_pages: many\n")
+    try:
+        started = sh("systemctl", "start", "tierd", check=False)
+        assert started.returncode != 0
+        # A restart scheduled by Restart=on-failure would show as activating/auto-restart.
+        assert (unit("ActiveState"), unit("SubState")) == ("failed", "failed")
+        assert unit("ExecMainStatus") == "78"
+        assert unit("NRestarts") == "0"
+        assert "movers.batch_pages" in sh("journalctl", "-u", "tierd", "--no-pager",
+                                          "-o", "cat").stdout
+    finally:
+        CONFIG.write_text(good)
+    sh("systemctl", "reset-failed", "tierd", check=False)
+    sh("systemctl", "start", "tierd")
+    assert unit("ActiveState") == "active"
+    sh("systemctl", "stop", "tierd")
