@@ -182,7 +182,7 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:70em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}
 td,th{padding:.2em .8em;text-align:right;border-bottom:1px solid #ddd}
 th:first-child,td:first-child{text-align:left}
-.bad{color:#b00;font-weight:bold} .ok{color:#070}
+.bad{color:#b00;font-weight:bold} .ok{color:#070} .off{color:#777}
 .bar{display:inline-block;height:.8em;background:#4a7bd0}
 svg{display:block;margin:.2em 0 1em}
 """
@@ -280,7 +280,7 @@ def _html_collectors(collectors: list[Document]) -> str:
     rows = ["<table id='collectors'><tr><th>collector</th><th>health</th><th>reason</th>"
             "<th>last evidence</th></tr>"]
     for c in collectors:
-        css = "ok" if c["health"] == "ok" else "bad"
+        css = {"ok": "ok", "disabled": "off"}.get(c["health"], "bad")
         last = _clock(c["last_ok"]) if c["last_ok"] else "never"
         rows.append(f"<tr><td>{html.escape(c['name'])}</td><td class='{css}'>{c['health']}"
                     f"</td><td>{html.escape(c['reason'])}</td><td>{last}</td></tr>")
