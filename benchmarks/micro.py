@@ -28,7 +28,7 @@ BIN = Path(__file__).resolve().parent.parent / "build" / "bench"
 C_SOURCES = Path(__file__).resolve().parent / "c"
 HOST_MICROS = ("perf_decode", "policy_pass")
 GUEST_MICROS = ("idle_scan", "rmap_build", "move_pages", "move_phys", "demote_cpu")
-REPEATS = 3
+REPEATS = 5
 PFNS_1TIB = (1 << 40) // 4096
 
 
@@ -45,7 +45,9 @@ def build_c(out: Path = BIN) -> Path:
 
 def run_c(name: str, *args: object) -> dict:
     done = subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True,
-                          check=True)
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} {' '.join(map(str, args))}: {done.stderr.strip()}")
     return json.loads(done.stdout)
 
 
@@ -62,11 +64,11 @@ def not_available(why: str, **measured: object) -> dict:
     return {"status": f"not available: {why}", **measured}
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result) of one call."""
     w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
+    result = fn()
+    return time.perf_counter() - w0, time.process_time() - c0, result
 
 
 def compared(tierd: list[float], raw: list[float], *, target: float | None = None,
@@ -252,11 +254,88 @@ class resident_workload:
 
 
 def rmap_build() -> dict:
-    return not_available("the reverse-map cache (tierd.movers) is not in this checkout yet")
+    """tierd's reverse-map build vs pagemap_read in C over the same processes, in pages/s.
+
+    Target (issue 5): build rate >= 0.8 x the raw pagemap read; <= 16 bytes
+    per tracked page. Both read every mapping of every user process.
+    """
+    if reason := missing("tierd.movers.rmap"):
+        return not_available(reason)
+    from tierd.movers.rmap import ReverseMap
+    from tierd.movers.safety import Exclusions, ProcessFilter
+
+    with resident_workload("64M", "448M"):
+        pids = user_pids()
+        raw_rates, tierd_rates = [], []
+        for _ in range(REPEATS):
+            raw = [run_c("pagemap_read", pid) for pid in pids]
+            raw_rates.append(sum(r["pages"] for r in raw) / sum(r["seconds"] for r in raw))
+            rmap = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
+            seconds = timed(rmap.refresh)[0]
+            tierd_rates.append(sum(r["pages"] for r in raw) / seconds)
+    return compared(tierd_rates, raw_rates, target=0.8, higher_is_better=True,
+                    tracked_pages=rmap.pages, bytes_per_tracked_page=rmap.nbytes / rmap.pages,
+                    processes=len(pids), note="virtual pages read per wall second")
+
+
+def user_pids() -> list[int]:
+    """Processes with a user address space (kernel threads have empty maps)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "maps").read_text():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
 
 
 def move_pages_micro() -> dict:
-    return not_available("the PID mover (tierd.movers) is not in this checkout yet")
+    """tierd's PID mover vs move_loop in C: the same pages, batches and directions, in pages/s.
+
+    Target (issue 5): tierd >= 0.9 x the C loop. Each side moves an idle
+    64 MiB buffer to the slow node and back.
+    """
+    if reason := missing("tierd.movers.pid"):
+        return not_available(reason)
+    from tierd.kernel.numa import move_pages
+    from tierd.kernel.pagemap import pfns_of
+    from tierd.movers.pid import PidMover
+    from tierd.movers.rmap import ReverseMap
+    from tierd.movers.safety import Exclusions, ProcessFilter
+    from tierd.policy import Batch
+    from tierd.state import Direction
+
+    with resident_workload("4M", "64M") as workload:
+        vaddrs = workload.region_addresses("cold")
+        assert (move_pages(workload.pid, vaddrs) == 0).all(), "buffer not on the fast node"
+        addr_file = Path("/tmp/move-vaddrs.bin")
+        vaddrs.astype(np.uint64).tofile(addr_file)
+        batch_pages = PidMover(ReverseMap(ProcessFilter(Exclusions()))).params.batch_pages
+        raw_rates, tierd_rates, unmoved = [], [], {"raw": 0, "tierd": 0}
+        for _ in range(REPEATS):
+            seconds, pages = 0.0, 0
+            for target in (1, 0):
+                r = run_c("move_loop", "pages", workload.pid, target, batch_pages, addr_file)
+                seconds, pages = seconds + r["seconds"], pages + r["moved"]
+                unmoved["raw"] += r["pages"] - r["moved"]
+            raw_rates.append(pages / seconds)
+            seconds, pages = 0.0, 0
+            for source, target in ((0, 1), (1, 0)):
+                # A fresh map: the C loop's moves are invisible to an incremental refresh.
+                rmap = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
+                rmap.refresh()
+                mover = PidMover(rmap)
+                direction = Direction.DEMOTE if target == 1 else Direction.PROMOTE
+                batch = Batch(direction, source, target, np.sort(pfns_of(workload.pid, vaddrs)))
+                wall, _, result = timed(lambda b=batch: mover.move(b))
+                seconds, pages = seconds + wall, pages + result.moved.size
+                unmoved["tierd"] += batch.pfns.size - result.moved.size
+            tierd_rates.append(pages / seconds)
+    return compared(tierd_rates, raw_rates, target=0.9, higher_is_better=True,
+                    pages=int(vaddrs.size), batch_pages=batch_pages, pages_not_moved=unmoved,
+                    note="pages moved per wall second, to the slow node and back")
 
 
 def move_phys_micro() -> dict:

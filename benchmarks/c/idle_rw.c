@@ -15,24 +15,30 @@
 
 #define BITMAP "/sys/kernel/mm/page_idle/bitmap"
 
-static void sweep(int fd, uint64_t first_word, uint64_t words, size_t chunk, int write_it)
+/* Returns the words done: fewer than asked when the range runs past the last PFN. */
+static uint64_t sweep(int fd, uint64_t first_word, uint64_t words, size_t chunk, int write_it)
 {
 	uint64_t *buf = malloc(chunk);
 
 	if (!buf)
 		die("malloc");
+	uint64_t w = first_word;
+
 	memset(buf, 0xff, chunk);
-	for (uint64_t w = first_word; w < first_word + words;) {
+	while (w < first_word + words) {
 		size_t n = chunk / 8;
 
 		if (n > first_word + words - w)
 			n = first_word + words - w;
 		ssize_t done = write_it ? pwrite(fd, buf, n * 8, w * 8) : pread(fd, buf, n * 8, w * 8);
-		if (done <= 0)
+		if (done < 0)
 			die(write_it ? "pwrite bitmap" : "pread bitmap");
+		if (done == 0)
+			break; /* the kernel's last PFN is inside this word */
 		w += done / 8;
 	}
 	free(buf);
+	return w - first_word;
 }
 
 int main(int argc, char **argv)
@@ -49,12 +55,12 @@ int main(int argc, char **argv)
 	if (fd < 0)
 		die(BITMAP);
 	double w0 = wall_seconds(), c0 = cpu_seconds();
-	sweep(fd, start, end - start, chunk, 1);
+	uint64_t words = sweep(fd, start, end - start, chunk, 1);
 	double w1 = wall_seconds();
-	sweep(fd, start, end - start, chunk, 0);
+	sweep(fd, start, words, chunk, 0);
 	double w2 = wall_seconds(), c2 = cpu_seconds();
 	printf("{\"pfns\": %llu, \"mark_seconds\": %.6f, \"read_seconds\": %.6f, "
 	       "\"seconds\": %.6f, \"cpu_seconds\": %.6f}\n",
-	       (unsigned long long)(end - start) * 64, w1 - w0, w2 - w1, w2 - w0, c2 - c0);
+	       (unsigned long long)words * 64, w1 - w0, w2 - w1, w2 - w0, c2 - c0);
 	return 0;
 }
