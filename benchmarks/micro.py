@@ -329,7 +329,7 @@ def move_pages_micro() -> dict:
                 mover = PidMover(rmap)
                 direction = Direction.DEMOTE if target == 1 else Direction.PROMOTE
                 batch = Batch(direction, source, target, np.sort(pfns_of(workload.pid, vaddrs)))
-                wall, _, result = timed(lambda b=batch: mover.move(b))
+                wall, _, result = timed(lambda b=batch, m=mover: m.move(b))
                 seconds, pages = seconds + wall, pages + result.moved.size
                 unmoved["tierd"] += batch.pfns.size - result.moved.size
             tierd_rates.append(pages / seconds)
