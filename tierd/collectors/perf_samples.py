@@ -1,11 +1,16 @@
 """Perf-sample collector: one sampling event per online CPU, drained into SampleBatch.
 
-Each CPU's event has its own mmap ring; `collect()` reads every ring (bytes
+Each CPU's event has its own mmap ring. A drain reads every ring (bytes
 copied out in one or two slices), decodes the records in bulk and turns the
-samples into PFNs: from PHYS_ADDR where the kernel could translate, else
-from (pid, addr) through /proc/PID/pagemap when the page is still present;
-the rest are counted as unresolved. Records the kernel dropped
-(PERF_RECORD_LOST) are counted as lost.
+samples into PFNs at once, while the pages are still mapped: from PHYS_ADDR
+where the kernel could translate, else from (pid, addr) through
+/proc/PID/pagemap when the page is still present; the rest are counted as
+unresolved. Records the kernel dropped (PERF_RECORD_LOST) are counted as lost.
+
+A ring holds far less than one daemon interval of IBS samples, so a
+background thread drains whenever a ring is half full (the events' wakeup
+watermark, through poll) or every DRAIN_SECONDS; `collect()` drains once more
+and hands over everything gathered since the last call.
 
 Errors never escape as crashes: an event that cannot be opened (paranoid
 setting, PMU gone, CPU offline) leaves the collector degraded or disabled
@@ -17,7 +22,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
+import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +45,8 @@ log = logging.getLogger(__name__)
 
 PAGE_SHIFT = pagemap.PAGE_SHIFT
 CAP_SYS_ADMIN, CAP_PERFMON = 21, 38
-DEFAULT_RING_PAGES = 64  # 256 KiB per CPU: ~5000 IBS samples between two drains
+DEFAULT_RING_PAGES = 64  # 256 KiB per CPU: ~4000 IBS samples between two drains
+DRAIN_SECONDS = 0.25  # longest wait between two drains when no ring fills up
 
 # (pid, vaddrs) -> PFN per vaddr, 0 where not present; raises KernelFileError.
 Resolver = Callable[[int, npt.NDArray[np.uint64]], npt.NDArray[np.uint64]]
@@ -97,6 +106,11 @@ class PerfSampleCollector:
         self.health = Health(State.UNAVAILABLE, "not started")
         self.stats = SampleStats()
         self._events: list[_CpuEvent] = []
+        self._lock = threading.Lock()  # the rings and the pending results
+        self._pending: list[npt.NDArray[np.uint64]] = []
+        self._pending_lost = self._pending_unresolved = 0
+        self._stop = threading.Event()
+        self._drainer: threading.Thread | None = None
 
     def __enter__(self) -> PerfSampleCollector:
         self.start()
@@ -105,7 +119,7 @@ class PerfSampleCollector:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self) -> bool:
+    def start(self, drain_in_background: bool = True) -> bool:
         """Open, map and enable the event on every CPU; False (and health says why) if none."""
         failures: list[str] = []
         for cpu in self.cpus:
@@ -124,6 +138,11 @@ class PerfSampleCollector:
             log.warning("perf collector degraded: %s", self.health.reason)
         else:
             self.health = Health(State.OK, self.event.description)
+        if drain_in_background:
+            self._stop.clear()
+            self._drainer = threading.Thread(target=self._drain_loop, name="tierd-perf-drain",
+                                             daemon=True)
+            self._drainer.start()
         return True
 
     def _open_cpu(self, cpu: int) -> _CpuEvent:
@@ -141,8 +160,11 @@ class PerfSampleCollector:
         droppable = [b for b in OPTIONAL_SAMPLE_BITS if self.sample_type & b]
         while True:
             what = f"{self.event.description}, cpu {cpu}"
+            attr = self.event.attr(self.sample_type)
+            attr.watermark = 1  # wake a poller once half the ring is used
+            attr.wakeup_events = self.ring_pages * mmap.PAGESIZE // 2  # wakeup_watermark (union)
             try:
-                return pe.perf_event_open(self.event.attr(self.sample_type), -1, cpu, what)
+                return pe.perf_event_open(attr, -1, cpu, what)
             except pe.PerfOpenError as e:
                 if e.errno != errno.EINVAL or not droppable:
                     raise
@@ -150,29 +172,51 @@ class PerfSampleCollector:
                 log.info("perf: %s refused a sample field, retrying with sample_type %#x",
                          self.event.pmu, self.sample_type)
 
-    def collect(self) -> SampleBatch:
-        """Drain every ring into one SampleBatch."""
-        parts: list[np.ndarray] = []
-        lost = 0
+    def _drain_loop(self) -> None:
+        poller = select.poll()
         for event in self._events:
-            try:
-                decoded = pe.decode(event.ring.read(), self.sample_type)
-            except ValueError as e:  # a corrupt ring: skip it, keep the others
-                self._degrade(f"cpu {event.cpu}: {e}")
-                continue
-            parts.append(decoded.samples)
-            lost += decoded.lost
-            self.stats.other_records += decoded.other
-        samples = np.concatenate(parts) if parts else np.zeros(0, pe.sample_dtype(self.sample_type))
-        pfns, unresolved = samples_to_pfns(samples, self._resolve)
-        self._count(samples, lost, unresolved)
-        return SampleBatch(pfns=pfns, lost=lost, unresolved=unresolved,
-                           collected_at=time.monotonic())
+            poller.register(event.fd, select.POLLIN)
+        while not self._stop.is_set():
+            poller.poll(int(DRAIN_SECONDS * 1000))
+            self.drain()
+            self._stop.wait(0.01)  # at most 100 drains a second, whatever poll says
 
-    def _count(self, samples: np.ndarray, lost: int, unresolved: int) -> None:
+    def drain(self) -> None:
+        """Read, decode and resolve whatever the rings hold, for the next collect()."""
+        with self._lock:
+            parts: list[np.ndarray] = []
+            for event in self._events:
+                try:
+                    decoded = pe.decode(event.ring.read(), self.sample_type)
+                except ValueError as e:  # a corrupt ring: skip it, keep the others
+                    self._degrade(f"cpu {event.cpu}: {e}")
+                    continue
+                parts.append(decoded.samples)
+                self._pending_lost += decoded.lost
+                self.stats.other_records += decoded.other
+            if not parts:
+                return
+            samples = np.concatenate(parts)
+            pfns, unresolved = samples_to_pfns(samples, self._resolve)
+            self._pending.append(pfns)
+            self._pending_unresolved += unresolved
+            self._count(samples)
+
+    def collect(self) -> SampleBatch:
+        """Everything sampled since the last collect(), as one SampleBatch."""
+        self.drain()
+        with self._lock:
+            pfns = np.concatenate(self._pending) if self._pending else np.zeros(0, np.uint64)
+            batch = SampleBatch(pfns=pfns, lost=self._pending_lost,
+                                unresolved=self._pending_unresolved,
+                                collected_at=time.monotonic())
+            self.stats.lost += self._pending_lost
+            self.stats.unresolved += self._pending_unresolved
+            self._pending, self._pending_lost, self._pending_unresolved = [], 0, 0
+        return batch
+
+    def _count(self, samples: np.ndarray) -> None:
         self.stats.samples += samples.size
-        self.stats.lost += lost
-        self.stats.unresolved += unresolved
         if "data_src" in samples.dtype.names and samples.size:
             sources = np.bincount(pe.memory_source(samples["data_src"]), minlength=len(pe.SOURCES))
             for name, count in zip(pe.SOURCES, sources, strict=True):
@@ -183,7 +227,11 @@ class PerfSampleCollector:
         self.health = Health(State.DEGRADED, reason)
 
     def close(self) -> None:
-        """Disable and close every event (safe to call twice)."""
+        """Stop draining, disable and close every event (safe to call twice)."""
+        self._stop.set()
+        if self._drainer is not None:
+            self._drainer.join()
+            self._drainer = None
         for event in self._events:
             with contextlib.suppress(OSError):  # closing below stops the event anyway
                 pe.disable(event.fd)
