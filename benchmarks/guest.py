@@ -108,7 +108,7 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
         status="ok", seconds=elapsed, shifts_at=[p.t for p in phases[1:]],
         samples=[asdict(s) for s in samples], phases=[asdict(p) for p in phases],
         vmstat=counters, agent_cpu_seconds=system.agent_cpu_seconds(),
-        migration_failures=counters["pgmigrate_fail"],
+        migration_failures=counters["pgmigrate_fail"], **system.report(),
         **metrics.summarize_quality(samples, phases, elapsed, counters["pgmigrate_success"]),
     )
     return record
@@ -149,8 +149,8 @@ def main() -> int:
     parser.add_argument("--hot", default="128M")
     parser.add_argument("--cold", default="768M")
     parser.add_argument("--procs", type=int, default=4, help="shared workload's processes")
-    parser.add_argument("--phase-seconds", type=float, default=40)
-    parser.add_argument("--shifts", type=int, default=2)
+    parser.add_argument("--phase-seconds", type=float, default=50)
+    parser.add_argument("--shifts", type=int, default=1)
     parser.add_argument("--sample-seconds", type=float, default=1.0)
     parser.add_argument("--micro", default=",".join(micro.GUEST_MICROS),
                         help="guest micro-benchmarks to run ('' for none)")

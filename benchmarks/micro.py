@@ -338,12 +338,128 @@ def move_pages_micro() -> dict:
                     note="pages moved per wall second, to the slow node and back")
 
 
+def phys_support() -> tuple[int | None, str]:
+    """(move_phys_pages syscall number, "") when this kernel proves it, else (None, why)."""
+    if reason := missing("tierd.kernel.move_phys"):
+        return None, reason
+    from tierd.kernel import move_phys
+
+    support = move_phys.probe()
+    return (support.number, "") if support.available else (None, str(support))
+
+
 def move_phys_micro() -> dict:
-    return not_available("the phys mover (tierd.kernel.move_phys) is not in this checkout yet")
+    """tierd's phys mover vs move_loop in C issuing move_phys_pages, in pages/s.
+
+    Target (issue 5): tierd >= 0.9 x the C loop, same pages, batches and
+    directions (an idle 64 MiB buffer to the slow node and back).
+    """
+    number, why = phys_support()
+    if number is None:
+        return not_available(why)
+    from tierd.kernel.move_phys import move_phys_pages
+    from tierd.kernel.pagemap import pfns_of
+    from tierd.movers.phys import PhysMover
+    from tierd.policy import Batch
+    from tierd.state import Direction
+
+    mover = PhysMover(move_phys_pages)
+    batch_pages = mover.params.batch_pages
+    with resident_workload("4M", "64M") as workload:
+        vaddrs = workload.region_addresses("cold")
+        addr_file = Path("/tmp/move-phys.bin")
+        raw_rates, tierd_rates, unmoved = [], [], {"raw": 0, "tierd": 0}
+        for _ in range(REPEATS):
+            seconds, pages = 0.0, 0
+            for target in (1, 0):
+                pfns = pfns_of(workload.pid, vaddrs)
+                (pfns << np.uint64(12)).tofile(addr_file)
+                r = run_c("move_loop", "phys", number, target, batch_pages, addr_file)
+                seconds, pages = seconds + r["seconds"], pages + r["moved"]
+                unmoved["raw"] += r["pages"] - r["moved"]
+            raw_rates.append(pages / seconds)
+            seconds, pages = 0.0, 0
+            for source, target in ((0, 1), (1, 0)):
+                direction = Direction.DEMOTE if target == 1 else Direction.PROMOTE
+                batch = Batch(direction, source, target, np.sort(pfns_of(workload.pid, vaddrs)))
+                wall, _, result = timed(lambda b=batch: mover.move(b))
+                seconds, pages = seconds + wall, pages + result.moved.size
+                unmoved["tierd"] += batch.pfns.size - result.moved.size
+            tierd_rates.append(pages / seconds)
+    return compared(tierd_rates, raw_rates, target=0.9, higher_is_better=True,
+                    pages=int(vaddrs.size), batch_pages=batch_pages, pages_not_moved=unmoved,
+                    syscall_nr=number,
+                    note="pages moved per wall second, to the slow node and back")
 
 
 def demote_cpu() -> dict:
-    return not_available("needs both movers (tierd.movers, tierd.kernel.move_phys)")
+    """The RFC's claim: CPU seconds per GiB demoted by physical address vs reverse map + move_pages.
+
+    Both start from the PFNs a collector found (the daemon's view). Phys:
+    tierd's phys mover. Reverse map: a reverse-map build of every process,
+    then tierd's PID mover. Raw: the same two paths in C (move_loop phys;
+    pagemap_read + move_loop pages). CPU time includes the syscalls' kernel
+    time; ratio = phys / reverse map (below 1: phys is cheaper).
+    """
+    number, why = phys_support()
+    if number is None:
+        return not_available(why)
+    if reason := missing("tierd.movers.pid"):
+        return not_available(reason)
+    from tierd.kernel.move_phys import move_phys_pages
+    from tierd.kernel.numa import move_pages
+    from tierd.kernel.pagemap import pfns_of
+    from tierd.movers.phys import PhysMover
+    from tierd.movers.pid import PidMover
+    from tierd.movers.rmap import ReverseMap
+    from tierd.movers.safety import Exclusions, ProcessFilter
+    from tierd.policy import Batch
+    from tierd.state import Direction
+
+    phys_mover = PhysMover(move_phys_pages)
+    batch_pages = phys_mover.params.batch_pages
+    with resident_workload("4M", "64M") as workload:
+        vaddrs = workload.region_addresses("cold")
+        gib = vaddrs.size * 4096 / (1 << 30)
+
+        def demotion() -> Batch:
+            move_pages(workload.pid, vaddrs, np.zeros(vaddrs.size, np.int32))  # start on fast
+            return Batch(Direction.DEMOTE, 0, 1, np.sort(pfns_of(workload.pid, vaddrs)))
+
+        def phys() -> float:
+            batch = demotion()
+            return timed(lambda: phys_mover.move(batch))[1]
+
+        def rmap() -> float:
+            batch = demotion()
+
+            def build_and_move() -> None:
+                reverse = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
+                reverse.refresh()
+                PidMover(reverse).move(batch)
+            return timed(build_and_move)[1]
+
+        def raw_phys() -> float:
+            (demotion().pfns << np.uint64(12)).tofile("/tmp/demote-phys.bin")
+            return run_c("move_loop", "phys", number, 1, batch_pages,
+                         "/tmp/demote-phys.bin")["cpu_seconds"]
+
+        def raw_rmap() -> float:
+            demotion()
+            vaddrs.astype(np.uint64).tofile("/tmp/demote-vaddrs.bin")
+            cpu = sum(run_c("pagemap_read", pid)["cpu_seconds"] for pid in user_pids())
+            return cpu + run_c("move_loop", "pages", workload.pid, 1, batch_pages,
+                               "/tmp/demote-vaddrs.bin")["cpu_seconds"]
+
+        runs = {name: [fn() / gib for _ in range(REPEATS)] for name, fn in
+                (("phys", phys), ("rmap", rmap), ("raw_phys", raw_phys), ("raw_rmap", raw_rmap))}
+    medians = {name: statistics.median(v) for name, v in runs.items()}
+    return {"status": "ok", "tierd": medians["phys"], "raw": medians["rmap"],
+            "ratio": medians["phys"] / medians["rmap"],
+            "raw_ratio": medians["raw_phys"] / medians["raw_rmap"],
+            "cpu_seconds_per_gib": medians, "runs": runs, "gib_per_run": gib,
+            "note": "tierd = phys mover, raw = reverse map + PID mover (both tierd, CPU s/GiB); "
+                    "raw_ratio = the same two paths in C"}
 
 
 def run_host_micro(name: str) -> dict:

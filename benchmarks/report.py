@@ -15,7 +15,8 @@ SYSTEM_ORDER = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
 KEPT_FIELDS = ("status", "hot_on_fast_steady", "hot_on_fast_steady_per_phase",
                "seconds_to_90pct", "churn", "pages_had_to_move", "pages_migrated",
                "migration_failures", "agent_cpu_seconds", "workload_system_seconds",
-               "seconds", "shifts_at", "intact", "vmstat")
+               "seconds", "shifts_at", "intact", "vmstat", "tierd_exit_code", "tierd_summary",
+               "tierd_log_tail")
 
 
 def summarize(records: list[dict]) -> dict[str, dict[str, dict]]:

@@ -41,8 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slow-mem", default="1536M", help="lab node 1 (slow) size")
     parser.add_argument("--hot", default="128M")
     parser.add_argument("--cold", default="768M", help="hot + cold must exceed node 0's free")
-    parser.add_argument("--phase-seconds", type=float, default=40)
-    parser.add_argument("--shifts", type=int, default=2)
+    parser.add_argument("--phase-seconds", type=float, default=50)
+    parser.add_argument("--shifts", type=int, default=1)
     parser.add_argument("--sample-seconds", type=float, default=1.0)
     parser.add_argument("--micro", default=",".join(micro.GUEST_MICROS),
                         help="guest micro-benchmarks ('' for none)")

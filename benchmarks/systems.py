@@ -61,6 +61,10 @@ class System:
     def stop(self) -> None:
         self.sample()
 
+    def report(self) -> dict:
+        """What the system said about its run, for the record."""
+        return {}
+
 
 class NumaBalancing(System):
     """Kernel NUMA-balancing tiering (TPP): hinting faults promote, reclaim demotes.
@@ -167,6 +171,20 @@ class DamonTiering(System):
         write(DAMON / "kdamonds/nr_kdamonds", 0)
 
 
+CONFIG_TEMPLATE = """\
+interval: 3.0
+collectors:
+  idle:
+    interval: 3.0
+movers:
+  kind: {mover}
+  move_all_shared: true
+kernel_tiering: coexist
+metrics:
+  enabled: false
+"""
+
+
 class Tierd(System):
     """tierd's daemon (`tierd run`) with its phys or its PID mover."""
 
@@ -178,8 +196,11 @@ class Tierd(System):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def unavailable(self) -> str | None:
-        if not (REPO / "tierd/daemon.py").exists():
-            return "tierd run is not in this checkout yet (no tierd/daemon.py)"
+        if self.mover == "phys":
+            from tierd.kernel import move_phys
+
+            support = move_phys.probe()
+            return None if support.available else str(support)
         return None
 
     def launch(self) -> None:
@@ -191,7 +212,9 @@ class Tierd(System):
             )
 
     def config_text(self) -> str:
-        return f"movers:\n  prefer: {self.mover}\n"
+        """config/tierd.yaml's defaults, but for the benchmark's time scale (see
+        docs/benchmarks.md): phases of tens of seconds need intervals of seconds."""
+        return CONFIG_TEMPLATE.format(mover=self.mover)
 
     def log_path(self) -> Path:
         return self.config.with_suffix(".log")
@@ -209,4 +232,11 @@ class Tierd(System):
         self.sample()
         if self.proc:
             self.proc.terminate()
-            self.proc.wait(60)
+            self.proc.wait(120)
+
+    def report(self) -> dict:
+        lines = self.log_path().read_text(errors="replace").splitlines()
+        summary = [line for line in lines if line.startswith("tierd: ")]
+        return {"tierd_exit_code": self.proc.returncode if self.proc else None,
+                "tierd_summary": summary[-1] if summary else None,
+                "tierd_log_tail": lines[-5:]}
