@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lab import vm
+from tierd.kernel import move_phys
 from tierd.kernel.move_phys import (
     SYSCALL_NR_FILE,
     MovePhysPagesError,
@@ -21,6 +22,7 @@ from tierd.kernel.move_phys import (
 )
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
+from tierd.probe import PROBES, run_probe
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "move_phys"
@@ -43,7 +45,8 @@ def fixture(name: str) -> HostRoot:
 
 def test_probe_reads_the_number_the_kernel_publishes() -> None:
     support = probe(fixture("tierd"))
-    assert support == MovePhysPagesSupport(True, 500, "")
+    assert support == MovePhysPagesSupport("move_phys_pages", True, "syscall 500", 500)
+    assert (support.available, support.number) == (True, 500)
     assert str(support) == "move_phys_pages: available (syscall 500)"
 
 
@@ -75,12 +78,32 @@ def test_probe_refuses_a_file_that_proves_nothing(tree: str, reason: str) -> Non
 @pytest.mark.parametrize("number", [0, 279, 454, 462, 469, 512, 547])
 def test_wrapper_refuses_mainline_and_x32_numbers_before_any_syscall(number: int) -> None:
     with pytest.raises(ValueError, match=f"refusing to call syscall {number}"):
-        move_phys_pages(number, [0x1000], [1])
+        move_phys_pages([0x1000], [1], nr=number)
+
+
+def test_wrapper_without_a_proven_number_raises_enosys_before_any_syscall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(move_phys, "HOST", fixture("stock"))
+    move_phys.proven_number.cache_clear()
+    try:
+        with pytest.raises(MovePhysPagesError) as raised:
+            move_phys_pages([0x1000], [1])
+    finally:
+        move_phys.proven_number.cache_clear()
+    assert raised.value.errno == errno.ENOSYS
+    assert "kernel without the tierd series" in str(raised.value)
+
+
+def test_the_probe_is_registered_with_tierd_probe() -> None:
+    assert "tierd.kernel.move_phys:probe" in PROBES
+    [capability] = run_probe("tierd.kernel.move_phys:probe", fixture("stock"))
+    assert (capability.name, capability.usable) == ("move_phys_pages", False)
 
 
 def test_wrapper_checks_shapes_before_any_syscall() -> None:
     with pytest.raises(ValueError, match="2 addresses but 1 nodes"):
-        move_phys_pages(500, [0x1000, 0x2000], [1])
+        move_phys_pages([0x1000, 0x2000], [1], nr=500)
 
 
 # The series and its man page, checked with the kernel's own tools.
@@ -234,12 +257,12 @@ def test_numpy_wrapper_moves_pages_to_node1_and_back(support: MovePhysPagesSuppo
         assert (move_pages(0, addrs, np.zeros(npages)) == 0).all()
         for node in (1, 0):
             before = _phys_addrs(base, npages)
-            assert (move_phys_pages(nr, before) == 1 - node).all()  # query mode
-            assert (move_phys_pages(nr, before, np.full(npages, node)) == node).all()
+            assert (move_phys_pages(before) == 1 - node).all()  # query mode
+            assert (move_phys_pages(before, np.full(npages, node)) == node).all()
             assert (move_pages(0, addrs) == node).all()
             after = _phys_addrs(base, npages)
             assert (after != before).all()
-            assert (move_phys_pages(nr, after) == node).all()
+            assert (move_phys_pages(after, nr=nr) == node).all()
         assert np.array_equal(view, expected)
     finally:
         del view
@@ -254,7 +277,7 @@ def test_numpy_wrapper_raises_when_the_whole_call_fails(support: MovePhysPagesSu
     try:
         paddr = _phys_addrs(view.ctypes.data, 1)
         with pytest.raises(MovePhysPagesError) as raised:
-            move_phys_pages(support.number, paddr, [1], flags=MPOL_MF_STRICT)
+            move_phys_pages(paddr, [1], flags=MPOL_MF_STRICT)
         assert raised.value.errno == errno.EINVAL
     finally:
         del view

@@ -67,6 +67,7 @@ PROBES: list[str] = [
     "tierd.collectors.perf_samples:probe",
     "tierd.collectors.perf_bcc:probe",
     "tierd.collectors.damon:probe",
+    "tierd.kernel.move_phys:probe",
 ]
 
 

@@ -8,14 +8,18 @@ never calls it. The RFC's numbers, 454 and 462, are futex_wake and mseal in
 mainline, which is why a number is never guessed, and why one that mainline
 or x32 uses is refused even when the file names it.
 
-Like tierd.kernel.numa: physical addresses are a uint64 array, nodes an int32
-array, the per-page status comes back as an int32 array, one syscall a batch.
+probe() is this module's entry in tierd.probe (a Capability that also carries
+the number). move_phys_pages() works like tierd.kernel.numa.move_pages:
+physical addresses are a uint64 array, nodes an int32 array, the per-page
+status comes back as an int32 array, one syscall a batch; it calls the number
+probe() proved unless given one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from dataclasses import dataclass
 
@@ -25,7 +29,9 @@ import numpy.typing as npt
 from tierd.errors import KernelFileError
 from tierd.kernel.numa import MPOL_MF_MOVE
 from tierd.kernel.root import HOST, HostRoot
+from tierd.probe import Capability
 
+NAME = "move_phys_pages"
 SYSCALL_NR_FILE = "/sys/kernel/mm/move_phys_pages/syscall_nr"
 # x86_64 numbers mainline has handed out (through 6.18) and the x32 range:
 # a kernel naming one of these for move_phys_pages is not to be believed.
@@ -43,17 +49,23 @@ class MovePhysPagesError(OSError):
 
 
 @dataclass(frozen=True)
-class MovePhysPagesSupport:
+class MovePhysPagesSupport(Capability):
     """Whether this kernel has move_phys_pages, its number, and if not, why not."""
 
-    available: bool
-    number: int | None
-    reason: str
+    number: int | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.usable
 
     def __str__(self) -> str:
         if self.available:
-            return f"move_phys_pages: available (syscall {self.number})"
-        return f"move_phys_pages: unavailable ({self.reason})"
+            return f"{NAME}: available (syscall {self.number})"
+        return f"{NAME}: unavailable ({self.reason})"
+
+
+def _unavailable(reason: str) -> MovePhysPagesSupport:
+    return MovePhysPagesSupport(NAME, False, reason)
 
 
 def refusal(number: int) -> str | None:
@@ -71,20 +83,26 @@ def probe(root: HostRoot = HOST) -> MovePhysPagesSupport:
         text = root.read_text(SYSCALL_NR_FILE)
     except KernelFileError as e:
         if e.reason == "missing":
-            return MovePhysPagesSupport(
-                False, None, f"{SYSCALL_NR_FILE} missing: kernel without the tierd series"
-            )
-        return MovePhysPagesSupport(False, None, str(e))
+            return _unavailable(f"{SYSCALL_NR_FILE} missing: kernel without the tierd series")
+        return _unavailable(str(e))
     value = text.strip()
     if not (value.isascii() and value.isdigit()):
-        error = KernelFileError(root(SYSCALL_NR_FILE), f"not a syscall number: {value!r}")
-        return MovePhysPagesSupport(False, None, str(error))
+        return _unavailable(str(KernelFileError(root(SYSCALL_NR_FILE),
+                                                f"not a syscall number: {value!r}")))
     number = int(value)
     refused = refusal(number)
     if refused:
-        error = KernelFileError(root(SYSCALL_NR_FILE), refused)
-        return MovePhysPagesSupport(False, None, str(error))
-    return MovePhysPagesSupport(True, number, "")
+        return _unavailable(str(KernelFileError(root(SYSCALL_NR_FILE), refused)))
+    return MovePhysPagesSupport(NAME, True, f"syscall {number}", number)
+
+
+@functools.cache
+def proven_number() -> int:
+    """The running kernel's move_phys_pages number; MovePhysPagesError(ENOSYS) if unproven."""
+    support = probe(HOST)
+    if support.number is None:
+        raise MovePhysPagesError(errno.ENOSYS, str(support))
+    return support.number
 
 
 def _ptr(array: np.ndarray | None) -> ctypes.c_void_p | None:
@@ -92,21 +110,26 @@ def _ptr(array: np.ndarray | None) -> ctypes.c_void_p | None:
 
 
 def move_phys_pages(
-    nr: int,
     phys_addrs: npt.ArrayLike,
     nodes: npt.ArrayLike | None = None,
     flags: int = MPOL_MF_MOVE,
+    *,
+    nr: int | None = None,
 ) -> npt.NDArray[np.int32]:
     """Move (or with nodes=None, query) the pages at physical addresses `phys_addrs`.
 
-    `nr` is the syscall number from probe(). Returns the per-page status: the
+    `nr` is the syscall number, by default the one the running kernel proves
+    in sysfs (proven_number()). Returns the per-page status: the
     node the page is on after the call, or a negative errno (-ENOENT offline,
     free, kernel or isolated; -EFAULT zero page or unmigratable mapping;
     -EACCES shared without MPOL_MF_MOVE_ALL or outside a mapping task's
     cpuset; -EBUSY; -ENOMEM; ...). Pages after a batch the kernel failed to
     migrate keep NOT_ATTEMPTED. Raises MovePhysPagesError when the call as a
-    whole fails, ValueError for a number that must not be called.
+    whole fails (ENOSYS when the kernel proves no number), ValueError for a
+    number that must not be called.
     """
+    if nr is None:
+        nr = proven_number()
     refused = refusal(nr)
     if refused:
         raise ValueError(f"refusing to call {refused}")
