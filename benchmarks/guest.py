@@ -37,7 +37,17 @@ from workloads import Variant  # noqa: E402
 from tierd.kernel.numa import move_pages  # noqa: E402
 
 SYSTEMS = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
-WORKLOADS = ("shift", "zipf", "shared")
+# Sizes for the lab's 768 MiB fast node (about 620 MiB of it free for the
+# workload): each hot set fits on the fast node, hot + cold does not.
+WORKLOADS = {
+    # The lab workload: everything starts on the slow node; the swap makes
+    # the cold half hot, so the old hot half must leave to make room.
+    "shift": {"hot": "384M", "cold": "384M", "start_node": 1},
+    # Zipf-like skew: the fast node starts full of cold pages.
+    "zipf": {"hot": "128M", "cold": "768M", "start_node": 0},
+    # As shift, but the hot half is mapped by 4 processes at once.
+    "shared": {"hot": "384M", "cold": "384M", "start_node": 1, "procs": 4},
+}
 MIGRATION_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "pgpromote_success",
                       "pgdemote_kswapd", "pgdemote_direct", "pgdemote_khugepaged",
                       "numa_hint_faults", "numa_pages_migrated")
@@ -50,10 +60,12 @@ def make_system(name: str, scratch: Path) -> systems.System:
             "damon": systems.DamonTiering}[name]()
 
 
-def start_workload(name: str, args: argparse.Namespace) -> Workload | Variant:
+def start_workload(name: str) -> Workload | Variant:
+    spec = WORKLOADS[name]
     if name == "shift":
-        return Workload.start(args.hot, args.cold, start_node=systems.FAST_NODE)
-    return Variant.start(name, args.hot, args.cold, procs=args.procs)
+        return Workload.start(spec["hot"], spec["cold"], start_node=spec["start_node"])
+    return Variant.start(name, spec["hot"], spec["cold"], start_node=spec["start_node"],
+                         procs=spec.get("procs", 1))
 
 
 def workload_pids(workload: Workload | Variant) -> list[int]:
@@ -88,7 +100,7 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
         record["status"] = f"not available: {reason}"
         return record
     reset_memory()
-    workload = start_workload(workload_name, args)
+    workload = start_workload(workload_name)
     pids = workload_pids(workload)
     try:
         before = kstat.vmstat()
@@ -146,9 +158,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--hot", default="128M")
-    parser.add_argument("--cold", default="768M")
-    parser.add_argument("--procs", type=int, default=4, help="shared workload's processes")
     parser.add_argument("--phase-seconds", type=float, default=50)
     parser.add_argument("--shifts", type=int, default=1)
     parser.add_argument("--sample-seconds", type=float, default=1.0)
@@ -156,7 +165,8 @@ def main() -> int:
                         help="guest micro-benchmarks to run ('' for none)")
     args = parser.parse_args()
     result: dict = {"kernel": os.uname().release, "config": {
-        k: v for k, v in vars(args).items() if k != "out"}, "runs": [], "micro": {}}
+        **{k: v for k, v in vars(args).items() if k != "out"}, "workload_specs": WORKLOADS},
+        "runs": [], "micro": {}}
     for workload_name in filter(None, args.workloads.split(",")):
         for system_name in filter(None, args.systems.split(",")):
             print(f"tierbench: {workload_name} under {system_name}", flush=True)

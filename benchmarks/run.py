@@ -37,10 +37,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kernel", choices=vm.KERNELS, default="tierd")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    # The workload sizes in guest.WORKLOADS are chosen for these node sizes.
     parser.add_argument("--fast-mem", default="768M", help="lab node 0 (fast) size")
     parser.add_argument("--slow-mem", default="1536M", help="lab node 1 (slow) size")
-    parser.add_argument("--hot", default="128M")
-    parser.add_argument("--cold", default="768M", help="hot + cold must exceed node 0's free")
     parser.add_argument("--phase-seconds", type=float, default=50)
     parser.add_argument("--shifts", type=int, default=1)
     parser.add_argument("--sample-seconds", type=float, default=1.0)
@@ -55,8 +54,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def guest_command(args: argparse.Namespace) -> str:
-    options = {"--systems": args.systems, "--workloads": args.workloads, "--hot": args.hot,
-               "--cold": args.cold, "--phase-seconds": args.phase_seconds,
+    options = {"--systems": args.systems, "--workloads": args.workloads,
+               "--phase-seconds": args.phase_seconds,
                "--shifts": args.shifts, "--sample-seconds": args.sample_seconds,
                "--micro": args.micro}
     argv = [str(REPO / ".venv/bin/python"), str(HERE / "guest.py"), "--out", "/lab-out/guest.json"]

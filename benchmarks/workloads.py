@@ -4,7 +4,8 @@
 - zipf: one region of H + C pages whose pages are touched with a Zipf-like
   skew (rank r has weight 1 / (r + 1) ** s). The "hot set" is the H
   highest-ranked pages. Ranks start at the region's end (filled last, so on
-  the slow node); SIGUSR1 rotates the ranking by half the region.
+  the slow node); SIGUSR1 moves the ranking H pages down, onto pages that
+  were cold (and, with no tiering, on the slow node too).
 - shared: a hot and a cold MAP_SHARED region touched by --procs forked
   processes, so the hot pages are mapped by several processes (what per-PID
   movers find hard: move_pages needs MPOL_MF_MOVE_ALL for them). SIGUSR1
@@ -100,7 +101,7 @@ def run_zipf(args: argparse.Namespace) -> int:
         "swaps": 0, "intact": None,
     })
     stop = _install_signals(state, lambda s: s.update(
-        hot_offset=(s["hot_offset"] + pages // 2) % pages))
+        hot_offset=(s["hot_offset"] - hot_pages) % pages))
     rng = np.random.default_rng(7)
     draws = max(1, hot_pages // 2)
     while not stop():
