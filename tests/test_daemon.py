@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lab.workload import Workload
+from tierd.commands.run import summary_line
+from tierd.config import Config, parse
+from tierd.daemon import Daemon, describe
+from tierd.heat import classes
+from tierd.kernel.numa import move_pages
 from tierd.state import DaemonState, Direction, Health
 
 
@@ -46,3 +61,239 @@ def test_last_errors_are_bounded() -> None:
         state.record_error("mover:pid", f"error {i}")
     errors = state.snapshot().last_errors
     assert len(errors) == 20 and errors[-1].message == "error 99"
+
+
+# --- the lab: the daemon against real kernels -----------------------------------------------
+
+LAB = Path(__file__).parent / "lab"
+INTERVAL = 2.0
+HOT, COLD = "256M", "512M"
+FAST_FREE_TARGET = 700 << 20  # node 0 free memory left for the workload (H + C exceeds it)
+EXCLUDED_COMM = "tierd-excl-hog"
+EXCLUDED_CGROUP = "/tierd-test-excluded"
+
+# A process holding `size` bytes on node 0 (optionally mlocked, renamed, in a cgroup) and
+# printing its buffer address; it sleeps until killed.
+HOG = """
+import ctypes, mmap, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[5])
+from workload import set_preferred_node
+size, lock, name, cgroup = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3], sys.argv[4]
+libc = ctypes.CDLL(None, use_errno=True)
+if cgroup:
+    open(f"/sys/fs/cgroup{cgroup}/cgroup.procs", "w").write("0")
+if name:
+    libc.prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME
+set_preferred_node(0)
+buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+a = np.frombuffer(buf, dtype=np.uint8)
+a[::4096] = 7
+if lock and libc.mlock(ctypes.c_void_p(a.ctypes.data), ctypes.c_size_t(size)) != 0:
+    sys.exit(f"mlock: errno {ctypes.get_errno()}")
+print(a.ctypes.data, flush=True)
+time.sleep(3600)
+"""
+
+
+@dataclass
+class Hog:
+    proc: subprocess.Popen[str]
+    addresses: np.ndarray
+
+    @classmethod
+    def start(cls, size: int, *, mlock: bool = False, name: str = "", cgroup: str = "") -> Hog:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOG, str(size), "1" if mlock else "0", name, cgroup,
+             str(LAB)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, f"hog exited with {proc.wait()}"
+        base = int(line)
+        return cls(proc, base + 4096 * np.arange(size // 4096, dtype=np.uint64))
+
+    def nodes(self) -> np.ndarray:
+        return move_pages(self.proc.pid, self.addresses)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _node0_free() -> int:
+    for line in Path("/sys/devices/system/node/node0/meminfo").read_text().splitlines():
+        if "MemFree:" in line:
+            return int(line.split()[-2]) * 1024
+    raise AssertionError("no MemFree in node0/meminfo")
+
+
+def _config(mover: str, policy: str = "{hysteresis_intervals: 1, headroom_percent: 2.0}"
+            ) -> Config:
+    lines = [
+        f"interval: {INTERVAL}",
+        f"policy: {policy}",
+        f"movers: {{kind: {mover}, rate_mb_per_s: 400, batch_pages: 1024}}",
+        f"collectors: {{idle: {{interval: {INTERVAL}, pfns_per_second: 100000000}},"
+        " perf: {enabled: false}, damon: {aggregation_interval: 1.0}}",
+        f"exclusions: {{comms: ['{EXCLUDED_COMM}'], cgroups: ['{EXCLUDED_CGROUP}']}}",
+        "kernel_tiering: warn",
+        "metrics: {enabled: false}",
+    ]
+    return parse("\n".join(lines).encode())
+
+
+class Moves:
+    """Per-page node history of the workload's two regions: how often each page moved."""
+
+    def __init__(self, workload: Workload) -> None:
+        self.workload = workload
+        self.last = self._nodes()
+        self.moves = np.zeros(self.last.size, dtype=np.int64)
+
+    def _nodes(self) -> np.ndarray:
+        state = self.workload.state()
+        parts = []
+        for name in ("a", "b"):
+            region = state["regions"][name]
+            addrs = region["address"] + 4096 * np.arange(region["pages"], dtype=np.uint64)
+            parts.append(move_pages(self.workload.pid, addrs))
+        return np.concatenate(parts)
+
+    def update(self) -> None:
+        now = self._nodes()
+        self.moves += (now != self.last) & (now >= 0) & (self.last >= 0)
+        self.last = now
+
+    def reset(self) -> None:
+        self.moves[:] = 0
+
+
+def _converge(daemon: Daemon, workload: Workload, moves: Moves, limit: int = 10) -> int:
+    """Step the daemon until >= 95% of H is on node 0 and of C on node 1; the steps it took."""
+    for step in range(1, limit + 1):
+        time.sleep(INTERVAL)
+        summary = daemon.step()
+        moves.update()
+        placement = workload.placement()
+        snap = daemon.state.snapshot()
+        print(f"interval {step}: H on node 0 {placement.hot_on_fast:.3f}, "
+              f"C on node 1 {placement.cold_on_slow:.3f}; {describe(summary, 4096)}; tracked "
+              f"{snap.tracked_pages}, rmap {snap.rmap_pages}, excluded "
+              f"{dict(snap.pages_excluded)}, collectors "
+              f"{ {k: (v.health.value, v.reason) for k, v in snap.collectors.items()} }, "
+              f"classes {np.bincount(classes(daemon.heat.mark), minlength=4).tolist()}",
+              flush=True)
+        if placement.hot_on_fast >= 0.95 and placement.cold_on_slow >= 0.95:
+            return step
+    raise AssertionError(f"not converged in {limit} intervals: {workload.placement()}")
+
+
+def _protected_hogs(mlocked_size: int) -> list[Hog]:
+    """Cold memory on node 0 tierd must never move: by name, by cgroup, mlocked."""
+    Path("/sys/fs/cgroup" + EXCLUDED_CGROUP).mkdir(exist_ok=True)
+    Path("/sys/fs/cgroup/cgroup.subtree_control").write_text("+memory")
+    hogs = [Hog.start(64 << 20, name=EXCLUDED_COMM), Hog.start(64 << 20, cgroup=EXCLUDED_CGROUP)]
+    hogs.append(Hog.start(mlocked_size, mlock=True))
+    return hogs
+
+
+def _scenario(lab_kernel: str, mover: str, start_node: int, swap: bool) -> None:
+    hogs = _protected_hogs(max(64 << 20, _node0_free() - (128 << 20) - FAST_FREE_TARGET))
+    before = [hog.nodes() for hog in hogs]
+    assert all((b == 0).mean() > 0.9 for b in before), "hogs did not start on node 0"
+    workload = Workload.start(HOT, COLD, start_node=start_node, state_dir=Path("/tmp"))
+    daemon = Daemon(_config(mover))
+    try:
+        daemon.start()
+        assert daemon.state.mover == ("pid" if mover == "pid" or lab_kernel == "stock"
+                                      else "phys")
+        moves = Moves(workload)
+        _converge(daemon, workload, moves)
+        if swap:
+            moves.reset()
+            workload.swap()
+            _converge(daemon, workload, moves)
+            assert moves.moves.max() <= 2, f"a page moved {moves.moves.max()} times"
+        snap = daemon.state.snapshot()
+        print(summary_line(snap), dict(snap.failures), dict(snap.pages_excluded), flush=True)
+        for hog, nodes in zip(hogs, before, strict=True):
+            assert np.array_equal(hog.nodes(), nodes), "a protected page moved"
+    finally:
+        daemon.close()
+        intact = workload.stop()
+        for hog in hogs:
+            hog.stop()
+    assert intact, "the workload's memory changed"
+
+
+@pytest.mark.vm(kernels=["tierd"])
+def test_phys_mover_sorts_hot_and_cold_and_again_after_a_swap(lab_kernel: str) -> None:
+    _scenario(lab_kernel, "auto", start_node=0, swap=True)
+
+
+@pytest.mark.vm(kernels=["tierd"])
+def test_forced_pid_mover_sorts_hot_and_cold_and_again_after_a_swap(lab_kernel: str) -> None:
+    _scenario(lab_kernel, "pid", start_node=0, swap=True)
+
+
+@pytest.mark.vm
+def test_starting_on_the_slow_node_hot_pages_come_up(lab_kernel: str) -> None:
+    _scenario(lab_kernel, "auto", start_node=1, swap=False)
+
+
+@pytest.mark.vm(kernels=["stock"])
+def test_stock_kernel_pid_mover_with_damon_sorts_and_swaps(lab_kernel: str) -> None:
+    _scenario(lab_kernel, "auto", start_node=0, swap=True)
+
+
+@pytest.mark.vm
+def test_protected_pages_never_move_even_when_they_are_the_coldest(lab_kernel: str) -> None:
+    hogs = _protected_hogs(128 << 20)
+    before = [hog.nodes() for hog in hogs]
+    # Headroom 50%: node 0 is "full", so tierd demotes every cold page it may.
+    daemon = Daemon(_config("auto", policy="{hysteresis_intervals: 1, headroom_percent: 50}"))
+    try:
+        daemon.start()
+        for _ in range(6):
+            time.sleep(INTERVAL)
+            daemon.step()
+        snap = daemon.state.snapshot()
+        print(summary_line(snap), dict(snap.failures), dict(snap.pages_excluded), flush=True)
+        for hog, nodes in zip(hogs, before, strict=True):
+            assert (nodes == 0).all() and np.array_equal(hog.nodes(), nodes)
+        assert sum(n for (d, _, _), n in snap.pages_moved.items() if d is Direction.DEMOTE) > 0
+        # tierd did pick protected pages and refused them, each for its reason.
+        assert snap.pages_excluded["mlocked"] > 0
+        assert snap.pages_excluded["excluded_process"] + snap.pages_excluded["excluded_cgroup"] \
+            >= 2 * (64 << 20) // 4096
+    finally:
+        daemon.close()
+        for hog in hogs:
+            hog.stop()
+
+
+@pytest.mark.vm
+def test_tierd_run_once_dry_run_prints_a_summary_and_moves_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "tierd.yaml"
+    config.write_text("interval: 1\nmetrics: {enabled: false}\ncollectors: {perf: "
+                      "{enabled: false}, idle: {interval: 1}}\n")
+    before = _vmstat("pgmigrate_success")
+    done = subprocess.run([sys.executable, "-m", "tierd", "run", "--once", "--dry-run",
+                           "--config", str(config), "--record", str(tmp_path / "trace")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("tierd: 1 intervals, mover ")
+    assert "would have promoted" in done.stdout
+    assert _vmstat("pgmigrate_success") == before
+    simulated = subprocess.run([sys.executable, "-m", "tierd", "simulate", str(tmp_path / "trace")],
+                               capture_output=True, text=True, timeout=600)
+    assert simulated.returncode == 0, simulated.stderr
+    assert simulated.stdout.splitlines()[-1].startswith("total over 1 intervals:")
+
+
+def _vmstat(key: str) -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, value = line.split()
+        if name == key:
+            return int(value)
+    raise AssertionError(f"no {key} in /proc/vmstat")

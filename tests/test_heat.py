@@ -8,7 +8,8 @@ from tierd import heat as h
 from tierd.collectors.evidence import UNTRACKED, IdleScan, RegionBatch, SampleBatch
 
 PARAMS = h.HeatParams(decay=0.5, hot_threshold=4.0, cold_threshold=0.5, idle_access_weight=4.0,
-                      sample_weight=1.0, region_weight=8.0, initial_heat=2.0,
+                      sample_weight=1.0, region_weight=8.0, region_hot_rate=1.0,
+                      initial_heat=2.0,
                       cooldown_intervals=2)
 
 
@@ -101,6 +102,28 @@ def test_regions_heat_by_access_rate_without_tracking_free_frames() -> None:
     assert model.tracked_count() == 2
 
 
+def test_pinned_frames_are_not_candidates_and_not_retracked_until_unpinned() -> None:
+    model = h.HeatModel(4, PARAMS)
+    _interval(model, _scan([0, 0, 0, 0]))
+    model.pin(np.array([1, 2], dtype=np.uint64))
+    _interval(model, _scan([0, 0, 0, 0]))
+    model.track(np.array([1], dtype=np.uint64))
+    assert h.classes(model.mark).tolist() == [h.HOT, 0, 0, h.HOT]
+    assert model.mark[1] == h.PINNED and model.mark[2] == h.PINNED
+    model.unpin_all()
+    _interval(model, _scan([0, 0, 0, 0]))
+    assert h.classes(model.mark).tolist() == [h.HOT, h.HOT, h.HOT, h.HOT]
+
+
+def test_a_few_percent_damon_access_rate_already_counts_as_hot() -> None:
+    model = h.HeatModel(4, h.HeatParams())
+    batch = RegionBatch(np.array([0, 2], dtype=np.uint64), np.array([2, 4], dtype=np.uint64),
+                        np.array([1, 0], dtype=np.uint32), np.array([1, 1], dtype=np.uint32),
+                        max_nr_accesses=50, collected_at=0.0)
+    model.add_regions(batch)
+    assert model.heat.tolist() == [64, 64, 0, 0]
+
+
 def test_transfer_moves_heat_to_the_new_frame_with_a_cooldown() -> None:
     model = h.HeatModel(8, PARAMS)
     _interval(model, _scan([0, 0, 0, 0, 0, 0, 0, 0]))
@@ -138,7 +161,7 @@ def test_classify_matches_a_per_page_reference_on_random_marks() -> None:
 def _reference_classify(heat: int, mark: int) -> int:
     old_cls = (mark >> 3) & 3
     if old_cls == 0:
-        return 0
+        return mark  # untracked (0) or pinned
     cls = h.HOT if heat >= 64 else h.COLD if heat <= 8 else h.WARM
     streak = min(mark & 7, 6) + 1 if cls == old_cls else 1
     cooldown = max(0, (mark >> 5) - 1)

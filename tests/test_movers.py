@@ -116,6 +116,13 @@ def test_call_level_errors_fail_the_pages_and_the_mover_goes_on(err: int, reason
     assert result.moved.size == 0
 
 
+def test_a_call_level_enomem_means_the_target_is_full() -> None:
+    mover, _ = _mover(FakeKernel(call_error=errno.ENOMEM), batch_pages=2)
+    result = mover.move(_batch([16, 17, 18, 40]))
+    assert result.target_full
+    assert result.failures == {"call_ENOMEM": 2, "target_full": 2}
+
+
 def test_a_node_outside_mems_allowed_is_never_asked_for() -> None:
     kernel = FakeKernel()
     mover, _ = _mover(kernel)

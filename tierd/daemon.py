@@ -16,7 +16,6 @@ queues a validated config; the next step swaps it in before collecting.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -37,7 +36,7 @@ from tierd.collectors.topology import Topology, read_topology
 from tierd.config import Config
 from tierd.errors import TierdError
 from tierd.heat import HEAT_SCALE, HeatModel, HeatParams
-from tierd.kernel import pmu
+from tierd.kernel import move_phys, pmu
 from tierd.kernel.damon_sysfs import MonitoringAttrs
 from tierd.kernel.kernel_tiering import read_kernel_tiering
 from tierd.kernel.pagemap import PAGE_SIZE
@@ -50,15 +49,16 @@ from tierd.movers.safety import Exclusions, ProcessFilter
 from tierd.movers.status import BatchResult
 from tierd.policy import Batch, NodeFacts, Plan, PolicyParams
 from tierd.probe import Health as ProbeHealth
-from tierd.probe import State, run_probe
+from tierd.probe import State
 from tierd.state import DaemonState, Direction, Health, NodeUsage
 from tierd.trace import IntervalRecord, TraceWriter
 
 log = logging.getLogger(__name__)
 
 HEAT_STRIP_BINS = 64
-# The kernel-patch side: probe(root) -> Capability, move_phys_pages(addrs, nodes) -> statuses.
-MOVE_PHYS_MODULE = "tierd.kernel.move_phys"
+# Pinned frames (mlocked, unevictable, excluded) are reconsidered this often: their
+# pages may have been unlocked, freed or their owner may have exited.
+UNPIN_EVERY_INTERVALS = 30
 
 
 @dataclass(frozen=True)
@@ -243,10 +243,10 @@ class Daemon:
 
     def _move_phys_syscall(self) -> tuple[MovePhysPages | None, str]:
         """move_phys_pages when its probe proved this kernel implements it, else why not."""
-        capability = run_probe(f"{MOVE_PHYS_MODULE}:probe", self.root)[0]
-        if not capability.usable:
-            return None, capability.reason
-        return importlib.import_module(MOVE_PHYS_MODULE).move_phys_pages, ""
+        support = move_phys.probe(self.root)
+        if not support.usable:
+            return None, support.reason
+        return move_phys.move_phys_pages, ""
 
     def close(self) -> None:
         for collector in (self.idle, self.perf):
@@ -313,6 +313,9 @@ class Daemon:
     def step(self) -> IntervalSummary:
         """One interval: collect, heat, rmap, policy, move, publish."""
         self._apply_pending()
+        if self.heat is not None and self.state.intervals % UNPIN_EVERY_INTERVALS == \
+                UNPIN_EVERY_INTERVALS - 1:
+            self.heat.unpin_all()
         with self._stage("collect"):
             self.topology = read_topology(self.root)
             evidence = self.collect()
@@ -378,19 +381,36 @@ class Daemon:
         if plan.batches:
             self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
         full: set[int] = set()
-        for batch in plan.batches:
+        # Promotions into a node rely on its planned demotions having made room:
+        # whatever was not demoted is taken off that node's promotions.
+        shortfall: Counter[int] = Counter()
+        for index, batch in enumerate(plan.batches):
             if self.stop_event.is_set():
                 log.info("stopping: %d batches of this interval not started",
-                         len(plan.batches) - plan.batches.index(batch))
+                         len(plan.batches) - index)
                 break
             if batch.target in full:
                 summary.failures["target_full"] += batch.pfns.size
                 continue
+            if batch.direction is Direction.PROMOTE and shortfall[batch.target]:
+                batch = self._trim(batch, shortfall, summary)
             result = self._move_batch(batch, summary)
+            if batch.direction is Direction.DEMOTE:
+                done = batch.pfns.size if result is None else result.moved.size
+                shortfall[batch.source] += batch.pfns.size - done
             if result is not None and result.target_full:
                 full.add(batch.target)
         self.state.record_failures(summary.failures)
         return summary
+
+    def _trim(self, batch: Batch, shortfall: Counter[int], summary: IntervalSummary) -> Batch:
+        cut = min(batch.pfns.size, shortfall[batch.target])
+        shortfall[batch.target] -= cut
+        summary.failures["no_room"] += cut
+        assert self.heat is not None
+        self.heat.cool_down(batch.pfns[batch.pfns.size - cut:])
+        return Batch(batch.direction, batch.source, batch.target,
+                     batch.pfns[:batch.pfns.size - cut])
 
     def _move_batch(self, batch: Batch, summary: IntervalSummary) -> BatchResult | None:
         assert self.heat is not None and self.mover is not None
@@ -398,11 +418,12 @@ class Daemon:
                                            self._excluded_pfns)
         for reason, count in dropped.items():
             self.state.record_excluded(reason, count)
-        self.heat.cool_down(np.setdiff1d(batch.pfns, pfns))
+        self.heat.pin(np.setdiff1d(batch.pfns, pfns, assume_unique=True))
         key = (batch.direction, batch.source, batch.target)
         if self.settings.dry_run:
             self.state.record_moved(*key, int(pfns.size))
             summary.moved[key] += int(pfns.size)
+            self.heat.cool_down(pfns)  # as if moved: do not plan them again at once
             log.debug("dry run: would %s %d pages node %d -> %d", batch.direction.value,
                       pfns.size, batch.source, batch.target)
             return None

@@ -6,7 +6,11 @@ interval's evidence is added:
 
 - an idle-bitmap scan that saw the page accessed adds `idle_access_weight`;
 - each perf sample of the page adds `sample_weight`;
-- a DAMON region adds `region_weight` x its access rate (nr_accesses / max).
+- a DAMON region adds `region_weight` x its access rate (nr_accesses / max)
+  relative to `region_hot_rate`, capped at 1: DAMON checks one page per
+  region per sampling interval, so a page touched every few hundred ms shows
+  a rate of a few percent (damo's tiering setup calls 5% hot; pages touched
+  every 200 ms measured 2-3% in the lab).
 
 `mark` (uint8) holds what the policy needs besides heat, per PFN:
 
@@ -15,8 +19,11 @@ interval's evidence is added:
     bits 5-7  cooldown: intervals before the page may be moved again
 
 "Untracked" PFNs (kernel memory, free frames, huge-page tails) are never
-candidates. A PFN becomes tracked when an idle scan says it is a user LRU
-page, when it is sampled, or when the reverse map finds it mapped; it starts
+candidates. A "pinned" PFN (the mark value PINNED: class 0 with all other bits
+set) is an untracked PFN the movers found unmovable (mlocked, unevictable,
+an excluded process's): it stays out of the candidates until unpin_all().
+A PFN becomes tracked when an idle scan says it is a user LRU page, when it
+is sampled, or when the reverse map finds it mapped; it starts
 warm, with `initial_heat` and a full cooldown, so a page is never moved on
 the strength of a single interval. A page the movers moved away leaves an
 untracked frame behind; where its new PFN is known (PID mover) the heat and
@@ -48,6 +55,7 @@ STREAK_MAX = 7
 COOLDOWN_MAX = 7
 
 UNTRACKED_CLASS = 0
+PINNED = np.uint8(0b1110_0111)
 COLD = 1
 WARM = 2
 HOT = 3
@@ -64,7 +72,8 @@ class HeatParams:
     cold_threshold: float = 0.5  # heat <= this: cold
     idle_access_weight: float = 4.0  # one observed access in an idle scan
     sample_weight: float = 1.0  # per perf sample
-    region_weight: float = 8.0  # a DAMON region accessed at every sample
+    region_weight: float = 4.0  # a DAMON region at or above region_hot_rate
+    region_hot_rate: float = 0.02  # DAMON access rate (nr_accesses / max) that counts fully
     initial_heat: float = 2.0  # a newly tracked page: warm, neither hot nor cold
     cooldown_intervals: int = 2  # after a move, or after becoming tracked
 
@@ -135,9 +144,10 @@ class HeatModel:
         return index[index < np.uint64(self.npfns)].astype(np.intp)
 
     def track(self, pfns: npt.NDArray[np.uint64]) -> None:
-        """Start tracking these PFNs (those already tracked keep their state)."""
+        """Start tracking these PFNs (those already tracked, or pinned, keep their state)."""
         index = self._clip(pfns)
-        new = index[(self.mark[index] & CLASS_MASK) == 0]
+        marks = self.mark[index]
+        new = index[((marks & CLASS_MASK) == 0) & (marks != PINNED)]
         self.heat[new] = self._initial
         self.mark[new] = self._new_mark
 
@@ -174,7 +184,8 @@ class HeatModel:
         if batch.max_nr_accesses <= 0:
             return
         rate = np.minimum(batch.nr_accesses, batch.max_nr_accesses) / batch.max_nr_accesses
-        units = np.rint(rate * self.params.units(self.params.region_weight)).astype(np.int64)
+        strength = np.minimum(1.0, rate / self.params.region_hot_rate)
+        units = np.rint(strength * self.params.units(self.params.region_weight)).astype(np.int64)
         starts = np.minimum(batch.pfn_start, self.npfns).astype(np.intp)
         ends = np.minimum(batch.pfn_end, self.npfns).astype(np.intp)
         for start, end, add in zip(starts, ends, units, strict=True):
@@ -202,6 +213,18 @@ class HeatModel:
         cooldown = np.uint8(min(COOLDOWN_MAX, self.params.cooldown_intervals) << COOLDOWN_SHIFT)
         self.heat[new_i] = heat
         self.mark[new_i] = cls | cooldown
+
+    def pin(self, pfns: npt.NDArray[np.uint64]) -> None:
+        """Frames the movers may not touch: no longer candidates, not re-tracked."""
+        index = self._clip(pfns)
+        self.heat[index] = 0
+        self.mark[index] = PINNED
+
+    def unpin_all(self) -> None:
+        """Let pinned frames be tracked again (their pages may have been freed or unlocked)."""
+        for start in range(0, self.npfns, CHUNK):
+            chunk = self.mark[start:start + CHUNK]
+            chunk[chunk == PINNED] = 0
 
     def cool_down(self, pfns: npt.NDArray[np.uint64]) -> None:
         """Pages that stayed put after a failed or skipped move: do not retry them at once."""
@@ -257,5 +280,6 @@ class HeatModel:
         cooldown <<= u8(COOLDOWN_SHIFT)
         cooldown |= new_cls
         cooldown |= streak
-        cooldown *= (old_cls != 0).view(u8)  # untracked stays untracked
+        cooldown *= (old_cls != 0).view(u8)
+        cooldown |= mark * (old_cls == 0).view(u8)  # untracked (or pinned) stays so
         mark[:] = cooldown

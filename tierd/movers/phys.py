@@ -65,6 +65,7 @@ class PhysMover:
                                     np.full(pfns.size, target, dtype=np.int32))
             except OSError as e:
                 result.fail(pfns, f"call_{errno.errorcode.get(e.errno or 0, e.errno)}")
+                result.target_full = e.errno == errno.ENOMEM  # a node batch could not allocate
                 return result
             moved = status == target
             result.succeed(pfns[moved])

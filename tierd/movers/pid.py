@@ -114,6 +114,9 @@ class PidMover:
                 gone = e.errno == errno.ESRCH
                 reason = "process_gone" if gone else f"call_{errno.errorcode.get(e.errno, e.errno)}"
                 result.fail(pfns, reason, stale=gone)
+                # The kernel migrates in node batches; one that cannot allocate on the
+                # target fails the whole call with ENOMEM: the target is full.
+                result.target_full = e.errno == errno.ENOMEM
                 return result
             moved = status == target
             if moved.any():
