@@ -159,6 +159,7 @@ class BccSampleCollector:
 
         try:
             self._bpf = BPF(text=BPF_PROGRAM, cflags=[
+                "-w",  # kernel headers under clang warn by the dozen; errors still show
                 f"-DMAX_PAGES={self.max_pages}", f"-DTIERD_PAGE_SIZE={pagemap.PAGE_SIZE}"])
             self._program_fd = self._bpf.load_func(b"on_sample", BPF.PERF_EVENT).fd
         except Exception as e:  # bcc raises bare Exception for compile and load errors
