@@ -10,6 +10,8 @@ from tierd import policy
 from tierd.policy import NodeTarget, PolicyParams
 from tierd.state import Direction
 
+# Pressure and exchange alone, without proactive demotion of every settled-cold page.
+PRESSURE_ONLY = PolicyParams(demote_cold=False)
 N0 = (0, 100)  # node 0: PFNs 0-99 (fast), node 1: PFNs 100-199 (slow)
 N1 = (100, 200)
 
@@ -40,7 +42,8 @@ def test_below_headroom_demotes_the_coldest_settled_cold_pages_first() -> None:
     put(heat, marks, [3, 7], 0, mark(h.COLD))
     put(heat, marks, range(10, 20), 40, mark(h.WARM))
     put(heat, marks, range(20, 30), 200, mark(h.HOT))
-    plan = policy.decide(heat, marks, two_nodes(free0=7, keep0=10), budget_pages=100)
+    plan = policy.decide(heat, marks, two_nodes(free0=7, keep0=10), budget_pages=100,
+                         params=PRESSURE_ONLY)
     assert len(plan.batches) == 1
     batch = plan.batches[0]
     assert (batch.direction, batch.source, batch.target) == (Direction.DEMOTE, 0, 1)
@@ -53,7 +56,8 @@ def test_pressure_falls_back_to_warm_pages_but_never_hot_ones() -> None:
     put(heat, marks, range(10, 20), 40, mark(h.WARM))
     put(heat, marks, [12], 30, mark(h.WARM))
     put(heat, marks, range(20, 30), 200, mark(h.HOT))
-    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=4), budget_pages=100)
+    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=4), budget_pages=100,
+                         params=PRESSURE_ONLY)
     assert plan.batches[0].pfns.tolist() == [0, 1, 10, 12]
 
 
@@ -73,7 +77,8 @@ def test_no_room_exchanges_settled_cold_for_hot() -> None:
     put(heat, marks, range(50, 100), 200, mark(h.HOT))
     put(heat, marks, range(100, 104), 200, mark(h.HOT))
     put(heat, marks, range(104, 200), 0, mark(h.COLD))
-    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100)
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100,
+                         params=PolicyParams(demote_cold=False))
     demote, promote = plan.batches
     assert demote.direction is Direction.DEMOTE and demote.pfns.tolist() == [0, 1, 2, 3]
     assert promote.direction is Direction.PROMOTE and promote.pfns.tolist() == [100, 101, 102,
@@ -97,15 +102,29 @@ def test_budget_is_split_between_directions_and_the_rest_is_deferred() -> None:
     put(heat, marks, range(50, 100), 200, mark(h.HOT))
     put(heat, marks, range(100, 150), 200, mark(h.HOT))
     put(heat, marks, range(150, 200), 0, mark(h.COLD))
-    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=20)
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=20,
+                         params=PolicyParams(demote_cold=False))
     assert plan.pages(Direction.DEMOTE) == 10 and plan.pages(Direction.PROMOTE) == 10
     assert plan.deferred_pages == 100 - 20
+
+
+def test_settled_cold_pages_go_down_even_with_room_as_far_as_the_node_below_allows() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 30), 0, mark(h.COLD))
+    put(heat, marks, range(30, 40), 0, mark(h.COLD, streak=1))  # not settled yet
+    put(heat, marks, range(40, 60), 40, mark(h.WARM))
+    plan = policy.decide(heat, marks, two_nodes(free0=500, free1=35, keep1=10), budget_pages=100)
+    assert plan.pages(Direction.DEMOTE) == 25 and plan.batches[0].pfns.max() < 30
+    plan = policy.decide(heat, marks, two_nodes(free0=500), budget_pages=100,
+                         params=PolicyParams(demote_cold=False))
+    assert plan.batches == ()
 
 
 def test_a_direction_without_work_leaves_its_budget_to_the_other() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 100), 0, mark(h.COLD))
-    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=30), budget_pages=20)
+    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=30), budget_pages=20,
+                         params=PRESSURE_ONLY)
     assert plan.pages(Direction.DEMOTE) == 20 and plan.deferred_pages == 10
 
 
@@ -113,7 +132,8 @@ def test_demotion_stops_at_the_target_nodes_own_headroom() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 100), 0, mark(h.COLD))
     plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=30, free1=15, keep1=10),
-                         budget_pages=100)
+                         budget_pages=100,
+                         params=PRESSURE_ONLY)
     assert plan.pages(Direction.DEMOTE) == 5
 
 
@@ -128,12 +148,14 @@ def test_three_tiers_move_one_tier_at_a_time_demotions_first_sorted_by_target() 
                 NodeTarget(1, 1, ((100, 200),), free1, 2, 0, 2),
                 NodeTarget(2, 2, ((200, 300),), 500, 2, 1, None)]
 
-    plan = policy.decide(heat, marks, nodes(free1=0), budget_pages=100)
+    plan = policy.decide(heat, marks, nodes(free1=0), budget_pages=100,
+                         params=PRESSURE_ONLY)
     summary = [(b.direction, b.source, b.target, b.pfns.size) for b in plan.batches]
     # Node 1 has no room for node 0's cold pages yet: it first makes its own
     # (2 to get above its headroom, 5 to exchange for node 2's hot pages).
     assert summary == [(Direction.DEMOTE, 1, 2, 7), (Direction.PROMOTE, 2, 1, 5)]
-    plan = policy.decide(heat, marks, nodes(free1=6), budget_pages=100)
+    plan = policy.decide(heat, marks, nodes(free1=6), budget_pages=100,
+                         params=PRESSURE_ONLY)
     summary = [(b.direction, b.source, b.target, b.pfns.size) for b in plan.batches]
     assert summary[0] == (Direction.DEMOTE, 0, 1, 2)
     assert all(abs(b.source - b.target) == 1 for b in plan.batches)
@@ -146,7 +168,8 @@ def test_estimated_histograms_still_pick_exactly_k_coldest(monkeypatch: pytest.M
     heat, marks = arrays()
     heat[:100] = rng.integers(0, 9, 100)
     marks[:100] = mark(h.COLD)
-    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=25), budget_pages=100)
+    plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=25), budget_pages=100,
+                         params=PRESSURE_ONLY)
     chosen = plan.batches[0].pfns.astype(int)
     assert chosen.size == 25
     assert heat[chosen].max() <= np.sort(heat[:100])[24]
@@ -160,7 +183,8 @@ def test_random_demotions_are_the_k_coldest_eligible_pages() -> None:
         marks[:] = rng.integers(0, 256, 200)
         k = int(rng.integers(1, 60))
         plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=k, free1=10_000),
-                             budget_pages=1000)
+                             budget_pages=1000,
+                         params=PRESSURE_ONLY)
         demoted = [b for b in plan.batches if b.direction is Direction.DEMOTE]
         cls, cd = h.classes(marks[:100]), h.cooldowns(marks[:100])
         settled_cold = (cls == h.COLD) & (cd == 0) & (h.streaks(marks[:100]) >= 2)

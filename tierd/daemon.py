@@ -355,7 +355,18 @@ class Daemon:
 
     def update_heat(self, evidence: Evidence) -> None:
         assert self.heat is not None
-        self.heat.fold(evidence.idle, evidence.samples, evidence.regions)
+        self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
+        self._pin_unmovable(self.heat.fold(evidence.idle, evidence.samples, evidence.regions))
+
+    def _pin_unmovable(self, new: np.ndarray) -> None:
+        """Pin newly tracked frames a mover must never touch, before the policy sees them."""
+        assert self.heat is not None
+        pfns = np.unique(new)
+        movable, dropped = safety.drop_pinned(pfns, self.root, self._memcg_inodes,
+                                              self._excluded_pfns)
+        for reason, count in dropped.items():
+            self.state.record_excluded(reason, count)
+        self.heat.pin(np.setdiff1d(pfns, movable, assume_unique=True))
 
     def refresh_rmap(self) -> None:
         if self.rmap is None:
@@ -366,7 +377,7 @@ class Daemon:
         if self.idle is None:
             # Without the idle bitmap, the reverse map is what says which PFNs are user pages.
             assert self.heat is not None
-            self.heat.track(self.rmap.pfn)
+            self._pin_unmovable(self.heat.track(self.rmap.pfn))
 
     def decide(self, facts: list[NodeFacts]) -> Plan:
         assert self.heat is not None
@@ -378,8 +389,6 @@ class Daemon:
 
     def move(self, plan: Plan) -> IntervalSummary:
         summary = IntervalSummary(planned=plan.pages(), deferred=plan.deferred_pages)
-        if plan.batches:
-            self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
         full: set[int] = set()
         # Promotions into a node rely on its planned demotions having made room:
         # whatever was not demoted is taken off that node's promotions.

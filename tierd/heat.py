@@ -143,41 +143,50 @@ class HeatModel:
         index = np.asarray(pfns, dtype=np.uint64)
         return index[index < np.uint64(self.npfns)].astype(np.intp)
 
-    def track(self, pfns: npt.NDArray[np.uint64]) -> None:
-        """Start tracking these PFNs (those already tracked, or pinned, keep their state)."""
+    def track(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """Start tracking these PFNs (those already tracked, or pinned, keep their state).
+
+        Returns the PFNs that are new, for the caller's safety checks.
+        """
         index = self._clip(pfns)
         marks = self.mark[index]
         new = index[((marks & CLASS_MASK) == 0) & (marks != PINNED)]
         self.heat[new] = self._initial
         self.mark[new] = self._new_mark
+        return new.astype(np.uint64)
 
     def _add(self, index: npt.NDArray[np.intp], units: npt.NDArray[np.int64] | int) -> None:
         total = self.heat[index].astype(np.int64) + units
         self.heat[index] = np.minimum(total, HEAT_MAX).astype(np.uint8)
 
-    def add_idle_scan(self, scan: IdleScan) -> None:
-        """Fold one idle-bitmap scan in: accessed pages heat up; non-LRU PFNs become untracked."""
+    def add_idle_scan(self, scan: IdleScan) -> npt.NDArray[np.uint64]:
+        """Fold one idle-bitmap scan in: accessed pages heat up; non-LRU PFNs become untracked.
+
+        Returns the newly tracked PFNs.
+        """
         start = scan.pfn_start
         end = min(self.npfns, start + scan.idle_age.size)
         if end <= start:
-            return
+            return np.zeros(0, dtype=np.uint64)
         ages = scan.idle_age[: end - start]
         index = np.arange(start, end, dtype=np.intp)
         untracked = ages == UNTRACKED
         self.mark[start:end][untracked] = 0
         self.heat[start:end][untracked] = 0
-        self.track(index[~untracked].astype(np.uint64))
+        new = self.track(index[~untracked].astype(np.uint64))
         accessed = index[ages == 0]
         self._add(accessed, self.params.units(self.params.idle_access_weight))
+        return new
 
-    def add_samples(self, batch: SampleBatch) -> None:
-        """Each sample adds sample_weight to its PFN; sampled PFNs are tracked."""
+    def add_samples(self, batch: SampleBatch) -> npt.NDArray[np.uint64]:
+        """Each sample adds sample_weight to its PFN; sampled PFNs are tracked (new returned)."""
         index = self._clip(batch.pfns)
         if index.size == 0:
-            return
+            return np.zeros(0, dtype=np.uint64)
         unique, counts = np.unique(index, return_counts=True)
-        self.track(unique.astype(np.uint64))
+        new = self.track(unique.astype(np.uint64))
         self._add(unique, counts.astype(np.int64) * self.params.units(self.params.sample_weight))
+        return new
 
     def add_regions(self, batch: RegionBatch) -> None:
         """A DAMON region's access rate heats every PFN of it (tracked or not)."""
@@ -235,16 +244,16 @@ class HeatModel:
     # --- the interval boundary -------------------------------------------------
 
     def fold(self, idle: Iterable[IdleScan] = (), samples: Iterable[SampleBatch] = (),
-             regions: Iterable[RegionBatch] = ()) -> None:
-        """One interval: decay, add the interval's evidence, reclassify."""
+             regions: Iterable[RegionBatch] = ()) -> npt.NDArray[np.uint64]:
+        """One interval: decay, add the interval's evidence, reclassify; the newly tracked PFNs."""
         self.decay()
-        for scan in idle:
-            self.add_idle_scan(scan)
-        for batch in samples:
-            self.add_samples(batch)
+        new = [np.zeros(0, dtype=np.uint64)]
+        new += [self.add_idle_scan(scan) for scan in idle]
+        new += [self.add_samples(batch) for batch in samples]
         for region_batch in regions:
             self.add_regions(region_batch)
         self.classify()
+        return np.concatenate(new)
 
     def decay(self) -> None:
         """Age every PFN's heat by one interval (before this interval's evidence is added)."""

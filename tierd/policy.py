@@ -8,7 +8,9 @@ memory above `keep_free_pages` (its high/promo watermark plus a headroom):
 - above it, promote the hottest settled-hot pages of the nodes one tier
   down, as far as the room allows;
 - when hot pages are waiting below and the node has no room, exchange:
-  demote one settled-cold page for every page promoted.
+  demote one settled-cold page for every page promoted;
+- with `demote_cold` (the default), settled-cold pages go down anyway, as far
+  as the node below has room: the fast tier is for pages that are used.
 
 "Settled" is the hysteresis: a page must have been in its class for
 `hysteresis_intervals` consecutive intervals and be out of its cooldown
@@ -46,6 +48,7 @@ EXACT_HISTOGRAM_PFNS = 1 << 22
 class PolicyParams:
     hysteresis_intervals: int = 2  # consecutive intervals in a class before a move
     promote_share: float = 0.5  # of the interval's budget, when both directions want it
+    demote_cold: bool = True  # demote settled-cold pages even above the headroom
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,8 @@ def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64
         promote_demand += min(hot_below, max(0, room) + cold)
         # Demotions needed: to get back above the headroom, and one per promoted
         # page that does not fit into the room.
-        demote_demand += max(0, -room) + max(0, min(hot_below, cold) - max(0, room))
+        needed = max(0, -room) + max(0, min(hot_below, cold) - max(0, room))
+        demote_demand += max(needed, cold) if params.demote_cold else needed
     promote_left = min(promote_demand, max(round(budget * params.promote_share),
                                            budget - demote_demand))
     demote_left = budget - promote_left
@@ -214,6 +218,8 @@ def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64
         exchange = max(0, min(n_cold - min(n_cold, need), demote_cap - need))
         promote = min(sum(waiting[n].values()), promote_left, max(0, room) + exchange)
         demote = need + max(0, promote - max(0, room))
+        if params.demote_cold:
+            demote = max(demote, min(n_cold, demote_cap))
         counts.demote = demote
         promote_left -= promote
         demote_left -= demote
