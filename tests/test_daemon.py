@@ -198,7 +198,7 @@ def _protected_hogs(mlocked_size: int) -> list[Hog]:
 
 
 def _scenario(lab_kernel: str, mover: str, start_node: int, swap: bool) -> None:
-    hogs = _protected_hogs(max(64 << 20, _node0_free() - (128 << 20) - FAST_FREE_TARGET))
+    hogs = _protected_hogs(max(64 << 20, _node0_free() - FAST_FREE_TARGET))
     before = [hog.nodes() for hog in hogs]
     assert all((b == 0).mean() > 0.9 for b in before), "hogs did not start on node 0"
     workload = Workload.start(HOT, COLD, start_node=start_node, state_dir=Path("/tmp"))
