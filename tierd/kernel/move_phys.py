@@ -58,6 +58,10 @@ class MovePhysPagesSupport(Capability):
     def available(self) -> bool:
         return self.usable
 
+    def as_dict(self) -> dict[str, object]:
+        """The fields every probe reports; the number is in `reason` already."""
+        return Capability(self.name, self.usable, self.reason).as_dict()
+
     def __str__(self) -> str:
         if self.available:
             return f"{NAME}: available (syscall {self.number})"
