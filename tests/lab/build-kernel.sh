@@ -53,8 +53,20 @@ if [ ! -f "$tree/Makefile" ]; then
     tar -xf "$tarball" -C "$tree" --strip-components=1
 fi
 
-# Revert the series applied by the previous build, newest first.
+# Revert the series applied by the previous build, newest first, then apply
+# the current one. Reverting and re-applying refreshes the mtime of every file
+# either series touches; a file whose content comes back unchanged gets its old
+# mtime back, so make rebuilds only what really changed (a syscall patch
+# touches headers that half the kernel includes).
 applied=$tree/.tierd-applied
+shopt -s nullglob
+touched=$(sed -n 's|^+++ b/\([^\t]*\).*|\1|p' "$applied"/*.patch "${patches[@]}" | sort -u)
+shopt -u nullglob
+before=$(mktemp)
+trap 'rm -f "$before"' EXIT
+for f in $touched; do
+    [ -f "$tree/$f" ] && echo "$f $(stat -c %Y "$tree/$f") $(sha256sum < "$tree/$f" | cut -d' ' -f1)"
+done > "$before"
 if [ -d "$applied" ]; then
     for p in $(ls -r "$applied"); do
         log "reverting $p"
@@ -68,6 +80,10 @@ for p in "${patches[@]}"; do
     patch -d "$tree" -p1 --forward --batch --quiet < "$p"
     cp "$p" "$applied/"
 done
+while read -r f mtime sum; do
+    [ -f "$tree/$f" ] && [ "$(sha256sum < "$tree/$f" | cut -d' ' -f1)" = "$sum" ] \
+        && touch -m -d "@$mtime" "$tree/$f"
+done < "$before"
 
 log "configuring"
 make -C "$tree" -s x86_64_defconfig >&2
