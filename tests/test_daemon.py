@@ -77,7 +77,7 @@ def test_settings_follow_the_config() -> None:
                    b"exclusions: {comms: ['db*'], pids: [7]}\n")
     settings = Settings.from_config(config, dry_run=True)
     assert settings.dry_run and settings.interval == 4
-    assert settings.heat.decay == 0.75 and settings.heat.cooldown_intervals == 3
+    assert settings.heat.decay == 0.75 and settings.heat.cooldown_intervals == 4
     assert settings.policy.hysteresis_intervals == 3 and settings.policy.promote_share == 0.25
     assert settings.pid_mover.batch_pages == 64
     assert settings.exclusions.comms == ("db*",) and settings.exclusions.pids == (7,)

@@ -85,7 +85,9 @@ class Settings:
             dry_run=config.dry_run or dry_run,
             heat=HeatParams(decay=p.heat_decay, hot_threshold=p.hot_threshold,
                             cold_threshold=p.cold_threshold,
-                            cooldown_intervals=p.hysteresis_intervals),
+                            # A page moved (or just seen) sits out one interval more than
+                            # the hysteresis: never moved on one interval's evidence.
+                            cooldown_intervals=p.hysteresis_intervals + 1),
             policy=PolicyParams(hysteresis_intervals=p.hysteresis_intervals,
                                 promote_share=p.budget_split.promote),
             headroom_percent=p.headroom_percent,
