@@ -261,7 +261,8 @@ def _converge(daemon: Daemon, workload: Workload, moves: Moves, limit: int = 10)
         moves.update()
         placement = workload.placement()
         snap = daemon.state.snapshot()
-        print(f"interval {step}: H on node 0 {placement.hot_on_fast:.3f}, "
+        print(f"interval {step} (workload pass {workload.state()['passes']}): "
+              f"H on node 0 {placement.hot_on_fast:.3f}, "
               f"C on node 1 {placement.cold_on_slow:.3f}; {describe(summary, 4096)}; tracked "
               f"{snap.tracked_pages}, rmap {snap.rmap_pages}, excluded "
               f"{dict(snap.pages_excluded)}, collectors "
