@@ -37,16 +37,20 @@ from workloads import Variant  # noqa: E402
 from tierd.kernel.numa import move_pages  # noqa: E402
 
 SYSTEMS = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
-# Sizes for the lab's 768 MiB fast node (about 620 MiB of it free for the
-# workload): each hot set fits on the fast node, hot + cold does not.
+# Sizes for the lab's 768 MiB fast node, about 620 MiB of it free for the
+# benchmark. Before each workload a ballast process fills BALLAST of it with
+# pages it never touches (cold memory of another process), leaving about
+# 170 MiB: each hot set fits on the fast node, hot + cold + ballast does not.
+# Small sets keep migration volumes within what TCG moves in a phase.
+BALLAST = "448M"
 WORKLOADS = {
-    # The lab workload: everything starts on the slow node; the swap makes
-    # the cold half hot, so the old hot half must leave to make room.
-    "shift": {"hot": "384M", "cold": "384M", "start_node": 1},
-    # Zipf-like skew: the fast node starts full of cold pages.
-    "zipf": {"hot": "128M", "cold": "768M", "start_node": 0},
+    # The lab workload: it starts on the slow node; the swap makes the cold
+    # half hot, and the old hot half (or ballast) must leave to make room.
+    "shift": {"hot": "128M", "cold": "128M", "start_node": 1},
+    # Zipf-like skew over one region; its hot ranks start on the slow node.
+    "zipf": {"hot": "64M", "cold": "448M", "start_node": 0},
     # As shift, but the hot half is mapped by 4 processes at once.
-    "shared": {"hot": "384M", "cold": "384M", "start_node": 1, "procs": 4},
+    "shared": {"hot": "128M", "cold": "128M", "start_node": 1, "procs": 4},
 }
 MIGRATION_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "pgpromote_success",
                       "pgdemote_kswapd", "pgdemote_direct", "pgdemote_khugepaged",
@@ -77,13 +81,16 @@ def share_on(status: np.ndarray, node: int) -> float:
     return float((status[present] == node).sum() / max(1, present.sum()))
 
 
-def phase_start(workload: Workload | Variant, t: float) -> metrics.PhaseStart:
+def phase_start(workload: Workload | Variant, ballast: Workload, t: float
+                ) -> metrics.PhaseStart:
     hot = move_pages(workload.pid, workload.region_addresses("hot"))
     cold = move_pages(workload.pid, workload.region_addresses("cold"))
+    ballast_cold = move_pages(ballast.pid, ballast.region_addresses("cold"))
     return metrics.PhaseStart(
         t=t,
         hot_off_fast=int(((hot >= 0) & (hot != systems.FAST_NODE)).sum()),
-        cold_on_fast=int((cold == systems.FAST_NODE).sum()),
+        cold_on_fast=int((cold == systems.FAST_NODE).sum()
+                         + (ballast_cold == systems.FAST_NODE).sum()),
         fast_free_pages=kstat.free_pages_above_high(systems.FAST_NODE),
     )
 
@@ -100,21 +107,27 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
         record["status"] = f"not available: {reason}"
         return record
     reset_memory()
-    workload = start_workload(workload_name)
+    ballast = Workload.start("4M", BALLAST, start_node=systems.FAST_NODE, pause=1.0)
+    try:
+        workload = start_workload(workload_name)
+    except BaseException:
+        ballast.stop()
+        raise
     pids = workload_pids(workload)
     try:
         before = kstat.vmstat()
         stime_before = system_seconds(pids)
-        phases = [phase_start(workload, 0.0)]
+        phases = [phase_start(workload, ballast, 0.0)]
         t0 = time.monotonic()
         system.start()
-        samples = sample_run(workload, system, phases, t0, args)
+        samples = sample_run(workload, ballast, system, phases, t0, args)
         system.stop()
         elapsed = time.monotonic() - t0
         after = kstat.vmstat()
         record["workload_system_seconds"] = system_seconds(pids) - stime_before
     finally:
-        record["intact"] = workload.stop()
+        # Both verify every word they hold: a migration must never change data.
+        record["intact"] = workload.stop() & ballast.stop()
     counters = {k: after.get(k, 0) - before.get(k, 0) for k in MIGRATION_COUNTERS}
     record.update(
         status="ok", seconds=elapsed, shifts_at=[p.t for p in phases[1:]],
@@ -126,7 +139,7 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
     return record
 
 
-def sample_run(workload: Workload | Variant, system: systems.System,
+def sample_run(workload: Workload | Variant, ballast: Workload, system: systems.System,
                phases: list[metrics.PhaseStart], t0: float,
                args: argparse.Namespace) -> list[metrics.Sample]:
     """Sample the hot set's placement until the last phase ends, shifting on schedule."""
@@ -137,7 +150,7 @@ def sample_run(workload: Workload | Variant, system: systems.System,
     while (t := time.monotonic() - t0) < end:
         if t >= args.phase_seconds * len(phases):
             workload.swap()
-            phases.append(phase_start(workload, time.monotonic() - t0))
+            phases.append(phase_start(workload, ballast, time.monotonic() - t0))
             hot = workload.region_addresses("hot")
         status = move_pages(workload.pid, hot)
         samples.append(metrics.Sample(time.monotonic() - t0, share_on(status, systems.FAST_NODE)))
@@ -165,7 +178,8 @@ def main() -> int:
                         help="guest micro-benchmarks to run ('' for none)")
     args = parser.parse_args()
     result: dict = {"kernel": os.uname().release, "config": {
-        **{k: v for k, v in vars(args).items() if k != "out"}, "workload_specs": WORKLOADS},
+        **{k: v for k, v in vars(args).items() if k != "out"}, "workload_specs": WORKLOADS,
+        "ballast": BALLAST},
         "runs": [], "micro": {}}
     for workload_name in filter(None, args.workloads.split(",")):
         for system_name in filter(None, args.systems.split(",")):
