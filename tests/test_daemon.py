@@ -148,6 +148,15 @@ def test_simulate_replays_a_trace_and_prints_what_would_move(
     assert lines[-1].startswith("total over 5 intervals: demote 0->1 ")  # idle pages go down
 
 
+
+def test_run_with_a_bad_config_exits_78_naming_file_and_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "tierd.yaml"
+    config.write_text("interval: 5\nmovers: {rate_mb_per_s: -1}\n")
+    assert cli.main(["run", "--once", "--config", str(config)]) == 78
+    assert f"{config}:2: movers.rate_mb_per_s" in capsys.readouterr().err
+
+
 # --- the lab: the daemon against real kernels -----------------------------------------------
 
 LAB = Path(__file__).parent / "lab"
