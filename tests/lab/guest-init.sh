@@ -74,8 +74,12 @@ if [ -n "${TIERD_LAB_MODULES:-}" ]; then
 fi
 if [ "${TIERD_LAB_INIT:-shell}" = systemd ]; then
     write_lab_units
-    exec /lib/systemd/systemd --unit=lab.target --show-status=no --log-level=notice \
-        --log-target=console
+    # systemd logs to the journal as on a real host (tests read it there);
+    # journald copies notices and worse to the lab console.
+    mkdir -p /run/systemd/journald.conf.d
+    printf '[Journal]\nForwardToConsole=yes\nTTYPath=/dev/console\nMaxLevelConsole=notice\n' \
+        > /run/systemd/journald.conf.d/lab-console.conf
+    exec /lib/systemd/systemd --unit=lab.target --show-status=no --log-level=notice
 fi
 run_cmd
 echo o > /proc/sysrq-trigger
