@@ -293,8 +293,8 @@ class Daemon:
             wait: Callable[[float], bool] | None = None) -> None:
         """Step every interval until stop_event is set (or once).
 
-        `wait(seconds)` replaces stop_event.wait: the service's feeds systemd's
-        watchdog while it waits (tierd.service.systemd.Notifier.wait).
+        `wait(seconds)` replaces stop_event.wait: `tierd run` passes one that feeds
+        systemd's watchdog while it waits (tierd.service.systemd.Notifier.wait).
         """
         wait = wait or self.stop_event.wait
         while not wait(self.settings.interval):
