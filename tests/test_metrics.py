@@ -360,7 +360,8 @@ def test_dashboard_queries_use_exported_metrics_and_parse(tmp_path: Path) -> Non
 
 def wait_for(url: str, ready: Callable[[str], bool], process: subprocess.Popen[str]) -> str:
     """GET url until ready(body) (the daemon binds, then finishes its first interval)."""
-    deadline = time.monotonic() + 300  # TCG guests are slow; the first interval scans 2 GiB
+    deadline = time.monotonic() + 900  # a TCG guest on a busy host: minutes per interval
+    body = ""
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
         try:
@@ -370,7 +371,10 @@ def wait_for(url: str, ready: Callable[[str], bool], process: subprocess.Popen[s
         if body and ready(body):
             return body
         time.sleep(0.5)
-    raise AssertionError(f"{url} never became ready")
+    process.terminate()
+    err = process.communicate(timeout=120)[1]
+    raise AssertionError(f"{url} never became ready; last body {body[-1500:]!r};"
+                         f" daemon stderr: {err[-3000:]}")
 
 
 def first_interval_done(text: str) -> bool:
