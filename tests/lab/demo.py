@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
+import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 LAB = Path(__file__).resolve().parent
 REPO = LAB.parent.parent
 NODES = Path("/sys/devices/system/node")
+CONFIG = REPO / "config" / "tierd.yaml"
+METRICS = "http://127.0.0.1:9748/metrics"  # config/tierd.yaml's metrics address
 
 
 def node_meminfo(node: int) -> dict[str, int]:
@@ -33,19 +40,37 @@ def node_meminfo(node: int) -> dict[str, int]:
     return fields
 
 
-def vmstat() -> dict[str, int]:
-    pairs = (line.split() for line in Path("/proc/vmstat").read_text().splitlines())
-    return {k: int(v) for k, v in pairs}
+def tierd_moves() -> tuple[int, int]:
+    """Pages tierd has promoted and demoted so far, from its metrics endpoint."""
+    with urllib.request.urlopen(METRICS, timeout=10) as response:
+        text = response.read().decode()
+    totals = {"tierd_promoted_pages": 0, "tierd_demoted_pages": 0}
+    for family in text_string_to_metric_families(text):
+        if family.name in totals:
+            totals[family.name] = int(sum(sample.value for sample in family.samples
+                                          if sample.name.endswith("_total")))
+    return totals["tierd_promoted_pages"], totals["tierd_demoted_pages"]
 
 
-def migration_counts(before: dict[str, int], after: dict[str, int]) -> tuple[int, int]:
-    """Pages promoted and demoted between two /proc/vmstat snapshots."""
-    def delta(prefix: str) -> int:
-        return sum(after[k] - before.get(k, 0) for k in after if k.startswith(prefix))
-    return delta("pgpromote_success"), delta("pgdemote_")
+def start_tierd(log: Path, timeout: float = 300) -> subprocess.Popen[bytes]:
+    """Start `tierd run` with the default config; return once it serves metrics."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--config", str(CONFIG)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tierd exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            tierd_moves()
+            return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise TimeoutError(f"tierd served no metrics within {timeout:.0f} s:\n{log.read_text()}")
 
 
-def usage_line(elapsed: float, placement: object) -> str:
+def usage_line(elapsed: float, placement: object, moves: tuple[int, int]) -> str:
     mib = 1 << 20
     nodes = []
     for node in (0, 1):
@@ -53,7 +78,8 @@ def usage_line(elapsed: float, placement: object) -> str:
         used, free = info["MemUsed"] // mib, info["MemFree"] // mib
         nodes.append(f"node{node} used {used:5d} MiB free {free:5d} MiB")
     return (f"demo: t={elapsed:5.0f}s  {'  '.join(nodes)}  "
-            f"hot_on_fast={placement.hot_on_fast:.2f} cold_on_slow={placement.cold_on_slow:.2f}")
+            f"hot_on_fast={placement.hot_on_fast:.2f} cold_on_slow={placement.cold_on_slow:.2f}  "
+            f"promoted={moves[0]} demoted={moves[1]}")
 
 
 def in_guest(args: argparse.Namespace) -> int:
@@ -63,23 +89,34 @@ def in_guest(args: argparse.Namespace) -> int:
     print(f"demo: starting workload hot={args.hot} cold={args.cold} (cold first, node 0 preferred)",
           flush=True)
     workload = Workload.start(args.hot, args.cold, start_node=0)
-    before = vmstat()
+    log = Path("/tmp/tierd-demo.log")
+    try:
+        tierd = start_tierd(log)
+    except (RuntimeError, TimeoutError):
+        workload.stop()
+        raise
+    print(f"demo: tierd running (pid {tierd.pid}, config {CONFIG.relative_to(REPO)})", flush=True)
     start = time.monotonic()
-    print(usage_line(0, workload.placement()), flush=True)
-    print("demo: tierd is not running: this is the baseline without a tiering daemon", flush=True)
-    for i in range(1, args.intervals + 1):
-        time.sleep(args.interval)
-        if i == args.intervals // 2 + 1:
-            workload.swap()
-            print("demo: swapped the hot and cold sets", flush=True)
-        print(usage_line(time.monotonic() - start, workload.placement()), flush=True)
-    final = workload.placement()
-    promoted, demoted = migration_counts(before, vmstat())
-    intact = workload.stop()
-    print(f"demo: workload memory intact: {intact}", flush=True)
+    try:
+        for i in range(args.intervals + 1):
+            if i == args.intervals // 2 + 1:
+                workload.swap()
+                print("demo: swapped the hot and cold sets", flush=True)
+            print(usage_line(time.monotonic() - start, workload.placement(), tierd_moves()),
+                  flush=True)
+            if i < args.intervals:
+                time.sleep(args.interval)
+        final, (promoted, demoted) = workload.placement(), tierd_moves()
+    finally:
+        tierd.send_signal(signal.SIGTERM)
+        tierd_rc = tierd.wait(120)
+        intact = workload.stop()
+    print(f"demo: tierd exited with {tierd_rc}; workload memory intact: {intact}", flush=True)
+    if tierd_rc != 0:
+        print(log.read_text()[-4000:], flush=True)
     print(f"demo: hot_on_fast={final.hot_on_fast:.2f} cold_on_slow={final.cold_on_slow:.2f} "
           f"promoted_pages={promoted} demoted_pages={demoted}", flush=True)
-    return 0 if intact else 1
+    return 0 if intact and tierd_rc == 0 else 1
 
 
 def on_host(args: argparse.Namespace) -> int:
@@ -104,7 +141,7 @@ def main() -> int:
     parser.add_argument("--hot", default="384M")
     parser.add_argument("--cold", default="1792M")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds per line")
-    parser.add_argument("--intervals", type=int, default=16)
+    parser.add_argument("--intervals", type=int, default=24)
     parser.add_argument("--fast-mem", default="2G")
     parser.add_argument("--slow-mem", default="2G")
     args = parser.parse_args()

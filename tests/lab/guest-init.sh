@@ -37,6 +37,8 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
+# Loopback, as any boot brings up: tierd serves its metrics on 127.0.0.1.
+ip link set lo up
 
 # Units for systemd as PID 1: lab.target is the whole boot (basic.target, so
 # services get the environment of a real boot, but no gettys or timers).
