@@ -229,7 +229,9 @@ def boot(
         "qemu-system-x86_64", "-accel", accelerator(), "-cpu", cpu,
         *topology_args(fast_mem, slow_mem),
         "-kernel", str(kernel.image), "-initrd", str(initramfs(kernel)),
-        "-append", "console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable",
+        # NUMA balancing off: the kernel's own hinting-fault migration would
+        # move the pages tierd is measured on (benchmarks enable it as a peer).
+        "-append", "console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable numa_balancing=disable",
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
         "-fsdev", f"local,id=labout,path={outdir},security_model=none",
