@@ -171,7 +171,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--phase-seconds", type=float, default=50)
+    parser.add_argument("--phase-seconds", type=float, default=25)
     parser.add_argument("--shifts", type=int, default=1)
     parser.add_argument("--sample-seconds", type=float, default=1.0)
     parser.add_argument("--micro", default=",".join(micro.GUEST_MICROS),

@@ -28,7 +28,7 @@ BIN = Path(__file__).resolve().parent.parent / "build" / "bench"
 C_SOURCES = Path(__file__).resolve().parent / "c"
 HOST_MICROS = ("perf_decode", "policy_pass")
 GUEST_MICROS = ("idle_scan", "rmap_build", "move_pages", "move_phys", "demote_cpu")
-REPEATS = 5
+REPEATS = 3
 PFNS_1TIB = (1 << 40) // 4096
 
 

@@ -6,7 +6,7 @@ boot one lab guest that runs every (workload, system) pair and the guest
 micro-benchmarks (benchmarks/guest.py), then write results/latest.json,
 results/latest.md and the PNG plots. See docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/run.py                       # the full run (~40 min)
+    .venv/bin/python benchmarks/run.py                       # the full run (~30 min)
     .venv/bin/python benchmarks/run.py --systems none,damon --workloads shift \\
         --phase-seconds 20 --micro '' --results build/bench-dev   # a quick partial run
 """
@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     # The workload sizes in guest.WORKLOADS are chosen for these node sizes.
     parser.add_argument("--fast-mem", default="768M", help="lab node 0 (fast) size")
     parser.add_argument("--slow-mem", default="1536M", help="lab node 1 (slow) size")
-    parser.add_argument("--phase-seconds", type=float, default=50)
+    parser.add_argument("--phase-seconds", type=float, default=25)
     parser.add_argument("--shifts", type=int, default=1)
     parser.add_argument("--sample-seconds", type=float, default=1.0)
     parser.add_argument("--micro", default=",".join(micro.GUEST_MICROS),
