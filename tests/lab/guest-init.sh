@@ -28,7 +28,15 @@ fi
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+. /lab-out/env
+# A checkout under /tmp (CI clones anywhere) must survive the tmpfs on /tmp.
+case "$TIERD_LAB_CWD" in
+    /tmp/*) mkdir -p /mnt/lab-cwd && mount --bind "$TIERD_LAB_CWD" /mnt/lab-cwd ;;
+esac
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+if mountpoint -q /mnt/lab-cwd 2>/dev/null; then
+    mkdir -p "$TIERD_LAB_CWD" && mount --move /mnt/lab-cwd "$TIERD_LAB_CWD"
+fi
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
@@ -70,7 +78,6 @@ TTYPath=/dev/console
 UNIT
 }
 
-. /lab-out/env
 if [ -n "${TIERD_LAB_MODULES:-}" ]; then
     mkdir -p /lib/modules && mount --bind "$TIERD_LAB_MODULES" /lib/modules
 fi
@@ -84,5 +91,7 @@ if [ "${TIERD_LAB_INIT:-shell}" = systemd ]; then
     exec /lib/systemd/systemd --unit=lab.target --show-status=no --log-level=notice
 fi
 run_cmd
+# sleep is loaded before power-off starts: afterwards the 9p root is going away.
+sleep 30 &
 echo o > /proc/sysrq-trigger
-sleep 30
+wait

@@ -113,6 +113,17 @@ class HostLab:
         self.dmesg: dict[tuple[str, str], str] = {}
         self.console: dict[tuple[str, str], str] = {}
 
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Run host tests first, then each guest's tests together.
+
+        A replayed vm test skips pytest's setup and teardown, so a host test
+        that came after one could find another module's fixtures still set up.
+        """
+        order = {None: 0}
+        for item in items:
+            order.setdefault(_guest_of(item), len(order))
+        items.sort(key=lambda item: order[_guest_of(item)])
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
