@@ -81,8 +81,8 @@ def test_every_per_page_status_is_counted_by_reason() -> None:
                                "EINVAL": 1, "not_in_rmap": 1}
     assert result.moved.size == 0 and sorted(result.not_moved.tolist()) == [16, 17, 18, 19, 32,
                                                                             48, 99]
-    # A page that vanished or is not migratable any more: its cached owner is dropped.
-    assert sorted(result.stale.tolist()) == [16, 19]
+    # Vanished, not migratable any more, or not in the map: the location is stale.
+    assert sorted(result.stale.tolist()) == [16, 19, 99]
     assert 16 not in rmap.pfn.tolist()
 
 
@@ -150,6 +150,7 @@ def test_excluded_processes_pages_are_not_in_the_map_so_never_moved() -> None:
     mover, _ = _mover(kernel, exclusions=Exclusions(comms=("postgres*",)))
     result = mover.move(_batch([40, 41]))
     assert result.failures == {"not_in_rmap": 2} and not kernel.calls
+    assert sorted(result.stale.tolist()) == [40, 41]
 
 
 def test_move_all_shared_uses_mpol_mf_move_all() -> None:

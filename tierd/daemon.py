@@ -446,7 +446,10 @@ class Daemon:
         known = result.new_pfns != 0
         self.heat.transfer(result.moved[known], result.new_pfns[known])
         self.heat.vacate(result.moved[~known])
-        self.heat.cool_down(result.not_moved)
+        # A frame whose page vanished or is not where tierd thought: forget it (the next
+        # scan or refresh finds what lives there now) instead of retrying it forever.
+        self.heat.vacate(result.stale)
+        self.heat.cool_down(np.setdiff1d(result.not_moved, result.stale))
         return result
 
     # --- outputs ----------------------------------------------------------------------

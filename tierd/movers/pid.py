@@ -58,7 +58,7 @@ class PidMover:
     def move(self, batch: Batch) -> BatchResult:
         result = BatchResult()
         found, pids, vaddrs = self.rmap.lookup(batch.pfns)
-        result.fail(batch.pfns[~found], "not_in_rmap")
+        result.fail(batch.pfns[~found], "not_in_rmap", stale=True)
         pfns, pids, vaddrs = batch.pfns[found], pids[found], vaddrs[found]
         order = np.lexsort((vaddrs, pids))
         pfns, pids, vaddrs = pfns[order], pids[order], vaddrs[order]
