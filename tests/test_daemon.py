@@ -161,8 +161,8 @@ def test_run_with_a_bad_config_exits_78_naming_file_and_key(
 
 LAB = Path(__file__).parent / "lab"
 INTERVAL = 2.0
-HOT, COLD = "256M", "512M"
-FAST_FREE_TARGET = 700 << 20  # node 0 free memory left for the workload (H + C exceeds it)
+HOT, COLD = "384M", "576M"
+FAST_FREE_TARGET = 900 << 20  # left on node 0: H + C exceed it, either set fits
 EXCLUDED_COMM = "tierd-excl-hog"
 EXCLUDED_CGROUP = "/tierd-test-excluded"
 
