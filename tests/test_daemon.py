@@ -18,9 +18,11 @@ from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
 from tierd.commands.run import summary_line
 from tierd.config import Config, parse
 from tierd.daemon import Daemon, IntervalSummary, Settings, describe
+from tierd.errors import TierdError
 from tierd.heat import classes
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
+from tierd.kernel.root import HostRoot
 from tierd.policy import NodeFacts
 from tierd.state import DaemonState, Direction, Health
 from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
@@ -336,6 +338,12 @@ def test_starting_on_the_slow_node_hot_pages_come_up(lab_kernel: str) -> None:
     _scenario(lab_kernel, "auto", start_node=1, swap=False)
 
 
+# Known gap (issue 5 stays open): DAMON's regions span megabytes of physical
+# memory, so once hot and cold pages interleave it cannot tell them apart and
+# the cold set stalls near 90% on node 1 (docs/design.md, "Known limits").
+# strict: the day this passes, the marker must go.
+@pytest.mark.xfail(strict=True, reason="DAMON paddr regions are too coarse once hot and "
+                   "cold pages interleave: cold set stalls near 90% on the slow node")
 @pytest.mark.vm(kernels=["stock"])
 def test_stock_kernel_pid_mover_with_damon_sorts_and_swaps(lab_kernel: str) -> None:
     _scenario(lab_kernel, "auto", start_node=0, swap=True)
@@ -383,3 +391,12 @@ def test_tierd_run_once_dry_run_prints_a_summary_and_moves_nothing(tmp_path: Pat
     assert simulated.returncode == 0, simulated.stderr
     assert simulated.stdout.splitlines()[-1].startswith("total over 1 intervals:")
 
+
+
+def test_configured_perf_events_are_tried_in_order_and_named_when_none_works() -> None:
+    root = HostRoot(Path(__file__).parent / "fixtures" / "perf" / "amd-zen4")
+    daemon = Daemon(Config(), root)
+    event = daemon._perf_event(("no-such-pmu/event=1/", "ibs_op/cnt_ctl=1/pp"))
+    assert event.pmu == "ibs_op" and event.precise_ip == 2
+    with pytest.raises(TierdError, match=r"not-an-event.*expected pmu/term"):
+        daemon._perf_event(("not-an-event",))

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,10 @@ from tierd import policy
 from tierd.collectors.damon import DamonCollector
 from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
 from tierd.collectors.idle import IdleCollector
+from tierd.collectors.perf_bcc import BccSampleCollector, perf_collector
 from tierd.collectors.perf_samples import PerfSampleCollector, online_cpus
 from tierd.collectors.topology import Topology, read_topology
-from tierd.config import Config
+from tierd.config import Config, PerfCollectorConfig
 from tierd.errors import TierdError
 from tierd.heat import HEAT_SCALE, HeatModel, HeatParams
 from tierd.kernel import move_phys, pmu
@@ -157,7 +158,7 @@ class Daemon:
         self.topology: Topology | None = None
         self.heat: HeatModel | None = None
         self.idle: IdleCollector | None = None
-        self.perf: PerfSampleCollector | None = None
+        self.perf: PerfSampleCollector | BccSampleCollector | None = None
         self.damon: DamonCollector | None = None
         self.rmap: ReverseMap | None = None
         self.mover: PidMover | PhysMover | None = None
@@ -203,7 +204,7 @@ class Daemon:
                 self.idle.close()
                 self.idle = None
         if cfg.perf.enabled:
-            self._open_perf()
+            self._open_perf(cfg.perf)
         if cfg.damon.enabled or (self.idle is None and self.perf is None):
             if not cfg.damon.enabled:
                 log.info("no idle-page tracking and no memory-sampling PMU: using DAMON")
@@ -217,16 +218,31 @@ class Daemon:
         if self.idle is None and self.perf is None and self.damon is None:
             log.warning("no collector is usable: tierd can only observe")
 
-    def _open_perf(self) -> None:
+    def _open_perf(self, cfg: PerfCollectorConfig) -> None:
         try:
-            event = pmu.memory_event(self.root, None)
+            event = self._perf_event(cfg.events)
         except TierdError as e:
             self.state.set_collector("perf", Health.DISABLED, str(e))
             return
-        self.perf = PerfSampleCollector(event, online_cpus(self.root), root=self.root)
-        if not self.perf.start():
-            self._set_health("perf", self.perf.health)
+        event = replace(event, sample_period=cfg.sample_period)
+        # The bcc backend falls back to the ctypes ring, saying why, when it cannot run.
+        self.perf = perf_collector(cfg.backend, event, online_cpus(self.root), self.root)
+        self._set_health("perf", self.perf.health)
+        if self.perf.health.state is not State.OK:
+            self.perf.close()
             self.perf = None
+
+    def _perf_event(self, events: tuple[str, ...]) -> pmu.MemoryEvent:
+        """The first configured event this host can sample, or the best one it offers."""
+        if not events:
+            return pmu.memory_event(self.root, None)
+        reasons = []
+        for name in events:
+            try:
+                return pmu.memory_event(self.root, name)
+            except TierdError as e:
+                reasons.append(f"{name}: {e}")
+        raise TierdError("no configured perf event is usable: " + "; ".join(reasons))
 
     def _open_mover(self) -> None:
         kind = self.settings.mover_kind
