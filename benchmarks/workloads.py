@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "lab")
 from workload import (  # the lab workload module, importable from tests/lab
     PAGE,
     WORDS_PER_PAGE,
+    Workload,
     parse_size,
     pattern,
     set_preferred_node,
@@ -181,11 +182,8 @@ def _install_signals(
     return lambda: stopping
 
 
-class Variant:
-    """A running variant, driven from the benchmark like the lab's Workload."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], state_path: Path) -> None:
-        self.proc, self.state_path = proc, state_path
+class Variant(Workload):
+    """A running variant: the lab Workload's handle, with its own start and Zipf regions."""
 
     @classmethod
     def start(cls, kind: str, hot: str, cold: str, *, procs: int = 4, zipf_s: float = 1.0,
@@ -203,39 +201,19 @@ class Variant:
             time.sleep(0.2)
         return cls(proc, state_path)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def pids(self) -> list[int]:
         return [self.pid, *self.state().get("children", [])]
 
-    def state(self) -> dict:
-        return json.loads(self.state_path.read_text())
-
     def region_addresses(self, which: str) -> np.ndarray:
         state = self.state()
-        if state["kind"] == "zipf":
-            region = state["regions"]["a"]
-            ranks = np.arange(state["hot_pages"], dtype=np.uint64)
-            hot = (state["hot_offset"] + ranks) % region["pages"]
-            pages = hot if which == "hot" else np.setdiff1d(
-                np.arange(region["pages"], dtype=np.uint64), hot)
-            return region["address"] + PAGE * pages
-        name = state["hot"] if which == "hot" else ("b" if state["hot"] == "a" else "a")
-        region = state["regions"][name]
-        return region["address"] + PAGE * np.arange(region["pages"], dtype=np.uint64)
-
-    def swap(self) -> None:
-        swaps = self.state()["swaps"]
-        self.proc.send_signal(signal.SIGUSR1)
-        while self.state()["swaps"] == swaps:
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 300) -> bool:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        return rc == 0 and self.state()["intact"] is True
+        if state["kind"] != "zipf":
+            return super().region_addresses(which)
+        region = state["regions"]["a"]
+        ranks = np.arange(state["hot_pages"], dtype=np.uint64)
+        hot = (state["hot_offset"] + ranks) % region["pages"]
+        pages = hot if which == "hot" else np.setdiff1d(
+            np.arange(region["pages"], dtype=np.uint64), hot)
+        return region["address"] + PAGE * pages
 
 
 def main() -> int:
