@@ -159,6 +159,17 @@ def test_run_with_a_bad_config_exits_78_naming_file_and_key(
     assert f"{config}:2: movers.rate_mb_per_s" in capsys.readouterr().err
 
 
+def test_run_exits_78_when_the_host_cannot_honour_the_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """movers.kind: phys on a kernel without move_phys_pages: a restart cannot fix it."""
+    if Path("/sys/kernel/mm/move_phys_pages/syscall_nr").exists():
+        pytest.skip("this kernel has move_phys_pages")
+    config = tmp_path / "tierd.yaml"
+    config.write_text("movers: {kind: phys}\nmetrics: {enabled: false}\n")
+    assert cli.main(["run", "--once", "--config", str(config)]) == 78
+    assert "movers.kind is 'phys' but move_phys_pages is unusable" in capsys.readouterr().err
+
+
 # --- the lab: the daemon against real kernels -----------------------------------------------
 
 LAB = Path(__file__).parent / "lab"

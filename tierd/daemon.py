@@ -35,7 +35,7 @@ from tierd.collectors.perf_bcc import BccSampleCollector, perf_collector
 from tierd.collectors.perf_samples import PerfSampleCollector, online_cpus
 from tierd.collectors.topology import Topology, read_topology
 from tierd.config import Config, PerfCollectorConfig
-from tierd.errors import TierdError
+from tierd.errors import HostMismatch, TierdError
 from tierd.heat import HEAT_SCALE, HeatModel, HeatParams
 from tierd.kernel import move_phys, pmu
 from tierd.kernel.damon_sysfs import MonitoringAttrs
@@ -249,7 +249,7 @@ class Daemon:
         syscall, why_not = (None, "movers.kind is 'pid'") if kind == "pid" else \
             self._move_phys_syscall()
         if kind == "phys" and syscall is None:
-            raise TierdError(f"movers.kind is 'phys' but move_phys_pages is unusable: {why_not}")
+            raise HostMismatch(f"movers.kind is 'phys' but move_phys_pages is unusable: {why_not}")
         if syscall is not None:
             params = PhysMoverParams(batch_pages=self.settings.pid_mover.batch_pages)
             self.mover = PhysMover(syscall, params)

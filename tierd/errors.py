@@ -18,3 +18,10 @@ class KernelFileError(TierdError):
         self.key = key
         where = f"{self.path}: {key}" if key else str(self.path)
         super().__init__(f"{where}: {reason}")
+
+
+class HostMismatch(TierdError):
+    """A valid config that this host cannot honour (e.g. movers.kind: phys on a stock kernel).
+
+    Retrying cannot help, so `tierd run` exits 78 (EX_CONFIG) as for a bad file.
+    """

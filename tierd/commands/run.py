@@ -18,6 +18,7 @@ from types import FrameType
 from tierd.commands.check_config import EX_CONFIG
 from tierd.config import DEFAULT_PATH, Config, ConfigError, ConfigStore, ReloadStatus
 from tierd.daemon import Daemon, IntervalSummary, describe
+from tierd.errors import HostMismatch
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.service.metrics import MetricsServer
 from tierd.service.systemd import Notifier, log_to_journal
@@ -104,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     server = None
     try:
-        daemon.start()
+        try:
+            daemon.start()
+        except HostMismatch as e:
+            print(f"tierd: {e}", file=sys.stderr)
+            return EX_CONFIG  # as for a bad file: restarting cannot fix it
         if config.metrics.enabled:
             server = MetricsServer(daemon.state, reload_status, lambda: daemon.settings.interval,
                                    config.metrics.address, config.metrics.port).start()

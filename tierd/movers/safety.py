@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from tierd.errors import KernelFileError, TierdError
+from tierd.errors import HostMismatch, KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import pagemap, task
 from tierd.kernel.kernel_tiering import KernelTiering
@@ -187,7 +187,7 @@ def check_kernel_tiering(tiering: KernelTiering, stance: str) -> str:
         return "off"
     what = tiering.describe()
     if stance == "refuse":
-        raise TierdError(f"the kernel tiers memory itself ({what}); kernel_tiering is "
+        raise HostMismatch(f"the kernel tiers memory itself ({what}); kernel_tiering is "
                          "'refuse': turn it off or set kernel_tiering: coexist")
     if stance == "warn":
         log.warning("the kernel tiers memory itself (%s): tierd and the kernel may move "
