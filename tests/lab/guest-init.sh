@@ -91,7 +91,8 @@ if [ "${TIERD_LAB_INIT:-shell}" = systemd ]; then
     exec /lib/systemd/systemd --unit=lab.target --show-status=no --log-level=notice
 fi
 run_cmd
-# sleep is loaded before power-off starts: afterwards the 9p root is going away.
-sleep 30 &
+# PID 1 must not exit before the power-off lands, and nothing may be loaded
+# from the 9p root once it starts: block on a FIFO (tmpfs) with builtins only.
+mkfifo /run/lab-halt
 echo o > /proc/sysrq-trigger
-wait
+read -r _ < /run/lab-halt
