@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from tierd.errors import TierdError
-from tierd.kernel import numa
+from tierd.kernel import kpageflags as kpf
+from tierd.kernel import numa, pagemap
 from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HostRoot
@@ -242,7 +244,7 @@ class FakePhys:
 
 def test_phys_mover_passes_physical_addresses_in_chunks_and_counts_statuses() -> None:
     kernel = FakePhys({3: [-errno.ENOENT], 4: [-errno.EBUSY, 1], 5: [-errno.EACCES]})
-    mover = PhysMover(kernel, PhysMoverParams(batch_pages=4, busy_backoff=0))
+    mover = PhysMover(kernel, PhysMoverParams(batch_pages=4, busy_backoff=0), ROOT)
     result = mover.move(_batch([1, 2, 3, 4, 5, 6]))
     assert kernel.calls[0] == ([1, 2, 3, 4], [1, 1, 1, 1])
     assert sorted(result.moved.tolist()) == [1, 2, 4, 6]
@@ -251,8 +253,124 @@ def test_phys_mover_passes_physical_addresses_in_chunks_and_counts_statuses() ->
 
 
 def test_phys_mover_enomem_and_call_errors() -> None:
-    mover = PhysMover(FakePhys({2: [-errno.ENOMEM]}), PhysMoverParams(batch_pages=2))
+    mover = PhysMover(FakePhys({2: [-errno.ENOMEM]}), PhysMoverParams(batch_pages=2), ROOT)
     result = mover.move(_batch([1, 2, 3, 4]))
     assert result.target_full and result.failures == {"ENOMEM": 1, "target_full": 2}
-    result = PhysMover(FakePhys(call_error=errno.EPERM)).move(_batch([1, 2]))
+    result = PhysMover(FakePhys(call_error=errno.EPERM), root=ROOT).move(_batch([1, 2]))
     assert result.failures == {"call_EPERM": 2} and result.moved.size == 0
+
+
+# --- large folios --------------------------------------------------------------------------
+
+HEAD = (1 << kpf.KPF_COMPOUND_HEAD) | (1 << kpf.KPF_THP) | (1 << kpf.KPF_LRU)
+TAIL = (1 << kpf.KPF_COMPOUND_TAIL) | (1 << kpf.KPF_THP)
+
+
+def _folio_root(tmp_path: Path, folios: list[tuple[int, int]], npfns: int = 64) -> HostRoot:
+    """A fixture /proc/kpageflags: 4K LRU pages, with (head PFN, pages) large folios."""
+    flags = np.full(npfns, 1 << kpf.KPF_LRU, dtype=np.uint64)
+    for head, pages in folios:
+        flags[head] = HEAD
+        flags[head + 1:head + pages] = TAIL
+    (tmp_path / "proc").mkdir()
+    flags.tofile(tmp_path / "proc/kpageflags")
+    return HostRoot(tmp_path)
+
+
+class FolioPhys:
+    """move_phys_pages as the kernel does it: any PFN moves its whole folio; a PFN of a
+    folio already queued in the call is -ENOENT, and so is a free (already moved) one."""
+
+    def __init__(self, folios: list[tuple[int, int]]) -> None:
+        self.folio_of = {pfn: head for head, pages in folios for pfn in range(head, head + pages)}
+        self.moved: set[int] = set()
+        self.calls: list[list[int]] = []
+
+    def __call__(self, addrs: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+        pfns = (addrs // PAGE).tolist()
+        self.calls.append(pfns)
+        out = []
+        for pfn, node in zip(pfns, nodes.tolist(), strict=True):
+            folio = self.folio_of.get(pfn, pfn)
+            out.append(-errno.ENOENT if folio in self.moved else node)
+            self.moved.add(folio)
+        return np.array(out, dtype=np.int32)
+
+
+@pytest.mark.parametrize(("folios", "batch_pages", "calls"), [
+    # one THP (head and tails) amid 4K pages: one PFN for the THP, each 4K page its own
+    ([(8, 8)], 64, [[4, 5, 6, 7, 8, 16, 17]]),
+    # two adjacent THPs: the second head starts a new folio
+    ([(8, 8), (16, 8)], 64, [[4, 5, 6, 7, 8, 16]]),
+    # chunks of 8 pages: the THP at 8-15 would straddle 4..11 | 12..; it goes whole
+    ([(8, 8)], 8, [[4, 5, 6, 7], [8], [16, 17]]),
+    # a THP larger than a chunk goes alone
+    ([(8, 16)], 4, [[4, 5, 6, 7], [8]]),
+    # 4K pages only: one PFN each, chunks of batch_pages
+    ([], 4, [[4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17]]),
+])
+def test_phys_mover_sends_one_pfn_per_folio_and_every_pfn_shares_its_status(
+        tmp_path: Path, folios: list[tuple[int, int]], batch_pages: int,
+        calls: list[list[int]]) -> None:
+    pfns = [*range(4, 18)] if folios != [(8, 16)] else [*range(4, 24)]
+    kernel = FolioPhys(folios)
+    mover = PhysMover(kernel, PhysMoverParams(batch_pages=batch_pages),
+                      _folio_root(tmp_path, folios))
+    result = mover.move(_batch(pfns[::-1]))  # any order in, sorted out
+    assert kernel.calls == calls
+    assert sorted(result.moved.tolist()) == pfns
+    assert not result.failures and result.not_moved.size == 0
+
+
+def test_tails_without_their_head_in_the_batch_still_go_as_one_folio(tmp_path: Path) -> None:
+    kernel = FolioPhys([(8, 8)])
+    mover = PhysMover(kernel, PhysMoverParams(), _folio_root(tmp_path, [(8, 8)]))
+    result = mover.move(_batch([11, 12, 13, 20]))
+    assert kernel.calls == [[11, 20]]
+    assert sorted(result.moved.tolist()) == [11, 12, 13, 20]
+
+
+def test_a_folio_status_reaches_every_pfn_of_it_and_busy_folios_retry_whole(
+        tmp_path: Path) -> None:
+    kernel = FakePhys({8: [-errno.EBUSY, 1], 16: [-errno.EACCES]})
+    mover = PhysMover(kernel, PhysMoverParams(busy_backoff=0),
+                      _folio_root(tmp_path, [(8, 8), (16, 4)]))
+    result = mover.move(_batch([*range(8, 20)]))
+    assert [pfns for pfns, _ in kernel.calls] == [[8, 16], [8]]
+    assert sorted(result.moved.tolist()) == [*range(8, 16)]
+    assert result.failures == {"EACCES": 4}
+
+
+# --- in the lab ----------------------------------------------------------------------------
+
+THP_BYTES = 2 << 20
+
+
+def _thp_buffer(size: int) -> np.ndarray:
+    """A written, THP-aligned private anonymous buffer (shared anon memory is shmem, whose
+    THPs are off by default); unmapped when the last view of it goes."""
+    buf = mmap.mmap(-1, size + THP_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = np.frombuffer(buf, dtype=np.uint8)
+    skip = -base.ctypes.data % THP_BYTES
+    buf.madvise(mmap.MADV_HUGEPAGE, skip, size)
+    view = base[skip:skip + size]
+    view[::PAGE] = 1  # write-fault: a read would map the huge zero page
+    return view
+
+
+@pytest.mark.vm(kernels=["tierd"])
+def test_phys_mover_moves_thp_backed_memory_and_counts_every_page_moved() -> None:
+    from tierd.kernel.move_phys import move_phys_pages  # the lab kernel's syscall
+
+    npages = (32 << 20) // PAGE
+    view = _thp_buffer(npages * PAGE)
+    addrs = view.ctypes.data + PAGE * np.arange(npages, dtype=np.uint64)
+    assert (numa.move_pages(0, addrs, np.zeros(npages, np.int32)) == 0).all()
+    pfns = np.sort(pagemap.pfns_of(os.getpid(), addrs))
+    flags = kpf.read_flags(0, int(pfns.max()) + 1)[pfns.astype(np.intp)]
+    assert kpf.has_any(flags, kpf.KPF_THP).mean() > 0.9, "the kernel gave us THPs"
+    result = PhysMover(move_phys_pages).move(Batch(Direction.DEMOTE, 0, 1, pfns))
+    assert result.failures == {} and result.not_moved.size == 0
+    assert result.moved.size == npages
+    assert (numa.move_pages(0, addrs) == 1).all()
+

@@ -252,7 +252,7 @@ class Daemon:
             raise HostMismatch(f"movers.kind is 'phys' but move_phys_pages is unusable: {why_not}")
         if syscall is not None:
             params = PhysMoverParams(batch_pages=self.settings.pid_mover.batch_pages)
-            self.mover = PhysMover(syscall, params)
+            self.mover = PhysMover(syscall, params, self.root)
         else:
             log.info("PID mover (move_pages through the reverse map): %s", why_not)
             self.rmap = ReverseMap(self._process_filter, self.root)

@@ -121,13 +121,7 @@ class PidMover:
             moved = status == target
             if moved.any():
                 result.succeed(pfns[moved], self._new_pfns(pid, vaddrs[moved]))
-            busy = status == -errno.EBUSY
-            settled = ~moved & ~busy
-            result.fail_statuses(pfns[settled], status[settled], target)
-            if (status == -errno.ENOMEM).any():
-                result.target_full = True
-                result.fail(pfns[busy], "target_full")
-                return result
+            busy = result.settle(pfns, status, target)
             if not busy.any():
                 return result
             pfns, vaddrs = pfns[busy], vaddrs[busy]

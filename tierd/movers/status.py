@@ -72,7 +72,7 @@ class BatchResult:
             if stale:
                 self.stale = np.concatenate((self.stale, pfns))
 
-    def fail_statuses(self, pfns: npt.NDArray[np.uint64], statuses: npt.NDArray[np.int32],
+    def _fail_statuses(self, pfns: npt.NDArray[np.uint64], statuses: npt.NDArray[np.int32],
                       target: int) -> None:
         """Pages the kernel did not move, counted by their per-page status."""
         if pfns.size:
@@ -80,3 +80,20 @@ class BatchResult:
             stale = np.isin(statuses, [-e for e in STALE_ERRNOS])
             self.stale = np.concatenate((self.stale, pfns[stale]))
             self.failures.update(count_reasons(statuses, target))
+
+    def settle(self, pfns: npt.NDArray[np.uint64], statuses: npt.NDArray[np.int32],
+               target: int) -> npt.NDArray[np.bool_]:
+        """Count the pages of one call the kernel did not move; return which to retry (-EBUSY).
+
+        Moved pages stay the caller's to record (only it knows their new PFNs).
+        An -ENOMEM means the target is full: busy pages then fail as
+        target_full and nothing is left to retry.
+        """
+        busy = statuses == -errno.EBUSY
+        settled = (statuses != target) & ~busy
+        self._fail_statuses(pfns[settled], statuses[settled], target)
+        if (statuses == -errno.ENOMEM).any():
+            self.target_full = True
+            self.fail(pfns[busy], "target_full")
+            return np.zeros_like(busy)
+        return busy
