@@ -18,6 +18,7 @@ from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HostRoot
 from tierd.movers import safety
+from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.phys import PhysMover, PhysMoverParams
 from tierd.movers.pid import PidMover, PidMoverParams
 from tierd.movers.rmap import ReverseMap
@@ -374,3 +375,18 @@ def test_phys_mover_moves_thp_backed_memory_and_counts_every_page_moved() -> Non
     assert result.moved.size == npages
     assert (numa.move_pages(0, addrs) == 1).all()
 
+
+# --- dry run -------------------------------------------------------------------------------
+
+
+def test_a_dry_run_counts_each_page_once_per_target_node() -> None:
+    ledger = WouldMoveLedger()
+    assert ledger.record(np.array([30, 10, 20], dtype=np.uint64), target=1) == 3
+    # After the cooldown the same unmoved pages are picked again: nothing new.
+    assert ledger.record(np.array([10, 20, 30], dtype=np.uint64), target=1) == 0
+    assert ledger.record(np.array([20, 40], dtype=np.uint64), target=1) == 1
+    # 20 would now come back to node 0: a new decision; so would going down again.
+    assert ledger.record(np.array([20], dtype=np.uint64), target=0) == 1
+    assert ledger.record(np.array([20, 5], dtype=np.uint64), target=1) == 2
+    assert ledger.pfns.tolist() == [5, 10, 20, 30, 40]
+    assert ledger.targets.tolist() == [1, 1, 1, 1, 1]

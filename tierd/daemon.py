@@ -43,6 +43,7 @@ from tierd.kernel.kernel_tiering import read_kernel_tiering
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import safety
+from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.phys import MovePhysPages, PhysMover, PhysMoverParams
 from tierd.movers.pid import PidMover, PidMoverParams
 from tierd.movers.rmap import ReverseMap
@@ -166,6 +167,7 @@ class Daemon:
         self._process_filter = ProcessFilter(self.settings.exclusions, self.root)
         self._excluded_pfns = np.zeros(0, dtype=np.uint64)
         self._idle_marked_at: float | None = None
+        self._would_move = WouldMoveLedger()
 
     # --- start and stop ------------------------------------------------------------
 
@@ -448,7 +450,9 @@ class Daemon:
         self.heat.pin(np.setdiff1d(batch.pfns, pfns, assume_unique=True))
         key = (batch.direction, batch.source, batch.target)
         if self.settings.dry_run:
-            self.state.record_moved(*key, int(pfns.size))
+            # Pages never move in a dry run, so they are picked again after each
+            # cooldown: the metric counts each decision once.
+            self.state.record_moved(*key, self._would_move.record(pfns, batch.target))
             summary.moved[key] += int(pfns.size)
             self.heat.cool_down(pfns)  # as if moved: do not plan them again at once
             log.debug("dry run: would %s %d pages node %d -> %d", batch.direction.value,

@@ -133,7 +133,7 @@ def _moves(snap: StateSnapshot) -> Iterator[Metric]:
                             snap.pages_moved, direction)
         yield _by_node_pair(f"tierd_{verb}_bytes", f"Bytes {verb}.", snap.bytes_moved, direction)
     would = CounterMetricFamily("tierd_dry_run_pages",
-                                "Pages a dry run would have moved.",
+                                "Pages a dry run decided to move, each once per target node.",
                                 labels=["direction", *MOVE_LABELS])
     attempts = CounterMetricFamily("tierd_migration_attempts",
                                    "Pages handed to a mover, moved or not.",
