@@ -18,7 +18,7 @@ from tierd.collectors.topology import read_topology
 from tierd.errors import KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import pagemap
-from tierd.kernel.page_idle import BITMAP
+from tierd.kernel.page_idle import BITMAP, IdleBitmap
 from tierd.kernel.root import HostRoot
 from tierd.probe import State
 
@@ -89,6 +89,21 @@ def test_a_truncated_entry_is_an_error(tmp_path: Path) -> None:
     path.write_bytes(b"\0" * 12)
     with pytest.raises(KernelFileError, match=r"offset 0xc: read ends inside an entry"):
         kpf.read_flags(0, 4, HostRoot(tmp_path))
+
+
+def test_per_pfn_files_share_one_fd_each_closed_once_and_name_the_file(tmp_path: Path) -> None:
+    root = HostRoot(tmp_path)
+    with pytest.raises(KernelFileError, match=r"page_idle/bitmap: missing \(kernel built "
+                       r"without CONFIG_IDLE_PAGE_TRACKING\)"):
+        IdleBitmap(root).read_words(0, np.zeros(1, dtype=np.uint64))
+    _write_u64(tmp_path, kpf.KPAGEFLAGS, np.arange(8))
+    with kpf.kpageflags(root) as flags:
+        flags.read(0, 2)
+        fd = flags._open()
+        assert flags.read(6, 2).tolist() == [6, 7] and flags._open() == fd  # reused
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the with block
+    flags.close()  # and closing again is harmless
 
 
 # --- the idle-page collector on a fixture tree -------------------------------------------

@@ -14,12 +14,12 @@ kernel-internal ones it also exports, include/linux/kernel-page-flags.h).
 from __future__ import annotations
 
 import os
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
 from tierd.errors import KernelFileError
+from tierd.kernel.kernel_fd import KernelFd
 from tierd.kernel.root import HOST, HostRoot
 
 KPAGEFLAGS = "/proc/kpageflags"
@@ -79,25 +79,12 @@ def unmovable(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     return has_any(flags, *UNMOVABLE_BITS)
 
 
-class PfnFile:
+class PfnFile(KernelFd):
     """One of the per-PFN u64 files, open for repeated range reads."""
 
     def __init__(self, kernel_path: str, root: HostRoot = HOST, fill: int = 0) -> None:
-        self.path = root(kernel_path)
+        super().__init__(root(kernel_path), os.O_RDONLY)
         self.fill = np.uint64(fill)
-        self._fd: int | None = None
-
-    def _open(self) -> int:
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise KernelFileError(self.path, "missing") from None
-            except PermissionError:
-                raise KernelFileError(self.path, "permission denied (needs root)") from None
-            except OSError as e:
-                raise KernelFileError(self.path, e.strerror or str(e)) from None
-        return self._fd
 
     def read_into(self, pfn_start: int, out: npt.NDArray[np.uint64]) -> int:
         """Fill `out` with the entries of PFNs [pfn_start, pfn_start + out.size).
@@ -106,25 +93,11 @@ class PfnFile:
         PFN) is set to `fill`. Raises KernelFileError naming the offset of
         a failed read.
         """
-        fd = self._open()
-        view = memoryview(out.view(np.uint8))
-        done = 0
-        while done < view.nbytes:
-            offset = pfn_start * ENTRY_BYTES + done
-            try:
-                n = os.preadv(fd, [view[done:]], offset)
-            except OSError as e:
-                raise KernelFileError(
-                    self.path, e.strerror or str(e), key=f"offset {offset:#x}"
-                ) from None
-            if n == 0:
-                break
-            done += n
+        offset = pfn_start * ENTRY_BYTES
+        done = self._pread_into(memoryview(out.view(np.uint8)), offset)
         if done % ENTRY_BYTES:
-            raise KernelFileError(
-                self.path, "read ends inside an entry",
-                key=f"offset {pfn_start * ENTRY_BYTES + done:#x}",
-            )
+            raise KernelFileError(self.path, "read ends inside an entry",
+                                  key=f"offset {offset + done:#x}")
         got = done // ENTRY_BYTES
         out[got:] = self.fill
         return got
@@ -134,22 +107,6 @@ class PfnFile:
         out = np.empty(count, dtype=np.uint64)
         self.read_into(pfn_start, out)
         return out
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> PfnFile:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def kpageflags(root: HostRoot = HOST) -> PfnFile:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
-from tierd.errors import KernelFileError
+from tierd.kernel.kernel_fd import NEEDS_ROOT, KernelFd
 from tierd.kernel.root import HOST, HostRoot
 
 BITMAP = "/sys/kernel/mm/page_idle/bitmap"
@@ -48,35 +47,19 @@ def unpack(words: npt.NDArray[np.uint64], skip: int, count: int) -> npt.NDArray[
     return bits[skip:skip + count].view(np.bool_)
 
 
-class IdleBitmap:
+class IdleBitmap(KernelFd):
     """The open bitmap file; one instance per collector."""
 
     def __init__(self, root: HostRoot = HOST) -> None:
-        self.path = root(BITMAP)
-        self._fd: int | None = None
+        super().__init__(root(BITMAP), os.O_RDWR, missing=MISSING_REASON)
 
     def check(self) -> str | None:
         """Why the bitmap cannot be used (missing, not writable), or None. Changes nothing."""
         if not self.path.exists():
             return f"{self.path}: {MISSING_REASON}"
         if not os.access(self.path, os.R_OK | os.W_OK):
-            return f"{self.path}: permission denied (needs root)"
+            return f"{self.path}: {NEEDS_ROOT}"
         return None
-
-    def _open(self) -> int:
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise KernelFileError(self.path, MISSING_REASON) from None
-            except PermissionError:
-                raise KernelFileError(self.path, "permission denied (needs root)") from None
-            except OSError as e:
-                raise KernelFileError(self.path, e.strerror or str(e)) from None
-        return self._fd
-
-    def _error(self, e: OSError, offset: int) -> KernelFileError:
-        return KernelFileError(self.path, e.strerror or str(e), key=f"offset {offset:#x}")
 
     def read_words(self, first_word: int, out: npt.NDArray[np.uint64]) -> int:
         """Read words [first_word, first_word + out.size) into `out`.
@@ -84,18 +67,7 @@ class IdleBitmap:
         Returns how many words the kernel had; words past its last PFN are
         zeroed (not idle). Raises KernelFileError naming the failing offset.
         """
-        fd = self._open()
-        view = memoryview(out.view(np.uint8))
-        done = 0
-        while done < view.nbytes:
-            offset = first_word * WORD_BYTES + done
-            try:
-                n = os.preadv(fd, [view[done:]], offset)
-            except OSError as e:
-                raise self._error(e, offset) from None
-            if n == 0:
-                break
-            done += n
+        done = self._pread_into(memoryview(out.view(np.uint8)), first_word * WORD_BYTES)
         out[done // WORD_BYTES:] = 0
         return done // WORD_BYTES
 
@@ -121,19 +93,3 @@ class IdleBitmap:
                 break
             done += n
         return done // WORD_BYTES
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> IdleBitmap:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
