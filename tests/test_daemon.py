@@ -23,7 +23,8 @@ from tierd.heat import classes
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
-from tierd.policy import NodeFacts
+from tierd.policy import Batch, NodeFacts, Plan
+from tierd.probe import Health as ProbeHealth
 from tierd.state import DaemonState, Direction, Health
 from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
 
@@ -84,6 +85,72 @@ def test_settings_follow_the_config() -> None:
     assert settings.pid_mover.batch_pages == 64
     assert settings.exclusions.comms == ("db*",) and settings.exclusions.pids == (7,)
     assert settings.budget_pages(4096) == 10 * 4 * 256
+
+
+class _FakeIdle:
+    """An idle collector that counts its scans (one mark + collect each)."""
+
+    health = ProbeHealth()
+
+    def __init__(self) -> None:
+        self.collected = 0
+
+    def collect(self) -> list[IdleScan]:
+        self.collected += 1
+        return [IdleScan(0, np.zeros(4, dtype=np.uint8), 0.0)]
+
+    def mark(self) -> None:
+        pass
+
+
+def test_a_round_ends_only_when_the_idle_scan_is_due() -> None:
+    daemon = Daemon(Config())
+    assert daemon.collect().new_round  # no idle collector: every interval is a round
+    idle = _FakeIdle()
+    daemon.idle = idle  # type: ignore[assignment]
+    daemon._idle_due_at = time.monotonic() + 60
+    evidence = daemon.collect()
+    assert not evidence.new_round and not evidence.idle and idle.collected == 0
+    daemon._idle_due_at = time.monotonic()
+    evidence = daemon.collect()
+    assert evidence.new_round and evidence.idle and idle.collected == 1
+    assert daemon._idle_due_at >= time.monotonic() + daemon.settings.idle_interval - 1
+
+
+def test_run_steps_every_interval_counting_the_steps_own_time() -> None:
+    daemon = Daemon(parse(b"interval: 2\n"))
+    waits: list[float] = []
+
+    def step() -> IntervalSummary:
+        time.sleep(0.3)
+        return IntervalSummary()
+
+    daemon.step = step  # type: ignore[method-assign]
+    daemon.run(wait=lambda seconds: waits.append(seconds) or len(waits) > 2)
+    assert waits[0] == 2.0
+    assert all(1.6 <= w <= 1.71 for w in waits[1:]), waits
+
+
+def _batch(direction: Direction, source: int, target: int, pages: int) -> Batch:
+    return Batch(direction, source, target, np.arange(pages, dtype=np.uint64))
+
+
+def test_promotions_take_the_room_the_kernel_reports_after_the_demotions() -> None:
+    daemon = Daemon(Config())
+    moved: list[tuple[Direction, int]] = []
+    rooms = iter([{0: 150, 1: 10_000}])
+
+    def move_batch(batch: Batch, summary: IntervalSummary) -> None:
+        moved.append((batch.direction, batch.pfns.size))
+
+    daemon._move_batch = move_batch  # type: ignore[method-assign]
+    daemon._room_now = lambda: next(rooms)  # type: ignore[method-assign]
+    plan = Plan((_batch(Direction.DEMOTE, 0, 1, 300), _batch(Direction.PROMOTE, 1, 0, 100),
+                 _batch(Direction.PROMOTE, 2, 0, 100), _batch(Direction.PROMOTE, 3, 0, 100)))
+    summary = daemon.move(plan)
+    # One read of the room, after the demotions; the third batch finds none left.
+    assert moved == [(Direction.DEMOTE, 300), (Direction.PROMOTE, 100), (Direction.PROMOTE, 50)]
+    assert summary.failures["no_room"] == 150
 
 
 def test_interval_and_exit_summaries_name_pages_nodes_and_reasons_not_addresses() -> None:

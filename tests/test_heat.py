@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tierd import heat as h
 from tierd.collectors.evidence import UNTRACKED, IdleScan, RegionBatch, SampleBatch
@@ -147,22 +148,50 @@ def test_vacate_and_cool_down() -> None:
     assert h.cooldowns(model.mark).tolist() == [0, 0, 2, 0]
 
 
-def test_classify_matches_a_per_page_reference_on_random_marks() -> None:
+@pytest.mark.parametrize("advance", [True, False])
+def test_classify_matches_a_per_page_reference_on_random_marks(advance: bool) -> None:
     rng = np.random.default_rng(5)
     model = h.HeatModel(5000, PARAMS)
     model.heat[:] = rng.integers(0, 256, 5000)
     model.mark[:] = rng.integers(0, 256, 5000)
     before_heat, before_mark = model.heat.copy(), model.mark.copy()
-    model.classify()
+    model.classify(advance=advance)
     for heat, mark, got in zip(before_heat, before_mark, model.mark, strict=True):
-        assert got == _reference_classify(int(heat), int(mark))
+        assert got == _reference_classify(int(heat), int(mark), int(advance))
 
 
-def _reference_classify(heat: int, mark: int) -> int:
+def _reference_classify(heat: int, mark: int, advance: int) -> int:
     old_cls = (mark >> 3) & 3
     if old_cls == 0:
         return mark  # untracked (0) or pinned
     cls = h.HOT if heat >= 64 else h.COLD if heat <= 8 else h.WARM
-    streak = min(mark & 7, 6) + 1 if cls == old_cls else 1
-    cooldown = max(0, (mark >> 5) - 1)
+    streak = min(mark & 7, 7 - advance) + advance if cls == old_cls else 1
+    cooldown = max(0, (mark >> 5) - advance)
     return (cooldown << 5) | (cls << 3) | streak
+
+
+def test_heat_and_streaks_age_per_round_not_per_interval() -> None:
+    """A 30 s idle scan with a 5 s interval: the scan's evidence holds until the next scan."""
+    model = h.HeatModel(2, h.HeatParams(cooldown_intervals=3))
+    model.fold([_scan([0, 1])])  # round 1: page 0 accessed (hot), page 1 idle (cold)
+    for _ in range(5):  # intervals without a scan
+        model.fold(new_round=False)
+    assert model.heat.tolist() == [64, 0]
+    assert h.classes(model.mark).tolist() == [h.HOT, h.COLD]
+    assert h.streaks(model.mark).tolist() == [1, 1]
+    assert h.cooldowns(model.mark).tolist() == [h.NEW_PAGE_COOLDOWN - 1] * 2
+    model.fold([_scan([0, 1])])  # round 2: both settled, both free to move
+    assert model.heat.tolist() == [32 + 64, 0]
+    assert h.streaks(model.mark).tolist() == [2, 2]
+    assert h.cooldowns(model.mark).tolist() == [0, 0]
+
+
+def test_samples_between_rounds_add_up_and_can_change_the_class() -> None:
+    model = h.HeatModel(1, h.HeatParams())
+    model.fold([_scan([1])])
+    batch = SampleBatch(np.array([0, 0], dtype=np.uint64), lost=0, unresolved=0,
+                        collected_at=0.0)
+    model.fold(samples=[batch], new_round=False)
+    model.fold(samples=[batch], new_round=False)
+    assert model.heat[0] == 4 * h.HEAT_SCALE
+    assert h.classes(model.mark)[0] == h.HOT and h.streaks(model.mark)[0] == 1

@@ -35,13 +35,14 @@ from tierd.collectors.perf_bcc import BccSampleCollector, perf_collector
 from tierd.collectors.perf_samples import PerfSampleCollector, online_cpus
 from tierd.collectors.topology import Topology, read_topology
 from tierd.config import Config, PerfCollectorConfig
-from tierd.errors import HostMismatch, TierdError
+from tierd.errors import HostMismatch, KernelFileError, TierdError
 from tierd.heat import HEAT_SCALE, HeatModel, HeatParams
 from tierd.kernel import move_phys, pmu
 from tierd.kernel.damon_sysfs import MonitoringAttrs
 from tierd.kernel.kernel_tiering import read_kernel_tiering
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HOST, HostRoot
+from tierd.kernel.zoneinfo import read_zoneinfo
 from tierd.movers import safety
 from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.phys import MovePhysPages, PhysMover, PhysMoverParams
@@ -87,8 +88,8 @@ class Settings:
             dry_run=config.dry_run or dry_run,
             heat=HeatParams(decay=p.heat_decay, hot_threshold=p.hot_threshold,
                             cold_threshold=p.cold_threshold,
-                            # A page moved (or just seen) sits out one interval more than
-                            # the hysteresis: never moved on one interval's evidence.
+                            # A moved page sits out one round more than the hysteresis:
+                            # never moved back on one round's evidence.
                             cooldown_intervals=p.hysteresis_intervals + 1),
             policy=PolicyParams(hysteresis_intervals=p.hysteresis_intervals,
                                 promote_share=p.budget_split.promote),
@@ -112,6 +113,8 @@ class Evidence:
     idle: list[IdleScan] = field(default_factory=list)
     samples: list[SampleBatch] = field(default_factory=list)
     regions: list[RegionBatch] = field(default_factory=list)
+    # A round of evidence is complete: an idle scan was due, or there is no idle scan.
+    new_round: bool = True
 
 
 @dataclass
@@ -166,7 +169,8 @@ class Daemon:
         self._memcg_inodes: frozenset[int] = frozenset()
         self._process_filter = ProcessFilter(self.settings.exclusions, self.root)
         self._excluded_pfns = np.zeros(0, dtype=np.uint64)
-        self._idle_marked_at: float | None = None
+        self._idle_due_at: float | None = None
+        self._keep_free: dict[int, int] = {}  # node -> pages the policy keeps free
         self._would_move = WouldMoveLedger()
 
     # --- start and stop ------------------------------------------------------------
@@ -200,7 +204,10 @@ class Daemon:
             self.idle = IdleCollector(self.topology, list(cfg.idle.nodes) or None,
                                       cfg.idle.pfns_per_second, self.root)
             self.idle.mark()
-            self._idle_marked_at = time.monotonic()
+            # The first scan reads back after one interval, not a whole idle interval:
+            # evidence from the start, not a whole idle interval later.
+            self._idle_due_at = time.monotonic() + min(self.settings.interval,
+                                                       self.settings.idle_interval)
             self._set_health("idle", self.idle.health)
             if self.idle.health.state is State.UNAVAILABLE:
                 self.idle.close()
@@ -315,8 +322,13 @@ class Daemon:
         systemd's watchdog while it waits (tierd.service.systemd.Notifier.wait).
         """
         wait = wait or self.stop_event.wait
-        while not wait(self.settings.interval):
+        took = 0.0
+        # One step every `interval` seconds: the step's own time (a paced scan, a large
+        # move) counts against the wait, or every round would stretch by it.
+        while not wait(max(0.0, self.settings.interval - took)):
+            started = time.monotonic()
             summary = self.step()
+            took = time.monotonic() - started
             if on_interval is not None:
                 on_interval(summary)
             if once:
@@ -354,12 +366,13 @@ class Daemon:
 
     def collect(self) -> Evidence:
         evidence = Evidence()
-        now = time.monotonic()
-        if self.idle is not None and self._idle_marked_at is not None and (
-                now - self._idle_marked_at >= self.settings.idle_interval - 0.01):
+        if self.idle is not None and self._idle_due_at is not None:
+            # Heat ages by idle scan, not by interval: between two scans no round ends.
+            evidence.new_round = time.monotonic() >= self._idle_due_at - 0.01
+        if evidence.new_round and self.idle is not None:
             evidence.idle = self.idle.collect()
             self.idle.mark()
-            self._idle_marked_at = time.monotonic()
+            self._idle_due_at = time.monotonic() + self.settings.idle_interval
             self._set_health("idle", self.idle.health)
         if self.perf is not None:
             batch = self.perf.collect()
@@ -376,7 +389,8 @@ class Daemon:
     def update_heat(self, evidence: Evidence) -> None:
         assert self.heat is not None
         self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
-        self._pin_unmovable(self.heat.fold(evidence.idle, evidence.samples, evidence.regions))
+        self._pin_unmovable(self.heat.fold(evidence.idle, evidence.samples, evidence.regions,
+                                           new_round=evidence.new_round))
 
     def _pin_unmovable(self, new: np.ndarray) -> None:
         """Pin newly tracked frames a mover must never touch, before the policy sees them."""
@@ -402,6 +416,7 @@ class Daemon:
     def decide(self, facts: list[NodeFacts]) -> Plan:
         assert self.heat is not None
         targets = policy.targets(facts, self.settings.headroom_percent)
+        self._keep_free = {t.node: t.keep_free_pages for t in targets}
         plan = policy.decide(self.heat.heat, self.heat.mark, targets,
                              self.settings.budget_pages(), self.settings.policy)
         self.state.record_rate_limited(plan.deferred_pages)
@@ -410,9 +425,9 @@ class Daemon:
     def move(self, plan: Plan) -> IntervalSummary:
         summary = IntervalSummary(planned=plan.pages(), deferred=plan.deferred_pages)
         full: set[int] = set()
-        # Promotions into a node rely on its planned demotions having made room:
-        # whatever was not demoted is taken off that node's promotions.
-        shortfall: Counter[int] = Counter()
+        # Promotions come after every demotion and take the room the kernel reports
+        # then: a failed demotion the node did not need costs no promotion.
+        room: dict[int, int] | None = None
         for index, batch in enumerate(plan.batches):
             if self.stop_event.is_set():
                 log.info("stopping: %d batches of this interval not started",
@@ -421,25 +436,37 @@ class Daemon:
             if batch.target in full:
                 summary.failures["target_full"] += batch.pfns.size
                 continue
-            if batch.direction is Direction.PROMOTE and shortfall[batch.target]:
-                batch = self._trim(batch, shortfall, summary)
+            if batch.direction is Direction.PROMOTE and not self.settings.dry_run:
+                room = self._room_now() if room is None else room
+                batch = self._trim(batch, room, summary)
+                if not batch.pfns.size:
+                    continue
             result = self._move_batch(batch, summary)
-            if batch.direction is Direction.DEMOTE:
-                done = batch.pfns.size if result is None else result.moved.size
-                shortfall[batch.source] += batch.pfns.size - done
             if result is not None and result.target_full:
                 full.add(batch.target)
         self.state.record_failures(summary.failures)
         return summary
 
-    def _trim(self, batch: Batch, shortfall: Counter[int], summary: IntervalSummary) -> Batch:
-        cut = min(batch.pfns.size, shortfall[batch.target])
-        shortfall[batch.target] -= cut
-        summary.failures["no_room"] += cut
-        assert self.heat is not None
-        self.heat.cool_down(batch.pfns[batch.pfns.size - cut:])
-        return Batch(batch.direction, batch.source, batch.target,
-                     batch.pfns[:batch.pfns.size - cut])
+    def _room_now(self) -> dict[int, int]:
+        """Free pages above keep_free per node, as the kernel counts them now ({} if unknown)."""
+        try:
+            zones = read_zoneinfo(self.root)
+        except KernelFileError as e:
+            self.state.record_error("topology", str(e))
+            return {}
+        return {node: sum(z.free for z in zones.of_node(node)) - keep
+                for node, keep in self._keep_free.items()}
+
+    @staticmethod
+    def _trim(batch: Batch, room: dict[int, int], summary: IntervalSummary) -> Batch:
+        """The batch cut to the target's room (no cooldown: the pages are retried next time)."""
+        left = room.get(batch.target)
+        if left is None:
+            return batch
+        keep = min(batch.pfns.size, max(0, left))
+        room[batch.target] = left - keep
+        summary.failures["no_room"] += batch.pfns.size - keep
+        return Batch(batch.direction, batch.source, batch.target, batch.pfns[:keep])
 
     def _move_batch(self, batch: Batch, summary: IntervalSummary) -> BatchResult | None:
         assert self.heat is not None and self.mover is not None

@@ -1,8 +1,10 @@
 """Per-PFN heat: the collectors' evidence folded into two bytes per PFN.
 
 `heat` (uint8) is a decayed access count in fixed point (HEAT_SCALE units per
-access). Each interval every heat value is multiplied by `decay`, then the
-interval's evidence is added:
+access). Heat ages in *rounds*: one round is one complete round of evidence
+(an idle-bitmap scan where the idle collector runs, else one interval). At
+the start of each round every heat value is multiplied by `decay`; every
+interval's evidence is added as it comes:
 
 - an idle-bitmap scan that saw the page accessed adds `idle_access_weight`;
 - each perf sample of the page adds `sample_weight`;
@@ -14,18 +16,23 @@ interval's evidence is added:
 
 `mark` (uint8) holds what the policy needs besides heat, per PFN:
 
-    bits 0-2  streak: consecutive intervals in the current class (saturates at 7)
+    bits 0-2  streak: consecutive rounds in the current class (saturates at 7)
     bits 3-4  class: 0 untracked, 1 cold, 2 warm, 3 hot
-    bits 5-7  cooldown: intervals before the page may be moved again
+    bits 5-7  cooldown: rounds before the page may be moved again
+
+Classes are recomputed every interval, but streaks and cooldowns count
+rounds: with a 30 s idle scan and a 5 s interval, a page's idle evidence
+must not decay away (or its hysteresis be satisfied) between two scans.
 
 "Untracked" PFNs (kernel memory, free frames, huge-page tails) are never
 candidates. A "pinned" PFN (the mark value PINNED: class 0 with all other bits
 set) is an untracked PFN the movers found unmovable (mlocked, unevictable,
 an excluded process's): it stays out of the candidates until unpin_all().
 A PFN becomes tracked when an idle scan says it is a user LRU page, when it
-is sampled, or when the reverse map finds it mapped; it starts
-warm, with `initial_heat` and a full cooldown, so a page is never moved on
-the strength of a single interval. A page the movers moved away leaves an
+is sampled, or when the reverse map finds it mapped; it starts with
+`initial_heat` (none: its first round's evidence classifies it) and a cooldown
+of NEW_PAGE_COOLDOWN rounds, so a page is never moved on the strength of a
+single round. A page the movers moved away leaves an
 untracked frame behind; where its new PFN is known (PID mover) the heat and
 a fresh cooldown follow it.
 
@@ -61,6 +68,9 @@ WARM = 2
 HOT = 3
 
 CHUNK = 1 << 24  # PFNs per vectorized step
+# Rounds a newly tracked page sits out: its first round of evidence alone never moves it,
+# and with the default hysteresis (2) it is free to move as soon as it is settled.
+NEW_PAGE_COOLDOWN = 2
 
 
 @dataclass(frozen=True)
@@ -74,8 +84,8 @@ class HeatParams:
     sample_weight: float = 1.0  # per perf sample
     region_weight: float = 4.0  # a DAMON region at or above region_hot_rate
     region_hot_rate: float = 0.02  # DAMON access rate (nr_accesses / max) that counts fully
-    initial_heat: float = 2.0  # a newly tracked page: warm, neither hot nor cold
-    cooldown_intervals: int = 2  # after a move, or after becoming tracked
+    initial_heat: float = 0.0  # a newly tracked page, before its first evidence
+    cooldown_intervals: int = 2  # rounds after a move (or a failed attempt)
 
     def units(self, accesses: float) -> int:
         return int(min(HEAT_MAX, round(accesses * HEAT_SCALE)))
@@ -117,7 +127,7 @@ class HeatModel:
     def _set_params_tables(self) -> None:
         p = self.params
         self._decay_lut = np.floor(np.arange(256) * p.decay).astype(np.uint8)
-        self._new_mark = _pack(WARM, 0, min(COOLDOWN_MAX, p.cooldown_intervals))
+        self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
         self._initial = np.uint8(p.units(p.initial_heat))
 
     def set_params(self, params: HeatParams) -> None:
@@ -244,33 +254,39 @@ class HeatModel:
     # --- the interval boundary -------------------------------------------------
 
     def fold(self, idle: Iterable[IdleScan] = (), samples: Iterable[SampleBatch] = (),
-             regions: Iterable[RegionBatch] = ()) -> npt.NDArray[np.uint64]:
-        """One interval: decay, add the interval's evidence, reclassify; the newly tracked PFNs."""
-        self.decay()
+             regions: Iterable[RegionBatch] = (), new_round: bool = True
+             ) -> npt.NDArray[np.uint64]:
+        """One interval: (decay, if a round starts,) add the evidence, reclassify.
+
+        Returns the newly tracked PFNs.
+        """
+        if new_round:
+            self.decay()
         new = [np.zeros(0, dtype=np.uint64)]
         new += [self.add_idle_scan(scan) for scan in idle]
         new += [self.add_samples(batch) for batch in samples]
         for region_batch in regions:
             self.add_regions(region_batch)
-        self.classify()
+        self.classify(advance=new_round)
         return np.concatenate(new)
 
     def decay(self) -> None:
-        """Age every PFN's heat by one interval (before this interval's evidence is added)."""
+        """Age every PFN's heat by one round (before the round's evidence is added)."""
         for start in range(0, self.npfns, CHUNK):
             chunk = self.heat[start:start + CHUNK]
             np.take(self._decay_lut, chunk, out=chunk)
 
-    def classify(self) -> None:
-        """Recompute classes from heat; count streaks; tick cooldowns down."""
+    def classify(self, advance: bool = True) -> None:
+        """Recompute classes from heat; with `advance` (a new round) count streaks and tick
+        cooldowns down. A class change always restarts the streak at 1."""
         hot, cold = np.uint8(self.params.hot_units), np.uint8(self.params.cold_units)
         for start in range(0, self.npfns, CHUNK):
             self._classify_chunk(self.heat[start:start + CHUNK], self.mark[start:start + CHUNK],
-                                 hot, cold)
+                                 hot, cold, np.uint8(advance))
 
     @staticmethod
     def _classify_chunk(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
-                        hot: np.uint8, cold: np.uint8) -> None:
+                        hot: np.uint8, cold: np.uint8, advance: np.uint8) -> None:
         # Branch-free uint8 arithmetic (booleans viewed as 0/1 bytes): boolean
         # indexing and np.where are several times slower on random masks.
         u8 = np.uint8
@@ -280,12 +296,12 @@ class HeatModel:
         new_cls -= (heat <= cold).view(u8) * step
         same = (old_cls == new_cls).view(u8)
         streak = mark & STREAK_MASK
-        streak += (streak < STREAK_MAX).view(u8)
-        streak -= u8(1)
+        streak += (streak < STREAK_MAX).view(u8) * advance
+        streak -= u8(1)  # wraps at 0; the + 1 below wraps back
         streak *= same
-        streak += u8(1)  # same class: streak + 1 (saturating); new class: 1
+        streak += u8(1)  # same class: streak + advance (saturating); new class: 1
         cooldown = mark >> u8(COOLDOWN_SHIFT)
-        cooldown -= (cooldown > 0).view(u8)
+        cooldown -= (cooldown > 0).view(u8) * advance
         cooldown <<= u8(COOLDOWN_SHIFT)
         cooldown |= new_cls
         cooldown |= streak

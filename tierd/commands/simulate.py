@@ -39,12 +39,16 @@ def run(args: argparse.Namespace) -> int:
     total: Counter[tuple[Direction, int, int]] = Counter()
     page_size = 4096
     intervals = deferred = 0
+    idle_seen = False
     for record in read_trace(args.trace):
         intervals += 1
         page_size = record.page_size
         if heat is None or heat.npfns != record.npfns:
             heat = HeatModel(record.npfns, settings.heat)
-        heat.fold(record.idle, record.samples, record.regions)
+        # Heat ages per round: once the trace shows idle scans, only at those intervals.
+        idle_seen = idle_seen or bool(record.idle)
+        heat.fold(record.idle, record.samples, record.regions,
+                  new_round=bool(record.idle) or not idle_seen)
         targets = policy.targets(record.nodes, settings.headroom_percent)
         plan = policy.decide(heat.heat, heat.mark, targets, settings.budget_pages(page_size),
                              settings.policy)
