@@ -205,7 +205,7 @@ class Daemon:
                                       cfg.idle.pfns_per_second, self.root)
             self.idle.mark()
             # The first scan reads back after one interval, not a whole idle interval:
-            # evidence from the start, not a whole idle interval later.
+            # evidence arrives from the start.
             self._idle_due_at = time.monotonic() + min(self.settings.interval,
                                                        self.settings.idle_interval)
             self._set_health("idle", self.idle.health)
