@@ -7,7 +7,7 @@ The tree (every key is optional; defaults below; durations in seconds):
     collectors:
       idle:                        # /sys/kernel/mm/page_idle/bitmap
         enabled: true
-        interval: 30.0             # seconds between two scans of a PFN
+        interval: 10.0             # seconds between two scans of a PFN: one round
         nodes: []                  # NUMA nodes to scan; [] = every node with memory
         pfns_per_second: 1000000   # scan rate cap (the bitmap's rmap walks cost CPU)
       perf:                        # IBS / PEBS / software-event samples
@@ -20,10 +20,10 @@ The tree (every key is optional; defaults below; durations in seconds):
         sampling_interval: 0.005
         aggregation_interval: 0.1
     policy:
-      heat_decay: 0.5              # share of a page's heat kept from one interval to the next
+      heat_decay: 0.5              # share of a page's heat kept from one round to the next
       hot_threshold: 4.0           # heat at or above which a slow-tier page is hot
       cold_threshold: 0.5          # heat at or below which a fast-tier page is cold
-      hysteresis_intervals: 2      # consecutive hot (cold) intervals before a move
+      hysteresis_intervals: 2      # consecutive hot (cold) rounds before a move
       headroom_percent: 2.0        # fast-node memory kept free above the promo/high watermark
       budget_split:                # the interval's move budget (movers.rate_mb_per_s x interval)
         promote: 0.5
@@ -50,6 +50,9 @@ file, line, key path and reason of every problem. The JSON schema in
 tierd.config_schema is the validator (jsonschema); the few rules a schema
 cannot state (cold below hot, shares summing to 1, remote metrics opt-in) are
 checked here after it. `ConfigStore` keeps the running config across reloads.
+
+A *round* is one idle scan, or one interval when the idle collector is off:
+heat decays, and hysteresis and cooldowns count, per round (tierd.heat).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ MAX_DEPTH = 32  # the tree is 4 deep; deeper nesting is hostile or broken
 @dataclass(frozen=True)
 class IdleCollectorConfig:
     enabled: bool = True
-    interval: float = 30.0
+    interval: float = 10.0
     nodes: tuple[int, ...] = ()
     pfns_per_second: int = 1_000_000
 

@@ -42,15 +42,19 @@ SCHEMA: dict[str, Any] = {
     "title": "tierd configuration",
     **_obj(
         "tierd's configuration file, /etc/tierd/tierd.yaml. Every key is optional.",
-        interval=_num("Seconds between two rounds of collect, decide, move.",
-                      minimum=0.1, maximum=3600),
+        interval=_num("Seconds from the start of one interval (collect, decide, move) to the"
+                      " next.", minimum=0.1, maximum=3600),
         dry_run=_bool("Decide and count as usual but never move a page."),
         collectors=_obj(
             "Where access evidence comes from. Several may be on; their evidence adds up.",
             idle=_obj(
                 "The idle-page bitmap (/sys/kernel/mm/page_idle/bitmap).",
                 enabled=_bool("Scan the idle-page bitmap."),
-                interval=_num("Seconds between two scans of the same PFN.",
+                interval=_num("Seconds between two scans of the same PFN (at least one"
+                              " interval; longer when the scan itself, paced by"
+                              " pfns_per_second, takes longer). Each scan is one *round*:"
+                              " heat decays and hysteresis counts per round, not per"
+                              " interval. The first scan reads back after one interval.",
                               minimum=1, maximum=86400),
                 nodes=_list("NUMA nodes to scan; an empty list scans every node with memory.",
                             {"type": "integer", "minimum": 0, "maximum": 1023}, 1024),
@@ -81,14 +85,17 @@ SCHEMA: dict[str, Any] = {
         ),
         policy=_obj(
             "How heat turns into promotions and demotions.",
-            heat_decay=_num("Share of a page's heat kept from one interval to the next"
-                            " (0 forgets at once).", minimum=0, exclusiveMaximum=1),
+            heat_decay=_num("Share of a page's heat kept from one round to the next (0"
+                            " forgets at once). A round is an idle scan, or one interval"
+                            " when the idle collector is off.", minimum=0, exclusiveMaximum=1),
             hot_threshold=_num("Heat at or above which a slow-tier page is hot.",
                                exclusiveMinimum=0, maximum=1e9),
             cold_threshold=_num("Heat at or below which a fast-tier page is cold; below"
                                 " hot_threshold.", minimum=0, maximum=1e9),
-            hysteresis_intervals=_int("Consecutive intervals a page must stay hot (cold)"
-                                      " before it is promoted (demoted).",
+            hysteresis_intervals=_int("Consecutive rounds (idle scans, or intervals without"
+                                      " the idle collector) a page must stay hot (cold)"
+                                      " before it is promoted (demoted); a moved page sits"
+                                      " out one round more before it may move again.",
                                       minimum=1, maximum=100),
             headroom_percent=_num("Percent of each fast node's memory kept free above its"
                                   " promo/high watermark, so promotions never push the node"
