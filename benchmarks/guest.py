@@ -118,8 +118,8 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
         before = kstat.vmstat()
         stime_before = system_seconds(pids)
         phases = [phase_start(workload, ballast, 0.0)]
+        system.start()  # returns once the system runs (tierd: after its start-up)
         t0 = time.monotonic()
-        system.start()
         samples = sample_run(workload, ballast, system, phases, t0, args)
         system.stop()
         elapsed = time.monotonic() - t0

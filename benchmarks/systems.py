@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kstat import MM_KTHREADS, CpuTracker, node_pfn_ranges, threads_named
@@ -210,6 +211,21 @@ class Tierd(System):
                 [sys.executable, "-m", "tierd", "run", "--config", str(self.config)],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             )
+        self.wait_started()
+
+    def wait_started(self, timeout: float = 180) -> None:
+        """Return once tierd has started (imports, topology, first idle mark).
+
+        A daemon runs before the work it tiers: Python's start-up in the TCG
+        guest (15 s or more over 9p) is not placement time, so the phase
+        clock starts here. Its CPU still counts (the process's own times).
+        """
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while "tierd started" not in self.log_path().read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tierd did not start: {self.log_path().read_text()[-2000:]}")
+            time.sleep(0.2)
 
     def config_text(self) -> str:
         """config/tierd.yaml's defaults, but for the benchmark's time scale (see
