@@ -368,7 +368,11 @@ class Daemon:
         evidence = Evidence()
         if self.idle is not None and self._idle_due_at is not None:
             # Heat ages by idle scan, not by interval: between two scans no round ends.
-            evidence.new_round = time.monotonic() >= self._idle_due_at - 0.01
+            # The scan is read back at the interval boundary nearest its due time; a
+            # strict ">= due" would skip to the next boundary whenever the scan
+            # itself took a moment (a 10 s scan, 5 s interval: every 15 s).
+            evidence.new_round = (time.monotonic()
+                                  >= self._idle_due_at - self.settings.interval / 2)
         if evidence.new_round and self.idle is not None:
             evidence.idle = self.idle.collect()
             self.idle.mark()
@@ -465,7 +469,8 @@ class Daemon:
             return batch
         keep = min(batch.pfns.size, max(0, left))
         room[batch.target] = left - keep
-        summary.failures["no_room"] += batch.pfns.size - keep
+        if keep < batch.pfns.size:
+            summary.failures["no_room"] += batch.pfns.size - keep
         return Batch(batch.direction, batch.source, batch.target, batch.pfns[:keep])
 
     def _move_batch(self, batch: Batch, summary: IntervalSummary) -> BatchResult | None:
