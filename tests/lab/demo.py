@@ -2,11 +2,12 @@
 """`make demo`: a hot/cold workload on the two-tier lab, under tierd.
 
 On the host this boots the lab with the tierd kernel and runs itself inside
-with --in-guest. In the guest it starts a workload whose hot and cold sets
-together exceed node 0's free memory (cold set allocated first, so the hot
-set starts on the slow node), runs tierd with config/tierd.yaml, prints a line
-per interval with per-node usage and the hot set's share of the fast tier,
-swaps the hot and cold sets halfway, and ends with
+with --in-guest. In the guest a ballast process fills most of node 0 with
+memory it never touches (another program's idle memory), and a workload
+starts its hot and cold sets on the slow node: ballast + hot + cold exceed
+node 0's free memory. It runs tierd with config/tierd.yaml, prints a line per
+interval with per-node usage and the hot set's share of the fast tier, swaps
+the hot and cold sets halfway, and ends with
 
     demo: hot_on_fast=F cold_on_slow=F promoted_pages=N demoted_pages=N
 """
@@ -86,14 +87,16 @@ def in_guest(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(LAB))
     from workload import Workload
 
-    print(f"demo: starting workload hot={args.hot} cold={args.cold} (cold first, node 0 preferred)",
-          flush=True)
-    workload = Workload.start(args.hot, args.cold, start_node=0)
+    print(f"demo: ballast of {args.ballast} on node 0 (never touched), workload hot={args.hot} "
+          f"cold={args.cold} on node 1", flush=True)
+    ballast = Workload.start("4M", args.ballast, start_node=0, pause=1.0)
+    workload = Workload.start(args.hot, args.cold, start_node=1)
     log = Path("/tmp/tierd-demo.log")
     try:
         tierd = start_tierd(log)
     except (RuntimeError, TimeoutError):
         workload.stop()
+        ballast.stop()
         raise
     print(f"demo: tierd running (pid {tierd.pid}, config {CONFIG.relative_to(REPO)})", flush=True)
     start = time.monotonic()
@@ -110,8 +113,9 @@ def in_guest(args: argparse.Namespace) -> int:
     finally:
         tierd.send_signal(signal.SIGTERM)
         tierd_rc = tierd.wait(120)
-        intact = workload.stop()
-    print(f"demo: tierd exited with {tierd_rc}; workload memory intact: {intact}", flush=True)
+        intact = workload.stop() & ballast.stop()
+    print(f"demo: tierd exited with {tierd_rc}; workload and ballast memory intact: {intact}",
+          flush=True)
     if tierd_rc != 0:
         print(log.read_text()[-4000:], flush=True)
     print(f"demo: hot_on_fast={final.hot_on_fast:.2f} cold_on_slow={final.cold_on_slow:.2f} "
@@ -124,7 +128,7 @@ def on_host(args: argparse.Namespace) -> int:
     import vm
 
     command = [sys.executable, str(Path(__file__).resolve()), "--in-guest",
-               "--hot", args.hot, "--cold", args.cold,
+               "--hot", args.hot, "--cold", args.cold, "--ballast", args.ballast,
                "--interval", str(args.interval), "--intervals", str(args.intervals)]
     result = vm.boot(vm.lab_kernel("tierd"), shlex.join(command),
                      fast_mem=args.fast_mem, slow_mem=args.slow_mem)
@@ -139,9 +143,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--hot", default="384M")
-    parser.add_argument("--cold", default="1792M")
+    parser.add_argument("--cold", default="384M")
+    parser.add_argument("--ballast", default="1408M")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds per line")
-    parser.add_argument("--intervals", type=int, default=24)
+    # Long enough for the default config to settle twice: after a swap, the old hot
+    # set must read cold for two rounds after its heat decayed (about 50 s).
+    parser.add_argument("--intervals", type=int, default=36)
     parser.add_argument("--fast-mem", default="2G")
     parser.add_argument("--slow-mem", default="2G")
     args = parser.parse_args()
