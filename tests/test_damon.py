@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lab.tlb import drop_tlb
 from tierd.collectors.damon import DamonCollector
 from tierd.kernel import damon_sysfs, pagemap
 from tierd.kernel.damon_sysfs import KDAMONDS, MonitoringAttrs
@@ -218,6 +219,7 @@ def spawn_hot_cold_workload() -> tuple[int, int, int]:
             os.close(write_end)
             while True:
                 hot_view[::PAGE] += 1
+                drop_tlb()  # as a hardware TLB would: else the touches set no Accessed bit
         finally:
             os._exit(1)
     os.close(write_end)
@@ -253,10 +255,6 @@ def settle_regions(collector: DamonCollector, hot_pfns: np.ndarray, cold_pfns: n
             return
 
 
-# Open defect: passes alone on a quiet host, but in the full lab suite DAMON's
-# regions stay mixed (53-75% of touched pages hot, 2026-11-25).
-@pytest.mark.xfail(reason="DAMON regions under emulation in the full lab suite; "
-                   "under investigation")
 @pytest.mark.vm
 def test_damon_finds_the_touched_buffer_hot_and_the_untouched_cold() -> None:
     pid, hot_base, cold_base = spawn_hot_cold_workload()
