@@ -226,6 +226,47 @@ def test_large_folio_tails_take_the_heads_state_across_chunks(tmp_path: Path) ->
                                        huge=1024)
 
 
+def test_between_full_scans_only_blocks_with_user_pages_are_marked_and_read(
+        tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(200, 300, LRU_ANON)
+    k.set_flags(2600, 2610, LRU_FILE)
+    c = k.collector(full_every=3)
+    c.scan(1.0)  # full: finds the user pages
+    k.set_flags(2600, 2610, 0)  # freed
+    k.set_flags(900, 910, LRU_ANON)  # new, in an empty block
+    k.collector()  # rewrites the fixture's kpageflags
+    k.bitmap_path.write_bytes(bytes(MAX_PFN // 8))
+    c.mark()
+    # The 2 MiB blocks that held user pages: 200-300's, and the freed pages' (still live).
+    assert np.array_equal(np.flatnonzero(k.bits()), np.r_[100:512, 2560:3072])
+    k.interval(1.0)
+    scans = c.collect()
+    assert (_ages(scans, range(200, 300)) == 2).all()
+    assert (_ages(scans, [*range(2600, 2610), *range(900, 910)]) == UNTRACKED).all()
+    assert c.stats[0].tracked == 100 and c.stats[1].tracked == 0
+    k.bitmap_path.write_bytes(bytes(MAX_PFN // 8))
+    c.mark()  # the freed pages' block is no longer scanned
+    assert np.array_equal(np.flatnonzero(k.bits()), np.r_[100:512])
+    k.interval(1.0)
+    c.collect()
+    scans = c.scan(1.0)  # the third scan after a full one is full again: the new page shows
+    assert (_ages(scans, range(900, 910)) == 1).all() and c.stats[0].tracked == 110
+
+
+def test_live_blocks_cut_by_chunks_and_range_edges_stay_live(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(1000, 1100, LRU_ANON)  # node 0's last block, [1024, 1100) past a chunk edge
+    k.set_flags(2300, 2301, LRU_ANON)  # node 1: only in the first chunk of its block
+    c = k.collector(full_every=100, chunk_pfns=256)
+    for _ in range(3):
+        scans = c.scan(1.0)
+    assert (_ages(scans, [1000, 1099, 2300]) == 3).all()
+    assert c.stats[0].tracked == 100 and c.stats[1].tracked == 1
+    with pytest.raises(ValueError, match="full_every 0"):
+        k.collector(full_every=0)
+
+
 def test_tails_before_the_scanned_range_are_untracked(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
     k.thp(64, 128)  # head at 64 lies before node 0 (starts at 100)

@@ -8,8 +8,14 @@ scans in a row, UNTRACKED = not a user page on the LRU). The ages are the
 only per-PFN state: one byte per PFN; everything else is chunk-sized.
 
 The kernel tracks only a large folio's head page, so tail pages take their
-head's idle bit (kpageflags' COMPOUND_TAIL marks them; a running maximum of
-"last non-tail index" finds each tail's head without a Python loop).
+head's idle bit (kpageflags' COMPOUND_TAIL marks them; the page before a run
+of tails is their head, so one np.repeat per chunk gives every tail its bit).
+
+Only every `full_every`-th scan (and the first) covers every PFN. The others
+cover the blocks (BLOCK_PFNS) that held a user LRU page at the last collect:
+elsewhere nothing can read back as a tracked page, and reading kpageflags
+and unpacking bits there cost as much as the bitmap itself. New user pages
+in an empty block are found by the next full scan.
 
 Both passes are paced (PFNs per second) so a scan does not hog a core, and
 never raise on kernel trouble: a failed read or write leaves the rest of
@@ -21,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +53,17 @@ log = logging.getLogger(__name__)
 # kernel's per-page rmap walk.
 DEFAULT_CHUNK_PFNS = 1 << 18
 ALL_ONES = np.uint64(2**64 - 1)
+# Liveness is kept per 2 MiB block (a PMD-size folio never straddles two);
+# live blocks at most MERGE_GAP_BLOCKS apart are scanned as one span, since
+# each span costs a few syscalls and numpy calls, about what sweeping a few
+# blocks of PFNs costs.
+BLOCK_PFNS = 512
+MERGE_GAP_BLOCKS = 8
+DEFAULT_FULL_EVERY = 8
+# Age after one more idle scan, indexed by the current age (UNTRACKED: first scan).
+NEXT_AGE = np.minimum(np.arange(256) + 1, IDLE_AGE_MAX).astype(np.uint8)
+NEXT_AGE[UNTRACKED] = 1
+TRACKED_BITS = kpf.mask(kpf.KPF_LRU, kpf.KPF_NOPAGE)
 
 
 @dataclass
@@ -102,7 +119,24 @@ class _Range:
     end: int
     node: int
     ages: npt.NDArray[np.uint8]
-    marked_until: int  # PFNs from here on were not marked idle in this scan
+    live: npt.NDArray[np.bool_]  # per block: held a tracked PFN at the last collect
+    spans: list[tuple[int, int]] = field(default_factory=list)  # this scan's, chunk-cut
+    marked_until: int = 0  # PFNs from here on were not marked idle in this scan
+
+    @property
+    def first_block(self) -> int:
+        return self.start // BLOCK_PFNS
+
+    def live_spans(self) -> list[tuple[int, int]]:
+        """[start, end) PFN runs of live blocks, gaps of under MERGE_GAP_BLOCKS bridged."""
+        blocks = np.flatnonzero(self.live)
+        if not blocks.size:
+            return []
+        breaks = np.flatnonzero(np.diff(blocks) > MERGE_GAP_BLOCKS)
+        firsts = blocks[np.concatenate(([0], breaks + 1))] + self.first_block
+        lasts = blocks[np.concatenate((breaks, [blocks.size - 1]))] + self.first_block
+        return [(max(self.start, int(f) * BLOCK_PFNS), min(self.end, (int(t) + 1) * BLOCK_PFNS))
+                for f, t in zip(firsts, lasts, strict=True)]
 
 
 class IdleCollector:
@@ -117,9 +151,12 @@ class IdleCollector:
         chunk_pfns: int = DEFAULT_CHUNK_PFNS,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        full_every: int = DEFAULT_FULL_EVERY,
     ) -> None:
         if chunk_pfns <= 0 or chunk_pfns % PFNS_PER_WORD:
             raise ValueError(f"chunk_pfns {chunk_pfns} must be a positive multiple of 64")
+        if full_every < 1:
+            raise ValueError(f"full_every {full_every} must be at least 1")
         wanted = topology.memory_nodes() if nodes is None else nodes
         unknown = sorted(set(wanted) - set(topology.nodes))
         if unknown:
@@ -127,24 +164,31 @@ class IdleCollector:
         self.nodes = sorted(wanted)
         self.pfns_per_second = pfns_per_second
         self.chunk_pfns = chunk_pfns
+        self.full_every = full_every
+        self.scans = 0  # collects done; every full_every-th scan (from 0) is full
         self.clock = clock
         self.sleep = sleep
         self.bitmap = IdleBitmap(root)
         self.flags_file = kpf.kpageflags(root)
         self.ranges = [
-            _Range(s, e, n, np.full(e - s, UNTRACKED, dtype=np.uint8), s)
+            _Range(s, e, n, np.full(e - s, UNTRACKED, dtype=np.uint8),
+                   np.zeros(-(-e // BLOCK_PFNS) - s // BLOCK_PFNS, dtype=np.bool_))
             for s, e, n in topology.pfn_ranges(self.nodes)
         ]
         self.stats = {n: NodeIdleStats() for n in self.nodes}
         self.health = Health()
         self._words = np.empty(chunk_pfns // PFNS_PER_WORD + 1, dtype=np.uint64)
         self._flags = np.empty(chunk_pfns, dtype=np.uint64)
-        self._index = np.arange(chunk_pfns, dtype=np.int64)
         self._problems: list[str] = []
 
     @property
     def tracked_pfns(self) -> int:
         return sum(r.end - r.start for r in self.ranges)
+
+    @property
+    def live_pfns(self) -> int:
+        """PFNs a scan between full scans covers now (the live blocks' spans)."""
+        return sum(e - s for r in self.ranges for s, e in r.live_spans())
 
     def _usable(self) -> bool:
         reason = self.bitmap.check()
@@ -163,16 +207,23 @@ class IdleCollector:
 
     # --- pass 1: mark every PFN idle -------------------------------------------------
 
+    @property
+    def full_scan(self) -> bool:
+        """Whether the scan under way (mark, then collect) covers every PFN."""
+        return self.scans % self.full_every == 0
+
     def mark(self) -> None:
-        """Mark every PFN of the ranges idle (the start of an interval)."""
+        """Mark the scan's PFNs idle (the start of an interval): all, or the live blocks'."""
         if not self._usable():
             return
         self._problems = []
         pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
         for r in self.ranges:
+            spans = [(r.start, r.end)] if self.full_scan else r.live_spans()
+            r.spans = [c for s, e in spans for c in chunks(s, e, self.chunk_pfns)]
             r.marked_until = r.start
             try:
-                for cs, ce in chunks(r.start, r.end, self.chunk_pfns):
+                for cs, ce in r.spans:
                     self._mark_chunk(r, cs, ce)
                     pacer.advance(ce - cs)
             except KernelFileError as e:
@@ -205,15 +256,20 @@ class IdleCollector:
         pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
         self.stats = {n: NodeIdleStats() for n in self.nodes}
         for r in self.ranges:
-            carry: bool | None = None  # idle bit of the last head seen in this range
+            carry: bool | None = None  # idle bit of the last head seen in this span
+            done = None  # where the last span ended: a carry only crosses a seamless cut
             cs = r.start
             try:
-                for cs, ce in chunks(r.start, r.end, self.chunk_pfns):
-                    carry = self._collect_chunk(r, cs, ce, carry)
+                for cs, ce in r.spans:
+                    carry = self._collect_chunk(r, cs, ce, carry, continues=cs == done)
+                    done = ce
                     pacer.advance(ce - cs)
             except KernelFileError as e:
                 r.ages[cs - r.start:] = UNTRACKED
+                r.live[cs // BLOCK_PFNS - r.first_block:] = False
                 self._problem(f"{e}; node {r.node} partly untracked this scan")
+            r.spans = []  # a collect without a mark reads nothing
+        self.scans += 1
         self._finish()
         now = self.clock()
         scans = []
@@ -223,7 +279,9 @@ class IdleCollector:
             scans.append(IdleScan(r.start, view, now))
         return scans
 
-    def _collect_chunk(self, r: _Range, cs: int, ce: int, carry: bool | None) -> bool | None:
+    def _collect_chunk(self, r: _Range, cs: int, ce: int, carry: bool | None,
+                       continues: bool) -> bool | None:
+        """Update the ages of [cs, ce); `continues`: the span before ended at cs."""
         n = ce - cs
         first, last = words_for(cs, ce)
         words = self._words[:last - first]
@@ -235,16 +293,31 @@ class IdleCollector:
         if got < words.size:
             self._problem(f"{self.bitmap.path}: offset {(first + got) * 8:#x}: "
                           f"bitmap ends inside node {r.node}; the rest is untracked")
-        idle, carry = _expand_folios(idle, flags, self._index[:n], carry)
-        tracked = kpf.has_any(flags, kpf.KPF_LRU) & ~kpf.has_any(flags, kpf.KPF_NOPAGE)
+        idle, carry = _expand_folios(idle, flags, carry if continues else None)
+        tracked = (flags & TRACKED_BITS) == kpf.mask(kpf.KPF_LRU)
         tracked[max(known_end, 0):] = False
-        tracked &= idle >= 0  # leading tails whose head lies before the range
+        tracked &= idle >= 0  # leading tails whose head lies before the span
         is_idle = tracked & (idle == 1)
         ages = r.ages[cs - r.start:ce - r.start]
-        older = np.minimum(np.where(ages == UNTRACKED, 0, ages), IDLE_AGE_MAX - 1) + 1
-        ages[:] = np.where(tracked, np.where(is_idle, older, 0), UNTRACKED)
+        new_ages = np.take(NEXT_AGE, ages)
+        new_ages *= is_idle.view(np.uint8)  # accessed: 0
+        new_ages |= (~tracked).view(np.uint8) * np.uint8(UNTRACKED)
+        ages[:] = new_ages
+        self._note_live(r, cs, tracked, continues)
         self._count(r.node, tracked, is_idle, flags)
         return carry
+
+    @staticmethod
+    def _note_live(r: _Range, cs: int, tracked: npt.NDArray[np.bool_], continues: bool) -> None:
+        """Record which blocks of [cs, cs + tracked.size) hold a tracked PFN."""
+        first = cs // BLOCK_PFNS
+        cuts = np.arange(first * BLOCK_PFNS, cs + tracked.size, BLOCK_PFNS) - cs
+        cuts[0] = 0
+        live = np.logical_or.reduceat(tracked, cuts)
+        blocks = r.live[first - r.first_block:first - r.first_block + live.size]
+        if continues and cs % BLOCK_PFNS:  # the block's first part was this scan's too
+            live[0] |= blocks[0]
+        blocks[:] = live
 
     def _count(self, node: int, tracked: npt.NDArray[np.bool_], is_idle: npt.NDArray[np.bool_],
                flags: npt.NDArray[np.uint64]) -> None:
@@ -268,22 +341,26 @@ class IdleCollector:
 
 
 def _expand_folios(
-    idle: npt.NDArray[np.bool_], flags: npt.NDArray[np.uint64],
-    index: npt.NDArray[np.int64], carry: bool | None,
+    idle: npt.NDArray[np.bool_], flags: npt.NDArray[np.uint64], carry: bool | None,
 ) -> tuple[npt.NDArray[np.int8], bool | None]:
     """Give every tail page its head's idle bit.
 
     Returns per PFN 1 (idle), 0 (accessed) or -1 (a tail whose head is
     before the chunk with no carried state), and the carry for the next
-    chunk: the idle bit of this chunk's last non-tail page.
+    chunk: the idle bit of this chunk's last head.
     """
+    expanded = idle.view(np.int8)
     tail = kpf.has_any(flags, kpf.KPF_COMPOUND_TAIL)
-    head_of = np.maximum.accumulate(np.where(tail, -1, index))
-    expanded = idle[np.maximum(head_of, 0)].astype(np.int8)
-    if head_of.size and head_of[0] < 0:
-        expanded[head_of < 0] = -1 if carry is None else int(carry)
-    if head_of.size and head_of[-1] >= 0:
-        carry = bool(idle[head_of[-1]])
+    if tail.any():
+        expanded = expanded.copy()
+        step = np.diff(tail.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+        starts, ends = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
+        heads = expanded[np.maximum(starts - 1, 0)]
+        if starts[0] == 0:  # tails whose head is in the chunk before
+            heads[0] = -1 if carry is None else int(carry)
+        expanded[tail] = np.repeat(heads, ends - starts)
+    if expanded.size:
+        carry = bool(expanded[-1]) if expanded[-1] >= 0 else None
     return expanded, carry
 
 
