@@ -230,28 +230,47 @@ def test_between_full_scans_only_blocks_with_user_pages_are_marked_and_read(
         tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
     k.set_flags(200, 300, LRU_ANON)
-    k.set_flags(2600, 2610, LRU_FILE)
+    k.set_flags(2600, 2603, LRU_FILE)
     c = k.collector(full_every=3)
     c.scan(1.0)  # full: finds the user pages
-    k.set_flags(2600, 2610, 0)  # freed
+    k.set_flags(2600, 2603, 0)  # freed: 3 of 103, too few for an early full scan
     k.set_flags(900, 910, LRU_ANON)  # new, in an empty block
     k.collector()  # rewrites the fixture's kpageflags
     k.bitmap_path.write_bytes(bytes(MAX_PFN // 8))
+    assert not c.full_scan
     c.mark()
     # The 2 MiB blocks that held user pages: 200-300's, and the freed pages' (still live).
     assert np.array_equal(np.flatnonzero(k.bits()), np.r_[100:512, 2560:3072])
     k.interval(1.0)
     scans = c.collect()
     assert (_ages(scans, range(200, 300)) == 2).all()
-    assert (_ages(scans, [*range(2600, 2610), *range(900, 910)]) == UNTRACKED).all()
+    assert (_ages(scans, [*range(2600, 2603), *range(900, 910)]) == UNTRACKED).all()
     assert c.stats[0].tracked == 100 and c.stats[1].tracked == 0
     k.bitmap_path.write_bytes(bytes(MAX_PFN // 8))
     c.mark()  # the freed pages' block is no longer scanned
     assert np.array_equal(np.flatnonzero(k.bits()), np.r_[100:512])
     k.interval(1.0)
     c.collect()
-    scans = c.scan(1.0)  # the third scan after a full one is full again: the new page shows
+    assert c.full_scan  # the third scan after a full one is full again: the new page shows
+    scans = c.scan(1.0)
     assert (_ages(scans, range(900, 910)) == 1).all() and c.stats[0].tracked == 110
+
+
+def test_pages_leaving_the_live_blocks_bring_the_next_full_scan_forward(
+        tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(200, 300, LRU_ANON)
+    c = k.collector(full_every=100)
+    c.scan(1.0)
+    k.set_flags(200, 210, 0)  # migrated away: 10 of 100 pages vanish ...
+    k.set_flags(2900, 2910, LRU_ANON)  # ... to an empty block
+    k.collector()
+    assert not c.full_scan
+    scans = c.scan(1.0)
+    assert (_ages(scans, range(2900, 2910)) == UNTRACKED).all()
+    assert c.full_scan
+    scans = c.scan(1.0)
+    assert (_ages(scans, range(2900, 2910)) == 1).all() and not c.full_scan
 
 
 def test_live_blocks_cut_by_chunks_and_range_edges_stay_live(tmp_path: Path) -> None:

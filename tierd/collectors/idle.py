@@ -15,7 +15,9 @@ Only every `full_every`-th scan (and the first) covers every PFN. The others
 cover the blocks (BLOCK_PFNS) that held a user LRU page at the last collect:
 elsewhere nothing can read back as a tracked page, and reading kpageflags
 and unpacking bits there cost as much as the bitmap itself. New user pages
-in an empty block are found by the next full scan.
+in an empty block are found by the next full scan, which comes early when
+many tracked pages left the live blocks (migrated or freed: their pages may
+now live anywhere).
 
 Both passes are paced (PFNs per second) so a scan does not hog a core, and
 never raise on kernel trouble: a failed read or write leaves the rest of
@@ -60,6 +62,9 @@ ALL_ONES = np.uint64(2**64 - 1)
 BLOCK_PFNS = 512
 MERGE_GAP_BLOCKS = 8
 DEFAULT_FULL_EVERY = 8
+# A full scan comes early once this share of the tracked pages has vanished
+# from the live blocks since the last one.
+VANISHED_SHARE = 1 / 16
 # Age after one more idle scan, indexed by the current age (UNTRACKED: first scan).
 NEXT_AGE = np.minimum(np.arange(256) + 1, IDLE_AGE_MAX).astype(np.uint8)
 NEXT_AGE[UNTRACKED] = 1
@@ -165,7 +170,10 @@ class IdleCollector:
         self.pfns_per_second = pfns_per_second
         self.chunk_pfns = chunk_pfns
         self.full_every = full_every
-        self.scans = 0  # collects done; every full_every-th scan (from 0) is full
+        self._steady_left = 0  # steady scans before the next full one
+        self._vanished = 0  # tracked pages gone from live blocks since the last full scan
+        self._tracked = 0  # tracked pages at the last collect
+        self._scan_is_full = True  # what the last mark() did
         self.clock = clock
         self.sleep = sleep
         self.bitmap = IdleBitmap(root)
@@ -209,17 +217,18 @@ class IdleCollector:
 
     @property
     def full_scan(self) -> bool:
-        """Whether the scan under way (mark, then collect) covers every PFN."""
-        return self.scans % self.full_every == 0
+        """Whether the next mark() covers every PFN, not only the live blocks."""
+        return self._steady_left == 0 or self._vanished > self._tracked * VANISHED_SHARE
 
     def mark(self) -> None:
         """Mark the scan's PFNs idle (the start of an interval): all, or the live blocks'."""
         if not self._usable():
             return
         self._problems = []
+        self._scan_is_full = self.full_scan
         pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
         for r in self.ranges:
-            spans = [(r.start, r.end)] if self.full_scan else r.live_spans()
+            spans = [(r.start, r.end)] if self._scan_is_full else r.live_spans()
             r.spans = [c for s, e in spans for c in chunks(s, e, self.chunk_pfns)]
             r.marked_until = r.start
             try:
@@ -269,7 +278,7 @@ class IdleCollector:
                 r.live[cs // BLOCK_PFNS - r.first_block:] = False
                 self._problem(f"{e}; node {r.node} partly untracked this scan")
             r.spans = []  # a collect without a mark reads nothing
-        self.scans += 1
+        self._count_down()
         self._finish()
         now = self.clock()
         scans = []
@@ -278,6 +287,14 @@ class IdleCollector:
             view.flags.writeable = False
             scans.append(IdleScan(r.start, view, now))
         return scans
+
+    def _count_down(self) -> None:
+        """After a collect: when the next full scan is due."""
+        self._tracked = sum(s.tracked for s in self.stats.values())
+        if self._scan_is_full:
+            self._steady_left, self._vanished = self.full_every - 1, 0
+        else:
+            self._steady_left -= 1
 
     def _collect_chunk(self, r: _Range, cs: int, ce: int, carry: bool | None,
                        continues: bool) -> bool | None:
@@ -299,6 +316,7 @@ class IdleCollector:
         tracked &= idle >= 0  # leading tails whose head lies before the span
         is_idle = tracked & (idle == 1)
         ages = r.ages[cs - r.start:ce - r.start]
+        self._vanished += int(np.count_nonzero((ages != UNTRACKED) & ~tracked))
         new_ages = np.take(NEXT_AGE, ages)
         new_ages *= is_idle.view(np.uint8)  # accessed: 0
         new_ages |= (~tracked).view(np.uint8) * np.uint8(UNTRACKED)
