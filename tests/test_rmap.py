@@ -38,6 +38,16 @@ def test_read_pagemap_past_the_end_reads_not_present() -> None:
     assert pagemap.pfn_of(entries).tolist() == [32, 48, 0, 0]
 
 
+def test_read_ranges_reads_touching_ranges_in_one_go_with_the_same_result() -> None:
+    ranges = [(16 * PAGE, 18 * PAGE), (18 * PAGE, 20 * PAGE), (22 * PAGE, 26 * PAGE),
+              (4 * PAGE, 5 * PAGE)]
+    expected = np.concatenate([pagemap.read_pagemap(PID, s, (e - s) // PAGE, ROOT)
+                               for s, e in ranges])
+    entries = pagemap.read_ranges(PID, ranges, ROOT)
+    assert np.array_equal(entries, expected)
+    assert pagemap.pfn_of(entries).tolist() == [16, 17, 18, 19, 32, 48, 0, 0, 0]
+
+
 def test_pfns_of_any_order_with_repeats_and_far_gaps() -> None:
     far = (pagemap.MERGE_GAP_PAGES + 100) * PAGE
     vaddrs = np.array([23 * PAGE + 5, 16 * PAGE, 16 * PAGE + 100, 21 * PAGE, far, 19 * PAGE],

@@ -73,14 +73,12 @@ def _open_pagemap(pid: int, root: HostRoot) -> int:
         raise KernelFileError(path, e.strerror or str(e)) from None
 
 
-def _pread_entries(fd: int, pid: int, first_page: int, npages: int, root: HostRoot
-                   ) -> npt.NDArray[np.uint64]:
-    """Entries of pages [first_page, first_page + npages); pages past the end read as 0."""
-    out = np.zeros(npages, dtype=np.uint64)
+def _pread_into(fd: int, pid: int, first_page: int, out: npt.NDArray[np.uint64],
+                root: HostRoot) -> None:
+    """Fill `out` with the entries of the pages from `first_page`; past the end they read as 0."""
     view = memoryview(out).cast("B")
     done = 0
-    want = npages * ENTRY_BYTES
-    while done < want:
+    while done < view.nbytes:
         try:
             n = os.preadv(fd, [view[done:]], first_page * ENTRY_BYTES + done)
         except OSError as e:
@@ -90,8 +88,16 @@ def _pread_entries(fd: int, pid: int, first_page: int, npages: int, root: HostRo
             raise KernelFileError(path, e.strerror or str(e),
                                   key=f"page {first_page + done // ENTRY_BYTES:#x}") from None
         if n == 0:  # past the end of the address space, or the mm went away
-            break
+            view[done:] = bytes(view.nbytes - done)
+            return
         done += n
+
+
+def _pread_entries(fd: int, pid: int, first_page: int, npages: int, root: HostRoot
+                   ) -> npt.NDArray[np.uint64]:
+    """Entries of pages [first_page, first_page + npages); pages past the end read as 0."""
+    out = np.empty(npages, dtype=np.uint64)
+    _pread_into(fd, pid, first_page, out, root)
     return out
 
 
@@ -113,19 +119,33 @@ def read_pagemap(pid: int, vaddr_start: int, npages: int, root: HostRoot = HOST
 
 def read_ranges(pid: int, ranges: list[tuple[int, int]], root: HostRoot = HOST
                 ) -> npt.NDArray[np.uint64]:
-    """Entries of several [start, end) vaddr ranges, concatenated in order, one open."""
-    total = sum((end - start) >> PAGE_SHIFT for start, end in ranges)
-    out = np.empty(total, dtype=np.uint64)
+    """Entries of several [start, end) vaddr ranges, concatenated in order, one open.
+
+    Ranges that touch (a library's segments, stacked anonymous mappings) are
+    read in one pread, straight into the result.
+    """
+    pages = [(start >> PAGE_SHIFT, end >> PAGE_SHIFT) for start, end in ranges]
+    out = np.empty(sum(last - first for first, last in pages), dtype=np.uint64)
     fd = _open_pagemap(pid, root)
     try:
         at = 0
-        for start, end in ranges:
-            n = (end - start) >> PAGE_SHIFT
-            out[at:at + n] = _pread_entries(fd, pid, start >> PAGE_SHIFT, n, root)
-            at += n
+        for first, last in _touching_merged(pages):
+            _pread_into(fd, pid, first, out[at:at + last - first], root)
+            at += last - first
     finally:
         os.close(fd)
     return out
+
+
+def _touching_merged(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[first, last) page ranges with each range that starts where the previous ends merged in."""
+    merged: list[tuple[int, int]] = []
+    for first, last in pages:
+        if merged and merged[-1][1] == first:
+            merged[-1] = (merged[-1][0], last)
+        else:
+            merged.append((first, last))
+    return merged
 
 
 def _runs(pages: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:

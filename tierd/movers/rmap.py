@@ -200,13 +200,20 @@ class ReverseMap:
         """(pfns, owners) of the process's present pages."""
         ranges = [(m.start, m.end) for m in maps]
         entries = pagemap.read_ranges(pid, ranges, self.root)
-        vpns = np.concatenate([np.arange(s >> PAGE_SHIFT, e >> PAGE_SHIFT, dtype=np.uint64)
-                               for s, e in ranges])
         present = pagemap.is_present(entries)
         pfns = entries[present] & pagemap.PFN_MASK
         nonzero = pfns != 0  # PFNs read as 0 without CAP_SYS_ADMIN: useless
-        owners = (np.uint64(slot) << np.uint64(VPN_BITS)) | (vpns[present][nonzero] & VPN_MASK)
+        vpns = self._vpns(maps)[present][nonzero]
+        owners = (np.uint64(slot) << np.uint64(VPN_BITS)) | (vpns & VPN_MASK)
         return pfns[nonzero], owners
+
+    @staticmethod
+    def _vpns(maps: list[pagemap.Mapping]) -> npt.NDArray[np.uint64]:
+        """The virtual page number of each entry of the concatenated entries of `maps`."""
+        first = np.fromiter((m.start >> PAGE_SHIFT for m in maps), np.uint64, len(maps))
+        pages = np.fromiter((m.npages for m in maps), np.int64, len(maps))
+        offset = (np.cumsum(pages) - pages).astype(np.uint64)  # each mapping's first entry
+        return np.arange(pages.sum(), dtype=np.uint64) + np.repeat(first - offset, pages)
 
     def _replace(self, drop: list[int],
                  reread: dict[int, tuple[_Process, list[pagemap.Mapping]]],
@@ -239,11 +246,20 @@ class ReverseMap:
 
     def _merge(self, pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
                new_pfns: npt.NDArray[np.uint64], new_owners: npt.NDArray[np.uint64]) -> None:
-        order = np.argsort(new_pfns, kind="stable")
+        order = np.argsort(new_pfns, kind="stable")  # timsort: PFNs come in ascending runs
         new_pfns, new_owners = new_pfns[order], new_owners[order]
-        at = np.searchsorted(pfns, new_pfns)
-        self.pfn = np.insert(pfns, at, new_pfns)
-        self.owner = np.insert(owners, at, new_owners)
+        if pfns.size == 0:  # a first build: nothing to merge into
+            self.pfn, self.owner = new_pfns, new_owners
+            return
+        # Where each new entry lands in the merged arrays; the kept ones fill the rest
+        # (one pass each, where np.insert would repeat the bookkeeping per array).
+        at = np.searchsorted(pfns, new_pfns) + np.arange(new_pfns.size)
+        kept = np.ones(pfns.size + new_pfns.size, dtype=np.bool_)
+        kept[at] = False
+        self.pfn = np.empty(kept.size, dtype=np.uint64)
+        self.owner = np.empty(kept.size, dtype=np.uint64)
+        self.pfn[at], self.pfn[kept] = new_pfns, pfns
+        self.owner[at], self.owner[kept] = new_owners, owners
 
     def _new_slot(self, pid: int) -> int:
         if self._free_slots:
