@@ -273,7 +273,7 @@ def _folio_root(tmp_path: Path, folios: list[tuple[int, int]], npfns: int = 64) 
     for head, pages in folios:
         flags[head] = HEAD
         flags[head + 1:head + pages] = TAIL
-    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc").mkdir(exist_ok=True)
     flags.tofile(tmp_path / "proc/kpageflags")
     return HostRoot(tmp_path)
 
@@ -341,6 +341,22 @@ def test_a_folio_status_reaches_every_pfn_of_it_and_busy_folios_retry_whole(
     assert sorted(result.moved.tolist()) == [*range(8, 16)]
     assert result.failures == {"EACCES": 4}
 
+
+
+def test_pid_mover_sends_one_address_per_folio_and_retries_a_busy_folio_whole(
+        tmp_path: Path) -> None:
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    root = _folio_root(tmp_path, [(16, 4)])  # pid 4242 maps PFNs 16-19 at pages 16-19
+    rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
+    rmap.refresh()
+    kernel = FakeKernel({16: [-errno.EBUSY]})
+    result = PidMover(rmap, PidMoverParams(busy_backoff=0), root, kernel).move(
+        _batch([16, 17, 18, 19, 32]))
+    assert [(pid, pages) for pid, pages, _, _ in kernel.calls] == [(4242, [16, 22]),
+                                                                  (4242, [16])]
+    assert sorted(result.moved.tolist()) == [16, 17, 18, 19, 32]
+    assert sorted(result.new_pfns.tolist()) == [16, 17, 18, 19, 32]  # read back from pagemap
+    assert not result.failures
 
 # --- in the lab ----------------------------------------------------------------------------
 

@@ -18,8 +18,6 @@ follow it: the idle scan finds it again at its new PFN.
 
 from __future__ import annotations
 
-import errno
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -30,7 +28,7 @@ import numpy.typing as npt
 from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
-from tierd.movers.status import BatchResult
+from tierd.movers.status import BatchResult, move_with_retries
 from tierd.policy import Batch
 
 # (physical addresses, target nodes) -> per-page status; raises OSError for the call.
@@ -57,36 +55,20 @@ class PhysMover:
         result = BatchResult()
         pfns = np.sort(batch.pfns)
         first = folios.read_group_starts(pfns, self.root)
-        bounds = folios.chunk_bounds(first, self.params.batch_pages)
-        for start, end in pairwise(bounds):
+        nodes = np.full(min(pfns.size, self.params.batch_pages), batch.target, dtype=np.int32)
+        for start, end in pairwise(folios.chunk_bounds(first, self.params.batch_pages)):
+            chunk = pfns[start:end]
             if result.target_full:
-                result.fail(pfns[start:end], "target_full")
+                result.fail(chunk, "target_full")
                 continue
-            result.add(self._move_chunk(pfns[start:end], first[start:end], batch.target))
+            moved = move_with_retries(
+                lambda todo, p=chunk, f=first[start:end]: self._call(p[todo], f[todo], nodes),
+                chunk, batch.target, result, self.params.busy_retries, self.params.busy_backoff)
+            result.succeed(chunk[moved])
         return result
 
-    def _move_chunk(self, pfns: npt.NDArray[np.uint64], first: npt.NDArray[np.bool_],
-                    target: int) -> BatchResult:
-        """Move whole folio groups; `first` marks the PFN sent for each group."""
-        result = BatchResult()
-        backoff = self.params.busy_backoff
-        for attempt in range(self.params.busy_retries + 1):
-            sent = pfns[first]
-            try:
-                status = self._move(sent << np.uint64(PAGE_SHIFT),
-                                    np.full(sent.size, target, dtype=np.int32))
-            except OSError as e:
-                result.fail(pfns, f"call_{errno.errorcode.get(e.errno or 0, e.errno)}")
-                result.target_full = e.errno == errno.ENOMEM  # a node batch could not allocate
-                return result
-            status = folios.spread(first, status)
-            result.succeed(pfns[status == target])
-            busy = result.settle(pfns, status, target)
-            if not busy.any():
-                return result
-            pfns, first = pfns[busy], first[busy]
-            if attempt < self.params.busy_retries:
-                time.sleep(backoff)
-                backoff *= 2
-        result.fail(pfns, "EBUSY")
-        return result
+    def _call(self, pfns: npt.NDArray[np.uint64], first: npt.NDArray[np.bool_],
+              nodes: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+        """move_phys_pages for the folio groups of `pfns`, one PFN each; per-page statuses."""
+        sent = pfns[first] << np.uint64(PAGE_SHIFT)
+        return folios.spread(first, self._move(sent, nodes[:sent.size]))

@@ -3,32 +3,37 @@
 For each process owning pages of a batch: check the target node is in its
 Mems_allowed, re-read its pagemap for those addresses and keep only pages
 still at the PFN the policy chose (the rest are stale: the reverse map is
-repaired, nothing else is touched), then call move_pages in chunks of
-`batch_pages`, all to the batch's one target node (the kernel flushes its
-internal batch whenever the target changes or a page is not queued).
-Busy pages are retried a bounded number of times with exponential backoff;
--ENOMEM ends the batch (the target is full). Call-level errors (process
-gone, permission, cpuset) fail that process's pages and the batch goes on.
+repaired, nothing else is touched), then call move_pages with at most
+`batch_pages` pages a call, all to the batch's one target node (the kernel
+flushes its internal batch whenever the target changes or a page is not
+queued). Pages are grouped by folio (tierd.movers.folios; here a group also
+needs consecutive virtual pages): one address per large folio goes to the
+kernel, which moves the whole folio, where the folio's other addresses would
+each find it isolated (-EBUSY, a retry after a backoff) and flush the
+kernel's batch. Busy pages are retried a bounded number of times with
+exponential backoff; -ENOMEM ends the batch (the target is full). Call-level
+errors (process gone, permission, cpuset) fail that process's pages and the
+batch goes on.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
 
 from tierd.errors import KernelFileError
+from tierd.kernel import kpageflags as kpf
 from tierd.kernel import numa, pagemap
-from tierd.kernel.pagemap import ProcessGoneError
+from tierd.kernel.pagemap import PAGE_SIZE, ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
-from tierd.movers import safety
+from tierd.movers import folios, safety
 from tierd.movers.rmap import ReverseMap
-from tierd.movers.status import BatchResult
+from tierd.movers.status import BatchResult, move_with_retries
 from tierd.policy import Batch
 
 log = logging.getLogger(__name__)
@@ -60,76 +65,72 @@ class PidMover:
         found, pids, vaddrs = self.rmap.lookup(batch.pfns)
         result.fail(batch.pfns[~found], "not_in_rmap", stale=True)
         pfns, pids, vaddrs = batch.pfns[found], pids[found], vaddrs[found]
+        flags = self._flags(pfns)
         order = np.lexsort((vaddrs, pids))
-        pfns, pids, vaddrs = pfns[order], pids[order], vaddrs[order]
-        bounds = np.flatnonzero(np.diff(pids)) + 1
-        for group in np.split(np.arange(pids.size), bounds):
-            if group.size == 0:
+        pfns, pids, vaddrs, flags = pfns[order], pids[order], vaddrs[order], flags[order]
+        bounds = [0, *(np.flatnonzero(np.diff(pids)) + 1).tolist(), pids.size]
+        for start, end in pairwise(bounds):
+            if start == end:
                 continue
+            group = slice(start, end)
             if result.target_full:
                 result.fail(pfns[group], "target_full")
                 continue
-            result.add(self._move_process(int(pids[group[0]]), pfns[group], vaddrs[group],
-                                          batch.target))
+            self._move_process(int(pids[start]), pfns[group], vaddrs[group], flags[group],
+                               batch.target, result)
         self.rmap.invalidate(result.stale)
         return result
 
+    def _flags(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The kpageflags of each of `pfns` (any order)."""
+        order = np.argsort(pfns)
+        flags = np.empty(pfns.size, dtype=np.uint64)
+        if pfns.size:
+            with kpf.kpageflags(self.root) as flags_file:
+                flags[order] = safety.read_per_pfn(flags_file, pfns[order])
+        return flags
+
     def _move_process(self, pid: int, pfns: npt.NDArray[np.uint64],
-                      vaddrs: npt.NDArray[np.uint64], target: int) -> BatchResult:
-        result = BatchResult()
+                      vaddrs: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],
+                      target: int, result: BatchResult) -> None:
         try:
             allowed = safety.allowed_nodes(pid, self.root)
             current = pagemap.pfns_of(pid, vaddrs, self.root)
         except ProcessGoneError:
             result.fail(pfns, "process_gone", stale=True)
-            return result
+            return
         except KernelFileError as e:
             log.debug("pid %d: %s", pid, e)
             result.fail(pfns, "proc_unreadable")
-            return result
+            return
         if allowed is not None and target not in allowed:
             result.fail(pfns, "node_not_allowed")
-            return result
+            return
         same = current == pfns
         result.fail(pfns[~same], "stale_rmap", stale=True)
-        pfns, vaddrs = pfns[same], vaddrs[same]
-        step = self.params.batch_pages
-        for start in range(0, pfns.size, step):
-            chunk = slice(start, start + step)
+        pfns, vaddrs, flags = pfns[same], vaddrs[same], flags[same]
+        next_page = np.zeros(pfns.size, dtype=np.bool_)
+        next_page[1:] = vaddrs[1:] == vaddrs[:-1] + np.uint64(PAGE_SIZE)
+        first = folios.group_starts(pfns, flags, joins=next_page)
+        nodes = np.full(min(pfns.size, self.params.batch_pages), target, dtype=np.int32)
+        moved = np.zeros(pfns.size, dtype=np.bool_)
+        for start, end in pairwise(folios.chunk_bounds(first, self.params.batch_pages)):
+            chunk = slice(start, end)
             if result.target_full:
                 result.fail(pfns[chunk], "target_full")
                 continue
-            result.add(self._move_chunk(pid, pfns[chunk], vaddrs[chunk], target))
-        return result
+            moved[chunk] = move_with_retries(
+                lambda todo, v=vaddrs[chunk], f=first[chunk]: self._call(pid, v[todo], f[todo],
+                                                                         nodes),
+                pfns[chunk], target, result, self.params.busy_retries, self.params.busy_backoff)
+        if moved.any():
+            result.succeed(pfns[moved], self._new_pfns(pid, vaddrs[moved]))
 
-    def _move_chunk(self, pid: int, pfns: npt.NDArray[np.uint64],
-                    vaddrs: npt.NDArray[np.uint64], target: int) -> BatchResult:
-        result = BatchResult()
-        backoff = self.params.busy_backoff
-        for attempt in range(self.params.busy_retries + 1):
-            try:
-                status = self._move_pages(pid, vaddrs, np.full(vaddrs.size, target, np.int32),
-                                          self.flags)
-            except numa.MovePagesError as e:
-                gone = e.errno == errno.ESRCH
-                reason = "process_gone" if gone else f"call_{errno.errorcode.get(e.errno, e.errno)}"
-                result.fail(pfns, reason, stale=gone)
-                # The kernel migrates in node batches; one that cannot allocate on the
-                # target fails the whole call with ENOMEM: the target is full.
-                result.target_full = e.errno == errno.ENOMEM
-                return result
-            moved = status == target
-            if moved.any():
-                result.succeed(pfns[moved], self._new_pfns(pid, vaddrs[moved]))
-            busy = result.settle(pfns, status, target)
-            if not busy.any():
-                return result
-            pfns, vaddrs = pfns[busy], vaddrs[busy]
-            if attempt < self.params.busy_retries:
-                time.sleep(backoff)
-                backoff *= 2
-        result.fail(pfns, "EBUSY")
-        return result
+    def _call(self, pid: int, vaddrs: npt.NDArray[np.uint64], first: npt.NDArray[np.bool_],
+              nodes: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+        """move_pages for the folio groups of `vaddrs`, one address each; per-page statuses."""
+        sent = vaddrs[first]
+        return folios.spread(first, self._move_pages(pid, sent, nodes[:sent.size], self.flags))
 
     def _new_pfns(self, pid: int, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """Where the moved pages live now (0 where the process is gone or it vanished)."""

@@ -10,8 +10,9 @@ moved is counted under a reason, so nothing is lost silently.
 from __future__ import annotations
 
 import errno
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -34,52 +35,61 @@ def count_reasons(statuses: npt.NDArray[np.int32], target: int) -> Counter[str]:
                     for v, c in zip(values, counts, strict=True)})
 
 
-def _empty() -> npt.NDArray[np.uint64]:
-    return np.zeros(0, dtype=np.uint64)
+class _Parts:
+    """A uint64 array grown by appending, joined once when read (not once per append)."""
+
+    def __init__(self) -> None:
+        self._parts: list[npt.NDArray[np.uint64]] = []
+
+    def append(self, values: npt.NDArray[np.uint64]) -> None:
+        if values.size:
+            self._parts.append(values)
+
+    def array(self) -> npt.NDArray[np.uint64]:
+        if len(self._parts) != 1:
+            self._parts = [np.concatenate(self._parts) if self._parts
+                           else np.zeros(0, dtype=np.uint64)]
+        return self._parts[0]
 
 
-@dataclass
 class BatchResult:
     """What happened to one batch; every input PFN is in exactly one of moved / not_moved."""
 
-    moved: npt.NDArray[np.uint64] = field(default_factory=_empty)  # old PFNs
-    new_pfns: npt.NDArray[np.uint64] = field(default_factory=_empty)  # parallel; 0: unknown
-    not_moved: npt.NDArray[np.uint64] = field(default_factory=_empty)
-    stale: npt.NDArray[np.uint64] = field(default_factory=_empty)  # subset of not_moved
-    failures: Counter[str] = field(default_factory=Counter)
-    target_full: bool = False  # -ENOMEM: no more moves to this node this interval
-    interrupted: bool = False  # stopped early (target full or shutdown)
+    def __init__(self) -> None:
+        self._moved = _Parts()  # old PFNs
+        self._new_pfns = _Parts()  # parallel to moved; 0: unknown
+        self._not_moved = _Parts()
+        self._stale = _Parts()  # subset of not_moved
+        self.failures: Counter[str] = Counter()
+        self.target_full = False  # -ENOMEM: no more moves to this node this interval
 
-    def add(self, other: BatchResult) -> None:
-        self.moved = np.concatenate((self.moved, other.moved))
-        self.new_pfns = np.concatenate((self.new_pfns, other.new_pfns))
-        self.not_moved = np.concatenate((self.not_moved, other.not_moved))
-        self.stale = np.concatenate((self.stale, other.stale))
-        self.failures.update(other.failures)
-        self.target_full |= other.target_full
-        self.interrupted |= other.interrupted
+    @property
+    def moved(self) -> npt.NDArray[np.uint64]:
+        return self._moved.array()
+
+    @property
+    def new_pfns(self) -> npt.NDArray[np.uint64]:
+        return self._new_pfns.array()
+
+    @property
+    def not_moved(self) -> npt.NDArray[np.uint64]:
+        return self._not_moved.array()
+
+    @property
+    def stale(self) -> npt.NDArray[np.uint64]:
+        return self._stale.array()
 
     def succeed(self, pfns: npt.NDArray[np.uint64],
                 new_pfns: npt.NDArray[np.uint64] | None = None) -> None:
-        self.moved = np.concatenate((self.moved, pfns))
-        new = np.zeros(pfns.size, np.uint64) if new_pfns is None else new_pfns
-        self.new_pfns = np.concatenate((self.new_pfns, new))
+        self._moved.append(pfns)
+        self._new_pfns.append(np.zeros(pfns.size, np.uint64) if new_pfns is None else new_pfns)
 
     def fail(self, pfns: npt.NDArray[np.uint64], reason: str, stale: bool = False) -> None:
         if pfns.size:
-            self.not_moved = np.concatenate((self.not_moved, pfns))
+            self._not_moved.append(pfns)
             self.failures[reason] += int(pfns.size)
             if stale:
-                self.stale = np.concatenate((self.stale, pfns))
-
-    def _fail_statuses(self, pfns: npt.NDArray[np.uint64], statuses: npt.NDArray[np.int32],
-                      target: int) -> None:
-        """Pages the kernel did not move, counted by their per-page status."""
-        if pfns.size:
-            self.not_moved = np.concatenate((self.not_moved, pfns))
-            stale = np.isin(statuses, [-e for e in STALE_ERRNOS])
-            self.stale = np.concatenate((self.stale, pfns[stale]))
-            self.failures.update(count_reasons(statuses, target))
+                self._stale.append(pfns)
 
     def settle(self, pfns: npt.NDArray[np.uint64], statuses: npt.NDArray[np.int32],
                target: int) -> npt.NDArray[np.bool_]:
@@ -91,9 +101,52 @@ class BatchResult:
         """
         busy = statuses == -errno.EBUSY
         settled = (statuses != target) & ~busy
-        self._fail_statuses(pfns[settled], statuses[settled], target)
+        if settled.any():
+            self._not_moved.append(pfns[settled])
+            stale = np.isin(statuses[settled], [-e for e in STALE_ERRNOS])
+            self._stale.append(pfns[settled][stale])
+            self.failures.update(count_reasons(statuses[settled], target))
         if (statuses == -errno.ENOMEM).any():
             self.target_full = True
             self.fail(pfns[busy], "target_full")
             return np.zeros_like(busy)
         return busy
+
+
+# Moves the pages at these indices of a chunk; per-page statuses, OSError for the call.
+MoveCall = Callable[[npt.NDArray[np.intp]], npt.NDArray[np.int32]]
+
+
+def _call_reason(e: OSError) -> str:
+    return f"call_{errno.errorcode.get(e.errno or 0, e.errno)}"
+
+
+def move_with_retries(call: MoveCall, pfns: npt.NDArray[np.uint64], target: int,
+                      result: BatchResult, retries: int, backoff: float
+                      ) -> npt.NDArray[np.bool_]:
+    """Call until no page of the chunk is busy (at most 1 + `retries` times, backing off).
+
+    Failures go into `result`; returns which of `pfns` reached the target,
+    for the caller's own success bookkeeping.
+    """
+    moved = np.zeros(pfns.size, dtype=np.bool_)
+    todo = np.arange(pfns.size)
+    for attempt in range(retries + 1):
+        try:
+            status = call(todo)
+        except OSError as e:
+            gone = e.errno == errno.ESRCH
+            result.fail(pfns[todo], "process_gone" if gone else _call_reason(e), stale=gone)
+            # The kernel migrates in node batches; one that cannot allocate on the
+            # target fails the whole call with ENOMEM: the target is full.
+            result.target_full = e.errno == errno.ENOMEM
+            return moved
+        moved[todo[status == target]] = True
+        todo = todo[result.settle(pfns[todo], status, target)]
+        if todo.size == 0:
+            return moved
+        if attempt < retries:
+            time.sleep(backoff)
+            backoff *= 2
+    result.fail(pfns[todo], "EBUSY")
+    return moved
