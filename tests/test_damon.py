@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from lab.tlb import drop_tlb
+from lab.workload import set_preferred_node
 from tierd.collectors.damon import DamonCollector
+from tierd.collectors.topology import read_topology
 from tierd.kernel import damon_sysfs, pagemap
 from tierd.kernel.damon_sysfs import KDAMONDS, MonitoringAttrs
 from tierd.kernel.root import HostRoot
@@ -200,6 +202,13 @@ def node_pfn_ranges() -> list[tuple[int, int]]:
 def spawn_hot_cold_workload() -> tuple[int, int, int]:
     """A child that fills a hot and a cold buffer, then touches only the hot one, forever.
 
+    The hot buffer goes to node 0, the cold one to node 1. DAMON's paddr
+    regions are physical ranges: once earlier tests have churned the free
+    lists, two buffers allocated one after the other interleave page by page
+    (a quarter of the hot pages shared 4 MiB with cold ones after the daemon
+    tests), and no region layout can tell them apart. Different nodes keep
+    them apart however the allocator hands pages out.
+
     Returns (pid, hot base, cold base); the parent reads the child's pagemap.
     """
     read_end, write_end = os.pipe()
@@ -213,7 +222,9 @@ def spawn_hot_cold_workload() -> tuple[int, int, int]:
                 buf.madvise(mmap.MADV_NOHUGEPAGE)
             cold_view = np.frombuffer(cold, dtype=np.uint8)
             hot_view = np.frombuffer(hot, dtype=np.uint8)
+            set_preferred_node(1)
             cold_view[::PAGE] = 1
+            set_preferred_node(0)
             hot_view[::PAGE] = 1
             os.write(write_end, f"{hot_view.ctypes.data} {cold_view.ctypes.data}\n".encode())
             os.close(write_end)
@@ -262,6 +273,9 @@ def test_damon_finds_the_touched_buffer_hot_and_the_untouched_cold() -> None:
         hot_pfns = pagemap.pfns_of(pid, hot_base + PAGE * np.arange(HOT_PAGES, dtype=np.uint64))
         cold_pfns = pagemap.pfns_of(pid, cold_base + PAGE * np.arange(COLD_PAGES, dtype=np.uint64))
         assert (hot_pfns != 0).all() and (cold_pfns != 0).all()
+        topology = read_topology()
+        assert (topology.node_of(hot_pfns) == 0).mean() >= 0.99, "hot buffer not on node 0"
+        assert (topology.node_of(cold_pfns) == 1).mean() >= 0.99, "cold buffer not on node 1"
         attrs = MonitoringAttrs(sample_us=10_000, aggr_us=200_000)
         hot_hits = np.zeros(HOT_PAGES, dtype=np.int64)
         cold_hits = np.zeros(COLD_PAGES, dtype=np.int64)
