@@ -15,8 +15,9 @@ The tree (every key is optional; defaults below; durations in seconds):
         backend: ctypes            # ctypes | bcc
         events: []                 # perf event names; [] = the best the CPU offers
         sample_period: 10007       # events per sample
-      damon:                       # DAMON physical-address monitoring
+      damon:                       # DAMON access monitoring
         enabled: false
+        operations: vaddr          # vaddr (largest processes) | paddr (physical ranges)
         sampling_interval: 0.005
         aggregation_interval: 0.1
     policy:
@@ -96,6 +97,7 @@ class PerfCollectorConfig:
 @dataclass(frozen=True)
 class DamonCollectorConfig:
     enabled: bool = False
+    operations: str = "vaddr"
     sampling_interval: float = 0.005
     aggregation_interval: float = 0.1
 

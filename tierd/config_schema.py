@@ -74,8 +74,15 @@ SCHEMA: dict[str, Any] = {
                 sample_period=_int("Events per sample.", minimum=1000, maximum=1 << 32),
             ),
             damon=_obj(
-                "DAMON monitoring of physical address ranges (DAMON_PADDR).",
-                enabled=_bool("Run a DAMON context per node."),
+                "DAMON access monitoring; used on its own when neither the idle bitmap nor"
+                " a memory-sampling PMU is available.",
+                enabled=_bool("Run DAMON even when another collector is available."),
+                operations=_enum("`vaddr`: the 8 largest processes (one kdamond each), their"
+                                 " regions translated to PFNs through pagemap: hot and cold"
+                                 " data stay apart in virtual memory however pages move."
+                                 " `paddr`: the nodes' physical address ranges (one kdamond);"
+                                 " its regions mix hot and cold pages once they interleave.",
+                                 "vaddr", "paddr"),
                 sampling_interval=_num("Seconds between DAMON's access checks.",
                                        minimum=0.0001, maximum=10),
                 aggregation_interval=_num("Seconds over which DAMON counts accesses; at least"

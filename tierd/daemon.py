@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tierd import policy
-from tierd.collectors.damon import DamonCollector
+from tierd.collectors.damon import DamonCollector, ProcessDamonCollector
 from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
 from tierd.collectors.idle import IdleCollector
 from tierd.collectors.perf_bcc import BccSampleCollector, perf_collector
@@ -163,7 +163,7 @@ class Daemon:
         self.heat: HeatModel | None = None
         self.idle: IdleCollector | None = None
         self.perf: PerfSampleCollector | BccSampleCollector | None = None
-        self.damon: DamonCollector | None = None
+        self.damon: DamonCollector | ProcessDamonCollector | None = None
         self.rmap: ReverseMap | None = None
         self.mover: PidMover | PhysMover | None = None
         self._memcg_inodes: frozenset[int] = frozenset()
@@ -219,8 +219,11 @@ class Daemon:
                 log.info("no idle-page tracking and no memory-sampling PMU: using DAMON")
             attrs = MonitoringAttrs(sample_us=int(cfg.damon.sampling_interval * 1e6),
                                     aggr_us=int(cfg.damon.aggregation_interval * 1e6))
-            ranges = [r for f in facts for r in f.ranges]
-            self.damon = DamonCollector(ranges, attrs, self.root)
+            if cfg.damon.operations == "vaddr":
+                self.damon = ProcessDamonCollector(self._process_filter, attrs, self.root)
+            else:
+                self.damon = DamonCollector([r for f in facts for r in f.ranges], attrs,
+                                            self.root)
             if not self.damon.start():
                 self._set_health("damon", self.damon.health)
                 self.damon = None

@@ -68,6 +68,8 @@ WARM = 2
 HOT = 3
 
 CHUNK = 1 << 24  # PFNs per vectorized step
+# Evidence regions up to this many PFNs are added by fancy indexing, longer ones by slices.
+SHORT_REGION_PFNS = 64
 # Rounds a newly tracked page sits out: its first round of evidence alone never moves it,
 # and with the default hysteresis (2) it is free to move as soon as it is settled.
 NEW_PAGE_COOLDOWN = 2
@@ -207,10 +209,17 @@ class HeatModel:
         units = np.rint(strength * self.params.units(self.params.region_weight)).astype(np.int64)
         starts = np.minimum(batch.pfn_start, self.npfns).astype(np.intp)
         ends = np.minimum(batch.pfn_end, self.npfns).astype(np.intp)
-        for start, end, add in zip(starts, ends, units, strict=True):
-            if add and end > start:
+        lengths = np.maximum(ends - starts, 0)
+        short = lengths <= SHORT_REGION_PFNS
+        for start, end, add in zip(starts[~short], ends[~short], units[~short], strict=True):
+            if add:
                 view = self.heat[start:end]
                 view[:] = np.minimum(view.astype(np.int64) + add, HEAT_MAX)
+        # Short regions (DAMON vaddr pages translated to PFN runs) may be hundreds of
+        # thousands: one fancy-indexed add for all of them, not a slice each.
+        lengths = lengths[short]
+        offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self._add(np.repeat(starts[short], lengths) + offsets, np.repeat(units[short], lengths))
 
     # --- moves -------------------------------------------------------------------
 

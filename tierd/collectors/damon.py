@@ -19,10 +19,12 @@ import time
 import numpy as np
 
 from tierd.collectors.evidence import RegionBatch
-from tierd.kernel import damon_sysfs
+from tierd.errors import KernelFileError
+from tierd.kernel import damon_sysfs, pagemap, task
 from tierd.kernel.damon_sysfs import DamonError, Kdamond, MonitoringAttrs
 from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
+from tierd.movers.safety import ProcessFilter
 from tierd.probe import Capability, Health, State
 
 log = logging.getLogger(__name__)
@@ -119,3 +121,175 @@ def probe(root: HostRoot = HOST) -> Capability:
     """Whether tierd can run a paddr kdamond here (missing, busy, or not root)."""
     why_not = damon_sysfs.availability(root)
     return Capability("damon", why_not is None, why_not or "paddr monitoring through sysfs")
+
+
+# Processes monitored at once, largest resident set first: each has its own
+# kdamond (a kernel thread sampling every sampling_interval) and its snapshot
+# waits for that kdamond's next aggregation, so the count is bounded...
+MAX_PROCESS_TARGETS = 8
+# ... and processes smaller than this (16 MiB of 4 KiB pages) are not worth one.
+MIN_TARGET_PAGES = 4096
+# Collects between two looks at which processes are the largest.
+RESELECT_EVERY = 12
+
+
+class ProcessDamonCollector:
+    """DAMON vaddr monitoring of the largest processes, translated to PFNs (a RegionBatch).
+
+    In virtual memory a process's hot and cold data stay apart however its
+    pages are placed physically, so regions stay pure after pages move; paddr
+    regions cover megabytes of physical memory and mix hot and cold pages
+    once they interleave. Each region's access rate goes to the PFNs its
+    present pages map (from /proc/PID/pagemap).
+    """
+
+    name = "damon"
+
+    def __init__(self, process_filter: ProcessFilter, attrs: MonitoringAttrs | None = None,
+                 root: HostRoot = HOST, max_targets: int = MAX_PROCESS_TARGETS) -> None:
+        self.filter = process_filter
+        self.attrs = attrs or MonitoringAttrs()
+        self.root = root
+        self.max_targets = max_targets
+        self.health = Health(State.UNAVAILABLE, "not started")
+        self._targets: list[tuple[int, Kdamond]] = []
+        self._collects = 0
+        self._running = False
+
+    def start(self) -> bool:
+        """Monitor the largest processes; False (health says why) when DAMON is unusable."""
+        why_not = damon_sysfs.availability(self.root)
+        if why_not:
+            self.health = Health(State.UNAVAILABLE, why_not)
+            log.warning("DAMON collector unusable: %s", why_not)
+            return False
+        atexit.register(self.stop)
+        self._running = True
+        try:
+            self._monitor(self._largest())
+        except DamonError as e:
+            self.stop()
+            self.health = Health(State.UNAVAILABLE, str(e))
+            log.warning("DAMON collector unusable: %s", e)
+            return False
+        self.health = Health(State.OK, f"vaddr, {len(self._targets)} processes")
+        return True
+
+    def _largest(self) -> list[int]:
+        """The pids of the largest (resident) processes tierd may move, largest first."""
+        sizes = []
+        for pid in task.pids(self.root):
+            try:
+                if self.filter.excluded(pid) is not None:
+                    continue
+                resident = int(self.root.read_text(f"/proc/{pid}/statm").split()[1])
+            except (KernelFileError, IndexError, ValueError):
+                continue  # exited meanwhile, or a kernel thread's empty statm
+            if resident >= MIN_TARGET_PAGES:
+                sizes.append((resident, pid))
+        return [pid for _, pid in sorted(sizes, reverse=True)[:self.max_targets]]
+
+    def _monitor(self, pids: list[int]) -> None:
+        """(Re)start one kdamond per pid; a pid that exits in between is left out."""
+        for _, kdamond in self._targets:
+            kdamond.stop()
+        self._targets = []
+        kdamonds = damon_sysfs.create_kdamonds(len(pids), self.root) if pids else []
+        for pid, kdamond in zip(pids, kdamonds, strict=True):
+            kdamond.setup_vaddr(pid, self.attrs)
+        for pid, kdamond in zip(pids, kdamonds, strict=True):
+            try:
+                kdamond.start()
+            except DamonError as e:
+                log.info("DAMON: not monitoring pid %d: %s", pid, e.reason)
+                continue
+            self._targets.append((pid, kdamond))
+
+    def collect(self) -> RegionBatch | None:
+        """The targets' regions as per-PFN access counts; None (health degraded) on failure."""
+        if not self._running:
+            return None
+        self._collects += 1
+        try:
+            gone = any(kd.state() != "on" for _, kd in self._targets)
+            if gone or self._collects % RESELECT_EVERY == 0:
+                pids = self._largest()
+                if gone or set(pids) != {pid for pid, _ in self._targets}:
+                    self._monitor(pids)
+            parts = [self._evidence(pid, kd) for pid, kd in self._targets]
+        except DamonError as e:
+            self.health = Health(State.DEGRADED, str(e))
+            log.warning("DAMON collector degraded: %s", e)
+            return None
+        self.health = Health(State.OK, f"vaddr, {len(self._targets)} processes")
+        return _page_batch(parts, self.attrs.max_nr_accesses)
+
+    def _evidence(self, pid: int, kdamond: Kdamond) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pfns, nr_accesses, age) of the present pages inside the process's regions."""
+        empty = np.zeros(0, dtype=np.uint64)
+        try:
+            regions = kdamond.regions()
+            maps = pagemap.scannable(pagemap.read_maps(pid, self.root))
+            clipped = _clip(regions.start, regions.end, maps)
+            if not clipped:
+                return empty, empty.astype(np.uint32), empty.astype(np.uint32)
+            entries = pagemap.read_ranges(pid, [(s, e) for s, e, _ in clipped], self.root)
+        except pagemap.ProcessGoneError:
+            return empty, empty.astype(np.uint32), empty.astype(np.uint32)
+        pages = np.array([(e - s) >> PAGE_SHIFT for s, e, _ in clipped], dtype=np.intp)
+        region = np.repeat(np.array([i for _, _, i in clipped], dtype=np.intp), pages)
+        pfns = pagemap.pfn_of(entries)
+        keep = pagemap.is_present(entries) & (pfns != 0)
+        return pfns[keep], regions.nr_accesses[region[keep]], regions.age[region[keep]]
+
+    def stop(self) -> None:
+        """Stop every kdamond and release the directories (idempotent, never raises)."""
+        if not self._running:
+            return
+        self._running = False
+        atexit.unregister(self.stop)
+        try:
+            for _, kdamond in self._targets:  # release() refuses while any of them runs
+                kdamond.stop()
+            Kdamond(self.root).release()
+        except DamonError as e:
+            log.error("could not stop tierd's kdamonds: %s", e)
+            self.health = Health(State.DEGRADED, f"stop failed: {e}")
+            return
+        self._targets = []
+        self.health = Health(State.UNAVAILABLE, "stopped")
+
+
+def _clip(starts: np.ndarray, ends: np.ndarray, maps: list[pagemap.Mapping]
+          ) -> list[tuple[int, int, int]]:
+    """(start, end, region index) of each overlap of a region with a mapping.
+
+    DAMON's vaddr regions may span holes between mappings; only mapped pages
+    have pagemap entries worth reading. One step per overlap, not per page.
+    """
+    out = []
+    for m in maps:
+        first = int(np.searchsorted(ends, m.start, side="right"))
+        last = int(np.searchsorted(starts, m.end, side="left"))
+        for i in range(first, last):
+            out.append((max(int(starts[i]), m.start), min(int(ends[i]), m.end), i))
+    return out
+
+
+def _page_batch(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                max_nr_accesses: int) -> RegionBatch:
+    """Per-page evidence as a RegionBatch of PFN runs with the same counts."""
+    pfns = np.concatenate([p for p, _, _ in parts] or [np.zeros(0, dtype=np.uint64)])
+    accesses = np.concatenate([a for _, a, _ in parts] or [np.zeros(0, dtype=np.uint32)])
+    ages = np.concatenate([g for _, _, g in parts] or [np.zeros(0, dtype=np.uint32)])
+    order = np.argsort(pfns, kind="stable")
+    pfns, accesses, ages = pfns[order], accesses[order], ages[order]
+    # A run continues while the next PFN follows and has the same counts.
+    breaks = np.ones(pfns.size, dtype=np.bool_)
+    breaks[1:] = ((pfns[1:] != pfns[:-1] + np.uint64(1)) | (accesses[1:] != accesses[:-1])
+                  | (ages[1:] != ages[:-1]))
+    first = np.flatnonzero(breaks)
+    last = np.append(first[1:], pfns.size)[:first.size] - 1
+    return RegionBatch(pfn_start=pfns[first], pfn_end=pfns[last] + np.uint64(1),
+                       nr_accesses=accesses[first], age=ages[first],
+                       max_nr_accesses=max_nr_accesses, collected_at=time.monotonic())

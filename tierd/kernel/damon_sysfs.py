@@ -1,7 +1,10 @@
 """DAMON's sysfs interface (/sys/kernel/mm/damon/admin/), as in Linux 6.12's usage.rst.
 
-tierd runs one kdamond with one context: `paddr` operations over physical
-address ranges, and a single DAMOS scheme with the `stat` action matching
+tierd runs either one kdamond with one `paddr` context over physical address
+ranges, or one kdamond per monitored process with a `vaddr` context (its
+regions are virtual addresses of that process: sysfs lists a scheme's regions
+without their target, so one target per kdamond). Each context has a single
+DAMOS scheme with the `stat` action matching
 every region, so that writing `update_schemes_tried_regions` to the kdamond's
 `state` makes the kernel list every monitored region with its `nr_accesses`
 and `age` under `schemes/0/tried_regions/` (the kernel clears the old list
@@ -147,6 +150,23 @@ class Kdamond:
         self._write_regions(ranges)
         self._write_stat_scheme()
 
+    def setup_vaddr(self, pid: int, attrs: MonitoringAttrs) -> None:
+        """Lay out one vaddr context over process `pid` with a stat scheme.
+
+        The kdamond's directory must exist (create_kdamonds); DAMON picks the
+        initial regions from the process's mappings itself.
+        """
+        _write(self.root, f"{self.base}/contexts/nr_contexts", 1)
+        available = _read(self.root, f"{self.ctx}/avail_operations").split()
+        if "vaddr" not in available:
+            raise DamonError(self.root(f"{self.ctx}/avail_operations"),
+                             f"no vaddr (kernel without CONFIG_DAMON_VADDR): {available}")
+        _write(self.root, f"{self.ctx}/operations", "vaddr")
+        self._write_attrs(attrs)
+        _write(self.root, f"{self.ctx}/targets/nr_targets", 1)
+        _write(self.root, f"{self.ctx}/targets/0/pid_target", pid)
+        self._write_stat_scheme()
+
     def _write_attrs(self, attrs: MonitoringAttrs) -> None:
         mon = f"{self.ctx}/monitoring_attrs"
         _write(self.root, f"{mon}/intervals/sample_us", attrs.sample_us)
@@ -221,6 +241,16 @@ class Kdamond:
         self.stop()
         if self.root(f"{KDAMONDS}/nr_kdamonds").exists():
             _write(self.root, f"{KDAMONDS}/nr_kdamonds", 0)
+
+
+def create_kdamonds(count: int, root: HostRoot = HOST) -> list[Kdamond]:
+    """`count` fresh kdamond directories (refused while someone's kdamond runs)."""
+    running = running_kdamonds(root)
+    if running:
+        raise DamonBusyError(root(f"{KDAMONDS}/{running[0]}/state"),
+                             "already running (another DAMON user)")
+    _write(root, f"{KDAMONDS}/nr_kdamonds", count)
+    return [Kdamond(root, i) for i in range(count)]
 
 
 def pid_of(root: HostRoot = HOST, index: int = 0) -> int | None:
