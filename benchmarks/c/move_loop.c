@@ -7,7 +7,9 @@
  *   move_loop phys SYSCALL_NR NODE BATCH ADDR_FILE
  *
  * ADDR_FILE holds native-endian u64 addresses (virtual for "pages",
- * physical for "phys").
+ * physical for "phys"). With BATCH 0 it holds the calls themselves instead,
+ * each a u64 count followed by that many addresses: the exact calls a mover
+ * made, replayed.
  */
 #include <stdint.h>
 #include <string.h>
@@ -44,28 +46,33 @@ int main(int argc, char **argv)
 	int phys = !strcmp(argv[1], "phys");
 	long arg = strtol(argv[2], NULL, 0);
 	int node = atoi(argv[3]);
-	size_t batch = strtoull(argv[4], NULL, 0), count, moved = 0, calls = 0;
+	size_t batch = strtoull(argv[4], NULL, 0), count, moved = 0, calls = 0, sent = 0;
 	uint64_t *addrs = read_addrs(argv[5], &count);
-	int *nodes = malloc(batch * sizeof(int)), *status = malloc(batch * sizeof(int));
+	size_t most = batch;
+	for (size_t off = 0; !batch && off < count; off += 1 + addrs[off])
+		most = addrs[off] > most ? addrs[off] : most;
+	int *nodes = malloc(most * sizeof(int) + 1), *status = malloc(most * sizeof(int) + 1);
 
 	if (!nodes || !status)
 		die("malloc");
-	for (size_t i = 0; i < batch; i++)
+	for (size_t i = 0; i < most; i++)
 		nodes[i] = node;
 	double w0 = wall_seconds(), c0 = cpu_seconds();
-	for (size_t off = 0; off < count; off += batch) {
-		size_t n = count - off < batch ? count - off : batch;
+	for (size_t off = 0; off < count;) {
+		size_t n = batch ? (count - off < batch ? count - off : batch) : addrs[off++];
 		long rc = phys ? syscall(arg, n, addrs + off, nodes, status, MPOL_MF_MOVE)
 			       : syscall(SYS_move_pages, arg, n, addrs + off, nodes, status,
 					 MPOL_MF_MOVE);
 		if (rc < 0)
 			die(argv[1]);
 		calls++;
+		sent += n;
 		for (size_t i = 0; i < n; i++)
 			moved += status[i] == node;
+		off += n;
 	}
 	double w1 = wall_seconds(), c1 = cpu_seconds();
 	printf("{\"pages\": %zu, \"moved\": %zu, \"calls\": %zu, \"seconds\": %.6f, "
-	       "\"cpu_seconds\": %.6f}\n", count, moved, calls, w1 - w0, c1 - c0);
+	       "\"cpu_seconds\": %.6f}\n", sent, moved, calls, w1 - w0, c1 - c0);
 	return 0;
 }
