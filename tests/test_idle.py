@@ -402,6 +402,7 @@ def test_a_kpageflags_read_error_degrades_that_range_only(tmp_path: Path) -> Non
     assert c.health.state is State.DEGRADED
     assert "kpageflags: offset 0x320: Is a directory; node 0" in c.health.reason
     assert (_ages(scans, range(200, 300)) == UNTRACKED).all()
+    assert c.full_scan  # the next scan looks everywhere again
 
 
 # --- the lab: the real bitmap -------------------------------------------------------------

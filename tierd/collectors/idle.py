@@ -213,7 +213,7 @@ class IdleCollector:
         self.health = (Health(State.DEGRADED, "; ".join(self._problems))
                        if self._problems else Health())
 
-    # --- pass 1: mark every PFN idle -------------------------------------------------
+    # --- pass 1: mark the scan's PFNs idle --------------------------------------------
 
     @property
     def full_scan(self) -> bool:
@@ -289,12 +289,14 @@ class IdleCollector:
         return scans
 
     def _count_down(self) -> None:
-        """After a collect: when the next full scan is due."""
+        """After a collect: when the next full scan is due (next, after any trouble)."""
         self._tracked = sum(s.tracked for s in self.stats.values())
         if self._scan_is_full:
             self._steady_left, self._vanished = self.full_every - 1, 0
         else:
             self._steady_left -= 1
+        if self._problems:  # what went untracked may hold user pages
+            self._steady_left = 0
 
     def _collect_chunk(self, r: _Range, cs: int, ce: int, carry: bool | None,
                        continues: bool) -> bool | None:
