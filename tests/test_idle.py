@@ -370,6 +370,7 @@ def test_a_write_error_degrades_and_names_file_and_offset(tmp_path: Path) -> Non
     assert "page_idle/bitmap: offset 0x8: No space left on device" in c.health.reason
     assert "offset 0x100: No space left on device" in c.health.reason  # node 1, too
     assert (_ages(scans, range(2048, 2100)) == UNTRACKED).all()  # never marked: unknown
+    assert c.full_scan  # the next scan looks everywhere again
 
 
 def test_a_bitmap_that_ends_mid_scan_degrades_and_leaves_the_rest_untracked(
@@ -385,6 +386,7 @@ def test_a_bitmap_that_ends_mid_scan_degrades_and_leaves_the_rest_untracked(
     assert "offset 0x140: bitmap ends inside node 1" in c.health.reason
     assert (_ages(scans, range(2048, 2560)) == 1).all()
     assert (_ages(scans, range(2560, 3072)) == UNTRACKED).all()
+    assert not c.full_scan  # no page past the kernel's end: no reason to look everywhere
     c.mark()  # the next scan starts clean
     assert c.health.state is State.OK
 

@@ -62,6 +62,7 @@ ALL_ONES = np.uint64(2**64 - 1)
 BLOCK_PFNS = 512
 MERGE_GAP_BLOCKS = 8
 DEFAULT_FULL_EVERY = 8
+PAST_END = "past the kernel's last PFN"  # no page there: not a reason for a full scan
 # A full scan comes early once this share of the tracked pages has vanished
 # from the live blocks since the last one.
 VANISHED_SHARE = 1 / 16
@@ -174,6 +175,7 @@ class IdleCollector:
         self._vanished = 0  # tracked pages gone from live blocks since the last full scan
         self._tracked = 0  # tracked pages at the last collect
         self._scan_is_full = True  # what the last mark() did
+        self._lost_track = False  # an error left user pages untracked: next scan is full
         self.clock = clock
         self.sleep = sleep
         self.bitmap = IdleBitmap(root)
@@ -236,6 +238,7 @@ class IdleCollector:
                     self._mark_chunk(r, cs, ce)
                     pacer.advance(ce - cs)
             except KernelFileError as e:
+                self._lost_track |= e.reason != PAST_END
                 self._problem(f"{e}; node {r.node} partly untracked this scan")
         self._finish()
 
@@ -249,7 +252,7 @@ class IdleCollector:
         written = self.bitmap.write_words(first, words)
         r.marked_until = min(ce, (first + written) * PFNS_PER_WORD)
         if written < words.size:
-            raise KernelFileError(self.bitmap.path, "past the kernel's last PFN",
+            raise KernelFileError(self.bitmap.path, PAST_END,
                                   key=f"offset {(first + written) * 8:#x}")
 
     # --- pass 2: read back, update ages ---------------------------------------------------
@@ -276,6 +279,7 @@ class IdleCollector:
             except KernelFileError as e:
                 r.ages[cs - r.start:] = UNTRACKED
                 r.live[cs // BLOCK_PFNS - r.first_block:] = False
+                self._lost_track = True
                 self._problem(f"{e}; node {r.node} partly untracked this scan")
             r.spans = []  # a collect without a mark reads nothing
         self._count_down()
@@ -289,14 +293,14 @@ class IdleCollector:
         return scans
 
     def _count_down(self) -> None:
-        """After a collect: when the next full scan is due (next, after any trouble)."""
+        """After a collect: when the next full scan is due (next, after lost track)."""
         self._tracked = sum(s.tracked for s in self.stats.values())
         if self._scan_is_full:
             self._steady_left, self._vanished = self.full_every - 1, 0
         else:
             self._steady_left -= 1
-        if self._problems:  # what went untracked may hold user pages
-            self._steady_left = 0
+        if self._lost_track:
+            self._steady_left, self._lost_track = 0, False
 
     def _collect_chunk(self, r: _Range, cs: int, ce: int, carry: bool | None,
                        continues: bool) -> bool | None:
