@@ -144,7 +144,8 @@ def main() -> int:
     parser.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--hot", default="384M")
     parser.add_argument("--cold", default="384M")
-    parser.add_argument("--ballast", default="1408M")
+    # Ballast + cold set fit on node 1, so both sets can settle after the swap.
+    parser.add_argument("--ballast", default="1280M")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds per line")
     # Long enough for the default config to settle twice: after a swap, the old hot
     # set must read cold for two rounds after its heat decayed (about 50 s).
