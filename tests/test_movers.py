@@ -148,6 +148,26 @@ def test_a_stale_reverse_map_entry_is_not_moved(tmp_path: Path) -> None:
     assert kernel.calls[0][1] == [17]
 
 
+def test_moved_pages_are_found_at_their_new_pfns(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    root = HostRoot(tmp_path)
+    pagemap_file = tmp_path / "proc/4242/pagemap"
+    rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
+    rmap.refresh()
+
+    def migrate(pid: int, addrs: np.ndarray, nodes: np.ndarray, flags: int) -> np.ndarray:
+        entries = np.fromfile(pagemap_file, dtype=np.uint64)
+        entries[addrs // PAGE] = np.uint64(1 << 63) | (addrs // PAGE + np.uint64(1000))
+        entries.tofile(pagemap_file)
+        return nodes[:addrs.size].copy()
+
+    result = PidMover(rmap, PidMoverParams(busy_backoff=0), root, migrate).move(_batch([16, 17]))
+    assert result.moved.tolist() == [16, 17] and result.new_pfns.tolist() == [1016, 1017]
+    found, pids, vaddrs = rmap.lookup(np.array([16, 17, 1016, 1017], dtype=np.uint64))
+    assert found.tolist() == [False, False, True, True]
+    assert pids[2:].tolist() == [4242, 4242] and (vaddrs[2:] // PAGE).tolist() == [16, 17]
+
+
 def test_excluded_processes_pages_are_not_in_the_map_so_never_moved() -> None:
     kernel = FakeKernel()
     mover, _ = _mover(kernel, exclusions=Exclusions(comms=("postgres*",)))

@@ -78,6 +78,9 @@ class PidMover:
                 continue
             self._move_process(int(pids[start]), pfns[group], vaddrs[group], flags[group],
                                batch.target, result)
+        # The policy picks moved pages again by their new PFNs (the heat follows
+        # them), so the map must follow them too, not wait for a refresh.
+        self.rmap.moved(result.moved, result.new_pfns)
         self.rmap.invalidate(result.stale)
         return result
 
