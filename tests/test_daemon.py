@@ -420,14 +420,6 @@ def test_starting_on_the_slow_node_hot_pages_come_up(lab_kernel: str) -> None:
 # On stock the evidence is DAMON's vaddr monitoring of the largest processes:
 # paddr regions mixed hot and cold pages once they interleaved physically, and
 # the cold set stalled near 90% on node 1 (docs/design.md, "Known limits").
-# With vaddr this passed (4 + 4 intervals) in one run of three on 2026-11-25.
-# In the other two, after the swap the PID mover answered not_in_rmap for
-# about 55,000 of the hot pages the policy picked, and pages it had promoted
-# were demoted again (H on node 0 peaked at 0.39, then fell to 0.02): heat and
-# the reverse map disagree about where moved pages now are.
-@pytest.mark.xfail(strict=False, reason="stock PID mover: after the swap, heat and the reverse "
-                   "map disagree on moved pages (not_in_rmap, promoted pages demoted again); "
-                   "passed 1 of 3 runs")
 @pytest.mark.vm(kernels=["stock"])
 def test_stock_kernel_pid_mover_with_damon_sorts_and_swaps(lab_kernel: str) -> None:
     _scenario(lab_kernel, "auto", start_node=0, swap=True)
