@@ -183,6 +183,14 @@ def test_move_all_shared_uses_mpol_mf_move_all() -> None:
     assert kernel.calls[0][3] == numa.MPOL_MF_MOVE_ALL
 
 
+def test_phys_mover_sends_mpol_mf_move_all_only_when_configured() -> None:
+    kernel = FakePhys()
+    PhysMover(kernel, PhysMoverParams(), ROOT).move(_batch([1]))
+    mover = PhysMover(kernel, PhysMoverParams(move_all_shared=True), ROOT)
+    mover.move(_batch([2]))
+    assert kernel.flags == [numa.MPOL_MF_MOVE, numa.MPOL_MF_MOVE_ALL]
+
+
 def test_count_reasons_names_errnos_and_wrong_nodes() -> None:
     statuses = np.array([1, 0, -errno.EBUSY, -errno.EBUSY, -999], dtype=np.int32)
     assert count_reasons(statuses, target=1) == {"moved": 1, "stayed_on_node0": 1, "EBUSY": 2,
@@ -253,9 +261,11 @@ class FakePhys:
         self.statuses = statuses or {}
         self.call_error = call_error
         self.calls: list[tuple[list[int], list[int]]] = []
+        self.flags: list[int] = []
 
-    def __call__(self, addrs: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    def __call__(self, addrs: np.ndarray, nodes: np.ndarray, flags: int) -> np.ndarray:
         self.calls.append(((addrs // PAGE).tolist(), nodes.tolist()))
+        self.flags.append(flags)
         if self.call_error is not None:
             raise OSError(self.call_error, os.strerror(self.call_error))
         return np.array([(self.statuses.get(pfn) or [node]).pop(0)
@@ -307,7 +317,7 @@ class FolioPhys:
         self.moved: set[int] = set()
         self.calls: list[list[int]] = []
 
-    def __call__(self, addrs: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    def __call__(self, addrs: np.ndarray, nodes: np.ndarray, flags: int) -> np.ndarray:
         pfns = (addrs // PAGE).tolist()
         self.calls.append(pfns)
         out = []

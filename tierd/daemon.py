@@ -76,6 +76,7 @@ class Settings:
     rate_mb_per_s: float
     mover_kind: str
     pid_mover: PidMoverParams
+    phys_mover: PhysMoverParams
     exclusions: Exclusions
     kernel_tiering: str
     idle_interval: float
@@ -98,6 +99,8 @@ class Settings:
             mover_kind=m.kind,
             pid_mover=PidMoverParams(batch_pages=m.batch_pages,
                                      move_all_shared=m.move_all_shared),
+            phys_mover=PhysMoverParams(batch_pages=m.batch_pages,
+                                       move_all_shared=m.move_all_shared),
             exclusions=Exclusions(pids=config.exclusions.pids, comms=config.exclusions.comms,
                                   cgroups=config.exclusions.cgroups),
             kernel_tiering=config.kernel_tiering,
@@ -263,8 +266,7 @@ class Daemon:
         if kind == "phys" and syscall is None:
             raise HostMismatch(f"movers.kind is 'phys' but move_phys_pages is unusable: {why_not}")
         if syscall is not None:
-            params = PhysMoverParams(batch_pages=self.settings.pid_mover.batch_pages)
-            self.mover = PhysMover(syscall, params, self.root)
+            self.mover = PhysMover(syscall, self.settings.phys_mover, self.root)
         else:
             log.info("PID mover (move_pages through the reverse map): %s", why_not)
             self.rmap = ReverseMap(self._process_filter, self.root)
@@ -311,6 +313,8 @@ class Daemon:
         if isinstance(self.mover, PidMover) and self.rmap is not None:
             self.mover.params = self.settings.pid_mover
             self.rmap.filter = self._process_filter
+        elif isinstance(self.mover, PhysMover):
+            self.mover.params = self.settings.phys_mover
         self._memcg_inodes = safety.excluded_memcg_inodes(self.settings.exclusions, self.root)
         log.info("config reloaded")
 

@@ -25,19 +25,23 @@ from itertools import pairwise
 import numpy as np
 import numpy.typing as npt
 
+from tierd.kernel import numa
 from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
 from tierd.movers.status import BatchResult, move_with_retries
 from tierd.policy import Batch
 
-# (physical addresses, target nodes) -> per-page status; raises OSError for the call.
-MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32]], npt.NDArray[np.int32]]
+# (physical addresses, target nodes, flags) -> per-page status; raises OSError for the call.
+MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32], int],
+                         npt.NDArray[np.int32]]
 
 
 @dataclass(frozen=True)
 class PhysMoverParams:
     batch_pages: int = 512
+    # MPOL_MF_MOVE_ALL: also folios mapped by several processes (else -EACCES).
+    move_all_shared: bool = False
     busy_retries: int = 3
     busy_backoff: float = 0.005  # seconds before the first retry; doubles each time
 
@@ -71,4 +75,8 @@ class PhysMover:
               nodes: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
         """move_phys_pages for the folio groups of `pfns`, one PFN each; per-page statuses."""
         sent = pfns[first] << np.uint64(PAGE_SHIFT)
-        return folios.spread(first, self._move(sent, nodes[:sent.size]))
+        return folios.spread(first, self._move(sent, nodes[:sent.size], self.flags))
+
+    @property
+    def flags(self) -> int:
+        return numa.MPOL_MF_MOVE_ALL if self.params.move_all_shared else numa.MPOL_MF_MOVE

@@ -58,7 +58,11 @@ class PidMover:
         self.params = params or PidMoverParams()
         self.root = root
         self._move_pages = move_pages
-        self.flags = numa.MPOL_MF_MOVE_ALL if self.params.move_all_shared else numa.MPOL_MF_MOVE
+
+    @property
+    def flags(self) -> int:
+        # A property: a config reload replaces params.
+        return numa.MPOL_MF_MOVE_ALL if self.params.move_all_shared else numa.MPOL_MF_MOVE
 
     def move(self, batch: Batch) -> BatchResult:
         result = BatchResult()
