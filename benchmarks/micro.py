@@ -359,13 +359,14 @@ def move_pages_micro() -> dict:
         return not_available(reason)
     from tierd.kernel import numa
     from tierd.kernel.pagemap import pfns_of
-    from tierd.movers.pid import PidMover, PidMoverParams
+    from tierd.movers.pid import PidMover
     from tierd.movers.rmap import ReverseMap
     from tierd.movers.safety import Exclusions, ProcessFilter
+    from tierd.movers.status import MoverParams
     from tierd.policy import Batch
     from tierd.state import Direction
 
-    batch_pages = PidMoverParams().batch_pages
+    batch_pages = MoverParams().batch_pages
     with resident_workload("4M", "64M") as workload:
         pid, vaddrs = workload.pid, workload.region_addresses("cold")
         assert reached(pid, vaddrs, 0) == vaddrs.size, "buffer not on the fast node"

@@ -82,7 +82,7 @@ def test_settings_follow_the_config() -> None:
     assert settings.dry_run and settings.interval == 4
     assert settings.heat.decay == 0.75 and settings.heat.cooldown_intervals == 4
     assert settings.policy.hysteresis_intervals == 3 and settings.policy.promote_share == 0.25
-    assert settings.pid_mover.batch_pages == 64
+    assert settings.mover.batch_pages == 64
     assert settings.exclusions.comms == ("db*",) and settings.exclusions.pids == (7,)
     assert settings.budget_pages(4096) == 10 * 4 * 256
 

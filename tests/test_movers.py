@@ -19,11 +19,11 @@ from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HostRoot
 from tierd.movers import safety
 from tierd.movers.dry_run import WouldMoveLedger
-from tierd.movers.phys import PhysMover, PhysMoverParams
-from tierd.movers.pid import PidMover, PidMoverParams
+from tierd.movers.phys import PhysMover
+from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
-from tierd.movers.status import count_reasons
+from tierd.movers.status import MoverParams, count_reasons
 from tierd.policy import Batch
 from tierd.state import Direction
 
@@ -56,7 +56,7 @@ def _mover(kernel: FakeKernel, exclusions: Exclusions | None = None, **params: o
            ) -> tuple[PidMover, ReverseMap]:
     rmap = ReverseMap(ProcessFilter(exclusions or Exclusions(), ROOT, self_pid=1), ROOT)
     rmap.refresh()
-    mover = PidMover(rmap, PidMoverParams(busy_backoff=0, **params), ROOT, move_pages=kernel)
+    mover = PidMover(rmap, MoverParams(busy_backoff=0, **params), ROOT, move_pages=kernel)
     return mover, rmap
 
 
@@ -143,7 +143,7 @@ def test_a_stale_reverse_map_entry_is_not_moved(tmp_path: Path) -> None:
     entries[16] = (1 << 63) | 63  # the page at vaddr page 16 now lives at PFN 63
     entries.tofile(tmp_path / "proc/4242/pagemap")
     kernel = FakeKernel()
-    result = PidMover(rmap, PidMoverParams(busy_backoff=0), root, kernel).move(_batch([16, 17]))
+    result = PidMover(rmap, MoverParams(busy_backoff=0), root, kernel).move(_batch([16, 17]))
     assert result.failures == {"stale_rmap": 1} and result.moved.tolist() == [17]
     assert kernel.calls[0][1] == [17]
 
@@ -161,7 +161,7 @@ def test_moved_pages_are_found_at_their_new_pfns(tmp_path: Path) -> None:
         entries.tofile(pagemap_file)
         return nodes[:addrs.size].copy()
 
-    result = PidMover(rmap, PidMoverParams(busy_backoff=0), root, migrate).move(_batch([16, 17]))
+    result = PidMover(rmap, MoverParams(busy_backoff=0), root, migrate).move(_batch([16, 17]))
     assert result.moved.tolist() == [16, 17] and result.new_pfns.tolist() == [1016, 1017]
     found, pids, vaddrs = rmap.lookup(np.array([16, 17, 1016, 1017], dtype=np.uint64))
     assert found.tolist() == [False, False, True, True]
@@ -185,8 +185,8 @@ def test_move_all_shared_uses_mpol_mf_move_all() -> None:
 
 def test_phys_mover_sends_mpol_mf_move_all_only_when_configured() -> None:
     kernel = FakePhys()
-    PhysMover(kernel, PhysMoverParams(), ROOT).move(_batch([1]))
-    mover = PhysMover(kernel, PhysMoverParams(move_all_shared=True), ROOT)
+    PhysMover(kernel, MoverParams(), ROOT).move(_batch([1]))
+    mover = PhysMover(kernel, MoverParams(move_all_shared=True), ROOT)
     mover.move(_batch([2]))
     assert kernel.flags == [numa.MPOL_MF_MOVE, numa.MPOL_MF_MOVE_ALL]
 
@@ -275,7 +275,7 @@ class FakePhys:
 
 def test_phys_mover_passes_physical_addresses_in_chunks_and_counts_statuses() -> None:
     kernel = FakePhys({3: [-errno.ENOENT], 4: [-errno.EBUSY, 1], 5: [-errno.EACCES]})
-    mover = PhysMover(kernel, PhysMoverParams(batch_pages=4, busy_backoff=0), ROOT)
+    mover = PhysMover(kernel, MoverParams(batch_pages=4, busy_backoff=0), ROOT)
     result = mover.move(_batch([1, 2, 3, 4, 5, 6]))
     assert kernel.calls[0] == ([1, 2, 3, 4], [1, 1, 1, 1])
     assert sorted(result.moved.tolist()) == [1, 2, 4, 6]
@@ -284,7 +284,7 @@ def test_phys_mover_passes_physical_addresses_in_chunks_and_counts_statuses() ->
 
 
 def test_phys_mover_enomem_and_call_errors() -> None:
-    mover = PhysMover(FakePhys({2: [-errno.ENOMEM]}), PhysMoverParams(batch_pages=2), ROOT)
+    mover = PhysMover(FakePhys({2: [-errno.ENOMEM]}), MoverParams(batch_pages=2), ROOT)
     result = mover.move(_batch([1, 2, 3, 4]))
     assert result.target_full and result.failures == {"ENOMEM": 1, "target_full": 2}
     result = PhysMover(FakePhys(call_error=errno.EPERM), root=ROOT).move(_batch([1, 2]))
@@ -345,7 +345,7 @@ def test_phys_mover_sends_one_pfn_per_folio_and_every_pfn_shares_its_status(
         calls: list[list[int]]) -> None:
     pfns = [*range(4, 18)] if folios != [(8, 16)] else [*range(4, 24)]
     kernel = FolioPhys(folios)
-    mover = PhysMover(kernel, PhysMoverParams(batch_pages=batch_pages),
+    mover = PhysMover(kernel, MoverParams(batch_pages=batch_pages),
                       _folio_root(tmp_path, folios))
     result = mover.move(_batch(pfns[::-1]))  # any order in, sorted out
     assert kernel.calls == calls
@@ -355,7 +355,7 @@ def test_phys_mover_sends_one_pfn_per_folio_and_every_pfn_shares_its_status(
 
 def test_tails_without_their_head_in_the_batch_still_go_as_one_folio(tmp_path: Path) -> None:
     kernel = FolioPhys([(8, 8)])
-    mover = PhysMover(kernel, PhysMoverParams(), _folio_root(tmp_path, [(8, 8)]))
+    mover = PhysMover(kernel, MoverParams(), _folio_root(tmp_path, [(8, 8)]))
     result = mover.move(_batch([11, 12, 13, 20]))
     assert kernel.calls == [[11, 20]]
     assert sorted(result.moved.tolist()) == [11, 12, 13, 20]
@@ -364,7 +364,7 @@ def test_tails_without_their_head_in_the_batch_still_go_as_one_folio(tmp_path: P
 def test_a_folio_status_reaches_every_pfn_of_it_and_busy_folios_retry_whole(
         tmp_path: Path) -> None:
     kernel = FakePhys({8: [-errno.EBUSY, 1], 16: [-errno.EACCES]})
-    mover = PhysMover(kernel, PhysMoverParams(busy_backoff=0),
+    mover = PhysMover(kernel, MoverParams(busy_backoff=0),
                       _folio_root(tmp_path, [(8, 8), (16, 4)]))
     result = mover.move(_batch([*range(8, 20)]))
     assert [pfns for pfns, _ in kernel.calls] == [[8, 16], [8]]
@@ -380,7 +380,7 @@ def test_pid_mover_sends_one_address_per_folio_and_retries_a_busy_folio_whole(
     rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
     rmap.refresh()
     kernel = FakeKernel({16: [-errno.EBUSY]})
-    result = PidMover(rmap, PidMoverParams(busy_backoff=0), root, kernel).move(
+    result = PidMover(rmap, MoverParams(busy_backoff=0), root, kernel).move(
         _batch([16, 17, 18, 19, 32]))
     assert [(pid, pages) for pid, pages, _, _ in kernel.calls] == [(4242, [16, 22]),
                                                                   (4242, [16])]

@@ -45,11 +45,11 @@ from tierd.kernel.root import HOST, HostRoot
 from tierd.kernel.zoneinfo import read_zoneinfo
 from tierd.movers import safety
 from tierd.movers.dry_run import WouldMoveLedger
-from tierd.movers.phys import MovePhysPages, PhysMover, PhysMoverParams
-from tierd.movers.pid import PidMover, PidMoverParams
+from tierd.movers.phys import MovePhysPages, PhysMover
+from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
-from tierd.movers.status import BatchResult
+from tierd.movers.status import BatchResult, MoverParams
 from tierd.policy import Batch, NodeFacts, Plan, PolicyParams
 from tierd.probe import Health as ProbeHealth
 from tierd.probe import State
@@ -75,8 +75,7 @@ class Settings:
     headroom_percent: float
     rate_mb_per_s: float
     mover_kind: str
-    pid_mover: PidMoverParams
-    phys_mover: PhysMoverParams
+    mover: MoverParams
     exclusions: Exclusions
     kernel_tiering: str
     idle_interval: float
@@ -97,10 +96,7 @@ class Settings:
             headroom_percent=p.headroom_percent,
             rate_mb_per_s=m.rate_mb_per_s,
             mover_kind=m.kind,
-            pid_mover=PidMoverParams(batch_pages=m.batch_pages,
-                                     move_all_shared=m.move_all_shared),
-            phys_mover=PhysMoverParams(batch_pages=m.batch_pages,
-                                       move_all_shared=m.move_all_shared),
+            mover=MoverParams(batch_pages=m.batch_pages, move_all_shared=m.move_all_shared),
             exclusions=Exclusions(pids=config.exclusions.pids, comms=config.exclusions.comms,
                                   cgroups=config.exclusions.cgroups),
             kernel_tiering=config.kernel_tiering,
@@ -266,11 +262,11 @@ class Daemon:
         if kind == "phys" and syscall is None:
             raise HostMismatch(f"movers.kind is 'phys' but move_phys_pages is unusable: {why_not}")
         if syscall is not None:
-            self.mover = PhysMover(syscall, self.settings.phys_mover, self.root)
+            self.mover = PhysMover(syscall, self.settings.mover, self.root)
         else:
             log.info("PID mover (move_pages through the reverse map): %s", why_not)
             self.rmap = ReverseMap(self._process_filter, self.root)
-            self.mover = PidMover(self.rmap, self.settings.pid_mover, self.root)
+            self.mover = PidMover(self.rmap, self.settings.mover, self.root)
         self.state.mover = self.mover.name
 
     def _move_phys_syscall(self) -> tuple[MovePhysPages | None, str]:
@@ -310,11 +306,10 @@ class Daemon:
         assert self.heat is not None
         self.heat.set_params(self.settings.heat)
         self._process_filter = ProcessFilter(self.settings.exclusions, self.root)
-        if isinstance(self.mover, PidMover) and self.rmap is not None:
-            self.mover.params = self.settings.pid_mover
+        if self.mover is not None:
+            self.mover.params = self.settings.mover
+        if self.rmap is not None:
             self.rmap.filter = self._process_filter
-        elif isinstance(self.mover, PhysMover):
-            self.mover.params = self.settings.phys_mover
         self._memcg_inodes = safety.excluded_memcg_inodes(self.settings.exclusions, self.root)
         log.info("config reloaded")
 

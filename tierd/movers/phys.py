@@ -19,17 +19,15 @@ follow it: the idle scan finds it again at its new PFN.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
 
-from tierd.kernel import numa
 from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
-from tierd.movers.status import BatchResult, move_with_retries
+from tierd.movers.status import BatchResult, MoverParams, move_with_retries
 from tierd.policy import Batch
 
 # (physical addresses, target nodes, flags) -> per-page status; raises OSError for the call.
@@ -37,22 +35,13 @@ MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32], int],
                          npt.NDArray[np.int32]]
 
 
-@dataclass(frozen=True)
-class PhysMoverParams:
-    batch_pages: int = 512
-    # MPOL_MF_MOVE_ALL: also folios mapped by several processes (else -EACCES).
-    move_all_shared: bool = False
-    busy_retries: int = 3
-    busy_backoff: float = 0.005  # seconds before the first retry; doubles each time
-
-
 class PhysMover:
     name = "phys"
 
-    def __init__(self, move_phys_pages: MovePhysPages, params: PhysMoverParams | None = None,
+    def __init__(self, move_phys_pages: MovePhysPages, params: MoverParams | None = None,
                  root: HostRoot = HOST) -> None:
         self._move = move_phys_pages
-        self.params = params or PhysMoverParams()
+        self.params = params or MoverParams()
         self.root = root
 
     def move(self, batch: Batch) -> BatchResult:
@@ -75,8 +64,5 @@ class PhysMover:
               nodes: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
         """move_phys_pages for the folio groups of `pfns`, one PFN each; per-page statuses."""
         sent = pfns[first] << np.uint64(PAGE_SHIFT)
-        return folios.spread(first, self._move(sent, nodes[:sent.size], self.flags))
-
-    @property
-    def flags(self) -> int:
-        return numa.MPOL_MF_MOVE_ALL if self.params.move_all_shared else numa.MPOL_MF_MOVE
+        return folios.spread(first, self._move(sent, nodes[:sent.size],
+                                                   self.params.flags))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
@@ -33,7 +32,7 @@ from tierd.kernel.pagemap import PAGE_SIZE, ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios, safety
 from tierd.movers.rmap import ReverseMap
-from tierd.movers.status import BatchResult, move_with_retries
+from tierd.movers.status import BatchResult, MoverParams, move_with_retries
 from tierd.policy import Batch
 
 log = logging.getLogger(__name__)
@@ -41,28 +40,15 @@ log = logging.getLogger(__name__)
 MovePages = Callable[..., npt.NDArray[np.int32]]
 
 
-@dataclass(frozen=True)
-class PidMoverParams:
-    batch_pages: int = 512  # pages per move_pages call
-    move_all_shared: bool = False  # MPOL_MF_MOVE_ALL (needs CAP_SYS_NICE)
-    busy_retries: int = 3
-    busy_backoff: float = 0.005  # seconds before the first retry; doubles each time
-
-
 class PidMover:
     name = "pid"
 
-    def __init__(self, rmap: ReverseMap, params: PidMoverParams | None = None,
+    def __init__(self, rmap: ReverseMap, params: MoverParams | None = None,
                  root: HostRoot = HOST, move_pages: MovePages = numa.move_pages) -> None:
         self.rmap = rmap
-        self.params = params or PidMoverParams()
+        self.params = params or MoverParams()
         self.root = root
         self._move_pages = move_pages
-
-    @property
-    def flags(self) -> int:
-        # A property: a config reload replaces params.
-        return numa.MPOL_MF_MOVE_ALL if self.params.move_all_shared else numa.MPOL_MF_MOVE
 
     def move(self, batch: Batch) -> BatchResult:
         result = BatchResult()
@@ -137,7 +123,8 @@ class PidMover:
               nodes: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
         """move_pages for the folio groups of `vaddrs`, one address each; per-page statuses."""
         sent = vaddrs[first]
-        return folios.spread(first, self._move_pages(pid, sent, nodes[:sent.size], self.flags))
+        statuses = self._move_pages(pid, sent, nodes[:sent.size], self.params.flags)
+        return folios.spread(first, statuses)
 
     def _new_pfns(self, pid: int, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """Where the moved pages live now (0 where the process is gone or it vanished)."""

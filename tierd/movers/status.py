@@ -13,9 +13,12 @@ import errno
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from tierd.kernel import numa
 
 # Statuses after which the cached location of the page is wrong: it vanished,
 # or something else lives there now.
@@ -50,6 +53,22 @@ class _Parts:
             self._parts = [np.concatenate(self._parts) if self._parts
                            else np.zeros(0, dtype=np.uint64)]
         return self._parts[0]
+
+
+@dataclass(frozen=True)
+class MoverParams:
+    """Both movers' knobs (`movers.*` in the config)."""
+
+    batch_pages: int = 512  # pages per call
+    # MPOL_MF_MOVE_ALL: also pages mapped by several processes (else -EACCES;
+    # move_pages needs CAP_SYS_NICE for it).
+    move_all_shared: bool = False
+    busy_retries: int = 3
+    busy_backoff: float = 0.005  # seconds before the first retry; doubles each time
+
+    @property
+    def flags(self) -> int:
+        return numa.MPOL_MF_MOVE_ALL if self.move_all_shared else numa.MPOL_MF_MOVE
 
 
 class BatchResult:
