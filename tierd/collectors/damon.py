@@ -30,6 +30,11 @@ from tierd.probe import Capability, Health, State
 log = logging.getLogger(__name__)
 
 
+def _unusable(reason: str) -> Health:
+    log.warning("DAMON collector unusable: %s", reason)
+    return Health(State.UNAVAILABLE, reason)
+
+
 class DamonCollector:
     """Monitors the PFN ranges [start, end) given; use as a context manager or start()/stop()."""
 
@@ -61,8 +66,7 @@ class DamonCollector:
         """Configure and start the kdamond; False (health says why) when DAMON is unusable."""
         why_not = damon_sysfs.availability(self.root)
         if why_not:
-            self.health = Health(State.UNAVAILABLE, why_not)
-            log.warning("DAMON collector unusable: %s", why_not)
+            self.health = _unusable(why_not)
             return False
         byte_ranges = [(start << PAGE_SHIFT, end << PAGE_SHIFT) for start, end in self.pfn_ranges]
         try:
@@ -72,8 +76,7 @@ class DamonCollector:
             self.kdamond.start()
         except DamonError as e:
             self.stop()
-            self.health = Health(State.UNAVAILABLE, str(e))
-            log.warning("DAMON collector unusable: %s", e)
+            self.health = _unusable(str(e))
             return False
         self.health = Health(State.OK, "paddr")
         return True
@@ -160,8 +163,7 @@ class ProcessDamonCollector:
         """Monitor the largest processes; False (health says why) when DAMON is unusable."""
         why_not = damon_sysfs.availability(self.root)
         if why_not:
-            self.health = Health(State.UNAVAILABLE, why_not)
-            log.warning("DAMON collector unusable: %s", why_not)
+            self.health = _unusable(why_not)
             return False
         atexit.register(self.stop)
         self._running = True
@@ -169,8 +171,7 @@ class ProcessDamonCollector:
             self._monitor(self._largest())
         except DamonError as e:
             self.stop()
-            self.health = Health(State.UNAVAILABLE, str(e))
-            log.warning("DAMON collector unusable: %s", e)
+            self.health = _unusable(str(e))
             return False
         self.health = Health(State.OK, f"vaddr, {len(self._targets)} processes")
         return True

@@ -140,12 +140,7 @@ class Kdamond:
             raise DamonBusyError(self.root(f"{KDAMONDS}/{running[0]}/state"),
                                  "already running (another DAMON user)")
         _write(self.root, f"{KDAMONDS}/nr_kdamonds", 1)
-        _write(self.root, f"{self.base}/contexts/nr_contexts", 1)
-        available = _read(self.root, f"{self.ctx}/avail_operations").split()
-        if "paddr" not in available:
-            raise DamonError(self.root(f"{self.ctx}/avail_operations"),
-                             f"no paddr (kernel without CONFIG_DAMON_PADDR): {available}")
-        _write(self.root, f"{self.ctx}/operations", "paddr")
+        self._use_operations("paddr", "CONFIG_DAMON_PADDR")
         self._write_attrs(attrs)
         self._write_regions(ranges)
         self._write_stat_scheme()
@@ -156,16 +151,20 @@ class Kdamond:
         The kdamond's directory must exist (create_kdamonds); DAMON picks the
         initial regions from the process's mappings itself.
         """
-        _write(self.root, f"{self.base}/contexts/nr_contexts", 1)
-        available = _read(self.root, f"{self.ctx}/avail_operations").split()
-        if "vaddr" not in available:
-            raise DamonError(self.root(f"{self.ctx}/avail_operations"),
-                             f"no vaddr (kernel without CONFIG_DAMON_VADDR): {available}")
-        _write(self.root, f"{self.ctx}/operations", "vaddr")
+        self._use_operations("vaddr", "CONFIG_DAMON_VADDR")
         self._write_attrs(attrs)
         _write(self.root, f"{self.ctx}/targets/nr_targets", 1)
         _write(self.root, f"{self.ctx}/targets/0/pid_target", pid)
         self._write_stat_scheme()
+
+    def _use_operations(self, operations: str, kconfig: str) -> None:
+        """One context with `operations`; DamonError naming the file if the kernel lacks them."""
+        _write(self.root, f"{self.base}/contexts/nr_contexts", 1)
+        available = _read(self.root, f"{self.ctx}/avail_operations").split()
+        if operations not in available:
+            raise DamonError(self.root(f"{self.ctx}/avail_operations"),
+                             f"no {operations} (kernel without {kconfig}): {available}")
+        _write(self.root, f"{self.ctx}/operations", operations)
 
     def _write_attrs(self, attrs: MonitoringAttrs) -> None:
         mon = f"{self.ctx}/monitoring_attrs"
