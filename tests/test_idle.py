@@ -19,7 +19,8 @@ from tierd.collectors.topology import read_topology
 from tierd.errors import KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import pagemap
-from tierd.kernel.page_idle import BITMAP, IdleBitmap
+from tierd.kernel.nodes import MEMORY_DIR
+from tierd.kernel.page_idle import BITMAP, PFNS_PER_WORD, IdleBitmap
 from tierd.kernel.root import HostRoot
 from tierd.probe import State
 
@@ -113,6 +114,22 @@ def test_per_pfn_files_share_one_fd_each_closed_once_and_name_the_file(tmp_path:
 # mark() and collect() (the collector's sleep hook) `FakeKernel.interval`
 # does what the kernel would: a page that is not a user LRU page, or is a
 # large folio's tail, never reads back idle; an accessed page reads back 0.
+# `FakeKernel.end_at` ends the bitmap where the kernel's would (its last PFN
+# rounded down to a word): reads hit EOF there, writes stop short.
+
+
+class EndingBitmap(IdleBitmap):
+    """The bitmap file, but a write stops at `end_word` (a file would grow instead)."""
+
+    def __init__(self, root: HostRoot, end_word: int) -> None:
+        super().__init__(root)
+        self.end_word = end_word
+        self.cut_writes = 0  # writes that ran past the end
+
+    def write_words(self, first_word: int, words: np.ndarray) -> int:
+        room = max(0, self.end_word - first_word)
+        self.cut_writes += words.size > room
+        return super().write_words(first_word, words[:room])
 
 FIXTURE = Path(__file__).parent / "fixtures" / "idle" / "two-node"
 NODE0 = (100, 1100)  # [start, end) PFNs of node 0: both edges inside a 64-PFN word
@@ -133,6 +150,17 @@ class FakeKernel:
         self.bitmap_path = self.root / BITMAP.lstrip("/")
         self.bitmap_path.parent.mkdir(parents=True)
         self.bitmap_path.write_bytes(bytes(MAX_PFN // 8))
+        self.end_word = MAX_PFN // PFNS_PER_WORD
+
+    def end_at(self, max_pfn: int) -> None:
+        """The kernel's last PFN is `max_pfn` - 1: the bitmap holds only its whole words."""
+        self.end_word = max_pfn // PFNS_PER_WORD
+        self.bitmap_path.write_bytes(bytes(self.end_word * 8))
+
+    def set_block_size(self, size: int) -> None:
+        path = self.root / MEMORY_DIR.lstrip("/") / "block_size_bytes"
+        path.parent.mkdir(parents=True)
+        path.write_text(f"{size:x}\n")
 
     def set_flags(self, start: int, stop: int, flags: int) -> None:
         self.flags[start:stop] = flags
@@ -157,8 +185,10 @@ class FakeKernel:
     def collector(self, **kwargs: object) -> IdleCollector:
         _write_u64(self.root, kpf.KPAGEFLAGS, self.flags)
         root = HostRoot(self.root)
-        return IdleCollector(read_topology(root), root=root, sleep=self.interval,
-                             **kwargs)  # type: ignore[arg-type]
+        c = IdleCollector(read_topology(root), root=root, sleep=self.interval,
+                          **kwargs)  # type: ignore[arg-type]
+        c.bitmap = EndingBitmap(root, self.end_word)
+        return c
 
 
 def _ages(scans: list, pfns: range | list[int]) -> np.ndarray:
@@ -391,6 +421,48 @@ def test_a_bitmap_that_ends_mid_scan_degrades_and_leaves_the_rest_untracked(
     assert c.health.state is State.OK
 
 
+def test_a_range_past_the_bitmap_by_under_a_block_is_trimmed_once_and_quietly(
+        tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_block_size(2 * 2**20)  # 512 PFNs
+    k.end_at(3040)  # node 1 ends at 3072: the bitmap, at 3008, 64 PFNs short
+    k.set_flags(2900, 3072, LRU_ANON)
+    k.accessed = set(range(2950, 3000))
+    c = k.collector(chunk_pfns=256, full_every=1)
+    for _ in range(2):
+        scans = c.scan(1.0)
+        assert c.health.state is State.OK, c.health.reason
+    assert c.bitmap.cut_writes == 1  # the second scan stays inside the bitmap
+    assert [(s.pfn_start, s.idle_age.size) for s in scans] == [(100, 1000), (2048, 960)]
+    assert (_ages(scans, range(2900, 2950)) == 2).all()
+    assert (_ages(scans, range(2950, 3000)) == 0).all()
+    assert (_ages(scans, range(3000, 3008)) == 2).all()
+    assert c.stats[1].tracked == 108 and c.tracked_pfns == 1960
+
+
+@pytest.mark.parametrize(("block_size", "max_pfn"), [
+    (2 * 2**20, 2304),  # 768 PFNs short: more than a block
+    (None, 3040),  # no block size: only a partial word is forgiven, not a whole one
+])
+def test_a_range_past_the_bitmap_by_more_degrades(
+        tmp_path: Path, block_size: int | None, max_pfn: int) -> None:
+    k = FakeKernel(tmp_path)
+    if block_size:
+        k.set_block_size(block_size)
+    k.end_at(max_pfn)
+    k.set_flags(2048, 2100, LRU_ANON)
+    c = k.collector(chunk_pfns=256, full_every=1)
+    scans = c.scan(1.0)
+    end = max_pfn // PFNS_PER_WORD * PFNS_PER_WORD
+    assert c.health.state is State.DEGRADED
+    assert (f"page_idle/bitmap: offset {end // 8:#x}: past the kernel's last PFN; "
+            "node 1 partly untracked") in c.health.reason
+    assert (_ages(scans, range(2048, 2100)) == 1).all()
+    assert (_ages(scans, range(end, 3072)) == UNTRACKED).all()
+    c.scan(1.0)
+    assert c.health.state is State.DEGRADED and c.bitmap.cut_writes == 2  # not trimmed
+
+
 def test_a_kpageflags_read_error_degrades_that_range_only(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
     k.set_flags(200, 300, LRU_ANON)
@@ -498,6 +570,26 @@ def test_lab_a_range_past_the_last_pfn_degrades_with_the_offset() -> None:
     assert "past the kernel's last PFN" in collector.health.reason
     tail = scans[-1].idle_age[-2**18:]
     assert (tail == UNTRACKED).all()
+
+
+@pytest.mark.vm(kernels=["tierd"])
+@pytest.mark.parametrize("overrun", [0, 32], ids=["as-read", "32-past"])
+def test_lab_full_scans_of_every_node_are_ok(overrun: int) -> None:
+    # A node span may end past the bitmap's reach (with `make bench`'s sizes
+    # the kernel's last PFN ends 32 PFNs into a word): the first scan trims it.
+    topo = read_topology()
+    last_end = int(topo._ends[-1]) + overrun
+    topo = replace(topo, _ends=np.append(topo._ends[:-1], last_end).astype(np.uint64))
+    collector = IdleCollector(topo, full_every=1)
+    for _ in range(2):
+        collector.mark()
+        scans = collector.collect()
+        assert collector.health.state is State.OK, collector.health.reason
+    kernel_end = last_end - overrun  # the trim loses at most the kernel's partial last word
+    end = scans[-1].pfn_start + scans[-1].idle_age.size
+    assert kernel_end - PFNS_PER_WORD < end <= kernel_end
+    assert sum(s.tracked for s in collector.stats.values()) > 0
+    collector.close()
 
 
 @pytest.mark.vm(kernels=["stock"])

@@ -22,6 +22,10 @@ now live anywhere).
 Both passes are paced (PFNs per second) so a scan does not hog a core, and
 never raise on kernel trouble: a failed read or write leaves the rest of
 that range untracked for this scan, logs why and marks `health` degraded.
+A range that runs past the bitmap's end by less than a memory block is no
+trouble (node spans come from memory blocks and zones; the bitmap ends at
+the kernel's last PFN rounded down to a word): the first scan that meets
+the end trims the range to it for good, quietly.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd.collectors.evidence import IDLE_AGE_MAX, UNTRACKED, IdleScan
-from tierd.collectors.topology import Topology, read_topology
+from tierd.collectors.topology import PAGE_SIZE, Topology, read_topology
 from tierd.errors import KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
+from tierd.kernel import nodes as sysnodes
 from tierd.kernel.page_idle import (
     PFNS_PER_WORD,
     IdleBitmap,
@@ -119,6 +124,25 @@ def chunks(start: int, end: int, size: int) -> Iterator[tuple[int, int]]:
         start = stop
 
 
+def _blocks(start: int, end: int) -> int:
+    """How many BLOCK_PFNS blocks [start, end) touches."""
+    return -(-end // BLOCK_PFNS) - start // BLOCK_PFNS
+
+
+def _slack_pfns(root: HostRoot) -> int:
+    """How far a range may run past the bitmap's end: under one memory block.
+
+    Without the block size (no memory hotplug sysfs), the node spans come
+    from the zones, which end at the kernel's last PFN: only its partial
+    last word is out of the bitmap's reach.
+    """
+    try:
+        size = sysnodes.memory_block_size(root)
+    except KernelFileError:
+        size = None
+    return size // PAGE_SIZE if size else PFNS_PER_WORD
+
+
 @dataclass
 class _Range:
     start: int
@@ -132,6 +156,13 @@ class _Range:
     @property
     def first_block(self) -> int:
         return self.start // BLOCK_PFNS
+
+    def trim(self, end: int) -> None:
+        """Drop the PFNs from `end` on, for good (the per-PFN state and this scan's spans)."""
+        self.end = max(self.start, end)
+        self.ages = self.ages[:self.end - self.start]
+        self.live = self.live[:_blocks(self.start, self.end)]
+        self.spans = [(s, min(e, self.end)) for s, e in self.spans if s < self.end]
 
     def live_spans(self) -> list[tuple[int, int]]:
         """[start, end) PFN runs of live blocks, gaps of under MERGE_GAP_BLOCKS bridged."""
@@ -182,9 +213,10 @@ class IdleCollector:
         self.flags_file = kpf.kpageflags(root)
         self.ranges = [
             _Range(s, e, n, np.full(e - s, UNTRACKED, dtype=np.uint8),
-                   np.zeros(-(-e // BLOCK_PFNS) - s // BLOCK_PFNS, dtype=np.bool_))
+                   np.zeros(_blocks(s, e), dtype=np.bool_))
             for s, e, n in topology.pfn_ranges(self.nodes)
         ]
+        self._slack_pfns = _slack_pfns(root)
         self.stats = {n: NodeIdleStats() for n in self.nodes}
         self.health = Health()
         self._words = np.empty(chunk_pfns // PFNS_PER_WORD + 1, dtype=np.uint64)
@@ -234,15 +266,22 @@ class IdleCollector:
             r.spans = [c for s, e in spans for c in chunks(s, e, self.chunk_pfns)]
             r.marked_until = r.start
             try:
-                for cs, ce in r.spans:
-                    self._mark_chunk(r, cs, ce)
-                    pacer.advance(ce - cs)
+                self._mark_range(r, pacer)
             except KernelFileError as e:
                 self._lost_track |= e.reason != PAST_END
                 self._problem(f"{e}; node {r.node} partly untracked this scan")
         self._finish()
 
+    def _mark_range(self, r: _Range, pacer: Pacer) -> None:
+        for cs, ce in r.spans:
+            self._mark_chunk(r, cs, ce)
+            pacer.advance(ce - cs)
+            if r.marked_until < ce:
+                self._past_end(r)
+                return
+
     def _mark_chunk(self, r: _Range, cs: int, ce: int) -> None:
+        """Mark [cs, ce) idle; r.marked_until says how far the kernel took it."""
         first, last = words_for(cs, ce)
         words = self._words[:last - first]
         words[:] = ALL_ONES
@@ -251,9 +290,15 @@ class IdleCollector:
         words[-1] &= tail_mask
         written = self.bitmap.write_words(first, words)
         r.marked_until = min(ce, (first + written) * PFNS_PER_WORD)
-        if written < words.size:
-            raise KernelFileError(self.bitmap.path, PAST_END,
-                                  key=f"offset {(first + written) * 8:#x}")
+
+    def _past_end(self, r: _Range) -> None:
+        """The bitmap ended at r.marked_until: trim a slight overrun, raise on more."""
+        end = r.marked_until
+        if r.end - end >= self._slack_pfns:
+            raise KernelFileError(self.bitmap.path, PAST_END, key=f"offset {end // 8:#x}")
+        log.debug("idle collector: node %d's range ends %d PFNs past the bitmap; trimmed to %#x",
+                  r.node, r.end - end, end)
+        r.trim(end)
 
     # --- pass 2: read back, update ages ---------------------------------------------------
 

@@ -8,6 +8,9 @@ buffer. Writing a 1 marks a page idle (the kernel first clears its young
 bits through an rmap walk, the main cost); reading returns 1 for pages not
 accessed since. Only user pages on the LRU take part, and of a large folio
 only the head. Reads past the last PFN return EOF, writes fail with ENXIO.
+The last PFN (max_pfn) need not end a word, and a transfer never counts a
+partial word: the PFNs of the last word are out of reach (the lab's 2304 MiB
+guest ends 32 PFNs into a word).
 """
 
 from __future__ import annotations
