@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierd.config import Config
+from tierd.daemon import Daemon, IntervalSummary
 from tierd.errors import TierdError
+from tierd.heat import HeatModel
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import numa, pagemap
 from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
@@ -202,8 +205,9 @@ def test_count_reasons_names_errnos_and_wrong_nodes() -> None:
 
 def test_mlocked_and_unevictable_pages_are_dropped_before_any_move() -> None:
     pfns = np.array([16, 17, 18, 19, 80], dtype=np.uint64)
-    keep, dropped = safety.drop_pinned(pfns, ROOT)
+    keep, flags, dropped = safety.drop_pinned(pfns, ROOT)
     assert keep.tolist() == [16, 17]
+    assert flags.tolist() == [1 << kpf.KPF_LRU] * 2  # the kept pages' flags, for the mover
     assert dropped == {"mlocked": 1, "unevictable": 1, "no_page": 1}
 
 
@@ -217,7 +221,8 @@ def test_pages_of_excluded_cgroups_are_dropped_by_kpagecgroup(tmp_path: Path) ->
     owners = np.zeros(64, dtype=np.uint64)
     owners[[44, 45]] = sub
     owners.tofile(tmp_path / "proc/kpagecgroup")
-    keep, dropped = safety.drop_pinned(np.array([16, 44, 45], dtype=np.uint64), root, inodes)
+    keep, _, dropped = safety.drop_pinned(np.array([16, 44, 45], dtype=np.uint64), root,
+                                          inodes)
     assert keep.tolist() == [16] and dropped == {"excluded_cgroup": 2}
 
 
@@ -245,8 +250,8 @@ def test_pages_of_excluded_processes_are_dropped_for_any_mover() -> None:
     process_filter = ProcessFilter(Exclusions(comms=("postgres*",)), ROOT, self_pid=1)
     owned = safety.excluded_process_pfns(process_filter, ROOT)
     assert owned.tolist() == [40, 41, 48]  # 48 is shared with 4242: protected too
-    keep, dropped = safety.drop_pinned(np.array([16, 40, 48], dtype=np.uint64), ROOT,
-                                       excluded_pfns=owned)
+    keep, _, dropped = safety.drop_pinned(np.array([16, 40, 48], dtype=np.uint64), ROOT,
+                                          excluded_pfns=owned)
     assert keep.tolist() == [16] and dropped == {"excluded_process": 2}
 
 
@@ -297,12 +302,14 @@ HEAD = (1 << kpf.KPF_COMPOUND_HEAD) | (1 << kpf.KPF_THP) | (1 << kpf.KPF_LRU)
 TAIL = (1 << kpf.KPF_COMPOUND_TAIL) | (1 << kpf.KPF_THP)
 
 
-def _folio_root(tmp_path: Path, folios: list[tuple[int, int]], npfns: int = 64) -> HostRoot:
+def _folio_root(tmp_path: Path, folios: list[tuple[int, int]], npfns: int = 64,
+                mlocked: tuple[int, ...] = ()) -> HostRoot:
     """A fixture /proc/kpageflags: 4K LRU pages, with (head PFN, pages) large folios."""
     flags = np.full(npfns, 1 << kpf.KPF_LRU, dtype=np.uint64)
     for head, pages in folios:
         flags[head] = HEAD
         flags[head + 1:head + pages] = TAIL
+    flags[list(mlocked)] |= np.uint64(1 << kpf.KPF_MLOCKED)
     (tmp_path / "proc").mkdir(exist_ok=True)
     flags.tofile(tmp_path / "proc/kpageflags")
     return HostRoot(tmp_path)
@@ -387,6 +394,35 @@ def test_pid_mover_sends_one_address_per_folio_and_retries_a_busy_folio_whole(
     assert sorted(result.moved.tolist()) == [16, 17, 18, 19, 32]
     assert sorted(result.new_pfns.tolist()) == [16, 17, 18, 19, 32]  # read back from pagemap
     assert not result.failures
+
+@pytest.mark.parametrize("kind", ["phys", "pid"])
+def test_the_daemon_reads_a_batchs_kpageflags_once_for_the_safety_check_and_the_folios(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    # pid 4242 maps PFNs 16-19 (one folio) and 32; PFN 15, mlocked, shifts the flags
+    # of the pages kept: the mover must get the kept pages' own.
+    root = _folio_root(tmp_path, [(16, 4)], mlocked=(15,))
+    daemon = Daemon(Config(), root=root)
+    daemon.heat = HeatModel(64)
+    if kind == "phys":
+        phys = FolioPhys([(16, 4)])
+        daemon.mover = PhysMover(phys, MoverParams(busy_backoff=0), root)
+    else:
+        pid = FakeKernel()
+        rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
+        rmap.refresh()
+        daemon.mover = PidMover(rmap, MoverParams(busy_backoff=0), root, pid)
+    opens: list[HostRoot] = []
+    real_kpageflags = kpf.kpageflags
+    monkeypatch.setattr(kpf, "kpageflags", lambda r: opens.append(r) or real_kpageflags(r))
+    result = daemon._move_batch(_batch([15, 16, 17, 18, 19, 32]), IntervalSummary())
+    assert opens == [root]
+    assert result is not None and sorted(result.moved.tolist()) == [16, 17, 18, 19, 32]
+    if kind == "phys":
+        assert phys.calls == [[16, 32]]
+    else:
+        assert [(p, pages) for p, pages, _, _ in pid.calls] == [(4242, [16, 22])]
+
 
 # --- in the lab ----------------------------------------------------------------------------
 

@@ -402,8 +402,8 @@ class Daemon:
         """Pin newly tracked frames a mover must never touch, before the policy sees them."""
         assert self.heat is not None
         pfns = np.unique(new)
-        movable, dropped = safety.drop_pinned(pfns, self.root, self._memcg_inodes,
-                                              self._excluded_pfns)
+        movable, _, dropped = safety.drop_pinned(pfns, self.root, self._memcg_inodes,
+                                                 self._excluded_pfns)
         for reason, count in dropped.items():
             self.state.record_excluded(reason, count)
         self.heat.pin(np.setdiff1d(pfns, movable, assume_unique=True))
@@ -477,8 +477,8 @@ class Daemon:
 
     def _move_batch(self, batch: Batch, summary: IntervalSummary) -> BatchResult | None:
         assert self.heat is not None and self.mover is not None
-        pfns, dropped = safety.drop_pinned(batch.pfns, self.root, self._memcg_inodes,
-                                           self._excluded_pfns)
+        pfns, flags, dropped = safety.drop_pinned(batch.pfns, self.root, self._memcg_inodes,
+                                                  self._excluded_pfns)
         for reason, count in dropped.items():
             self.state.record_excluded(reason, count)
         self.heat.pin(np.setdiff1d(batch.pfns, pfns, assume_unique=True))
@@ -493,7 +493,8 @@ class Daemon:
                       pfns.size, batch.source, batch.target)
             return None
         self.state.record_attempted(*key, int(pfns.size))
-        result = self.mover.move(Batch(batch.direction, batch.source, batch.target, pfns))
+        result = self.mover.move(Batch(batch.direction, batch.source, batch.target, pfns),
+                                 flags)
         self.state.record_moved(*key, int(result.moved.size))
         summary.moved[key] += int(result.moved.size)
         summary.failures.update(result.failures)

@@ -44,10 +44,14 @@ class PhysMover:
         self.params = params or MoverParams()
         self.root = root
 
-    def move(self, batch: Batch) -> BatchResult:
+    def move(self, batch: Batch, flags: npt.NDArray[np.uint64] | None = None) -> BatchResult:
+        """Move the batch; `flags`: its PFNs' kpageflags when the caller read them already
+        (the daemon's safety check), else they are read here."""
         result = BatchResult()
-        pfns = np.sort(batch.pfns)
-        first = folios.read_group_starts(pfns, self.root)
+        order = np.argsort(batch.pfns)
+        pfns = batch.pfns[order]
+        first = (folios.read_group_starts(pfns, self.root) if flags is None
+                 else folios.group_starts(pfns, flags[order]))
         nodes = np.full(min(pfns.size, self.params.batch_pages), batch.target, dtype=np.int32)
         for start, end in pairwise(folios.chunk_bounds(first, self.params.batch_pages)):
             chunk = pfns[start:end]

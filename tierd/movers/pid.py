@@ -50,12 +50,14 @@ class PidMover:
         self.root = root
         self._move_pages = move_pages
 
-    def move(self, batch: Batch) -> BatchResult:
+    def move(self, batch: Batch, flags: npt.NDArray[np.uint64] | None = None) -> BatchResult:
+        """Move the batch; `flags`: its PFNs' kpageflags when the caller read them already
+        (the daemon's safety check), else they are read here."""
         result = BatchResult()
         found, pids, vaddrs = self.rmap.lookup(batch.pfns)
         result.fail(batch.pfns[~found], "not_in_rmap", stale=True)
         pfns, pids, vaddrs = batch.pfns[found], pids[found], vaddrs[found]
-        flags = self._flags(pfns)
+        flags = self._flags(pfns) if flags is None else flags[found]
         order = np.lexsort((vaddrs, pids))
         pfns, pids, vaddrs, flags = pfns[order], pids[order], vaddrs[order], flags[order]
         bounds = [0, *(np.flatnonzero(np.diff(pids)) + 1).tolist(), pids.size]

@@ -146,13 +146,15 @@ def excluded_process_pfns(process_filter: ProcessFilter, root: HostRoot = HOST
 def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
                 memcg_inodes: frozenset[int] = frozenset(),
                 excluded_pfns: npt.NDArray[np.uint64] | None = None,
-                ) -> tuple[npt.NDArray[np.uint64], Counter[str]]:
+                ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], Counter[str]]:
     """The sorted `pfns` minus pinned pages and pages of excluded processes and cgroups,
-    and why each went."""
+    their kpageflags (a mover's folio grouping needs them: one read per batch), and why
+    each went."""
     if pfns.size == 0:
-        return pfns, Counter()
+        return pfns, np.zeros(0, dtype=np.uint64), Counter()
     with kpf.kpageflags(root) as flags_file:
-        reasons = pinned_reasons(read_per_pfn(flags_file, pfns))
+        flags = read_per_pfn(flags_file, pfns)
+    reasons = pinned_reasons(flags)
     if memcg_inodes:
         with kpf.kpagecgroup(root) as cgroup_file:
             owners = read_per_pfn(cgroup_file, pfns)
@@ -163,7 +165,7 @@ def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
         reasons[owned & (reasons == None)] = "excluded_process"  # noqa: E711 (elementwise)
     keep = reasons == None  # noqa: E711 (elementwise comparison)
     dropped = Counter(reasons[~keep].tolist())
-    return pfns[keep], dropped
+    return pfns[keep], flags[keep], dropped
 
 
 def allowed_nodes(pid: int, root: HostRoot = HOST) -> frozenset[int] | None:
