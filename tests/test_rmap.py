@@ -55,6 +55,13 @@ def test_pfns_of_any_order_with_repeats_and_far_gaps() -> None:
     assert pagemap.pfns_of(PID, vaddrs, ROOT).tolist() == [48, 16, 16, 0, 0, 19]
 
 
+def test_pfns_of_sorted_addresses_contiguous_and_with_near_gaps() -> None:
+    contiguous = np.arange(16, 20, dtype=np.uint64) * np.uint64(PAGE)
+    assert pagemap.pfns_of(PID, contiguous, ROOT).tolist() == [16, 17, 18, 19]
+    near_gaps = np.array([16, 19, 21, 23], dtype=np.uint64) * np.uint64(PAGE)
+    assert pagemap.pfns_of(PID, near_gaps, ROOT).tolist() == [16, 19, 0, 48]
+
+
 def test_pagemap_of_a_missing_process_is_process_gone() -> None:
     with pytest.raises(pagemap.ProcessGoneError, match="proc/999/pagemap: process gone"):
         pagemap.read_pagemap(999, 0, 1, ROOT)

@@ -163,7 +163,11 @@ def entries_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST
     if addrs.size == 0:
         return np.zeros(0, dtype=np.uint64)
     pages = addrs >> np.uint64(PAGE_SHIFT)
-    unique, inverse = np.unique(pages, return_inverse=True)
+    inverse = None
+    if np.all(pages[1:] > pages[:-1]):  # the movers' case: already sorted and unique
+        unique = pages
+    else:
+        unique, inverse = np.unique(pages, return_inverse=True)
     firsts, lasts = _runs(unique)
     fd = _open_pagemap(pid, root)
     try:
@@ -172,12 +176,13 @@ def entries_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST
     finally:
         os.close(fd)
     flat = np.concatenate(spans)
-    # Offset of each unique page inside `flat`: its run's offset plus its distance
-    # from the run's first page.
-    run_of = np.searchsorted(firsts, unique, side="right") - 1
-    run_offsets = np.concatenate(([0], np.cumsum(lasts - firsts + 1)[:-1])).astype(np.uint64)
-    index = run_offsets[run_of] + (unique - firsts[run_of])
-    return flat[index.astype(np.intp)][inverse]
+    if flat.size != unique.size:  # gaps were read through: pick the pages out
+        # Offset of each unique page inside `flat`: its run's offset plus its distance
+        # from the run's first page.
+        run_of = np.searchsorted(firsts, unique, side="right") - 1
+        run_offsets = np.concatenate(([0], np.cumsum(lasts - firsts + 1)[:-1])).astype(np.uint64)
+        flat = flat[(run_offsets[run_of] + (unique - firsts[run_of])).astype(np.intp)]
+    return flat if inverse is None else flat[inverse]
 
 
 def pfns_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST) -> npt.NDArray[np.uint64]:

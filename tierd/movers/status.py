@@ -132,8 +132,9 @@ class BatchResult:
         return busy
 
 
-# Moves the pages at these indices of a chunk; per-page statuses, OSError for the call.
-MoveCall = Callable[[npt.NDArray[np.intp]], npt.NDArray[np.int32]]
+# Moves the pages at these indices of a chunk (a slice: all of them); per-page
+# statuses, OSError for the call.
+MoveCall = Callable[[slice | npt.NDArray[np.intp]], npt.NDArray[np.int32]]
 
 
 def _call_reason(e: OSError) -> str:
@@ -149,7 +150,7 @@ def move_with_retries(call: MoveCall, pfns: npt.NDArray[np.uint64], target: int,
     for the caller's own success bookkeeping.
     """
     moved = np.zeros(pfns.size, dtype=np.bool_)
-    todo = np.arange(pfns.size)
+    todo: slice | npt.NDArray[np.intp] = slice(None)  # the first call: views, not copies
     for attempt in range(retries + 1):
         try:
             status = call(todo)
@@ -160,10 +161,11 @@ def move_with_retries(call: MoveCall, pfns: npt.NDArray[np.uint64], target: int,
             # target fails the whole call with ENOMEM: the target is full.
             result.target_full = e.errno == errno.ENOMEM
             return moved
-        moved[todo[status == target]] = True
-        todo = todo[result.settle(pfns[todo], status, target)]
-        if todo.size == 0:
+        moved[todo] |= status == target
+        busy = result.settle(pfns[todo], status, target)
+        if not busy.any():
             return moved
+        todo = np.flatnonzero(busy) if isinstance(todo, slice) else todo[busy]
         if attempt < retries:
             time.sleep(backoff)
             backoff *= 2
