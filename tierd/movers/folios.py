@@ -45,14 +45,6 @@ def read_group_starts(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST
         return group_starts(pfns, read_per_pfn(flags_file, pfns))
 
 
-def spread(first: npt.NDArray[np.bool_], per_group: npt.NDArray[np.int32]
-           ) -> npt.NDArray[np.int32]:
-    """Each page's value from its group's entry in `per_group` (one per group start)."""
-    if per_group.size == first.size:  # every group one page: nothing to spread
-        return per_group
-    return per_group[np.cumsum(first) - 1]
-
-
 def chunk_bounds(first: npt.NDArray[np.bool_], step: int) -> list[int]:
     """[0, ..., n]: chunks of at most `step` pages, cut only where a group starts.
 

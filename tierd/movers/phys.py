@@ -19,7 +19,6 @@ follow it: the idle scan finds it again at its new PFN.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +26,7 @@ import numpy.typing as npt
 from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
-from tierd.movers.status import BatchResult, MoverParams, move_with_retries
+from tierd.movers.status import BatchResult, MoverParams, move_groups
 from tierd.policy import Batch
 
 # (physical addresses, target nodes, flags) -> per-page status; raises OSError for the call.
@@ -52,21 +51,13 @@ class PhysMover:
         pfns = batch.pfns[order]
         first = (folios.read_group_starts(pfns, self.root) if flags is None
                  else folios.group_starts(pfns, flags[order]))
-        nodes = np.full(min(pfns.size, self.params.batch_pages), batch.target, dtype=np.int32)
-        for start, end in pairwise(folios.chunk_bounds(first, self.params.batch_pages)):
-            chunk = pfns[start:end]
-            if result.target_full:
-                result.fail(chunk, "target_full")
-                continue
-            moved = move_with_retries(
-                lambda todo, p=chunk, f=first[start:end]: self._call(p[todo], f[todo], nodes),
-                chunk, batch.target, result, self.params.busy_retries, self.params.busy_backoff)
-            result.succeed(chunk[moved])
-        return result
+        sent = pfns[first] << np.uint64(PAGE_SHIFT)  # one PFN per folio
+        nodes = np.full(min(sent.size, self.params.batch_pages), batch.target, dtype=np.int32)
 
-    def _call(self, pfns: npt.NDArray[np.uint64], first: npt.NDArray[np.bool_],
-              nodes: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
-        """move_phys_pages for the folio groups of `pfns`, one PFN each; per-page statuses."""
-        sent = pfns[first] << np.uint64(PAGE_SHIFT)
-        return folios.spread(first, self._move(sent, nodes[:sent.size],
-                                                   self.params.flags))
+        def send(groups: slice | npt.NDArray[np.intp]) -> npt.NDArray[np.int32]:
+            addrs = sent[groups]
+            return self._move(addrs, nodes[:addrs.size], self.params.flags)
+
+        moved = move_groups(send, pfns, first, batch.target, result, self.params)
+        result.succeed(pfns[moved])
+        return result

@@ -32,7 +32,7 @@ from tierd.kernel.pagemap import PAGE_SIZE, ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios, safety
 from tierd.movers.rmap import ReverseMap
-from tierd.movers.status import BatchResult, MoverParams, move_with_retries
+from tierd.movers.status import BatchResult, MoverParams, move_groups
 from tierd.policy import Batch
 
 log = logging.getLogger(__name__)
@@ -107,26 +107,16 @@ class PidMover:
         next_page = np.zeros(pfns.size, dtype=np.bool_)
         next_page[1:] = vaddrs[1:] == vaddrs[:-1] + np.uint64(PAGE_SIZE)
         first = folios.group_starts(pfns, flags, joins=next_page)
-        nodes = np.full(min(pfns.size, self.params.batch_pages), target, dtype=np.int32)
-        moved = np.zeros(pfns.size, dtype=np.bool_)
-        for start, end in pairwise(folios.chunk_bounds(first, self.params.batch_pages)):
-            chunk = slice(start, end)
-            if result.target_full:
-                result.fail(pfns[chunk], "target_full")
-                continue
-            moved[chunk] = move_with_retries(
-                lambda todo, v=vaddrs[chunk], f=first[chunk]: self._call(pid, v[todo], f[todo],
-                                                                         nodes),
-                pfns[chunk], target, result, self.params.busy_retries, self.params.busy_backoff)
+        sent = vaddrs[first]  # one address per folio
+        nodes = np.full(min(sent.size, self.params.batch_pages), target, dtype=np.int32)
+
+        def send(groups: slice | npt.NDArray[np.intp]) -> npt.NDArray[np.int32]:
+            addrs = sent[groups]
+            return self._move_pages(pid, addrs, nodes[:addrs.size], self.params.flags)
+
+        moved = move_groups(send, pfns, first, target, result, self.params)
         if moved.any():
             result.succeed(pfns[moved], self._new_pfns(pid, vaddrs[moved]))
-
-    def _call(self, pid: int, vaddrs: npt.NDArray[np.uint64], first: npt.NDArray[np.bool_],
-              nodes: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
-        """move_pages for the folio groups of `vaddrs`, one address each; per-page statuses."""
-        sent = vaddrs[first]
-        statuses = self._move_pages(pid, sent, nodes[:sent.size], self.params.flags)
-        return folios.spread(first, statuses)
 
     def _new_pfns(self, pid: int, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """Where the moved pages live now (0 where the process is gone or it vanished)."""

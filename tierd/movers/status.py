@@ -14,11 +14,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
 
 from tierd.kernel import numa
+from tierd.movers import folios
 
 # Statuses after which the cached location of the page is wrong: it vanished,
 # or something else lives there now.
@@ -132,42 +134,93 @@ class BatchResult:
         return busy
 
 
-# Moves the pages at these indices of a chunk (a slice: all of them); per-page
-# statuses, OSError for the call.
-MoveCall = Callable[[slice | npt.NDArray[np.intp]], npt.NDArray[np.int32]]
+# Sends the folio groups at these indices (a slice on the first pass) in one call;
+# their statuses, one per group, or OSError for the call.
+SendGroups = Callable[[slice | npt.NDArray[np.intp]], npt.NDArray[np.int32]]
+
+NOT_SENT = np.iinfo(np.int32).min  # a group's status before (or without) a call
+CALL_FAILED = NOT_SENT + 1  # its call failed as a whole; the reason is kept aside
 
 
 def _call_reason(e: OSError) -> str:
     return f"call_{errno.errorcode.get(e.errno or 0, e.errno)}"
 
 
-def move_with_retries(call: MoveCall, pfns: npt.NDArray[np.uint64], target: int,
-                      result: BatchResult, retries: int, backoff: float
-                      ) -> npt.NDArray[np.bool_]:
-    """Call until no page of the chunk is busy (at most 1 + `retries` times, backing off).
+def group_chunks(first: npt.NDArray[np.bool_], batch_pages: int) -> list[int]:
+    """Bounds, in group indices, of calls of at most `batch_pages` pages (folios whole)."""
+    page_bounds = folios.chunk_bounds(first, batch_pages)
+    return np.searchsorted(np.flatnonzero(first), page_bounds).tolist()
 
-    Failures go into `result`; returns which of `pfns` reached the target,
-    for the caller's own success bookkeeping.
+
+class _Sender:
+    """Sends groups chunk by chunk into one status array; stops at a full target or a
+    gone process, and keeps each failed call's groups and reason."""
+
+    def __init__(self, send: SendGroups, groups: int) -> None:
+        self.send = send
+        self.status = np.full(groups, NOT_SENT, dtype=np.int32)
+        self.failed: list[tuple[slice | npt.NDArray[np.intp], str, bool]] = []
+        self.stop: str | None = None  # why the groups not sent were not
+
+    def run(self, pieces: list[slice | npt.NDArray[np.intp]]) -> None:
+        for piece in pieces:
+            if self.stop is not None:
+                return
+            try:
+                statuses = self.send(piece)
+            except OSError as e:
+                gone = e.errno == errno.ESRCH
+                self.failed.append((piece, "process_gone" if gone else _call_reason(e), gone))
+                self.status[piece] = CALL_FAILED
+                # A call that cannot allocate on the target fails with ENOMEM: it is full.
+                self.stop = ("process_gone" if gone
+                             else "target_full" if e.errno == errno.ENOMEM else None)
+                continue
+            self.status[piece] = statuses
+            if (statuses == -errno.ENOMEM).any():
+                self.stop = "target_full"
+
+
+def move_groups(send: SendGroups, pfns: npt.NDArray[np.uint64], first: npt.NDArray[np.bool_],
+                target: int, result: BatchResult, params: MoverParams) -> npt.NDArray[np.bool_]:
+    """Move pages by folio group in calls of at most params.batch_pages pages.
+
+    One pass sends every chunk; then the groups still busy go again, all of
+    them in one pass, after a backoff that doubles, at most busy_retries
+    times. Per call this costs the syscall and a few array views: the status
+    bookkeeping runs once over the whole batch. Failures go into `result`;
+    returns which of `pfns` reached the target, for the caller's own success
+    bookkeeping.
     """
-    moved = np.zeros(pfns.size, dtype=np.bool_)
-    todo: slice | npt.NDArray[np.intp] = slice(None)  # the first call: views, not copies
-    for attempt in range(retries + 1):
-        try:
-            status = call(todo)
-        except OSError as e:
-            gone = e.errno == errno.ESRCH
-            result.fail(pfns[todo], "process_gone" if gone else _call_reason(e), stale=gone)
-            # The kernel migrates in node batches; one that cannot allocate on the
-            # target fails the whole call with ENOMEM: the target is full.
-            result.target_full = e.errno == errno.ENOMEM
-            return moved
-        moved[todo] |= status == target
-        busy = result.settle(pfns[todo], status, target)
-        if not busy.any():
-            return moved
-        todo = np.flatnonzero(busy) if isinstance(todo, slice) else todo[busy]
-        if attempt < retries:
-            time.sleep(backoff)
-            backoff *= 2
-    result.fail(pfns[todo], "EBUSY")
-    return moved
+    if pfns.size == 0:
+        return np.zeros(0, dtype=np.bool_)
+    group = np.cumsum(first) - 1  # page -> its group
+    sender = _Sender(send, int(group[-1]) + 1)
+    sender.run([slice(a, b) for a, b in pairwise(group_chunks(first, params.batch_pages))])
+    backoff = params.busy_backoff
+    for _ in range(params.busy_retries):
+        busy = np.flatnonzero(sender.status == -errno.EBUSY)
+        if busy.size == 0 or sender.stop is not None:
+            break
+        time.sleep(backoff)
+        backoff *= 2
+        bounds = group_chunks(first[np.isin(group, busy)], params.batch_pages)
+        sender.run([busy[a:b] for a, b in pairwise(bounds)])
+    return _settle_groups(sender, pfns, group, target, result)
+
+
+def _settle_groups(sender: _Sender, pfns: npt.NDArray[np.uint64], group: npt.NDArray[np.intp],
+                   target: int, result: BatchResult) -> npt.NDArray[np.bool_]:
+    status = sender.status[group]
+    for piece, reason, stale in sender.failed:
+        in_piece = np.zeros(sender.status.size, dtype=np.bool_)
+        in_piece[piece] = True
+        result.fail(pfns[in_piece[group]], reason, stale=stale)
+    if sender.stop == "target_full":
+        result.target_full = True
+    result.fail(pfns[status == NOT_SENT], sender.stop or "target_full",
+                stale=sender.stop == "process_gone")
+    answered = status > CALL_FAILED
+    busy = result.settle(pfns[answered], status[answered], target)
+    result.fail(pfns[answered][busy], "target_full" if result.target_full else "EBUSY")
+    return status == target
