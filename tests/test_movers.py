@@ -101,6 +101,28 @@ def test_busy_pages_are_retried_a_bounded_number_of_times() -> None:
     assert [pages for _, pages, _, _ in kernel.calls] == [[16, 17], [16, 17], [17]]
 
 
+def test_busy_pages_of_every_chunk_go_again_together_after_one_backoff(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr("tierd.movers.status.time.sleep", sleeps.append)
+    kernel = FakeKernel({16: [-errno.EBUSY], 18: [-errno.EBUSY]})
+    mover, _ = _mover(kernel, batch_pages=2)
+    mover.params = MoverParams(batch_pages=2, busy_backoff=0.25)
+    result = mover.move(_batch([16, 17, 18, 19]))
+    assert [pages for _, pages, _, _ in kernel.calls] == [[16, 17], [18, 19], [16, 18]]
+    assert sleeps == [0.25]
+    assert sorted(result.moved.tolist()) == [16, 17, 18, 19] and not result.failures
+
+
+def test_a_gone_process_stops_its_calls() -> None:
+    kernel = FakeKernel(call_error=errno.ESRCH)
+    mover, _ = _mover(kernel, batch_pages=2)
+    result = mover.move(_batch([16, 17, 18, 19]))
+    assert len(kernel.calls) == 1
+    assert result.failures == {"process_gone": 4}
+    assert sorted(result.stale.tolist()) == [16, 17, 18, 19]
+
+
 def test_enomem_stops_the_batch_for_that_target() -> None:
     kernel = FakeKernel({17: [-errno.ENOMEM]})
     mover, _ = _mover(kernel, batch_pages=2)
