@@ -246,7 +246,7 @@ def idle_scan() -> dict:
     def scan() -> float:
         return timed(lambda: (collector.mark(), collector.collect()))[0]
 
-    with resident_workload():
+    with resident_workload(), pinned():
         raw_s, full_s, steady_s, cycles = [], [], [], []
         for _ in range(REPEATS):
             cycle = []
@@ -286,9 +286,9 @@ class resident_workload:
 class pinned:
     """Run the block (and the C programs it starts) on one CPU, the last one.
 
-    Both sides of a mover comparison then run on the same CPU, off CPU 0
-    where the guest takes its device interrupts: in a TCG guest that halves
-    the run-to-run swings of a move.
+    Both sides of a comparison then run on the same CPU, off CPU 0 where the
+    guest takes its device interrupts: in a TCG guest that cut the
+    run-to-run swings of a move from 2-5x to a few percent.
     """
 
     def __enter__(self) -> None:
@@ -312,7 +312,7 @@ def rmap_build() -> dict:
     from tierd.movers.rmap import ReverseMap
     from tierd.movers.safety import Exclusions, ProcessFilter
 
-    with resident_workload("64M", "448M"):
+    with resident_workload("64M", "448M"), pinned():
         pids = user_pids()
         raw_rates, tierd_rates, given_rates = [], [], []
         for _ in range(REPEATS):
