@@ -3,7 +3,8 @@
 
 The process maps two anonymous regions, fills them with a pattern derived
 from each word's index, then keeps touching every page of the hot one (read
-one word per page, write it back unchanged) and never touches the cold one.
+one word per page, write it back unchanged, then drop the process's TLB
+entries as hardware would, tests/lab/tlb.py) and never touches the cold one.
 SIGUSR1 swaps which region is hot. SIGTERM stops it; it then checks every
 word of both regions against the pattern and exits 0 if all are intact, 3 if
 not. Its state (pid, regions, swaps, verdict) is kept in a JSON file.
@@ -97,6 +98,9 @@ class Region:
 
 
 def run(args: argparse.Namespace) -> int:
+    # run() runs only as a script, whose directory (tests/lab) is sys.path[0].
+    from tlb import drop_tlb
+
     state_path = Path(args.state)
     set_preferred_node(args.start_node)
     cold_size, hot_size = parse_size(args.cold), parse_size(args.hot)
@@ -130,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     save()
     while not stop:
         regions[state["hot"]].touch()
+        drop_tlb()  # as a hardware TLB would: else the next passes set no Accessed bit
         state["passes"] += 1
         time.sleep(args.pause)
     state["intact"] = all(r.intact() for r in regions.values())
