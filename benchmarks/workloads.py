@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "lab"))
+from tlb import drop_tlb
 from workload import (  # the lab workload module, importable from tests/lab
     PAGE,
     WORDS_PER_PAGE,
@@ -61,12 +62,16 @@ def intact(words: np.ndarray, offset: int) -> bool:
 
 
 def touch(words: np.ndarray, pages: np.ndarray | None = None) -> None:
-    """Read and write back one word of each page (all pages when `pages` is None)."""
+    """Read and write back one word of each page (all pages when `pages` is None), then
+    drop this process's TLB entries as hardware would (tests/lab/tlb.py): under TCG
+    the next touches would otherwise set no Accessed bit, for DAMON, NUMA
+    balancing and tierd alike."""
     column = words[::WORDS_PER_PAGE]
     if pages is None:
         column[:] = column.copy()
     else:
         column[pages] = column[pages]
+    drop_tlb()
 
 
 def zipf_cdf(pages: int, s: float) -> np.ndarray:
