@@ -87,6 +87,36 @@ def test_malformed_maps_line_names_file_and_line(tmp_path: Path) -> None:
         pagemap.read_maps(7, HostRoot(tmp_path))
 
 
+def _maps_line(first: int, last: int, perms: str, path: str = "") -> str:
+    return f"{first * PAGE:08x}-{last * PAGE:08x} {perms} 00000000 00:00 0    {path}\n"
+
+
+def test_scannable_runs_merge_touching_mappings_as_the_mapping_parser_would(
+        tmp_path: Path) -> None:
+    (tmp_path / "proc/7").mkdir(parents=True)
+    (tmp_path / "proc/7/maps").write_text("".join([
+        _maps_line(16, 18, "rw-p"), _maps_line(18, 19, "r--p", "/usr/lib/libfoo.so"),
+        _maps_line(19, 20, "---p"), _maps_line(20, 22, "rw-p", "/x [vdso] y"),
+        _maps_line(33, 34, "r-xp", "[vdso]"), _maps_line(34, 35, "rw-p", "[stack]"),
+    ]))
+    root = HostRoot(tmp_path)
+    runs = pagemap.scannable_runs(7, pagemap.read_maps_text(7, root), root)
+    assert runs == [(16, 19), (20, 22), (34, 35)]
+    assert runs == pagemap._touching_merged([(m.start // PAGE, m.end // PAGE) for m in
+                                             pagemap.scannable(pagemap.read_maps(7, root))])
+
+
+def test_scannable_runs_name_a_malformed_line() -> None:
+    maps = (_maps_line(16, 18, "rw-p") + "bogus\n").encode()
+    with pytest.raises(KernelFileError, match=r"proc/7/maps: line 2: malformed line 'bogus'"):
+        pagemap.scannable_runs(7, maps, ROOT)
+
+
+def test_host_root_fspath_is_the_path_it_maps_as_a_string(tmp_path: Path) -> None:
+    for root in (HostRoot(), HostRoot(tmp_path), HostRoot(Path(f"{tmp_path}/"))):
+        assert root.fspath("/proc/7/maps") == str(root("/proc/7/maps"))
+
+
 def _own_buffer(npages: int) -> tuple[mmap.mmap, np.ndarray]:
     buf = mmap.mmap(-1, npages * PAGE)
     view = np.frombuffer(buf, dtype=np.uint8)

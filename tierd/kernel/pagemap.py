@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,8 @@ PRESENT = np.uint64(1 << 63)
 # Two sampled pages closer than this many pages are read in one pread: reading
 # a few hundred bytes of gap is cheaper than another syscall.
 MERGE_GAP_PAGES = 512
+# seq_file hands out at most a page or so per read; a larger buffer costs nothing.
+READ_CHUNK = 1 << 16
 
 
 class ProcessGoneError(KernelFileError):
@@ -61,8 +65,28 @@ def is_soft_dirty(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     return (entries & SOFT_DIRTY) != 0
 
 
+def read_proc_file(path: str) -> bytes:
+    """The whole of a per-process /proc file, read with plain os calls (no Path, no decoding).
+
+    Raises ProcessGoneError when the process exited, KernelFileError otherwise.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            chunks = []
+            while chunk := os.read(fd, READ_CHUNK):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGoneError(path, "process gone") from None
+    except OSError as e:
+        raise KernelFileError(path, e.strerror or str(e)) from None
+    return b"".join(chunks)
+
+
 def _open_pagemap(pid: int, root: HostRoot) -> int:
-    path = root(f"/proc/{pid}/pagemap")
+    path = root.fspath(f"/proc/{pid}/pagemap")
     try:
         return os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -73,16 +97,15 @@ def _open_pagemap(pid: int, root: HostRoot) -> int:
         raise KernelFileError(path, e.strerror or str(e)) from None
 
 
-def _pread_into(fd: int, pid: int, first_page: int, out: npt.NDArray[np.uint64],
-                root: HostRoot) -> None:
-    """Fill `out` with the entries of the pages from `first_page`; past the end they read as 0."""
-    view = memoryview(out).cast("B")
+def _pread_into(fd: int, pid: int, first_page: int, view: memoryview, root: HostRoot) -> None:
+    """Fill `view` (bytes) with the entries of the pages from `first_page`; past the end
+    they read as 0."""
     done = 0
     while done < view.nbytes:
         try:
             n = os.preadv(fd, [view[done:]], first_page * ENTRY_BYTES + done)
         except OSError as e:
-            path = root(f"/proc/{pid}/pagemap")
+            path = root.fspath(f"/proc/{pid}/pagemap")
             if e.errno == errno.ESRCH:
                 raise ProcessGoneError(path, "process gone") from None
             raise KernelFileError(path, e.strerror or str(e),
@@ -97,7 +120,7 @@ def _pread_entries(fd: int, pid: int, first_page: int, npages: int, root: HostRo
                    ) -> npt.NDArray[np.uint64]:
     """Entries of pages [first_page, first_page + npages); pages past the end read as 0."""
     out = np.empty(npages, dtype=np.uint64)
-    _pread_into(fd, pid, first_page, out, root)
+    _pread_into(fd, pid, first_page, memoryview(out).cast("B"), root)
     return out
 
 
@@ -124,17 +147,26 @@ def read_ranges(pid: int, ranges: list[tuple[int, int]], root: HostRoot = HOST
     Ranges that touch (a library's segments, stacked anonymous mappings) are
     read in one pread, straight into the result.
     """
-    pages = [(start >> PAGE_SHIFT, end >> PAGE_SHIFT) for start, end in ranges]
-    out = np.empty(sum(last - first for first, last in pages), dtype=np.uint64)
+    runs = _touching_merged([(start >> PAGE_SHIFT, end >> PAGE_SHIFT) for start, end in ranges])
+    out = np.empty(sum(last - first for first, last in runs), dtype=np.uint64)
+    read_runs(pid, runs, out, root)
+    return out
+
+
+def read_runs(pid: int, runs: Iterable[tuple[int, int]], out: npt.NDArray[np.uint64],
+              root: HostRoot = HOST) -> None:
+    """Fill `out` with the entries of the [first, last) page runs, concatenated, one pread
+    per run, straight into `out`."""
+    view = memoryview(out).cast("B")
     fd = _open_pagemap(pid, root)
     try:
         at = 0
-        for first, last in _touching_merged(pages):
-            _pread_into(fd, pid, first, out[at:at + last - first], root)
-            at += last - first
+        for first, last in runs:
+            end = at + (last - first) * ENTRY_BYTES
+            _pread_into(fd, pid, first, view[at:end], root)
+            at = end
     finally:
         os.close(fd)
-    return out
 
 
 def _touching_merged(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -213,34 +245,62 @@ class Mapping:
 # Mappings whose pages never belong to a migratable user LRU page.
 _SPECIAL = ("[vsyscall]", "[vvar]", "[vdso]", "[vvar_vclock]")
 
+# A line of /proc/PID/maps: start-end perms offset dev inode [path]. One findall over the
+# file costs less than splitting each line in Python.
+_MAPS_LINE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) \S+ (\d+) *([^\n]*)$",
+                        re.MULTILINE)
+# The same lines as (start, end, b"r" if scannable else b""), for a whole-process read:
+# fewer fields to capture, and a line that does not start "start-end " does not match.
+_RUN_LINE = re.compile(
+    rb"^([0-9a-f]+)-([0-9a-f]+) (?:(r)[^\n]*+"
+    + b"".join(b"(?<! " + re.escape(os.fsencode(name)) + b")" for name in _SPECIAL)
+    + rb"|[^\n]*+)$", re.MULTILINE)
 
-def _parse_maps_line(line: str) -> Mapping:
-    fields = line.split(maxsplit=5)
-    start, end = fields[0].split("-")
-    return Mapping(
-        start=int(start, 16), end=int(end, 16), perms=fields[1], offset=int(fields[2], 16),
-        inode=int(fields[4]), path=fields[5].rstrip("\n") if len(fields) > 5 else "",
-    )
+
+def _matched_lines(pid: int, text: bytes, line: re.Pattern[bytes], root: HostRoot
+                   ) -> list[tuple[bytes, ...]]:
+    """The groups of `line` in each line of `pid`'s maps `text`; KernelFileError naming
+    the first line it does not match."""
+    found = line.findall(text)
+    if len(found) != text.count(b"\n") + (not text.endswith(b"\n") and bool(text)):
+        lineno, bad = next((n, s) for n, s in enumerate(text.split(b"\n"), 1)
+                           if not line.fullmatch(s))
+        raise KernelFileError(root.fspath(f"/proc/{pid}/maps"),
+                              f"malformed line {os.fsdecode(bad)!r}", key=f"line {lineno}")
+    return found
+
+
+def read_maps_text(pid: int, root: HostRoot = HOST) -> bytes:
+    """/proc/PID/maps as read (empty for a kernel thread); ProcessGoneError when it exited."""
+    return read_proc_file(root.fspath(f"/proc/{pid}/maps"))
 
 
 def read_maps(pid: int, root: HostRoot = HOST) -> list[Mapping]:
     """The mappings of `pid`; ProcessGoneError when it exited."""
-    path = root(f"/proc/{pid}/maps")
-    try:
-        text = path.read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        raise ProcessGoneError(path, "process gone") from None
-    except OSError as e:
-        raise KernelFileError(path, e.strerror or str(e)) from None
-    mappings = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        try:
-            mappings.append(_parse_maps_line(line))
-        except (ValueError, IndexError):
-            raise KernelFileError(path, f"malformed line {line!r}", key=f"line {lineno}") from None
-    return mappings
+    lines = _matched_lines(pid, read_maps_text(pid, root), _MAPS_LINE, root)
+    return [Mapping(start=int(start, 16), end=int(end, 16), perms=perms.decode(),
+                    offset=int(offset, 16), inode=int(inode), path=os.fsdecode(path))
+            for start, end, perms, offset, inode, path in lines]
 
 
 def scannable(mappings: list[Mapping]) -> list[Mapping]:
     """The mappings worth reading pagemap for: readable, not the vdso family."""
     return [m for m in mappings if m.readable and m.path not in _SPECIAL]
+
+
+def scannable_runs(pid: int, maps: bytes, root: HostRoot = HOST) -> list[tuple[int, int]]:
+    """The [first, last) page runs of the scannable mappings in `pid`'s maps text, touching
+    ones merged: what a whole-process pagemap read needs, without a Mapping per line.
+
+    Touching is compared on the text (the kernel prints both ends alike), so only each
+    run's two ends become ints.
+    """
+    runs: list[list[bytes]] = []
+    for start, end, scan in _matched_lines(pid, maps, _RUN_LINE, root):
+        if not scan:
+            continue
+        if runs and runs[-1][1] == start:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end])
+    return [(int(start, 16) >> PAGE_SHIFT, int(end, 16) >> PAGE_SHIFT) for start, end in runs]

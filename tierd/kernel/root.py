@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from tierd.errors import KernelFileError
@@ -17,6 +18,15 @@ class HostRoot:
     def __call__(self, kernel_path: str) -> Path:
         """Map an absolute kernel path such as "/proc/zoneinfo" under this root."""
         return self.path / kernel_path.lstrip("/")
+
+    def fspath(self, kernel_path: str) -> str:
+        """The same mapping as a plain string, for per-process /proc reads: in a slow
+        guest, building a Path costs more than the read itself."""
+        return self._prefix + kernel_path
+
+    @cached_property
+    def _prefix(self) -> str:
+        return str(self.path).rstrip("/")
 
     def read_text(self, kernel_path: str) -> str:
         path = self(kernel_path)

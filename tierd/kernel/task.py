@@ -11,18 +11,12 @@ import os
 
 from tierd.errors import KernelFileError
 from tierd.kernel.nodes import parse_cpulist
-from tierd.kernel.pagemap import ProcessGoneError
+from tierd.kernel.pagemap import read_proc_file
 from tierd.kernel.root import HOST, HostRoot
 
 
 def _read(pid: int, name: str, root: HostRoot) -> str:
-    path = root(f"/proc/{pid}/{name}")
-    try:
-        return path.read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        raise ProcessGoneError(path, "process gone") from None
-    except OSError as e:
-        raise KernelFileError(path, e.strerror or str(e)) from None
+    return os.fsdecode(read_proc_file(root.fspath(f"/proc/{pid}/{name}")))
 
 
 def pids(root: HostRoot = HOST) -> list[int]:
