@@ -237,3 +237,72 @@ def test_rmap_finds_a_real_process_pages_and_tracks_them_after_a_move() -> None:
             child.kill()
         del view
         buf.close()
+
+
+# --- the reverse map on trees written by the tests -----------------------------------------
+
+
+def _process(root: Path, pid: int, runs: list[tuple[int, int]], pfns: dict[int, int],
+             flags: int = 1 << 63) -> None:
+    """/proc/PID with one mapping per [first, last) page run and these page -> PFN entries."""
+    proc = root / f"proc/{pid}"
+    proc.mkdir(parents=True)
+    (proc / "maps").write_text("".join(_maps_line(f, la, "rw-p") for f, la in runs))
+    (proc / "statm").write_text(f"100 {len(pfns)} 0 0 0 0 0\n")
+    entries = np.zeros(max(la for _, la in runs), dtype=np.uint64)
+    for page, pfn in pfns.items():
+        entries[page] = np.uint64(flags | pfn)
+    entries.tofile(proc / "pagemap")
+
+
+def test_rmap_owners_over_runs_with_nothing_present_and_across_processes(tmp_path: Path) -> None:
+    # pid 7's runs at pages 16, 64 and 96 have nothing present; pid 8's one run starts
+    # below pid 7's total pages, so its base wraps below zero.
+    _process(tmp_path, 7, [(16, 19), (32, 36), (64, 66), (80, 83), (96, 98)],
+             {33: 100, 35: 101, 80: 102})
+    _process(tmp_path, 8, [(2, 5)], {3: 99, 4: 103})
+    rmap = _rmap(root=HostRoot(tmp_path))
+    assert rmap.refresh().read == 2
+    found, pids, vaddrs = rmap.lookup(np.arange(99, 104, dtype=np.uint64))
+    assert found.all() and pids.tolist() == [8, 7, 7, 7, 8]
+    assert (vaddrs // PAGE).tolist() == [3, 33, 35, 80, 4]
+
+
+def test_rmap_leaves_out_pfns_read_as_zero(tmp_path: Path) -> None:
+    _process(tmp_path, 7, [(16, 20)], {16: 0, 17: 0, 18: 40})  # present, PFN hidden
+    _process(tmp_path, 8, [(16, 18)], {16: 0, 17: 0})
+    rmap = _rmap(root=HostRoot(tmp_path))
+    rmap.refresh()
+    assert rmap.pfn.tolist() == [40] and rmap.nbytes == 16
+
+
+def test_rmap_keeps_nothing_of_a_process_whose_read_fails_midway(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _process(tmp_path, 7, [(16, 20)], {16: 50, 17: 51})
+    _process(tmp_path, 8, [(16, 20)], {16: 60})
+    read_runs = pagemap.read_runs
+
+    def fail_for_7(pid: int, runs: list[tuple[int, int]], out: np.ndarray,
+                   root: HostRoot) -> None:
+        read_runs(pid, runs, out, root)
+        if pid == 7:
+            raise KernelFileError(f"/proc/{pid}/pagemap", "I/O error")
+
+    monkeypatch.setattr(pagemap, "read_runs", fail_for_7)
+    rmap = _rmap(root=HostRoot(tmp_path))
+    stats = rmap.refresh()
+    assert stats.read == 1 and stats.errors == ["/proc/7/pagemap: I/O error"]
+    assert rmap.pfn.tolist() == [60]
+    monkeypatch.setattr(pagemap, "read_runs", read_runs)
+    assert rmap.refresh().read == 1  # 7 was left stale: read again
+    assert rmap.pfn.tolist() == [50, 51, 60]
+
+
+def test_rmap_rereads_a_process_whose_maps_changed(tmp_path: Path) -> None:
+    _process(tmp_path, 7, [(16, 20)], {16: 50})
+    rmap = _rmap(root=HostRoot(tmp_path))
+    rmap.refresh()
+    maps = tmp_path / "proc/7/maps"
+    maps.write_text(maps.read_text() + _maps_line(32, 33, "---p"))
+    assert rmap.refresh().read == 1
+    assert rmap.refresh().read == 0

@@ -19,7 +19,6 @@ without changing either fingerprint). Excluded processes are never read.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -43,7 +42,7 @@ BYTES_PER_PAGE = 16
 @dataclass
 class _Process:
     slot: int
-    fingerprint: bytes
+    fingerprint: int  # hash of /proc/PID/maps and the resident page count
     read_at: int  # refresh number of the last read
     stale: bool = False
 
@@ -134,7 +133,9 @@ class ReverseMap:
         others = gone.copy()
         others[index[ok]] = False
         self._mark_stale(self.owner[others])
-        self._merge(self.pfn[~gone], self.owner[~gone], new[ok], owners)
+        new_pfns = new[ok]
+        self._merge(self.pfn[~gone], self.owner[~gone],
+                    *_sorted_by_pfn(new_pfns, owners, np.empty_like(new_pfns)))
 
     def _mark_stale(self, owners: npt.NDArray[np.uint64]) -> None:
         for slot in np.unique(owners >> np.uint64(VPN_BITS)):
@@ -152,102 +153,95 @@ class ReverseMap:
         stats.processes = len(pids)
         alive = set(pids)
         drop = [pid for pid in self._procs if pid not in alive]
-        reread: dict[int, tuple[_Process, list[pagemap.Mapping]]] = {}
+        reread: dict[int, tuple[_Process, list[tuple[int, int]]]] = {}
         for pid in pids:
             self._visit(pid, stats, drop, reread)
         self._replace(drop, reread, stats)
         return stats
 
     def _visit(self, pid: int, stats: RefreshStats, drop: list[int],
-               reread: dict[int, tuple[_Process, list[pagemap.Mapping]]]) -> None:
+               reread: dict[int, tuple[_Process, list[tuple[int, int]]]]) -> None:
+        proc = self._procs.get(pid)
         try:
             if self.filter.excluded(pid):
                 stats.excluded += 1
-                if pid in self._procs:
+                if proc is not None:
                     drop.append(pid)
                 return
-            maps = pagemap.scannable(pagemap.read_maps(pid, self.root))
+            maps = pagemap.read_maps_text(pid, self.root)
             if not maps:  # kernel threads
                 return
-            fingerprint = self._fingerprint(pid, maps)
+            fingerprint = hash((maps, task.resident_pages(pid, self.root)))
+            if proc is not None and not proc.stale and proc.fingerprint == fingerprint and (
+                    self._refreshes - proc.read_at < self.full_every):
+                return
+            runs = pagemap.scannable_runs(pid, maps, self.root)
         except ProcessGoneError:
             stats.gone += 1
-            if pid in self._procs:
+            if proc is not None:
                 drop.append(pid)
             return
         except KernelFileError as e:
             stats.errors.append(str(e))
             return
-        proc = self._procs.get(pid)
-        due = proc is None or proc.stale or proc.fingerprint != fingerprint or (
-            self._refreshes - proc.read_at >= self.full_every)
-        if due:
-            if proc is None:
-                proc = _Process(self._new_slot(pid), fingerprint, self._refreshes)
-                self._procs[pid] = proc
-            proc.fingerprint, proc.read_at, proc.stale = fingerprint, self._refreshes, False
-            reread[pid] = (proc, maps)
-
-    def _fingerprint(self, pid: int, maps: list[pagemap.Mapping]) -> bytes:
-        digest = hashlib.blake2b(digest_size=16)
-        for m in maps:
-            digest.update(f"{m.start:x}-{m.end:x}{m.perms}{m.offset:x}{m.inode};".encode())
-        digest.update(str(task.resident_pages(pid, self.root)).encode())
-        return digest.digest()
-
-    def _read_process(self, pid: int, slot: int, maps: list[pagemap.Mapping]
-                      ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-        """(pfns, owners) of the process's present pages."""
-        ranges = [(m.start, m.end) for m in maps]
-        entries = pagemap.read_ranges(pid, ranges, self.root)
-        present = pagemap.is_present(entries)
-        pfns = entries[present] & pagemap.PFN_MASK
-        nonzero = pfns != 0  # PFNs read as 0 without CAP_SYS_ADMIN: useless
-        vpns = self._vpns(maps)[present][nonzero]
-        owners = (np.uint64(slot) << np.uint64(VPN_BITS)) | (vpns & VPN_MASK)
-        return pfns[nonzero], owners
-
-    @staticmethod
-    def _vpns(maps: list[pagemap.Mapping]) -> npt.NDArray[np.uint64]:
-        """The virtual page number of each entry of the concatenated entries of `maps`."""
-        first = np.fromiter((m.start >> PAGE_SHIFT for m in maps), np.uint64, len(maps))
-        pages = np.fromiter((m.npages for m in maps), np.int64, len(maps))
-        offset = (np.cumsum(pages) - pages).astype(np.uint64)  # each mapping's first entry
-        return np.arange(pages.sum(), dtype=np.uint64) + np.repeat(first - offset, pages)
+        if proc is None:
+            proc = _Process(self._new_slot(pid), fingerprint, self._refreshes)
+            self._procs[pid] = proc
+        proc.fingerprint, proc.read_at, proc.stale = fingerprint, self._refreshes, False
+        reread[pid] = (proc, runs)
 
     def _replace(self, drop: list[int],
-                 reread: dict[int, tuple[_Process, list[pagemap.Mapping]]],
+                 reread: dict[int, tuple[_Process, list[tuple[int, int]]]],
                  stats: RefreshStats) -> None:
-        fresh_pfns, fresh_owners = [], []
-        for pid, (proc, maps) in reread.items():
+        new_pfns, new_owners = _present_pages(*self._read_processes(reread, drop, stats))
+        cleared = [self._procs[pid].slot for pid in reread if pid not in drop]
+        cleared += [self._release(pid) for pid in dict.fromkeys(drop) if pid in self._procs]
+        if self.pfn.size and cleared:
+            dead = np.zeros(self._slot_pid.size, dtype=np.bool_)
+            dead[cleared] = True
+            keep = ~dead[(self.owner >> np.uint64(VPN_BITS)).astype(np.intp)]
+            self.pfn, self.owner = self.pfn[keep], self.owner[keep]
+        if new_pfns.size:
+            self._merge(self.pfn, self.owner, new_pfns, new_owners)
+
+    def _read_processes(self, reread: dict[int, tuple[_Process, list[tuple[int, int]]]],
+                        drop: list[int], stats: RefreshStats
+                        ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.intp],
+                                   npt.NDArray[np.uint64]]:
+        """The pagemap entries of every process in `reread`, their runs one after another in
+        one array, with each run's offset in it and base (see _owners_into).
+
+        One array for all, so each per-entry pass runs once, not once per process; a
+        process that fails leaves its part all zeros (not present).
+        """
+        offsets, bases = [], []
+        at = 0
+        for proc, runs in reread.values():
+            for first, last in runs:
+                offsets.append(at)
+                bases.append(((proc.slot << VPN_BITS) + first - at) % (1 << 64))
+                at += last - first
+        entries = np.empty(at, dtype=np.uint64)
+        at = 0
+        for pid, (proc, runs) in reread.items():
+            part = entries[at:at + sum(last - first for first, last in runs)]
+            at += part.size
             try:
-                pfns, owners = self._read_process(pid, proc.slot, maps)
+                pagemap.read_runs(pid, runs, part, self.root)
+                stats.read += 1
             except ProcessGoneError:
                 stats.gone += 1
                 drop.append(pid)
-                continue
+                part[:] = 0
             except KernelFileError as e:
                 stats.errors.append(str(e))
                 proc.stale = True
-                continue
-            fresh_pfns.append(pfns)
-            fresh_owners.append(owners)
-            stats.read += 1
-        cleared = [self._procs[pid].slot for pid in reread if pid not in drop]
-        cleared += [self._release(pid) for pid in dict.fromkeys(drop) if pid in self._procs]
-        if not cleared and not fresh_pfns:
-            return
-        dead = np.zeros(max(1, self._slot_pid.size), dtype=np.bool_)
-        dead[cleared] = True
-        keep = ~dead[(self.owner >> np.uint64(VPN_BITS)).astype(np.intp)]
-        new_pfns = np.concatenate(fresh_pfns) if fresh_pfns else np.zeros(0, np.uint64)
-        new_owners = np.concatenate(fresh_owners) if fresh_owners else np.zeros(0, np.uint64)
-        self._merge(self.pfn[keep], self.owner[keep], new_pfns, new_owners)
+                part[:] = 0
+        return entries, np.array(offsets, dtype=np.intp), np.array(bases, dtype=np.uint64)
 
     def _merge(self, pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
                new_pfns: npt.NDArray[np.uint64], new_owners: npt.NDArray[np.uint64]) -> None:
-        order = np.argsort(new_pfns, kind="stable")  # timsort: PFNs come in ascending runs
-        new_pfns, new_owners = new_pfns[order], new_owners[order]
+        """Merge the new entries, sorted by PFN, into the kept ones."""
         if pfns.size == 0:  # a first build: nothing to merge into
             self.pfn, self.owner = new_pfns, new_owners
             return
@@ -278,3 +272,49 @@ class ReverseMap:
         self._slot_pid[proc.slot] = 0
         self._free_slots.append(proc.slot)
         return proc.slot
+
+
+def _present_pages(entries: npt.NDArray[np.uint64], offsets: npt.NDArray[np.intp],
+                   bases: npt.NDArray[np.uint64]
+                   ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """(pfns, owners) of the present entries, sorted by PFN; `entries` is overwritten.
+
+    In a slow guest a fresh page costs more to fault in than a pass over it costs:
+    owners are built in `entries`, and the sorted arrays land in buffers already used.
+    """
+    index = np.flatnonzero(entries.view(np.int64) < 0)  # bit 63: present
+    pfns = np.take(entries, index, mode="clip")  # "clip": no bounds check, no buffering
+    pfns &= pagemap.PFN_MASK
+    owners = entries[:index.size]
+    _owners_into(owners, index, offsets, bases)
+    pfns, owners = _sorted_by_pfn(pfns, owners, index.view(np.uint64))
+    zeros = int(np.searchsorted(pfns, 1))  # PFNs read as 0 without CAP_SYS_ADMIN: useless
+    return (pfns, owners) if not zeros else (pfns[zeros:].copy(), owners[zeros:].copy())
+
+
+def _owners_into(owners: npt.NDArray[np.uint64], index: npt.NDArray[np.intp],
+                 offsets: npt.NDArray[np.intp], bases: npt.NDArray[np.uint64]) -> None:
+    """Fill `owners` (slot << VPN_BITS | virtual page) of the entries at `index`.
+
+    A run's pages are consecutive, so an entry's owner is its run's base, (slot, first
+    page) less the run's offset, plus the entry's index. Each base goes to its run's
+    first present entry as a step from the previous one, and a cumulative sum spreads
+    it; steps and bases wrap mod 2**64, the sums land back in range.
+    """
+    starts = index.searchsorted(offsets)
+    # Runs with nothing present share their start with the next run: the last one of
+    # each start owns the entries from there (and none owns a start past the end).
+    owning = np.append(starts[1:] != starts[:-1], True) & (starts < index.size)
+    owners.fill(0)
+    owners[starts[owning]] = np.diff(bases[owning], prepend=np.uint64(0))
+    np.cumsum(owners, out=owners)
+    owners += index.view(np.uint64)
+
+
+def _sorted_by_pfn(pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
+                   spare: npt.NDArray[np.uint64]
+                   ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Both arrays in PFN order: PFNs into `spare`, owners into `pfns`' buffer."""
+    order = np.argsort(pfns, kind="stable")  # timsort: PFNs come in ascending runs
+    np.take(pfns, order, out=spare, mode="clip")
+    return spare, np.take(owners, order, out=pfns, mode="clip")
