@@ -21,7 +21,7 @@ def _read(pid: int, name: str, root: HostRoot) -> str:
 
 def pids(root: HostRoot = HOST) -> list[int]:
     """Every process id under /proc, ascending."""
-    proc = root("/proc")
+    proc = root.fspath("/proc")
     try:
         names = os.listdir(proc)
     except OSError as e:
