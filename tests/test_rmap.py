@@ -209,6 +209,18 @@ def test_rmap_invalidate_and_moved_repair_entries() -> None:
     assert 40 in rmap.pfn.tolist()
 
 
+def test_a_moved_shared_page_leaves_no_entry_at_its_old_pfn() -> None:
+    rmap = _rmap()
+    rmap.refresh()
+    assert rmap.pfn.tolist().count(48) == 2  # mapped by 4242 and 4243
+    _, pids, _ = rmap.lookup(np.array([48], dtype=np.uint64))
+    rmap.moved(np.array([17, 48], dtype=np.uint64), np.array([60, 70], dtype=np.uint64))
+    assert 48 not in rmap.pfn.tolist() and 17 not in rmap.pfn.tolist()
+    found, moved_pids, _ = rmap.lookup(np.array([60, 70], dtype=np.uint64))
+    assert found.all() and moved_pids[1] == pids[0]
+    assert rmap.refresh().read == 1  # the other process mapping 48 is read again
+
+
 @pytest.mark.vm
 def test_rmap_finds_a_real_process_pages_and_tracks_them_after_a_move() -> None:
     buf, view = _own_buffer(64)

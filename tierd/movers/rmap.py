@@ -130,10 +130,16 @@ class ReverseMap:
         new = np.asarray(new, dtype=np.uint64)
         if old.size == 0 or self.pfn.size == 0:
             return
-        index = np.minimum(np.searchsorted(self.pfn, old), self.pfn.size - 1)
+        first = np.searchsorted(self.pfn, old)
+        index = np.minimum(first, self.pfn.size - 1)
         ok = (self.pfn[index] == old) & (new != 0)
         owners = self.owner[index[ok]]
-        gone = np.isin(self.pfn, old)
+        # Every entry of an old PFN (one per process mapping it) lies in
+        # [first, end): mark those ranges with one pass, no sort (np.isin sorts).
+        end = np.searchsorted(self.pfn, old, side="right")
+        size = self.pfn.size + 1
+        gone = np.cumsum(np.bincount(first, minlength=size)
+                         - np.bincount(end, minlength=size))[:-1] > 0
         others = gone.copy()
         others[index[ok]] = False
         self._mark_stale(self.owner[others])
