@@ -116,25 +116,22 @@ class BatchResult:
                 self._stale.append(pfns)
 
     def settle(self, pfns: npt.NDArray[np.uint64], statuses: npt.NDArray[np.int32],
-               target: int) -> npt.NDArray[np.bool_]:
-        """Count the pages of one call the kernel did not move; return which to retry (-EBUSY).
+               target: int) -> None:
+        """Count the pages the kernel did not move, by reason: the batch's last word.
 
         Moved pages stay the caller's to record (only it knows their new PFNs).
-        An -ENOMEM means the target is full: busy pages then fail as
-        target_full and nothing is left to retry.
+        Pages still busy count as EBUSY, or as target_full once the target filled.
         """
-        busy = statuses == -errno.EBUSY
-        settled = (statuses != target) & ~busy
+        if self.target_full:
+            busy = statuses == -errno.EBUSY
+            self.fail(pfns[busy], "target_full")
+            pfns, statuses = pfns[~busy], statuses[~busy]
+        settled = statuses != target
         if settled.any():
             self._not_moved.append(pfns[settled])
             stale = np.isin(statuses[settled], [-e for e in STALE_ERRNOS])
             self._stale.append(pfns[settled][stale])
             self.failures.update(count_reasons(statuses[settled], target))
-        if (statuses == -errno.ENOMEM).any():
-            self.target_full = True
-            self.fail(pfns[busy], "target_full")
-            return np.zeros_like(busy)
-        return busy
 
 
 # Sends the folio groups at these indices (a slice on the first pass) in one call;
@@ -202,13 +199,14 @@ def move_groups(send: SendGroups, pfns: npt.NDArray[np.uint64], first: npt.NDArr
     sender.run([slice(a, b) for a, b in pairwise(group_chunks(first, params.batch_pages))])
     backoff = params.busy_backoff
     for _ in range(params.busy_retries):
-        busy = np.flatnonzero(sender.status == -errno.EBUSY)
-        if busy.size == 0 or sender.stop is not None:
+        busy = sender.status == -errno.EBUSY
+        if not busy.any() or sender.stop is not None:
             break
         time.sleep(backoff)
         backoff *= 2
-        bounds = group_chunks(first[np.isin(group, busy)], params.batch_pages)
-        sender.run([busy[a:b] for a, b in pairwise(bounds)])
+        again = np.flatnonzero(busy)
+        bounds = group_chunks(first[busy[group]], params.batch_pages)
+        sender.run([again[a:b] for a, b in pairwise(bounds)])
     return _settle_groups(sender, pfns, group, target, result)
 
 
@@ -219,11 +217,10 @@ def _settle_groups(sender: _Sender, pfns: npt.NDArray[np.uint64], group: npt.NDA
         in_piece = np.zeros(sender.status.size, dtype=np.bool_)
         in_piece[piece] = True
         result.fail(pfns[in_piece[group]], reason, stale=stale)
-    if sender.stop == "target_full":
-        result.target_full = True
+    # A -ENOMEM status or call stopped the sender: the target is full.
+    result.target_full = sender.stop == "target_full"
     result.fail(pfns[status == NOT_SENT], sender.stop or "target_full",
                 stale=sender.stop == "process_gone")
     answered = status > CALL_FAILED
-    busy = result.settle(pfns[answered], status[answered], target)
-    result.fail(pfns[answered][busy], "target_full" if result.target_full else "EBUSY")
+    result.settle(pfns[answered], status[answered], target)
     return status == target
