@@ -116,7 +116,7 @@ class ReverseMap:
         pfns = np.asarray(pfns, dtype=np.uint64)
         if pfns.size == 0 or self.pfn.size == 0:
             return
-        gone = np.isin(self.pfn, pfns)
+        gone = self._entries_at(pfns)
         self._mark_stale(self.owner[gone])
         self.pfn, self.owner = self.pfn[~gone], self.owner[~gone]
 
@@ -130,22 +130,29 @@ class ReverseMap:
         new = np.asarray(new, dtype=np.uint64)
         if old.size == 0 or self.pfn.size == 0:
             return
-        first = np.searchsorted(self.pfn, old)
-        index = np.minimum(first, self.pfn.size - 1)
+        index = np.minimum(np.searchsorted(self.pfn, old), self.pfn.size - 1)
         ok = (self.pfn[index] == old) & (new != 0)
         owners = self.owner[index[ok]]
-        # Every entry of an old PFN (one per process mapping it) lies in
-        # [first, end): mark those ranges with one pass, no sort (np.isin sorts).
-        end = np.searchsorted(self.pfn, old, side="right")
-        size = self.pfn.size + 1
-        gone = np.cumsum(np.bincount(first, minlength=size)
-                         - np.bincount(end, minlength=size))[:-1] > 0
+        gone = self._entries_at(old)
         others = gone.copy()
         others[index[ok]] = False
         self._mark_stale(self.owner[others])
         new_pfns = new[ok]
         self._merge(self.pfn[~gone], self.owner[~gone],
                     *_sorted_by_pfn(new_pfns, owners, np.empty_like(new_pfns)))
+
+    def _entries_at(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        """Which entries hold any of `pfns` (any order).
+
+        The entries of one PFN (one per process mapping it) lie in the
+        searchsorted range [left, right): one pass marks them all, no sort
+        (np.isin sorts map and PFNs together).
+        """
+        first = np.searchsorted(self.pfn, pfns)
+        end = np.searchsorted(self.pfn, pfns, side="right")
+        size = self.pfn.size + 1
+        return np.cumsum(np.bincount(first, minlength=size)
+                         - np.bincount(end, minlength=size))[:-1] > 0
 
     def _mark_stale(self, owners: npt.NDArray[np.uint64]) -> None:
         for slot in np.unique(owners >> np.uint64(VPN_BITS)):
