@@ -160,7 +160,7 @@ def test_a_node_outside_mems_allowed_is_never_asked_for() -> None:
 
 
 def test_a_stale_reverse_map_entry_is_not_moved(tmp_path: Path) -> None:
-    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(FIXTURES, tmp_path, symlinks=True, dirs_exist_ok=True)
     root = HostRoot(tmp_path)
     rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
     rmap.refresh()
@@ -174,7 +174,7 @@ def test_a_stale_reverse_map_entry_is_not_moved(tmp_path: Path) -> None:
 
 
 def test_moved_pages_are_found_at_their_new_pfns(tmp_path: Path) -> None:
-    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(FIXTURES, tmp_path, symlinks=True, dirs_exist_ok=True)
     root = HostRoot(tmp_path)
     pagemap_file = tmp_path / "proc/4242/pagemap"
     rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
@@ -234,7 +234,7 @@ def test_mlocked_and_unevictable_pages_are_dropped_before_any_move() -> None:
 
 
 def test_pages_of_excluded_cgroups_are_dropped_by_kpagecgroup(tmp_path: Path) -> None:
-    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(FIXTURES, tmp_path, symlinks=True, dirs_exist_ok=True)
     root = HostRoot(tmp_path)
     inodes = safety.excluded_memcg_inodes(Exclusions(cgroups=("/system.slice/db.service",)),
                                           root)
@@ -404,7 +404,7 @@ def test_a_folio_status_reaches_every_pfn_of_it_and_busy_folios_retry_whole(
 
 def test_pid_mover_sends_one_address_per_folio_and_retries_a_busy_folio_whole(
         tmp_path: Path) -> None:
-    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(FIXTURES, tmp_path, symlinks=True, dirs_exist_ok=True)
     root = _folio_root(tmp_path, [(16, 4)])  # pid 4242 maps PFNs 16-19 at pages 16-19
     rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
     rmap.refresh()
@@ -420,7 +420,7 @@ def test_pid_mover_sends_one_address_per_folio_and_retries_a_busy_folio_whole(
 @pytest.mark.parametrize("kind", ["phys", "pid"])
 def test_the_daemon_reads_a_batchs_kpageflags_once_for_the_safety_check_and_the_folios(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(FIXTURES, tmp_path, symlinks=True, dirs_exist_ok=True)
     # pid 4242 maps PFNs 16-19 (one folio) and 32; PFN 15, mlocked, shifts the flags
     # of the pages kept: the mover must get the kept pages' own.
     root = _folio_root(tmp_path, [(16, 4)], mlocked=(15,))

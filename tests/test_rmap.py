@@ -16,7 +16,7 @@ from tierd.errors import KernelFileError
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
-from tierd.movers.rmap import ReverseMap
+from tierd.movers.rmap import ReverseMap, _positions, _sorted_by_pfn
 from tierd.movers.safety import Exclusions, ProcessFilter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
@@ -184,7 +184,7 @@ def test_rmap_never_reads_excluded_processes() -> None:
 
 
 def test_rmap_rereads_only_changed_processes_and_drops_exited_ones(tmp_path: Path) -> None:
-    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(FIXTURES, tmp_path, symlinks=True, dirs_exist_ok=True)
     root = HostRoot(tmp_path)
     rmap = _rmap(root=root)
     rmap.refresh()
@@ -219,6 +219,23 @@ def test_a_moved_shared_page_leaves_no_entry_at_its_old_pfn() -> None:
     found, moved_pids, _ = rmap.lookup(np.array([60, 70], dtype=np.uint64))
     assert found.all() and moved_pids[1] == pids[0]
     assert rmap.refresh().read == 1  # the other process mapping 48 is read again
+
+
+def test_positions_expand_every_entry_range_shared_or_not() -> None:
+    first = np.array([2, 5, 9, 9], dtype=np.intp)
+    end = np.array([3, 5, 12, 10], dtype=np.intp)  # one, none, three (a shared page), one
+    assert _positions(first, end).tolist() == [2, 9, 10, 11, 9]
+    assert _positions(first[:2], end[:2]).tolist() == [2]  # the no-repeat path
+
+
+@pytest.mark.parametrize("high", [0, 1 << 62])  # packed keys fit in 64 bits, or not
+def test_sorted_by_pfn_keeps_each_owner_with_its_pfn_and_equal_pfns_in_order(high: int) -> None:
+    pfns = np.array([9, 3, 9, 1, 3], dtype=np.uint64) + np.uint64(high)
+    owners = np.array([10, 11, 12, 13, 14], dtype=np.uint64)
+    spare = np.empty_like(pfns)
+    got_pfns, got_owners = _sorted_by_pfn(pfns.copy(), owners, spare)
+    assert (got_pfns - np.uint64(high)).tolist() == [1, 3, 3, 9, 9]
+    assert got_owners.tolist() == [13, 11, 14, 10, 12]
 
 
 @pytest.mark.vm
@@ -259,6 +276,7 @@ def _process(root: Path, pid: int, runs: list[tuple[int, int]], pfns: dict[int, 
     """/proc/PID with one mapping per [first, last) page run and these page -> PFN entries."""
     proc = root / f"proc/{pid}"
     proc.mkdir(parents=True)
+    (proc / "exe").symlink_to("/usr/bin/fixture-workload")  # a user process: it has memory
     (proc / "maps").write_text("".join(_maps_line(f, la, "rw-p") for f, la in runs))
     (proc / "statm").write_text(f"100 {len(pfns)} 0 0 0 0 0\n")
     entries = np.zeros(max(la for _, la in runs), dtype=np.uint64)
@@ -278,6 +296,22 @@ def test_rmap_owners_over_runs_with_nothing_present_and_across_processes(tmp_pat
     found, pids, vaddrs = rmap.lookup(np.arange(99, 104, dtype=np.uint64))
     assert found.all() and pids.tolist() == [8, 7, 7, 7, 8]
     assert (vaddrs // PAGE).tolist() == [3, 33, 35, 80, 4]
+
+
+def test_rmap_skips_kernel_threads_and_drops_a_process_that_lost_its_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _process(tmp_path, 7, [(16, 18)], {16: 50})
+    _process(tmp_path, 8, [(16, 18)], {16: 60})
+    (tmp_path / "proc/2").mkdir()  # a kernel thread: no exe; its maps are never opened
+    opened = []
+    read_maps_text = pagemap.read_maps_text
+    monkeypatch.setattr(pagemap, "read_maps_text",
+                        lambda pid, root: opened.append(pid) or read_maps_text(pid, root))
+    rmap = _rmap(root=HostRoot(tmp_path))
+    assert rmap.refresh().read == 2 and opened == [7, 8]
+    (tmp_path / "proc/8/exe").unlink()  # a zombie: exe no longer resolves
+    rmap.refresh()
+    assert rmap.pfn.tolist() == [50] and rmap.pfns_of_pid(8).size == 0
 
 
 def test_rmap_leaves_out_pfns_read_as_zero(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Per-process facts the movers' safety rules need: /proc/PID/{comm,cgroup,status,statm}.
+"""Per-process facts the movers need: /proc/PID/{exe,comm,cgroup,status,statm}.
 
 A process can exit between any two reads; every reader raises
 ProcessGoneError (from tierd.kernel.pagemap) for that, KernelFileError for
@@ -27,6 +27,23 @@ def pids(root: HostRoot = HOST) -> list[int]:
     except OSError as e:
         raise KernelFileError(proc, e.strerror or str(e)) from None
     return sorted(int(n) for n in names if n.isdigit())
+
+
+def has_address_space(pid: int, root: HostRoot = HOST) -> bool:
+    """Whether the process has user memory: /proc/PID/exe resolves only while it has one.
+
+    Kernel threads, zombies and processes gone answer ENOENT: one readlink,
+    where reading their empty maps takes an open, a read and a close. Any
+    other error (no permission) says nothing, and the caller's own read of
+    the process reports it.
+    """
+    try:
+        os.readlink(root.fspath(f"/proc/{pid}/exe"))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def comm(pid: int, root: HostRoot = HOST) -> str:

@@ -116,43 +116,41 @@ class ReverseMap:
         pfns = np.asarray(pfns, dtype=np.uint64)
         if pfns.size == 0 or self.pfn.size == 0:
             return
-        gone = self._entries_at(pfns)
+        first, end = self._ranges(pfns)
+        gone = _positions(first, end)
         self._mark_stale(self.owner[gone])
-        self.pfn, self.owner = self.pfn[~gone], self.owner[~gone]
+        self.pfn, self.owner = self._without(gone)
 
     def moved(self, old: npt.NDArray[np.uint64], new: npt.NDArray[np.uint64]) -> None:
         """Pages now live at new PFNs (read back from pagemap after the move).
 
-        The entry lookup() returned follows the page; other processes mapping
-        the old PFN are re-read at the next refresh.
+        The entry lookup() returned (the first of its PFN) follows the page;
+        other processes mapping the old PFN, and those of pages that vanished
+        (new PFN 0), are re-read at the next refresh.
         """
         old = np.asarray(old, dtype=np.uint64)
         new = np.asarray(new, dtype=np.uint64)
         if old.size == 0 or self.pfn.size == 0:
             return
-        index = np.minimum(np.searchsorted(self.pfn, old), self.pfn.size - 1)
-        ok = (self.pfn[index] == old) & (new != 0)
-        owners = self.owner[index[ok]]
-        gone = self._entries_at(old)
-        others = gone.copy()
-        others[index[ok]] = False
-        self._mark_stale(self.owner[others])
-        new_pfns = new[ok]
-        self._merge(self.pfn[~gone], self.owner[~gone],
-                    *_sorted_by_pfn(new_pfns, owners, np.empty_like(new_pfns)))
+        first, end = self._ranges(old)
+        follows = (end > first) & (new != 0)
+        owners = self.owner[first[follows]]
+        self._mark_stale(self.owner[_positions(first + follows, end)])
+        pfns, kept_owners = self._without(_positions(first, end))
+        new_pfns = new[follows]
+        self._merge(pfns, kept_owners, *_sorted_by_pfn(new_pfns, owners, np.empty_like(new_pfns)))
 
-    def _entries_at(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-        """Which entries hold any of `pfns` (any order).
+    def _ranges(self, pfns: npt.NDArray[np.uint64]
+                ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """Per PFN, its entries' [first, end) positions (one per process mapping it)."""
+        return np.searchsorted(self.pfn, pfns), np.searchsorted(self.pfn, pfns, side="right")
 
-        The entries of one PFN (one per process mapping it) lie in the
-        searchsorted range [left, right): one pass marks them all, no sort
-        (np.isin sorts map and PFNs together).
-        """
-        first = np.searchsorted(self.pfn, pfns)
-        end = np.searchsorted(self.pfn, pfns, side="right")
-        size = self.pfn.size + 1
-        return np.cumsum(np.bincount(first, minlength=size)
-                         - np.bincount(end, minlength=size))[:-1] > 0
+    def _without(self, positions: npt.NDArray[np.intp]
+                 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """(pfn, owner) with the entries at `positions` left out."""
+        keep = np.ones(self.pfn.size, dtype=np.bool_)
+        keep[positions] = False
+        return self.pfn[keep], self.owner[keep]
 
     def _mark_stale(self, owners: npt.NDArray[np.uint64]) -> None:
         for slot in np.unique(owners >> np.uint64(VPN_BITS)):
@@ -179,6 +177,10 @@ class ReverseMap:
     def _visit(self, pid: int, stats: RefreshStats, drop: list[int],
                reread: dict[int, tuple[_Process, list[tuple[int, int]]]]) -> None:
         proc = self._procs.get(pid)
+        if not task.has_address_space(pid, self.root):  # kernel threads, zombies
+            if proc is not None:
+                drop.append(pid)
+            return
         try:
             if self.filter.excluded(pid):
                 stats.excluded += 1
@@ -186,7 +188,7 @@ class ReverseMap:
                     drop.append(pid)
                 return
             maps = pagemap.read_maps_text(pid, self.root)
-            if not maps:  # kernel threads
+            if not maps:  # exited since the readlink
                 return
             fingerprint = hash((maps, task.resident_pages(pid, self.root)))
             if proc is not None and not proc.stale and proc.fingerprint == fingerprint and (
@@ -290,6 +292,19 @@ class ReverseMap:
         return proc.slot
 
 
+def _positions(first: npt.NDArray[np.intp], end: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+    """Every position in the [first, end) ranges (empty ranges give none).
+
+    Most PFNs have one entry or none: then the positions are the firsts, with
+    no pass over the map; a shared page's further entries come by repeat.
+    """
+    counts = np.maximum(end - first, 0)
+    if counts.size == 0 or counts.max() <= 1:
+        return first[counts == 1]
+    before = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(first, counts) + (np.arange(before.size) - before)
+
+
 def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.intp],
                    bases: list[int]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """(pfns, owners) of the present entries, sorted by PFN; `entries` is overwritten.
@@ -322,7 +337,22 @@ def _owners_into(owners: npt.NDArray[np.uint64], index: npt.NDArray[np.intp],
 def _sorted_by_pfn(pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
                    spare: npt.NDArray[np.uint64]
                    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """Both arrays in PFN order: PFNs into `spare`, owners into `pfns`' buffer."""
-    order = np.argsort(pfns, kind="stable")  # timsort: PFNs come in ascending runs
+    """Both arrays in PFN order: PFNs into `spare`, owners into `pfns`' buffer.
+
+    Where PFN and entry index fit in 64 bits together (any host below 2**40
+    PFNs with up to 2**24 entries, or 2**36 PFNs with 2**28), one np.sort of
+    `pfn << bits | index` does it: the index keeps equal PFNs in entry order
+    and says where each owner goes. In the lab guest that sort took 4.2 ms
+    where the stable argsort it replaces took 9.5 (40,000 random PFNs).
+    """
+    index_bits = max(pfns.size - 1, 1).bit_length()
+    if pfns.size and int(pfns.max()).bit_length() + index_bits <= 64:
+        keys = np.left_shift(pfns, np.uint64(index_bits), out=spare)
+        keys |= np.arange(pfns.size, dtype=np.uint64)
+        keys.sort()
+        order = (keys & np.uint64((1 << index_bits) - 1)).view(np.intp)
+        np.right_shift(keys, np.uint64(index_bits), out=keys)
+        return keys, np.take(owners, order, out=pfns, mode="clip")
+    order = np.argsort(pfns, kind="stable")
     np.take(pfns, order, out=spare, mode="clip")
     return spare, np.take(owners, order, out=pfns, mode="clip")
