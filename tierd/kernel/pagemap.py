@@ -207,7 +207,7 @@ def entries_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST
                  for f, la in zip(firsts, lasts, strict=True)]
     finally:
         os.close(fd)
-    flat = np.concatenate(spans)
+    flat = spans[0] if len(spans) == 1 else np.concatenate(spans)
     if flat.size != unique.size:  # gaps were read through: pick the pages out
         # Offset of each unique page inside `flat`: its run's offset plus its distance
         # from the run's first page.

@@ -58,7 +58,7 @@ class PidMover:
         result.fail(batch.pfns[~found], "not_in_rmap", stale=True)
         pfns, pids, vaddrs = batch.pfns[found], pids[found], vaddrs[found]
         flags = self._flags(pfns) if flags is None else flags[found]
-        order = np.lexsort((vaddrs, pids))
+        order = _by_process_and_address(pids, vaddrs)
         pfns, pids, vaddrs, flags = pfns[order], pids[order], vaddrs[order], flags[order]
         bounds = [0, *(np.flatnonzero(np.diff(pids)) + 1).tolist(), pids.size]
         for start, end in pairwise(bounds):
@@ -77,13 +77,16 @@ class PidMover:
         return result
 
     def _flags(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-        """The kpageflags of each of `pfns` (any order)."""
-        order = np.argsort(pfns)
-        flags = np.empty(pfns.size, dtype=np.uint64)
-        if pfns.size:
-            with kpf.kpageflags(self.root) as flags_file:
-                flags[order] = safety.read_per_pfn(flags_file, pfns[order])
-        return flags
+        """The kpageflags of each of `pfns` (any order; a batch's come ascending)."""
+        if pfns.size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        with kpf.kpageflags(self.root) as flags_file:
+            if (pfns[1:] >= pfns[:-1]).all():
+                return safety.read_per_pfn(flags_file, pfns)
+            order = np.argsort(pfns)
+            flags = np.empty(pfns.size, dtype=np.uint64)
+            flags[order] = safety.read_per_pfn(flags_file, pfns[order])
+            return flags
 
     def _move_process(self, pid: int, pfns: npt.NDArray[np.uint64],
                       vaddrs: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],
@@ -124,3 +127,14 @@ class PidMover:
             return pagemap.pfns_of(pid, vaddrs, self.root)
         except KernelFileError:
             return np.zeros(vaddrs.size, dtype=np.uint64)
+
+
+def _by_process_and_address(pids: npt.NDArray[np.int64], vaddrs: npt.NDArray[np.uint64]
+                            ) -> npt.NDArray[np.intp]:
+    """The order that groups pages by process, each process's by address.
+
+    One process (the usual batch) needs one sort by address, not a two-key lexsort.
+    """
+    if pids.size and (pids == pids[0]).all():
+        return np.argsort(vaddrs)
+    return np.lexsort((vaddrs, pids))
