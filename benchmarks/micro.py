@@ -17,6 +17,7 @@ import gc
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import time
@@ -538,6 +539,14 @@ def demote_cpu() -> dict:
     then tierd's PID mover. Raw: the same two paths in C (move_loop phys;
     pagemap_read + move_loop pages). CPU time includes the syscalls' kernel
     time; ratio = phys / reverse map (below 1: phys is cheaper).
+
+    The kernel's share swings several times over from one demotion to the
+    next (each page's unmap waits for a TLB-flush IPI to the CPU the
+    workload last ran on, which under TCG on a busy host may not be running),
+    so the four paths take turns, pinned like the mover micros, and each
+    path's median is over MOVE_REPEATS demotions. `user_cpu_seconds_per_gib`
+    is tierd's own (user) share of each path, which that swing does not
+    reach.
     """
     number, why = phys_support()
     if number is None:
@@ -556,7 +565,7 @@ def demote_cpu() -> dict:
 
     phys_mover = PhysMover(move_phys_pages)
     batch_pages = phys_mover.params.batch_pages
-    with resident_workload("4M", "64M") as workload:
+    with resident_workload("4M", "64M") as workload, pinned():
         vaddrs = workload.region_addresses("cold")
         gib = vaddrs.size * 4096 / (1 << 30)
 
@@ -564,40 +573,57 @@ def demote_cpu() -> dict:
             move_pages(workload.pid, vaddrs, np.zeros(vaddrs.size, np.int32))  # start on fast
             return Batch(Direction.DEMOTE, 0, 1, np.sort(pfns_of(workload.pid, vaddrs)))
 
-        def phys() -> float:
+        def phys() -> tuple[float, float]:
             batch = demotion()
-            return timed(lambda: phys_mover.move(batch))[1]
+            return user_and_total_cpu(lambda: phys_mover.move(batch))
 
-        def rmap() -> float:
+        def rmap() -> tuple[float, float]:
             batch = demotion()
 
             def build_and_move() -> None:
                 reverse = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
                 reverse.refresh()
                 PidMover(reverse).move(batch)
-            return timed(build_and_move)[1]
+            return user_and_total_cpu(build_and_move)
 
-        def raw_phys() -> float:
+        def raw_phys() -> tuple[float, float]:
             (demotion().pfns << np.uint64(12)).tofile("/tmp/demote-phys.bin")
-            return run_c("move_loop", "phys", number, 1, batch_pages,
-                         "/tmp/demote-phys.bin")["cpu_seconds"]
+            return 0.0, run_c("move_loop", "phys", number, 1, batch_pages,
+                              "/tmp/demote-phys.bin")["cpu_seconds"]
 
-        def raw_rmap() -> float:
+        def raw_rmap() -> tuple[float, float]:
             demotion()
             vaddrs.astype(np.uint64).tofile("/tmp/demote-vaddrs.bin")
             cpu = sum(run_c("pagemap_read", pid)["cpu_seconds"] for pid in user_pids())
-            return cpu + run_c("move_loop", "pages", workload.pid, 1, batch_pages,
-                               "/tmp/demote-vaddrs.bin")["cpu_seconds"]
+            return 0.0, cpu + run_c("move_loop", "pages", workload.pid, 1, batch_pages,
+                                    "/tmp/demote-vaddrs.bin")["cpu_seconds"]
 
-        runs = {name: [fn() / gib for _ in range(REPEATS)] for name, fn in
-                (("phys", phys), ("rmap", rmap), ("raw_phys", raw_phys), ("raw_rmap", raw_rmap))}
+        paths = [("phys", phys), ("rmap", rmap), ("raw_phys", raw_phys), ("raw_rmap", raw_rmap)]
+        runs: dict[str, list[float]] = {name: [] for name, _ in paths}
+        user: dict[str, list[float]] = {"phys": [], "rmap": []}
+        for repeat in range(MOVE_REPEATS):  # turns: each path first once every 4 repeats
+            for name, path in paths[repeat % 4:] + paths[:repeat % 4]:
+                user_cpu, total = path()
+                runs[name].append(total / gib)
+                if name in user:
+                    user[name].append(user_cpu / gib)
     medians = {name: statistics.median(v) for name, v in runs.items()}
     return {"status": "ok", "tierd": medians["phys"], "raw": medians["rmap"],
             "ratio": medians["phys"] / medians["rmap"],
             "raw_ratio": medians["raw_phys"] / medians["raw_rmap"],
             "cpu_seconds_per_gib": medians, "runs": runs, "gib_per_run": gib,
+            "user_cpu_seconds_per_gib": {k: statistics.median(v) for k, v in user.items()},
             "note": "tierd = phys mover, raw = reverse map + PID mover (both tierd, CPU s/GiB); "
-                    "raw_ratio = the same two paths in C"}
+                    "raw_ratio = the same two paths in C; paths in turns, medians"}
+
+
+def user_and_total_cpu(fn: Callable[[], object]) -> tuple[float, float]:
+    """(user CPU seconds, user + system CPU seconds) of this process during one call."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user = after.ru_utime - before.ru_utime
+    return user, user + after.ru_stime - before.ru_stime
 
 
 def run_host_micro(name: str) -> dict:
