@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lab.tlb import drop_tlb
+from tierd.collectors import idle
 from tierd.collectors.evidence import IDLE_AGE_MAX, UNTRACKED
 from tierd.collectors.idle import IdleCollector, NodeIdleStats, Pacer, chunks
 from tierd.collectors.idle import probe as idle_probe
@@ -20,7 +21,7 @@ from tierd.errors import KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import pagemap
 from tierd.kernel.nodes import MEMORY_DIR
-from tierd.kernel.page_idle import BITMAP, PFNS_PER_WORD, IdleBitmap
+from tierd.kernel.page_idle import BITMAP, PFNS_PER_WORD, IdleBitmap, unpack
 from tierd.kernel.root import HostRoot
 from tierd.probe import State
 
@@ -201,6 +202,7 @@ def _ages(scans: list, pfns: range | list[int]) -> np.ndarray:
 
 def test_mark_sets_exactly_the_ranges_bits_with_partial_edge_words(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
+    k.set_flags(0, MAX_PFN, LRU_ANON)  # user pages everywhere, in the ranges and beside them
     c = k.collector()
     c.mark()
     expected = np.zeros(MAX_PFN, dtype=bool)
@@ -243,12 +245,12 @@ def test_ages_count_consecutive_idle_scans_and_saturate(tmp_path: Path) -> None:
     assert _ages(scans, [2048]).tolist() == [IDLE_AGE_MAX]
 
 
-def test_large_folio_tails_take_the_heads_state_across_chunks(tmp_path: Path) -> None:
+def test_large_folio_tails_take_the_heads_state(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
-    k.thp(2048)  # 512 pages: spans two 256-PFN chunks
+    k.thp(2048)  # 512 pages each, one per chunk
     k.thp(2560)
     k.accessed = {2560}  # only the head's bit ever changes in the kernel
-    c = k.collector(chunk_pfns=256)
+    c = k.collector(chunk_pfns=512)
     scans = c.scan(1.0)
     assert (_ages(scans, range(2048, 2560)) == 1).all()
     assert (_ages(scans, range(2560, 3072)) == 0).all()
@@ -286,6 +288,38 @@ def test_between_full_scans_only_blocks_with_user_pages_are_marked_and_read(
     assert (_ages(scans, range(900, 910)) == 1).all() and c.stats[0].tracked == 110
 
 
+def test_a_full_scan_marks_only_the_blocks_that_hold_user_pages(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(200, 300, LRU_ANON)
+    k.set_flags(2600, 2603, LRU_FILE)
+    c = k.collector()
+    assert c.full_scan
+    c.mark()  # kpageflags found the user pages first: nothing else is marked
+    assert np.array_equal(np.flatnonzero(k.bits()), np.r_[100:512, 2560:3072])
+    assert c.live_pfns == 412 + 512
+
+
+def test_spans_apart_are_collected_together_in_one_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(idle, "MERGE_GAP_BLOCKS", 1)  # node 0's blocks 0 and 2: two spans
+    unpacked = []
+    monkeypatch.setattr(idle, "unpack", lambda *a: unpacked.append(a) or unpack(*a))
+    k = FakeKernel(tmp_path)
+    k.set_flags(200, 300, LRU_ANON)
+    k.thp(1024, 64)
+    k.set_flags(1088, 1100, LRU_FILE)  # up to node 0's end, inside a word
+    k.accessed = {250, 1024}
+    c = k.collector()
+    c.mark()
+    assert [r.spans for r in c.ranges] == [[(100, 512), (1024, 1100)], []]
+    k.interval(1.0)
+    scans = c.collect()
+    assert len(unpacked) == 1  # one numpy pass for both spans
+    assert _ages(scans, [200, 250, 299, 1024, 1087, 1088, 1099]).tolist() == [1, 0, 1, 0, 0, 1, 1]
+    assert (_ages(scans, [*range(100, 200), *range(512, 1024)]) == UNTRACKED).all()
+    assert c.stats[0] == NodeIdleStats(tracked=176, idle=111, anon=164, anon_idle=99, huge=64)
+
+
 def test_pages_leaving_the_live_blocks_bring_the_next_full_scan_forward(
         tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
@@ -303,17 +337,19 @@ def test_pages_leaving_the_live_blocks_bring_the_next_full_scan_forward(
     assert (_ages(scans, range(2900, 2910)) == 1).all() and not c.full_scan
 
 
-def test_live_blocks_cut_by_chunks_and_range_edges_stay_live(tmp_path: Path) -> None:
+def test_live_blocks_at_chunk_cuts_and_range_edges_stay_live(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
-    k.set_flags(1000, 1100, LRU_ANON)  # node 0's last block, [1024, 1100) past a chunk edge
-    k.set_flags(2300, 2301, LRU_ANON)  # node 1: only in the first chunk of its block
-    c = k.collector(full_every=100, chunk_pfns=256)
+    k.set_flags(1000, 1100, LRU_ANON)  # node 0's last two blocks, [1024, 1100) past a chunk edge
+    k.set_flags(2300, 2301, LRU_ANON)  # node 1: one page in its first block
+    c = k.collector(full_every=100, chunk_pfns=512)
     for _ in range(3):
         scans = c.scan(1.0)
     assert (_ages(scans, [1000, 1099, 2300]) == 3).all()
     assert c.stats[0].tracked == 100 and c.stats[1].tracked == 1
     with pytest.raises(ValueError, match="full_every 0"):
         k.collector(full_every=0)
+    with pytest.raises(ValueError, match="chunk_pfns 256 must be a positive multiple of 512"):
+        k.collector(chunk_pfns=256)  # a chunk cut would split a block, and maybe a folio
 
 
 def test_tails_before_the_scanned_range_are_untracked(tmp_path: Path) -> None:
@@ -325,6 +361,7 @@ def test_tails_before_the_scanned_range_are_untracked(tmp_path: Path) -> None:
 
 def test_node_set_limits_the_scan(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
+    k.set_flags(0, MAX_PFN, LRU_ANON)
     c = k.collector(nodes=[1])
     c.mark()
     assert not k.bits()[:2048].any() and k.bits()[2048:3072].all()
@@ -355,12 +392,15 @@ def test_scan_is_paced_over_both_passes(tmp_path: Path) -> None:
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    c = k.collector(pfns_per_second=2024.0, chunk_pfns=256, clock=lambda: now[0])
+    k.set_flags(0, MAX_PFN, LRU_ANON)
+    c = k.collector(pfns_per_second=2024.0, chunk_pfns=512, clock=lambda: now[0])
     c.sleep = sleep
-    c.mark()
-    assert now[0] == pytest.approx(1.0)  # 2024 PFNs at 2024 per second
+    c.mark()  # a full scan: kpageflags of 2024 PFNs to find the user pages, then their mark
+    assert now[0] == pytest.approx(2.0)  # 2 x 2024 PFNs at 2024 per second
     c.collect()
-    assert now[0] == pytest.approx(2.0)
+    assert now[0] == pytest.approx(3.0)
+    c.mark()  # a steady scan marks only
+    assert now[0] == pytest.approx(4.0)
 
 
 def test_chunks_cut_at_aligned_boundaries() -> None:
@@ -390,6 +430,7 @@ def test_probe_reports_usable_with_bitmap_and_kpageflags(tmp_path: Path) -> None
 
 def test_a_write_error_degrades_and_names_file_and_offset(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
+    k.set_flags(200, 300, LRU_ANON)
     k.set_flags(2048, 2100, LRU_ANON)
     c = k.collector()
     k.bitmap_path.unlink()
@@ -407,7 +448,7 @@ def test_a_bitmap_that_ends_mid_scan_degrades_and_leaves_the_rest_untracked(
         tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
     k.set_flags(2048, 3072, LRU_ANON)
-    c = k.collector(chunk_pfns=256)
+    c = k.collector(chunk_pfns=512)
     c.mark()
     with open(k.bitmap_path, "r+b") as f:
         f.truncate(2560 // 8)  # the kernel's memory now ends at PFN 2560
@@ -428,7 +469,7 @@ def test_a_range_past_the_bitmap_by_under_a_block_is_trimmed_once_and_quietly(
     k.end_at(3040)  # node 1 ends at 3072: the bitmap, at 3008, 64 PFNs short
     k.set_flags(2900, 3072, LRU_ANON)
     k.accessed = set(range(2950, 3000))
-    c = k.collector(chunk_pfns=256, full_every=1)
+    c = k.collector(chunk_pfns=512, full_every=1)
     for _ in range(2):
         scans = c.scan(1.0)
         assert c.health.state is State.OK, c.health.reason
@@ -438,6 +479,18 @@ def test_a_range_past_the_bitmap_by_under_a_block_is_trimmed_once_and_quietly(
     assert (_ages(scans, range(2950, 3000)) == 0).all()
     assert (_ages(scans, range(3000, 3008)) == 2).all()
     assert c.stats[1].tracked == 108 and c.tracked_pfns == 1960
+
+
+def test_a_full_scan_finds_the_bitmaps_end_where_no_mark_went(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_block_size(2 * 2**20)
+    k.end_at(3040)  # the bitmap ends at 3008, 64 PFNs before node 1
+    k.set_flags(2100, 2200, LRU_ANON)  # no user page near the end: no mark goes there
+    c = k.collector()
+    scans = c.scan(1.0)
+    assert c.health.state is State.OK, c.health.reason
+    assert c.ranges[1].end == 3008 and scans[1].idle_age.size == 960
+    assert (_ages(scans, range(2100, 2200)) == 1).all()
 
 
 @pytest.mark.parametrize(("block_size", "max_pfn"), [
@@ -451,7 +504,7 @@ def test_a_range_past_the_bitmap_by_more_degrades(
         k.set_block_size(block_size)
     k.end_at(max_pfn)
     k.set_flags(2048, 2100, LRU_ANON)
-    c = k.collector(chunk_pfns=256, full_every=1)
+    c = k.collector(chunk_pfns=512, full_every=1)
     scans = c.scan(1.0)
     end = max_pfn // PFNS_PER_WORD * PFNS_PER_WORD
     assert c.health.state is State.DEGRADED
@@ -460,7 +513,7 @@ def test_a_range_past_the_bitmap_by_more_degrades(
     assert (_ages(scans, range(2048, 2100)) == 1).all()
     assert (_ages(scans, range(end, 3072)) == UNTRACKED).all()
     c.scan(1.0)
-    assert c.health.state is State.DEGRADED and c.bitmap.cut_writes == 2  # not trimmed
+    assert c.health.state is State.DEGRADED and c.ranges[1].end == NODE1[1]  # not trimmed
 
 
 def test_a_kpageflags_read_error_degrades_that_range_only(tmp_path: Path) -> None:

@@ -1,31 +1,35 @@
 """Idle-page collector: per-PFN idle age from /sys/kernel/mm/page_idle/bitmap.
 
-A scan has two passes over the PFN ranges of the chosen nodes: `mark()`
-writes all-ones (every PFN idle), then, after the interval, `collect()`
-reads the bitmap back together with /proc/kpageflags and updates each PFN's
-idle age (evidence.IdleScan: 0 = accessed in the interval, n = idle for n
-scans in a row, UNTRACKED = not a user page on the LRU). The ages are the
-only per-PFN state: one byte per PFN; everything else is chunk-sized.
+A scan has two passes over the live 2 MiB blocks (BLOCK_PFNS) of the chosen
+nodes, those that held a user LRU page at the last collect: `mark()` writes
+all-ones there (every PFN idle), then, after the interval, `collect()` reads
+the bitmap back together with /proc/kpageflags and updates each PFN's idle
+age (evidence.IdleScan: 0 = accessed in the interval, n = idle for n scans
+in a row, UNTRACKED = not a user page on the LRU). Outside live blocks
+nothing can read back as a tracked page, and sweeping them costs as much as
+the bitmap itself. The ages are the only per-PFN state: one byte per PFN
+(and one per block for liveness); everything else is chunk-sized.
+
+Every `full_every`-th scan (and the first) is full: before marking, it reads
+kpageflags over every block that is not live and makes live those that now
+hold a user LRU page, so new pages anywhere join that scan. It comes early
+when many tracked pages left the live blocks (migrated or freed: their pages
+may now live anywhere).
 
 The kernel tracks only a large folio's head page, so tail pages take their
 head's idle bit (kpageflags' COMPOUND_TAIL marks them; the page before a run
-of tails is their head, so one np.repeat per chunk gives every tail its bit).
-
-Only every `full_every`-th scan (and the first) covers every PFN. The others
-cover the blocks (BLOCK_PFNS) that held a user LRU page at the last collect:
-elsewhere nothing can read back as a tracked page, and reading kpageflags
-and unpacking bits there cost as much as the bitmap itself. New user pages
-in an empty block are found by the next full scan, which comes early when
-many tracked pages left the live blocks (migrated or freed: their pages may
-now live anywhere).
+of tails is their head). LRU folios are at most PMD-size and naturally
+aligned, so a folio never straddles two blocks, and the spans of one collect
+can be read into one buffer and processed with one set of numpy calls per
+chunk: under emulation each numpy call costs far more than its loop.
 
 Both passes are paced (PFNs per second) so a scan does not hog a core, and
 never raise on kernel trouble: a failed read or write leaves the rest of
 that range untracked for this scan, logs why and marks `health` degraded.
 A range that runs past the bitmap's end by less than a memory block is no
 trouble (node spans come from memory blocks and zones; the bitmap ends at
-the kernel's last PFN rounded down to a word): the first scan that meets
-the end trims the range to it for good, quietly.
+the kernel's last PFN rounded down to a word): the first full scan that
+meets the end trims the range to it for good, quietly.
 """
 
 from __future__ import annotations
@@ -57,12 +61,12 @@ log = logging.getLogger(__name__)
 
 # 2^18 PFNs (1 GiB of 4 KiB pages) per chunk: 32 KiB of bitmap, 2 MiB of
 # kpageflags; big enough that Python's per-chunk cost vanishes next to the
-# kernel's per-page rmap walk.
+# kernel's per-page work.
 DEFAULT_CHUNK_PFNS = 1 << 18
 ALL_ONES = np.uint64(2**64 - 1)
 # Liveness is kept per 2 MiB block (a PMD-size folio never straddles two);
 # live blocks at most MERGE_GAP_BLOCKS apart are scanned as one span, since
-# each span costs a few syscalls and numpy calls, about what sweeping a few
+# each span costs a few syscalls and slice copies, about what sweeping a few
 # blocks of PFNs costs.
 BLOCK_PFNS = 512
 MERGE_GAP_BLOCKS = 8
@@ -71,10 +75,12 @@ PAST_END = "past the kernel's last PFN"  # no page there: not a reason for a ful
 # A full scan comes early once this share of the tracked pages has vanished
 # from the live blocks since the last one.
 VANISHED_SHARE = 1 / 16
-# Age after one more idle scan, indexed by the current age (UNTRACKED: first scan).
-NEXT_AGE = np.minimum(np.arange(256) + 1, IDLE_AGE_MAX).astype(np.uint8)
-NEXT_AGE[UNTRACKED] = 1
-TRACKED_BITS = kpf.mask(kpf.KPF_LRU, kpf.KPF_NOPAGE)
+# The kpageflags bits a collect needs, as (byte of the little-endian u64, bit in it).
+LRU_BIT = (kpf.KPF_LRU // 8, np.uint8(1 << kpf.KPF_LRU % 8))
+ANON_BIT = (kpf.KPF_ANON // 8, np.uint8(1 << kpf.KPF_ANON % 8))
+TAIL_BIT = (kpf.KPF_COMPOUND_TAIL // 8, np.uint8(1 << kpf.KPF_COMPOUND_TAIL % 8))
+THP_BIT = (kpf.KPF_THP // 8, np.uint8(1 << kpf.KPF_THP % 8))
+UNKNOWN = -1  # a PFN's idle bit when this scan did not mark it or could not read it
 
 
 @dataclass
@@ -129,6 +135,26 @@ def _blocks(start: int, end: int) -> int:
     return -(-end // BLOCK_PFNS) - start // BLOCK_PFNS
 
 
+def _block_extent(start: int, end: int) -> tuple[int, int]:
+    """[start, end) widened to whole blocks."""
+    return start // BLOCK_PFNS * BLOCK_PFNS, -(-end // BLOCK_PFNS) * BLOCK_PFNS
+
+
+def _batches(spans: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
+    """Consecutive runs of `spans` whose block extents add up to at most `size` PFNs."""
+    batch: list[tuple[int, int]] = []
+    room = size
+    for s, e in spans:
+        bs, be = _block_extent(s, e)
+        if batch and be - bs > room:
+            yield batch
+            batch, room = [], size
+        batch.append((s, e))
+        room -= be - bs
+    if batch:
+        yield batch
+
+
 def _slack_pfns(root: HostRoot) -> int:
     """How far a range may run past the bitmap's end: under one memory block.
 
@@ -141,6 +167,12 @@ def _slack_pfns(root: HostRoot) -> int:
     except KernelFileError:
         size = None
     return size // PAGE_SIZE if size else PFNS_PER_WORD
+
+
+def _flag(fields: npt.NDArray[np.uint8], bit: tuple[int, np.uint8]) -> npt.NDArray[np.bool_]:
+    """Per PFN: is this kpageflags bit set? (`fields`: the flags as n x 8 bytes.)"""
+    byte, mask = bit
+    return (fields[:, byte] & mask) != 0
 
 
 @dataclass
@@ -164,16 +196,23 @@ class _Range:
         self.live = self.live[:_blocks(self.start, self.end)]
         self.spans = [(s, min(e, self.end)) for s, e in self.spans if s < self.end]
 
-    def live_spans(self) -> list[tuple[int, int]]:
-        """[start, end) PFN runs of live blocks, gaps of under MERGE_GAP_BLOCKS bridged."""
-        blocks = np.flatnonzero(self.live)
+    def _pfn_runs(self, blocks: npt.NDArray[np.intp], max_step: int) -> list[tuple[int, int]]:
+        """[start, end) PFN runs of the given block indexes, at most `max_step` apart in a run."""
         if not blocks.size:
             return []
-        breaks = np.flatnonzero(np.diff(blocks) > MERGE_GAP_BLOCKS)
+        breaks = np.flatnonzero(np.diff(blocks) > max_step)
         firsts = blocks[np.concatenate(([0], breaks + 1))] + self.first_block
         lasts = blocks[np.concatenate((breaks, [blocks.size - 1]))] + self.first_block
         return [(max(self.start, int(f) * BLOCK_PFNS), min(self.end, (int(t) + 1) * BLOCK_PFNS))
                 for f, t in zip(firsts, lasts, strict=True)]
+
+    def live_spans(self) -> list[tuple[int, int]]:
+        """[start, end) PFN runs of live blocks at most MERGE_GAP_BLOCKS apart."""
+        return self._pfn_runs(np.flatnonzero(self.live), MERGE_GAP_BLOCKS)
+
+    def dead_spans(self) -> list[tuple[int, int]]:
+        """[start, end) PFN runs of blocks that are not live."""
+        return self._pfn_runs(np.flatnonzero(~self.live), 1)
 
 
 class IdleCollector:
@@ -190,8 +229,9 @@ class IdleCollector:
         sleep: Callable[[float], None] = time.sleep,
         full_every: int = DEFAULT_FULL_EVERY,
     ) -> None:
-        if chunk_pfns <= 0 or chunk_pfns % PFNS_PER_WORD:
-            raise ValueError(f"chunk_pfns {chunk_pfns} must be a positive multiple of 64")
+        if chunk_pfns <= 0 or chunk_pfns % BLOCK_PFNS:
+            raise ValueError(f"chunk_pfns {chunk_pfns} must be a positive multiple of "
+                             f"{BLOCK_PFNS}")
         if full_every < 1:
             raise ValueError(f"full_every {full_every} must be at least 1")
         wanted = topology.memory_nodes() if nodes is None else nodes
@@ -219,8 +259,12 @@ class IdleCollector:
         self._slack_pfns = _slack_pfns(root)
         self.stats = {n: NodeIdleStats() for n in self.nodes}
         self.health = Health()
-        self._words = np.empty(chunk_pfns // PFNS_PER_WORD + 1, dtype=np.uint64)
+        # Chunk-sized scratch, reused by every scan.
+        self._ones = np.full(chunk_pfns // PFNS_PER_WORD, ALL_ONES, dtype=np.uint64)
+        self._words = np.empty(chunk_pfns // PFNS_PER_WORD, dtype=np.uint64)
         self._flags = np.empty(chunk_pfns, dtype=np.uint64)
+        self._old_ages = np.empty(chunk_pfns, dtype=np.uint8)
+        self._new_ages = np.empty(chunk_pfns, dtype=np.uint8)
         self._problems: list[str] = []
 
     @property
@@ -251,49 +295,92 @@ class IdleCollector:
 
     @property
     def full_scan(self) -> bool:
-        """Whether the next mark() covers every PFN, not only the live blocks."""
+        """Whether the next mark() first looks for user pages outside the live blocks."""
         return self._steady_left == 0 or self._vanished > self._tracked * VANISHED_SHARE
 
     def mark(self) -> None:
-        """Mark the scan's PFNs idle (the start of an interval): all, or the live blocks'."""
+        """Mark the live blocks idle (the start of an interval); full scans find new ones first."""
         if not self._usable():
             return
         self._problems = []
         self._scan_is_full = self.full_scan
         pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
         for r in self.ranges:
-            spans = [(r.start, r.end)] if self._scan_is_full else r.live_spans()
-            r.spans = [c for s, e in spans for c in chunks(s, e, self.chunk_pfns)]
+            if self._scan_is_full:
+                self._discover_range(r, pacer)
+            r.spans = [c for s, e in r.live_spans() for c in chunks(s, e, self.chunk_pfns)]
             r.marked_until = r.start
             try:
                 self._mark_range(r, pacer)
+                if self._scan_is_full:
+                    self._check_end(r)
             except KernelFileError as e:
                 self._lost_track |= e.reason != PAST_END
                 self._problem(f"{e}; node {r.node} partly untracked this scan")
         self._finish()
+
+    def _discover_range(self, r: _Range, pacer: Pacer) -> None:
+        """Make live the blocks outside the live ones that now hold a user LRU page."""
+        try:
+            for s, e in r.dead_spans():
+                for cs, ce in chunks(s, e, self.chunk_pfns):
+                    self._discover_chunk(r, cs, ce)
+                    pacer.advance(ce - cs)
+        except KernelFileError as e:
+            self._lost_track = True
+            self._problem(f"{e}; node {r.node} partly untracked this scan")
+
+    def _discover_chunk(self, r: _Range, cs: int, ce: int) -> None:
+        bs, be = _block_extent(cs, ce)
+        flags = self._flags[:be - bs]
+        flags[:cs - bs] = 0  # PFNs of the edge blocks outside the range
+        flags[ce - bs:] = 0
+        self.flags_file.read_into(cs, flags[cs - bs:ce - bs])
+        fields = flags.view(np.uint8).reshape(-1, 8)
+        found = _flag(fields, LRU_BIT).reshape(-1, BLOCK_PFNS).any(axis=1)
+        first = bs // BLOCK_PFNS - r.first_block
+        r.live[first:first + found.size] |= found
 
     def _mark_range(self, r: _Range, pacer: Pacer) -> None:
         for cs, ce in r.spans:
             self._mark_chunk(r, cs, ce)
             pacer.advance(ce - cs)
             if r.marked_until < ce:
-                self._past_end(r)
+                self._past_end(r, r.marked_until)
                 return
 
     def _mark_chunk(self, r: _Range, cs: int, ce: int) -> None:
         """Mark [cs, ce) idle; r.marked_until says how far the kernel took it."""
         first, last = words_for(cs, ce)
-        words = self._words[:last - first]
-        words[:] = ALL_ONES
-        head_mask, tail_mask = edge_masks(cs, ce)
-        words[0] &= head_mask
-        words[-1] &= tail_mask
+        words = self._ones[:last - first]
+        if cs % PFNS_PER_WORD or ce % PFNS_PER_WORD:  # a range edge: mask its edge words
+            words = self._words[:last - first]
+            words[:] = ALL_ONES
+            head_mask, tail_mask = edge_masks(cs, ce)
+            words[0] &= head_mask
+            words[-1] &= tail_mask
         written = self.bitmap.write_words(first, words)
         r.marked_until = min(ce, (first + written) * PFNS_PER_WORD)
 
-    def _past_end(self, r: _Range) -> None:
-        """The bitmap ended at r.marked_until: trim a slight overrun, raise on more."""
-        end = r.marked_until
+    def _check_end(self, r: _Range) -> None:
+        """Full scans: does the bitmap reach the range's end, where no mark may have gone?"""
+        last = (r.end - 1) // PFNS_PER_WORD
+        if r.marked_until >= r.end or self._word_readable(last):
+            return
+        lo, hi = r.marked_until // PFNS_PER_WORD, last  # the first word past the end is in (lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._word_readable(mid):
+                lo = mid + 1
+            else:
+                hi = mid
+        self._past_end(r, max(r.start, lo * PFNS_PER_WORD))
+
+    def _word_readable(self, word: int) -> bool:
+        return self.bitmap.read_words(word, self._words[:1]) == 1
+
+    def _past_end(self, r: _Range, end: int) -> None:
+        """The bitmap ends at PFN `end`: trim a slight overrun, raise on more."""
         if r.end - end >= self._slack_pfns:
             raise KernelFileError(self.bitmap.path, PAST_END, key=f"offset {end // 8:#x}")
         log.debug("idle collector: node %d's range ends %d PFNs past the bitmap; trimmed to %#x",
@@ -313,14 +400,12 @@ class IdleCollector:
         pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
         self.stats = {n: NodeIdleStats() for n in self.nodes}
         for r in self.ranges:
-            carry: bool | None = None  # idle bit of the last head seen in this span
-            done = None  # where the last span ended: a carry only crosses a seamless cut
             cs = r.start
             try:
-                for cs, ce in r.spans:
-                    carry = self._collect_chunk(r, cs, ce, carry, continues=cs == done)
-                    done = ce
-                    pacer.advance(ce - cs)
+                for batch in _batches(r.spans, self.chunk_pfns):
+                    cs = batch[0][0]
+                    self._collect_batch(r, batch)
+                    pacer.advance(sum(e - s for s, e in batch))
             except KernelFileError as e:
                 r.ages[cs - r.start:] = UNTRACKED
                 r.live[cs // BLOCK_PFNS - r.first_block:] = False
@@ -347,56 +432,81 @@ class IdleCollector:
         if self._lost_track:
             self._steady_left, self._lost_track = 0, False
 
-    def _collect_chunk(self, r: _Range, cs: int, ce: int, carry: bool | None,
-                       continues: bool) -> bool | None:
-        """Update the ages of [cs, ce); `continues`: the span before ended at cs."""
-        n = ce - cs
-        first, last = words_for(cs, ce)
-        words = self._words[:last - first]
-        got = self.bitmap.read_words(first, words)
-        idle = unpack(words, cs - first * PFNS_PER_WORD, n)
-        flags = self._flags[:n]
-        self.flags_file.read_into(cs, flags)
-        known_end = min(r.marked_until, (first + got) * PFNS_PER_WORD) - cs
-        if got < words.size:
-            self._problem(f"{self.bitmap.path}: offset {(first + got) * 8:#x}: "
-                          f"bitmap ends inside node {r.node}; the rest is untracked")
-        idle, carry = _expand_folios(idle, flags, carry if continues else None)
-        tracked = (flags & TRACKED_BITS) == kpf.mask(kpf.KPF_LRU)
-        tracked[max(known_end, 0):] = False
-        tracked &= idle >= 0  # leading tails whose head lies before the span
-        is_idle = tracked & (idle == 1)
-        ages = r.ages[cs - r.start:ce - r.start]
-        self._vanished += int(np.count_nonzero((ages != UNTRACKED) & ~tracked))
-        new_ages = np.take(NEXT_AGE, ages)
-        new_ages *= is_idle.view(np.uint8)  # accessed: 0
-        new_ages |= (~tracked).view(np.uint8) * np.uint8(UNTRACKED)
-        ages[:] = new_ages
-        self._note_live(r, cs, tracked, continues)
-        self._count(r.node, tracked, is_idle, flags)
-        return carry
+    def _collect_batch(self, r: _Range, spans: list[tuple[int, int]]) -> None:
+        """Update the ages of `spans`, read side by side as whole blocks into the scratch."""
+        extents = [_block_extent(s, e) for s, e in spans]
+        offsets = np.cumsum([0] + [be - bs for bs, be in extents]).tolist()
+        size = offsets[-1]
+        old = self._old_ages[:size]
+        unknown = []  # layout slices whose idle bit means nothing
+        for (s, e), (bs, be), off in zip(spans, extents, offsets, strict=False):
+            known_end = self._read_span(r, s, e, off - bs)
+            if s > bs or be > e:  # a range edge: the block's PFNs outside it are not ours
+                self._flags[off:off + s - bs] = 0
+                self._flags[off + e - bs:off + be - bs] = 0
+                old[off:off + be - bs] = UNTRACKED
+            old[off + s - bs:off + e - bs] = r.ages[s - r.start:e - r.start]
+            unknown += [(off, off + s - bs), (off + max(s, known_end) - bs, off + be - bs)]
+        idle = unpack(self._words[:size // PFNS_PER_WORD], 0, size).view(np.int8)
+        for a, b in unknown:
+            if a < b:
+                idle[a:b] = UNKNOWN
+        fields = self._flags[:size].view(np.uint8).reshape(size, 8)
+        tracked, is_idle = self._update_ages(r, spans, extents, offsets, fields, idle)
+        live = tracked.reshape(-1, BLOCK_PFNS).any(axis=1)
+        for (bs, be), off in zip(extents, offsets, strict=False):
+            first = bs // BLOCK_PFNS - r.first_block
+            r.live[first:first + (be - bs) // BLOCK_PFNS] = live[off // BLOCK_PFNS:
+                                                                (off + be - bs) // BLOCK_PFNS]
+        self._count(r.node, tracked, is_idle, fields)
 
-    @staticmethod
-    def _note_live(r: _Range, cs: int, tracked: npt.NDArray[np.bool_], continues: bool) -> None:
-        """Record which blocks of [cs, cs + tracked.size) hold a tracked PFN."""
-        first = cs // BLOCK_PFNS
-        cuts = np.arange(first * BLOCK_PFNS, cs + tracked.size, BLOCK_PFNS) - cs
-        cuts[0] = 0
-        live = np.logical_or.reduceat(tracked, cuts)
-        blocks = r.live[first - r.first_block:first - r.first_block + live.size]
-        if continues and cs % BLOCK_PFNS:  # the block's first part was this scan's too
-            live[0] |= blocks[0]
-        blocks[:] = live
+    def _read_span(self, r: _Range, s: int, e: int, shift: int) -> int:
+        """Read [s, e)'s bitmap words and flags to layout position PFN + `shift`.
+
+        Returns where the bitmap's evidence ends: the end of the marked PFNs
+        or of the bitmap, whichever comes first.
+        """
+        first, last = words_for(s, e)
+        got = self.bitmap.read_words(first, self._words[(first * PFNS_PER_WORD + shift)
+                                                        // PFNS_PER_WORD:
+                                                        (last * PFNS_PER_WORD + shift)
+                                                        // PFNS_PER_WORD])
+        bitmap_end = (first + got) * PFNS_PER_WORD
+        if bitmap_end < e:
+            self._problem(f"{self.bitmap.path}: offset {bitmap_end // 8:#x}: "
+                          f"bitmap ends inside node {r.node}; the rest is untracked")
+        self.flags_file.read_into(s, self._flags[s + shift:e + shift])
+        return min(r.marked_until, bitmap_end)
+
+    def _update_ages(
+        self, r: _Range, spans: list[tuple[int, int]], extents: list[tuple[int, int]],
+        offsets: list[int], fields: npt.NDArray[np.uint8], idle: npt.NDArray[np.int8],
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """New ages of the batch from its idle bits and flags; returns (tracked, idle) per PFN."""
+        idle = _expand_folios(idle, _flag(fields, TAIL_BIT))
+        tracked = _flag(fields, LRU_BIT)
+        tracked &= idle != UNKNOWN
+        is_idle = tracked & (idle == 1)
+        old = self._old_ages[:idle.size]
+        self._vanished += int(np.count_nonzero((old != UNTRACKED) > tracked))
+        new = np.add(old, 1, out=self._new_ages[:idle.size])  # UNTRACKED wraps to 0 ...
+        np.minimum(new, IDLE_AGE_MAX, out=new)
+        np.maximum(new, 1, out=new)  # ... and starts at 1
+        new *= is_idle.view(np.uint8)  # accessed: 0
+        new |= tracked.view(np.uint8) - np.uint8(1)  # untracked: 0 - 1 = UNTRACKED
+        for (s, e), (bs, _), off in zip(spans, extents, offsets, strict=False):
+            r.ages[s - r.start:e - r.start] = new[off + s - bs:off + e - bs]
+        return tracked, is_idle
 
     def _count(self, node: int, tracked: npt.NDArray[np.bool_], is_idle: npt.NDArray[np.bool_],
-               flags: npt.NDArray[np.uint64]) -> None:
-        anon = tracked & kpf.has_any(flags, kpf.KPF_ANON)
+               fields: npt.NDArray[np.uint8]) -> None:
+        anon = tracked & _flag(fields, ANON_BIT)
         s = self.stats[node]
         s.tracked += int(np.count_nonzero(tracked))
         s.idle += int(np.count_nonzero(is_idle))
         s.anon += int(np.count_nonzero(anon))
         s.anon_idle += int(np.count_nonzero(anon & is_idle))
-        s.huge += int(np.count_nonzero(tracked & kpf.has_any(flags, kpf.KPF_THP)))
+        s.huge += int(np.count_nonzero(tracked & _flag(fields, THP_BIT)))
 
     def scan(self, interval: float) -> list[IdleScan]:
         """mark(), wait `interval` seconds, collect()."""
@@ -409,28 +519,22 @@ class IdleCollector:
         self.flags_file.close()
 
 
-def _expand_folios(
-    idle: npt.NDArray[np.bool_], flags: npt.NDArray[np.uint64], carry: bool | None,
-) -> tuple[npt.NDArray[np.int8], bool | None]:
-    """Give every tail page its head's idle bit.
+def _expand_folios(idle: npt.NDArray[np.int8], tail: npt.NDArray[np.bool_]) -> npt.NDArray[np.int8]:
+    """Give every tail page its head's idle bit (in place).
 
-    Returns per PFN 1 (idle), 0 (accessed) or -1 (a tail whose head is
-    before the chunk with no carried state), and the carry for the next
-    chunk: the idle bit of this chunk's last head.
+    `idle` is per PFN 1 (idle), 0 (accessed) or UNKNOWN. The head is the
+    page before a run of tails; a run at the very start has none in sight
+    and stays UNKNOWN, as does a run whose head was not marked.
     """
-    expanded = idle.view(np.int8)
-    tail = kpf.has_any(flags, kpf.KPF_COMPOUND_TAIL)
-    if tail.any():
-        expanded = expanded.copy()
-        step = np.diff(tail.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-        starts, ends = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
-        heads = expanded[np.maximum(starts - 1, 0)]
-        if starts[0] == 0:  # tails whose head is in the chunk before
-            heads[0] = -1 if carry is None else int(carry)
-        expanded[tail] = np.repeat(heads, ends - starts)
-    if expanded.size:
-        carry = bool(expanded[-1]) if expanded[-1] >= 0 else None
-    return expanded, carry
+    if not tail.any():
+        return idle
+    step = np.diff(tail.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts, ends = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
+    heads = idle[np.maximum(starts - 1, 0)]
+    if starts[0] == 0:
+        heads[0] = UNKNOWN
+    idle[tail] = np.repeat(heads, ends - starts)
+    return idle
 
 
 def probe(root: HostRoot = HOST) -> list[Capability]:
