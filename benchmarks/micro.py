@@ -226,9 +226,10 @@ def idle_scan() -> dict:
     """tierd's idle scan (mark + collect) vs idle_rw in C over the same PFN ranges.
 
     Target (issue 4): tierd <= 1.1 x raw per scan, averaged over the collector's
-    cycle of one full scan (every PFN, kpageflags too) and full_every - 1 scans
-    of the blocks holding user pages. raw sweeps every PFN every time, so those
-    scans may cost less than raw; full and steady scans are reported apart.
+    cycle of one full scan (kpageflags of every block not live, to find new
+    user pages, then the live blocks) and full_every - 1 scans of the blocks
+    holding user pages. raw sweeps every PFN every time, so those scans may
+    cost less than raw; full and steady scans are reported apart.
     Run with a workload resident, so the bitmap write has user pages to walk.
     """
     if not Path("/sys/kernel/mm/page_idle/bitmap").exists():
