@@ -141,18 +141,45 @@ def _block_extent(start: int, end: int) -> tuple[int, int]:
     return start // BLOCK_PFNS * BLOCK_PFNS, -(-end // BLOCK_PFNS) * BLOCK_PFNS
 
 
-def _batches(spans: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
+@dataclass
+class _Span:
+    """A span [start, end) of a batch and its block extent [first, last); PFN p sits at
+    layout index p + shift."""
+
+    start: int
+    end: int
+    first: int
+    last: int
+    shift: int
+
+
+@dataclass
+class _Batch:
+    """Spans of one range laid side by side as whole blocks in the chunk-sized scratch."""
+
+    spans: list[_Span] = field(default_factory=list)
+    size: int = 0  # PFNs of the layout
+
+    def add(self, start: int, end: int) -> None:
+        first, last = _block_extent(start, end)
+        self.spans.append(_Span(start, end, first, last, self.size - first))
+        self.size += last - first
+
+    @property
+    def pfns(self) -> int:
+        return sum(sp.end - sp.start for sp in self.spans)
+
+
+def _batches(spans: list[tuple[int, int]], size: int) -> Iterator[_Batch]:
     """Consecutive runs of `spans` whose block extents add up to at most `size` PFNs."""
-    batch: list[tuple[int, int]] = []
-    room = size
+    batch = _Batch()
     for s, e in spans:
-        bs, be = _block_extent(s, e)
-        if batch and be - bs > room:
+        first, last = _block_extent(s, e)
+        if batch.spans and batch.size + last - first > size:
             yield batch
-            batch, room = [], size
-        batch.append((s, e))
-        room -= be - bs
-    if batch:
+            batch = _Batch()
+        batch.add(s, e)
+    if batch.spans:
         yield batch
 
 
@@ -404,9 +431,9 @@ class IdleCollector:
             cs = r.start
             try:
                 for batch in _batches(r.spans, self.chunk_pfns):
-                    cs = batch[0][0]
+                    cs = batch.spans[0].start
                     self._collect_batch(r, batch)
-                    pacer.advance(sum(e - s for s, e in batch))
+                    pacer.advance(batch.pfns)
             except KernelFileError as e:
                 r.ages[cs - r.start:] = UNTRACKED
                 r.live[cs // BLOCK_PFNS - r.first_block:] = False
@@ -433,70 +460,74 @@ class IdleCollector:
         if self._lost_track:
             self._steady_left, self._lost_track = 0, False
 
-    def _collect_batch(self, r: _Range, spans: list[tuple[int, int]]) -> None:
-        """Update the ages of `spans`, read side by side as whole blocks into the scratch."""
-        extents = [_block_extent(s, e) for s, e in spans]
-        offsets = np.cumsum([0] + [be - bs for bs, be in extents]).tolist()
-        size = offsets[-1]
-        old = self._old_ages[:size]
-        unknown = []  # layout slices whose idle bit means nothing
-        for (s, e), (bs, be), off in zip(spans, extents, offsets, strict=False):
-            known_end = self._read_span(r, s, e, off - bs)
-            if s > bs or be > e:  # a range edge: the block's PFNs outside it are not ours
-                self._flags[off:off + s - bs] = 0
-                self._flags[off + e - bs:off + be - bs] = 0
-                old[off:off + be - bs] = UNTRACKED
-            old[off + s - bs:off + e - bs] = r.ages[s - r.start:e - r.start]
-            unknown += [(off, off + s - bs), (off + max(s, known_end) - bs, off + be - bs)]
-        idle = unpack(self._words[:size // PFNS_PER_WORD], 0, size).view(np.int8)
+    def _collect_batch(self, r: _Range, batch: _Batch) -> None:
+        """Update the ages of the batch's spans from one read of each and one numpy pass."""
+        unknown = [u for sp in batch.spans for u in self._gather_span(r, sp)]
+        idle = unpack(self._words[:batch.size // PFNS_PER_WORD], 0, batch.size).view(np.int8)
         for a, b in unknown:
-            if a < b:
-                idle[a:b] = UNKNOWN
-        fields = self._flags[:size].view(np.uint8).reshape(size, 8)
-        tracked, is_idle = self._update_ages(r, spans, extents, offsets, fields, idle)
+            idle[a:b] = UNKNOWN
+        fields = self._flags[:batch.size].view(np.uint8).reshape(batch.size, 8)
+        tracked, is_idle = self._update_ages(r, batch, fields, idle)
         live = tracked.reshape(-1, BLOCK_PFNS).any(axis=1)
-        for (bs, be), off in zip(extents, offsets, strict=False):
-            first = bs // BLOCK_PFNS - r.first_block
-            r.live[first:first + (be - bs) // BLOCK_PFNS] = live[off // BLOCK_PFNS:
-                                                                (off + be - bs) // BLOCK_PFNS]
+        for sp in batch.spans:
+            into = slice(sp.first // BLOCK_PFNS - r.first_block,
+                         sp.last // BLOCK_PFNS - r.first_block)
+            r.live[into] = live[(sp.first + sp.shift) // BLOCK_PFNS:
+                                (sp.last + sp.shift) // BLOCK_PFNS]
         self._count(r.node, tracked, is_idle, fields)
 
-    def _read_span(self, r: _Range, s: int, e: int, shift: int) -> int:
-        """Read [s, e)'s bitmap words and flags to layout position PFN + `shift`.
+    def _gather_span(self, r: _Range, sp: _Span) -> list[tuple[int, int]]:
+        """Bring the span's bitmap words, flags and ages into the layout.
+
+        Returns the layout slices whose idle bit means nothing: the edge
+        blocks' PFNs outside the range, and those past the marked PFNs or
+        the bitmap's end.
+        """
+        known_end = max(sp.start, self._read_span(r, sp))
+        at = sp.shift
+        before, after = (sp.first + at, sp.start + at), (sp.end + at, sp.last + at)
+        for a, b in (before, after):
+            if a < b:  # an edge block of the range
+                self._flags[a:b] = 0
+                self._old_ages[a:b] = UNTRACKED
+        self._old_ages[sp.start + at:sp.end + at] = r.ages[sp.start - r.start:sp.end - r.start]
+        return [u for u in (before, (known_end + at, sp.last + at)) if u[0] < u[1]]
+
+    def _read_span(self, r: _Range, sp: _Span) -> int:
+        """Read the span's bitmap words and flags into the layout.
 
         Returns where the bitmap's evidence ends: the end of the marked PFNs
         or of the bitmap, whichever comes first.
         """
-        first, last = words_for(s, e)
-        got = self.bitmap.read_words(first, self._words[(first * PFNS_PER_WORD + shift)
-                                                        // PFNS_PER_WORD:
-                                                        (last * PFNS_PER_WORD + shift)
-                                                        // PFNS_PER_WORD])
+        first, last = words_for(sp.start, sp.end)
+        at = sp.shift // PFNS_PER_WORD  # whole blocks: the shift is whole words
+        got = self.bitmap.read_words(first, self._words[first + at:last + at])
         bitmap_end = (first + got) * PFNS_PER_WORD
-        if bitmap_end < e:
+        if bitmap_end < sp.end:
             self._problem(f"{self.bitmap.path}: offset {bitmap_end // 8:#x}: "
                           f"bitmap ends inside node {r.node}; the rest is untracked")
-        self.flags_file.read_into(s, self._flags[s + shift:e + shift])
+        self.flags_file.read_into(sp.start, self._flags[sp.start + sp.shift:sp.end + sp.shift])
         return min(r.marked_until, bitmap_end)
 
     def _update_ages(
-        self, r: _Range, spans: list[tuple[int, int]], extents: list[tuple[int, int]],
-        offsets: list[int], fields: npt.NDArray[np.uint8], idle: npt.NDArray[np.int8],
+        self, r: _Range, batch: _Batch, fields: npt.NDArray[np.uint8],
+        idle: npt.NDArray[np.int8],
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         """New ages of the batch from its idle bits and flags; returns (tracked, idle) per PFN."""
         idle = _expand_folios(idle, _flag(fields, TAIL_BIT))
         tracked = _flag(fields, LRU_BIT)
         tracked &= idle != UNKNOWN
         is_idle = tracked & (idle == 1)
-        old = self._old_ages[:idle.size]
+        old = self._old_ages[:batch.size]
         self._vanished += int(np.count_nonzero((old != UNTRACKED) > tracked))
-        new = np.add(old, 1, out=self._new_ages[:idle.size])  # UNTRACKED wraps to 0 ...
+        new = np.add(old, 1, out=self._new_ages[:batch.size])  # UNTRACKED wraps to 0 ...
         np.minimum(new, IDLE_AGE_MAX, out=new)
         np.maximum(new, 1, out=new)  # ... and starts at 1
         new *= is_idle.view(np.uint8)  # accessed: 0
         new |= tracked.view(np.uint8) - np.uint8(1)  # untracked: 0 - 1 = UNTRACKED
-        for (s, e), (bs, _), off in zip(spans, extents, offsets, strict=False):
-            r.ages[s - r.start:e - r.start] = new[off + s - bs:off + e - bs]
+        for sp in batch.spans:
+            r.ages[sp.start - r.start:sp.end - r.start] = new[sp.start + sp.shift:
+                                                              sp.end + sp.shift]
         return tracked, is_idle
 
     def _count(self, node: int, tracked: npt.NDArray[np.bool_], is_idle: npt.NDArray[np.bool_],
