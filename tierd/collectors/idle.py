@@ -523,7 +523,7 @@ class IdleCollector:
         new = np.add(old, 1, out=self._new_ages[:batch.size])  # UNTRACKED wraps to 0 ...
         np.minimum(new, IDLE_AGE_MAX, out=new)
         np.maximum(new, 1, out=new)  # ... and starts at 1
-        new *= is_idle.view(np.uint8)  # accessed: 0
+        new &= np.negative(is_idle.view(np.uint8))  # accessed: 0 (under TCG & costs 1/15 of *)
         new |= tracked.view(np.uint8) - np.uint8(1)  # untracked: 0 - 1 = UNTRACKED
         for sp in batch.spans:
             r.ages[sp.start - r.start:sp.end - r.start] = new[sp.start + sp.shift:
@@ -552,21 +552,18 @@ class IdleCollector:
 
 
 def _expand_folios(idle: npt.NDArray[np.int8], tail: npt.NDArray[np.bool_]) -> npt.NDArray[np.int8]:
-    """Give every tail page its head's idle bit (in place).
+    """Give every tail page its head's idle bit.
 
     `idle` is per PFN 1 (idle), 0 (accessed) or UNKNOWN. The head is the
     page before a run of tails; a run at the very start has none in sight
-    and stays UNKNOWN, as does a run whose head was not marked.
+    and becomes UNKNOWN, as does a run whose head was not marked.
     """
     if not tail.any():
         return idle
-    step = np.diff(tail.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts, ends = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
-    heads = idle[np.maximum(starts - 1, 0)]
-    if starts[0] == 0:
-        heads[0] = UNKNOWN
-    idle[tail] = np.repeat(heads, ends - starts)
-    return idle
+    not_tail = ~tail
+    head_number = np.cumsum(not_tail, dtype=np.int32)  # per PFN: its head's rank, from 1
+    heads = np.concatenate(([np.int8(UNKNOWN)], idle[not_tail]))
+    return np.take(heads, head_number)  # under TCG 1.7x faster than runs + masked store
 
 
 def probe(root: HostRoot = HOST) -> list[Capability]:
