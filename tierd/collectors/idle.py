@@ -12,16 +12,18 @@ the bitmap itself. The ages are the only per-PFN state: one byte per PFN
 
 Every `full_every`-th scan (and the first) is full: before marking, it reads
 kpageflags over every block that is not live and makes live those that now
-hold a user LRU page, so new pages anywhere join that scan. It comes early
-when many tracked pages left the live blocks (migrated or freed: their pages
-may now live anywhere).
+hold a user LRU page, so new pages anywhere join that scan (one allocated
+outside the live blocks after the look waits for the next full scan). It
+comes early when many tracked pages left the live blocks (migrated or freed:
+their pages may now live anywhere).
 
 The kernel tracks only a large folio's head page, so tail pages take their
 head's idle bit (kpageflags' COMPOUND_TAIL marks them; the page before a run
 of tails is their head). LRU folios are at most PMD-size and naturally
 aligned, so a folio never straddles two blocks, and the spans of one collect
 can be read into one buffer and processed with one set of numpy calls per
-chunk: under emulation each numpy call costs far more than its loop.
+chunk: under emulation a numpy call's fixed cost outweighs its loop over a
+short span.
 
 Both passes are paced (PFNs per second) so a scan does not hog a core, and
 never raise on kernel trouble: a failed read or write leaves the rest of
@@ -395,7 +397,7 @@ class IdleCollector:
         last = (r.end - 1) // PFNS_PER_WORD
         if r.marked_until >= r.end or self._word_readable(last):
             return
-        lo, hi = r.marked_until // PFNS_PER_WORD, last  # the first word past the end is in (lo, hi]
+        lo, hi = r.marked_until // PFNS_PER_WORD, last  # the first word past the end is in [lo, hi]
         while lo < hi:
             mid = (lo + hi) // 2
             if self._word_readable(mid):
