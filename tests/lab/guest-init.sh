@@ -13,6 +13,9 @@ export HOME=/root LANG=C.UTF-8 TERM=dumb
 run_cmd() {
     echo "lab-guest: $(uname -r) up in $(cut -d' ' -f1 /proc/uptime) s"
     cd "$TIERD_LAB_CWD" || cd /
+    # The host retries a boot that panicked before this point (vm.py's
+    # STARTED_MARKER), never one that got here: the command runs once.
+    : > /lab-out/started
     sh /lab-out/cmd
     echo $? > /lab-out/rc
     dmesg > /lab-out/dmesg
