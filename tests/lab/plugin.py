@@ -159,16 +159,20 @@ class HostLab:
                 f"lab: booting the {kernel} kernel (init: {init}) for {len(nodeids)} vm tests"
             )
         start = time.monotonic()
+        # A retried early panic is said on the terminal (pytest captures stderr).
+        log = {"log": reporter.write_line} if reporter is not None else {}
         result = vm.boot(
             vm.lab_kernel(kernel), command, echo=False,
             env={"TIERD_LAB_GUEST": kernel, RESULTS_ENV: results,
                  "PYTHONDONTWRITEBYTECODE": "1"},
-            cwd=self.config.rootpath, init=init,
+            cwd=self.config.rootpath, init=init, **log,
         )
         if reporter is not None:
             elapsed = time.monotonic() - start
+            retried = len(result.early_panics)
+            note = f", after {retried} boot(s) that panicked before the command" if retried else ""
             reporter.write_line(
-                f"lab: {_label(guest)} guest done in {elapsed:.0f} s (exit {result.rc})"
+                f"lab: {_label(guest)} guest done in {elapsed:.0f} s (exit {result.rc}{note})"
             )
         self.dmesg[guest] = result.dmesg or result.console
         self.console[guest] = result.console
