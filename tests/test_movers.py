@@ -494,3 +494,17 @@ def test_a_dry_run_counts_each_page_once_per_target_node() -> None:
     assert ledger.record(np.array([20, 5], dtype=np.uint64), target=1) == 2
     assert ledger.pfns.tolist() == [5, 10, 20, 30, 40]
     assert ledger.targets.tolist() == [1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("pfns", [
+    [100, 101, 102, 103],  # one gap-free range: read straight into the result
+    [3, 4, 4, 6, 900, 901, 2000],  # repeats, a small gap, runs far apart
+    [10, 11, 12, 1000, 1001, 1003],  # a gap-free run, then one with a gap
+    [5, 5, 7],  # a repeat and a gap that add up to a gap-free length
+])
+def test_read_per_pfn_gives_each_pfn_its_own_entry(tmp_path: Path, pfns: list[int]) -> None:
+    (tmp_path / "proc").mkdir()
+    (np.arange(4096, dtype=np.uint64) * np.uint64(7)).tofile(tmp_path / "proc/kpageflags")
+    with kpf.kpageflags(HostRoot(tmp_path)) as flags_file:
+        got = safety.read_per_pfn(flags_file, np.array(pfns, dtype=np.uint64))
+    assert got.tolist() == [7 * p for p in pfns]

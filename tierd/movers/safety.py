@@ -90,25 +90,37 @@ def excluded_memcg_inodes(exclusions: Exclusions, root: HostRoot = HOST) -> froz
     return frozenset(inodes)
 
 
-def _runs(pfns: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
-    """[first, last] runs of sorted PFNs, gaps below MERGE_GAP_PFNS merged."""
-    if pfns.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(pfns) > MERGE_GAP_PFNS) + 1
-    firsts = pfns[np.concatenate(([0], breaks))]
-    lasts = pfns[np.concatenate((breaks - 1, [pfns.size - 1]))]
-    return [(int(f), int(la)) for f, la in zip(firsts, lasts, strict=True)]
+def _runs(pfns: npt.NDArray[np.uint64]) -> list[tuple[int, int, int, int, bool]]:
+    """(first PFN, last PFN, first index, end index, gap-free) of the runs of sorted PFNs,
+    gaps below MERGE_GAP_PFNS merged; gap-free: every PFN of the run once, none between."""
+    steps = np.diff(pfns)
+    breaks = np.flatnonzero(steps > MERGE_GAP_PFNS) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [pfns.size]))
+    # Steps of 1 only: no repeat (0) and no gap (> 1) inside the run.
+    irregular = np.concatenate(([0], np.cumsum(steps != 1)))
+    gap_free = irregular[ends - 1] == irregular[starts]
+    return list(zip(pfns[starts].tolist(), pfns[ends - 1].tolist(), starts.tolist(),
+                    ends.tolist(), gap_free.tolist(), strict=True))
 
 
 def read_per_pfn(file: kpf.PfnFile, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """The file's entry for each of the sorted `pfns`, one pread per run."""
+    """The file's entry for each of the sorted `pfns`, one pread per run.
+
+    A batch's PFNs mostly come in gap-free runs (pages the allocator handed
+    out together): such a run is read straight into the result. In the lab,
+    picking 16,384 such PFNs out of their runs' reads cost 2-6 ms of numpy on
+    top of the kernel's 2-3 ms.
+    """
     out = np.empty(pfns.size, dtype=np.uint64)
-    at = 0
-    for first, last in _runs(pfns):
-        span = file.read(first, last - first + 1)
-        end = int(np.searchsorted(pfns, last, side="right"))
-        out[at:end] = span[(pfns[at:end] - np.uint64(first)).astype(np.intp)]
-        at = end
+    if pfns.size == 0:
+        return out
+    for first, last, at, end, gap_free in _runs(pfns):
+        if gap_free:
+            file.read_into(first, out[at:end])
+        else:
+            span = file.read(first, last - first + 1)
+            out[at:end] = span[(pfns[at:end] - np.uint64(first)).astype(np.intp)]
     return out
 
 
