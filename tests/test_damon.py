@@ -19,7 +19,7 @@ import pytest
 
 from lab.tlb import drop_tlb
 from lab.workload import set_preferred_node
-from tierd.collectors.damon import DamonCollector
+from tierd.collectors.damon import DamonCollector, paddr_attrs
 from tierd.collectors.topology import read_topology
 from tierd.kernel import damon_sysfs, pagemap
 from tierd.kernel.damon_sysfs import KDAMONDS, MonitoringAttrs
@@ -70,6 +70,14 @@ def test_start_lays_out_a_paddr_context_with_a_stat_scheme(tmp_path: Path) -> No
     assert read(root, "0/state") == "on"
     assert collector.health.state is State.OK
     collector.stop()
+
+
+def test_paddr_regions_are_at_most_a_hundredth_of_the_monitored_memory(tmp_path: Path) -> None:
+    root = tree(tmp_path, "two-nodes")
+    with DamonCollector(RANGES, root=root):
+        nr_regions = "0/contexts/0/monitoring_attrs/nr_regions"
+        assert read(root, f"{nr_regions}/min") == "100"
+        assert read(root, f"{nr_regions}/max") == "1000"
 
 
 def test_collect_turns_tried_regions_into_a_sorted_region_batch(tmp_path: Path) -> None:
@@ -341,7 +349,7 @@ def test_damon_finds_the_touched_buffer_hot_and_the_untouched_cold() -> None:
         topology = read_topology()
         assert (topology.node_of(hot_pfns) == 0).mean() >= 0.99, "hot buffer not on node 0"
         assert (topology.node_of(cold_pfns) == 1).mean() >= 0.99, "cold buffer not on node 1"
-        attrs = MonitoringAttrs(sample_us=10_000, aggr_us=200_000)
+        attrs = paddr_attrs(sample_us=10_000, aggr_us=200_000)
         hot_hits = np.zeros(HOT_PAGES, dtype=np.int64)
         cold_hits = np.zeros(COLD_PAGES, dtype=np.int64)
         with DamonCollector(node_pfn_ranges(), attrs) as collector:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tierd import policy
-from tierd.collectors.damon import DamonCollector, ProcessDamonCollector
+from tierd.collectors.damon import DamonCollector, ProcessDamonCollector, paddr_attrs
 from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
 from tierd.collectors.idle import IdleCollector
 from tierd.collectors.perf_bcc import BccSampleCollector, perf_collector
@@ -216,13 +216,14 @@ class Daemon:
         if cfg.damon.enabled or (self.idle is None and self.perf is None):
             if not cfg.damon.enabled:
                 log.info("no idle-page tracking and no memory-sampling PMU: using DAMON")
-            attrs = MonitoringAttrs(sample_us=int(cfg.damon.sampling_interval * 1e6),
-                                    aggr_us=int(cfg.damon.aggregation_interval * 1e6))
+            sample_us = int(cfg.damon.sampling_interval * 1e6)
+            aggr_us = int(cfg.damon.aggregation_interval * 1e6)
             if cfg.damon.operations == "vaddr":
-                self.damon = ProcessDamonCollector(self._process_filter, attrs, self.root)
+                self.damon = ProcessDamonCollector(
+                    self._process_filter, MonitoringAttrs(sample_us, aggr_us), self.root)
             else:
-                self.damon = DamonCollector([r for f in facts for r in f.ranges], attrs,
-                                            self.root)
+                self.damon = DamonCollector([r for f in facts for r in f.ranges],
+                                            paddr_attrs(sample_us, aggr_us), self.root)
             if not self.damon.start():
                 self._set_health("damon", self.damon.health)
                 self.damon = None
