@@ -20,6 +20,7 @@ import pytest
 from lab.tlb import drop_tlb
 from lab.workload import set_preferred_node
 from tierd.collectors.damon import DamonCollector, paddr_attrs
+from tierd.collectors.evidence import RegionBatch
 from tierd.collectors.topology import read_topology
 from tierd.kernel import damon_sysfs, pagemap
 from tierd.kernel.damon_sysfs import KDAMONDS, MonitoringAttrs
@@ -300,23 +301,53 @@ def spawn_hot_cold_workload() -> tuple[int, np.ndarray, int]:
     return pid, np.array(hot, dtype=np.uint64), cold_base
 
 
-def accesses_per_page(batch_start: np.ndarray, batch_end: np.ndarray, nr: np.ndarray,
-                      pfns: np.ndarray) -> np.ndarray:
+def regions_holding(batch: RegionBatch, pfns: np.ndarray) -> np.ndarray:
+    """Index of the region holding each PFN (-1 where no region holds it)."""
+    index = np.searchsorted(batch.pfn_start, pfns, side="right") - 1
+    inside = (index >= 0) & (pfns < batch.pfn_end[np.clip(index, 0, None)])
+    return np.where(inside, index, -1)
+
+
+def accesses_per_page(batch: RegionBatch, pfns: np.ndarray) -> np.ndarray:
     """nr_accesses of the region holding each PFN (-1 where no region holds it)."""
-    index = np.searchsorted(batch_start, pfns, side="right") - 1
-    inside = (index >= 0) & (pfns < batch_end[np.clip(index, 0, None)])
-    return np.where(inside, nr[np.clip(index, 0, None)].astype(np.int64), -1)
+    index = regions_holding(batch, pfns)
+    return np.where(index >= 0, batch.nr_accesses[index].astype(np.int64), -1)
+
+
+def accessed_pages_around(batch: RegionBatch, pfns: np.ndarray) -> int:
+    """Pages in the regions that hold some of `pfns` and read accessed."""
+    index = np.unique(regions_holding(batch, pfns))
+    index = index[(index >= 0) & (batch.nr_accesses[np.clip(index, 0, None)] > 0)]
+    return int((batch.pfn_end[index] - batch.pfn_start[index]).sum())
+
+
+# Regions read accessed around the hot buffer span at most this much of it once settled.
+SETTLED_SPAN = 1.1
+
+
+def settled_around(batch: RegionBatch, hot_pfns: np.ndarray, cold_pfns: np.ndarray) -> bool:
+    """Whether the regions read accessed fit the hot buffer: all but 5% of it, little more.
+
+    A region reads accessed as soon as a few of its samples land on hot
+    pages, so early on the hot buffer reads hot inside coarse regions of
+    hundreds of MiB; those are still being split, and hot pages at their
+    edges end up in cold neighbours. Only regions that fit the buffer are
+    DAMON's answer.
+    """
+    hot = accesses_per_page(batch, hot_pfns)
+    cold = accesses_per_page(batch, cold_pfns)
+    return bool(np.mean(hot > 0) >= 0.95 and np.mean(cold == 0) >= 0.95
+                and accessed_pages_around(batch, hot_pfns) <= SETTLED_SPAN * hot_pfns.size)
 
 
 def settle_regions(collector: DamonCollector, hot_pfns: np.ndarray, cold_pfns: np.ndarray,
                    timeout: float = 60, in_a_row: int = 3) -> int:
     """Wait until DAMON's adaptive regions have split around the two buffers.
 
-    With the buffers on different nodes, DAMON's first coarse regions already
-    separate them for one aggregation, then split and merge for a while: the
-    split must hold for `in_a_row` aggregations. How many that takes depends
-    on how much CPU the kdamond gets, which under emulation on a busy host
-    varies a lot; the measurement after it is what the test asserts on.
+    The regions must fit the buffers (settled_around) for `in_a_row`
+    aggregations. How many that takes depends on how much CPU the kdamond
+    gets, which under emulation on a busy host varies a lot; the measurement
+    after it is what the test asserts on.
     """
     deadline = time.monotonic() + timeout
     good = snapshots = 0
@@ -325,20 +356,24 @@ def settle_regions(collector: DamonCollector, hot_pfns: np.ndarray, cold_pfns: n
         snapshots += 1
         if batch is None:
             break  # the caller's assertions report the collector's health
-        hot = accesses_per_page(batch.pfn_start, batch.pfn_end, batch.nr_accesses, hot_pfns)
-        cold = accesses_per_page(batch.pfn_start, batch.pfn_end, batch.nr_accesses, cold_pfns)
-        good = good + 1 if np.mean(hot > 0) >= 0.95 and np.mean(cold == 0) >= 0.95 else 0
+        good = good + 1 if settled_around(batch, hot_pfns, cold_pfns) else 0
     return snapshots
 
 
-# With the hot buffer one physical range this passed every run but one: in a
-# full fresh-clone run on the tierd kernel (2026-11-25) the regions had settled
-# around it and then 91.5% of it read hot in 3 of 5 aggregations (DAMON's
-# adaptive split and merge left a boundary region reading unaccessed).
-@pytest.mark.xfail(strict=False, reason="DAMON paddr regions around the hot buffer flicker: "
-                   "91.5% read hot in one full run (needs >= 95%)")
 @pytest.mark.vm
 def test_damon_finds_the_touched_buffer_hot_and_the_untouched_cold() -> None:
+    """>= 95% of the touched buffer reads hot in 3 of 5 aggregations, of the untouched cold.
+
+    The 95% is what DAMON can resolve at the buffer's edges (docs/collectors.md,
+    DAMON): it merges a mostly cold piece of an edge back into its cold
+    neighbour, and the hot pages in it read unaccessed for tens of
+    aggregations, a fringe that scales with the largest region. With DAMON's
+    default of 10 regions (up to 512 MiB here) this read 91.5% hot in one full
+    run (tierd kernel, 2026-11-25) and failed 25 of 300 placements in
+    tests/lab/damon_model.py, also because settling accepted coarse regions
+    still being split. The collector keeps regions under 1% of memory
+    (paddr_attrs) and settle_regions waits until the regions fit the buffer.
+    """
     pid, hot_pages, cold_base = spawn_hot_cold_workload()
     try:
         hot_pfns = pagemap.pfns_of(pid, hot_pages)
@@ -361,8 +396,11 @@ def test_damon_finds_the_touched_buffer_hot_and_the_untouched_cold() -> None:
             assert kdamond_pid is not None
         for batch in batches:
             assert batch is not None, collector.health.reason
-            hot = accesses_per_page(batch.pfn_start, batch.pfn_end, batch.nr_accesses, hot_pfns)
-            cold = accesses_per_page(batch.pfn_start, batch.pfn_end, batch.nr_accesses, cold_pfns)
+            hot = accesses_per_page(batch, hot_pfns)
+            cold = accesses_per_page(batch, cold_pfns)
+            print(f"regions {batch.pfn_start.size}: hot {np.mean(hot > 0):.1%} read accessed, "
+                  f"{accessed_pages_around(batch, hot_pfns) / HOT_PAGES:.2f} x its size around it",
+                  flush=True)
             assert (hot >= 0).all() and (cold >= 0).all()  # every page is in a region
             hot_hits += hot > 0
             cold_hits += cold > 0
