@@ -308,6 +308,8 @@ def rmap_build() -> dict:
     per tracked page. Both walk /proc for every process (a build must find
     them) and read the same mappings (readable, not the vdso family).
     `raw_given_pids` is the C read of the user processes alone, named in advance.
+    Each build starts from an empty map in a warm process, as the daemon's
+    full rebuilds do; one unmeasured run of each side comes first.
     """
     if reason := missing("tierd.movers.rmap"):
         return not_available(reason)
@@ -316,15 +318,32 @@ def rmap_build() -> dict:
 
     with resident_workload("64M", "448M"), pinned():
         pids = user_pids()
-        raw_rates, tierd_rates, given_rates = [], [], []
-        for _ in range(REPEATS):
-            raw = run_c("pagemap_read", "all")
-            raw_rates.append(raw["pages"] / raw["seconds"])
+
+        def c_read() -> tuple[dict, float]:
+            """The C read of every process, and the rate of the user processes' alone."""
             given = [run_c("pagemap_read", pid) for pid in pids]
-            given_rates.append(sum(r["pages"] for r in given) / sum(r["seconds"] for r in given))
+            given_rate = sum(r["pages"] for r in given) / sum(r["seconds"] for r in given)
+            return run_c("pagemap_read", "all"), given_rate
+
+        def build() -> tuple[ReverseMap, float]:
             rmap = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
-            seconds = timed(rmap.refresh)[0]
+            return rmap, timed(rmap.refresh)[0]
+
+        # One unmeasured run of each side (first-call costs, /proc's dentries),
+        # then turns as in the mover micros: C first, then tierd first.
+        c_read()
+        build()
+        raw_rates, tierd_rates, given_rates = [], [], []
+        for repeat in range(MOVE_REPEATS):
+            if repeat % 2:
+                rmap, seconds = build()
+                raw, given_rate = c_read()
+            else:
+                raw, given_rate = c_read()
+                rmap, seconds = build()
+            raw_rates.append(raw["pages"] / raw["seconds"])
             tierd_rates.append(raw["pages"] / seconds)
+            given_rates.append(given_rate)
     return compared(tierd_rates, raw_rates, target=0.8, higher_is_better=True, paired=True,
                     tracked_pages=rmap.pages, bytes_per_tracked_page=rmap.nbytes / rmap.pages,
                     processes=raw["processes"], user_processes=len(pids),
