@@ -46,7 +46,9 @@ class ProcessGoneError(KernelFileError):
 
 def pfn_of(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """The PFN of each present page, 0 for pages not present (or swapped)."""
-    return np.where(is_present(entries), entries & PFN_MASK, np.uint64(0))
+    pfns = entries & PFN_MASK
+    pfns[entries < PRESENT] = 0  # bit 63 clear
+    return pfns
 
 
 def is_present(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
@@ -197,6 +199,8 @@ def entries_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST
     pages = addrs >> np.uint64(PAGE_SHIFT)
     inverse = None
     if np.all(pages[1:] > pages[:-1]):  # the movers' case: already sorted and unique
+        if int(pages[-1]) - int(pages[0]) + 1 == pages.size:  # one gap-free range
+            return read_pagemap(pid, int(pages[0]) << PAGE_SHIFT, pages.size, root)
         unique = pages
     else:
         unique, inverse = np.unique(pages, return_inverse=True)
