@@ -259,7 +259,7 @@ class ProcessDamonCollector:
         pages = np.array([(e - s) >> PAGE_SHIFT for s, e, _ in clipped], dtype=np.intp)
         region = np.repeat(np.array([i for _, _, i in clipped], dtype=np.intp), pages)
         pfns = pagemap.pfn_of(entries)
-        keep = pagemap.is_present(entries) & (pfns != 0)
+        keep = pfns != 0  # present, and the PFN readable (pfn_of gives 0 otherwise)
         return pfns[keep], regions.nr_accesses[region[keep]], regions.age[region[keep]]
 
     def stop(self) -> None:
