@@ -185,6 +185,8 @@ class FakeKernel:
 
     def collector(self, **kwargs: object) -> IdleCollector:
         _write_u64(self.root, kpf.KPAGEFLAGS, self.flags)
+        mapped = (self.flags & np.uint64(1 << kpf.KPF_MMAP)) != 0
+        _write_u64(self.root, kpf.KPAGECOUNT, mapped.astype(np.uint64))
         root = HostRoot(self.root)
         c = IdleCollector(read_topology(root), root=root, sleep=self.interval,
                           **kwargs)  # type: ignore[arg-type]
@@ -421,11 +423,27 @@ def test_missing_bitmap_makes_the_collector_unavailable(tmp_path: Path) -> None:
     assert not cap.usable and "CONFIG_IDLE_PAGE_TRACKING" in cap.reason
 
 
-def test_probe_reports_usable_with_bitmap_and_kpageflags(tmp_path: Path) -> None:
+def test_probe_reports_usable_with_bitmap_kpageflags_and_kpagecount(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
     k.collector()
     [cap] = idle_probe(HostRoot(k.root))
     assert cap.usable and "nodes [0, 1]" in cap.reason
+    (k.root / kpf.KPAGECOUNT.lstrip("/")).unlink()
+    [cap] = idle_probe(HostRoot(k.root))
+    assert not cap.usable and "proc/kpagecount: missing" in cap.reason
+
+
+def test_a_full_scan_finds_mapped_pages_and_leaves_unmapped_page_cache_alone(
+        tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    k.set_flags(200, 210, LRU_FILE & ~(1 << kpf.KPF_MMAP))  # page cache no process maps
+    k.set_flags(2600, 2610, LRU_FILE & ~(1 << kpf.KPF_MMAP))
+    k.set_flags(2700, 2710, LRU_ANON)  # mapped: the block is found, its page cache tracked
+    c = k.collector()
+    scans = c.scan(1.0)
+    assert np.array_equal(np.flatnonzero(k.bits()), np.r_[2600:2610, 2700:2710])
+    assert (_ages(scans, range(200, 210)) == UNTRACKED).all()
+    assert (_ages(scans, [*range(2600, 2610), *range(2700, 2710)]) == 1).all()
 
 
 def test_a_write_error_degrades_and_names_file_and_offset(tmp_path: Path) -> None:

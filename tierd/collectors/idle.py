@@ -11,11 +11,14 @@ the bitmap itself. The ages are the only per-PFN state: one byte per PFN
 (and one per block for liveness); everything else is chunk-sized.
 
 Every `full_every`-th scan (and the first) is full: before marking, it reads
-kpageflags over every block that is not live and makes live those that now
-hold a user LRU page, so new pages anywhere join that scan (one allocated
-outside the live blocks after the look waits for the next full scan). It
-comes early when many tracked pages left the live blocks (migrated or freed:
-their pages may now live anywhere).
+/proc/kpagecount over every block that is not live and makes live those
+that now hold a mapped page, so new pages anywhere join that scan (one
+mapped outside the live blocks after the look waits for the next full
+scan). kpagecount costs half of kpageflags over free memory; what it cannot
+see, page cache no process maps, neither mover can move either (no mapping
+to move it through), and inside live blocks such pages are tracked anyway.
+A full scan comes early when many tracked pages left the live blocks
+(migrated or freed: their pages may now live anywhere).
 
 The kernel tracks only a large folio's head page, so tail pages take their
 head's idle bit (kpageflags' COMPOUND_TAIL marks them; the page before a run
@@ -82,7 +85,6 @@ LRU_BIT = (kpf.KPF_LRU // 8, np.uint8(1 << kpf.KPF_LRU % 8))
 ANON_BIT = (kpf.KPF_ANON // 8, np.uint8(1 << kpf.KPF_ANON % 8))
 TAIL_BIT = (kpf.KPF_COMPOUND_TAIL // 8, np.uint8(1 << kpf.KPF_COMPOUND_TAIL % 8))
 THP_BIT = (kpf.KPF_THP // 8, np.uint8(1 << kpf.KPF_THP % 8))
-LRU_MASK = kpf.mask(kpf.KPF_LRU)
 UNKNOWN = -1  # a PFN's idle bit when this scan did not mark it or could not read it
 
 
@@ -281,6 +283,7 @@ class IdleCollector:
         self.sleep = sleep
         self.bitmap = IdleBitmap(root)
         self.flags_file = kpf.kpageflags(root)
+        self.count_file = kpf.kpagecount(root)
         self.ranges = [
             _Range(s, e, n, np.full(e - s, UNTRACKED, dtype=np.uint8),
                    np.zeros(_blocks(s, e), dtype=np.bool_))
@@ -350,7 +353,7 @@ class IdleCollector:
         self._finish()
 
     def _discover_range(self, r: _Range, pacer: Pacer) -> None:
-        """Make live the blocks outside the live ones that now hold a user LRU page."""
+        """Make live the blocks outside the live ones that now hold a mapped page."""
         try:
             for s, e in r.dead_spans():
                 for cs, ce in chunks(s, e, self.chunk_pfns):
@@ -362,12 +365,11 @@ class IdleCollector:
 
     def _discover_chunk(self, r: _Range, cs: int, ce: int) -> None:
         bs, be = _block_extent(cs, ce)
-        flags = self._flags[:be - bs]
-        flags[:cs - bs] = 0  # PFNs of the edge blocks outside the range
-        flags[ce - bs:] = 0
-        self.flags_file.read_into(cs, flags[cs - bs:ce - bs])
-        merged = np.bitwise_or.reduce(flags.reshape(-1, BLOCK_PFNS), axis=1)  # one pass
-        found = (merged & LRU_MASK) != 0
+        counts = self._flags[:be - bs]
+        counts[:cs - bs] = 0  # PFNs of the edge blocks outside the range
+        counts[ce - bs:] = 0
+        self.count_file.read_into(cs, counts[cs - bs:ce - bs])
+        found = np.bitwise_or.reduce(counts.reshape(-1, BLOCK_PFNS), axis=1) != 0  # one pass
         first = bs // BLOCK_PFNS - r.first_block
         r.live[first:first + found.size] |= found
 
@@ -551,6 +553,7 @@ class IdleCollector:
     def close(self) -> None:
         self.bitmap.close()
         self.flags_file.close()
+        self.count_file.close()
 
 
 def _expand_folios(idle: npt.NDArray[np.int8], tail: npt.NDArray[np.bool_]) -> npt.NDArray[np.int8]:
@@ -569,12 +572,14 @@ def _expand_folios(idle: npt.NDArray[np.int8], tail: npt.NDArray[np.bool_]) -> n
 
 
 def probe(root: HostRoot = HOST) -> list[Capability]:
-    """Idle-page tracking needs the bitmap (read-write) and /proc/kpageflags."""
+    """Idle-page tracking needs the bitmap (read-write), /proc/kpageflags and /proc/kpagecount."""
     reason = IdleBitmap(root).check()
     if reason is not None:
         return [Capability("idle_page_tracking", False, reason)]
     try:
-        kpf.read_flags(0, 1, root)
+        for open_file in (kpf.kpageflags, kpf.kpagecount):
+            with open_file(root) as f:
+                f.read(0, 1)
     except KernelFileError as e:
         return [Capability("idle_page_tracking", False, str(e))]
     try:
