@@ -22,6 +22,7 @@ from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HostRoot
 from tierd.movers import safety
 from tierd.movers.dry_run import WouldMoveLedger
+from tierd.movers.folios import chunk_bounds
 from tierd.movers.phys import PhysMover
 from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
@@ -76,6 +77,14 @@ def test_pages_are_grouped_by_process_and_chunked_to_one_target() -> None:
     assert all(flags == numa.MPOL_MF_MOVE for *_, flags in kernel.calls)
     assert sorted(result.moved.tolist()) == [16, 17, 18, 40, 41]
     assert not result.failures
+
+
+def test_chunks_are_cut_only_between_folios_with_or_without_large_ones() -> None:
+    assert chunk_bounds(np.ones(5, dtype=np.bool_), 2) == [0, 2, 4, 5]
+    assert chunk_bounds(np.ones(0, dtype=np.bool_), 2) == [0]
+    # Groups of 1, 3 (a folio) and 1 pages: a chunk never splits the folio,
+    # and the folio larger than a chunk goes alone.
+    assert chunk_bounds(np.array([1, 1, 0, 0, 1], dtype=np.bool_), 2) == [0, 1, 4, 5]
 
 
 def test_every_per_page_status_is_counted_by_reason() -> None:

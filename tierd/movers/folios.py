@@ -52,6 +52,8 @@ def chunk_bounds(first: npt.NDArray[np.bool_], step: int) -> list[int]:
     moved, not in PFNs sent, so `batch_pages` means the same with or
     without large folios.
     """
+    if first.all():  # no large folio: every page starts a group
+        return [*range(0, first.size, step), first.size]
     starts = np.flatnonzero(first)
     bounds = [0]
     while bounds[-1] < first.size:

@@ -47,10 +47,12 @@ class PhysMover:
         """Move the batch; `flags`: its PFNs' kpageflags when the caller read them already
         (the daemon's safety check), else they are read here."""
         result = BatchResult()
-        order = np.argsort(batch.pfns)
-        pfns = batch.pfns[order]
+        pfns = batch.pfns
+        if not (pfns[1:] >= pfns[:-1]).all():  # a Batch is ascending; a caller's may not be
+            order = np.argsort(pfns)
+            pfns, flags = pfns[order], None if flags is None else flags[order]
         first = (folios.read_group_starts(pfns, self.root) if flags is None
-                 else folios.group_starts(pfns, flags[order]))
+                 else folios.group_starts(pfns, flags))
         sent = pfns[first] << np.uint64(PAGE_SHIFT)  # one PFN per folio
         nodes = np.full(min(sent.size, self.params.batch_pages), batch.target, dtype=np.int32)
 
