@@ -35,6 +35,8 @@ REPEATS = 3
 # A move's wall time in the guest swings 2-5x with host load; an even count runs
 # both orders (C first, tierd first) equally often.
 MOVE_REPEATS = 6
+# Repeats of moves_in_turns: four moves each, cheaper than a round trip per side.
+TURN_REPEATS = 10
 PFNS_1TIB = (1 << 40) // 4096
 
 
@@ -390,16 +392,41 @@ class Recorder:
         return self.move(*args)
 
 
+def moves_in_turns(moves: dict[str, Callable[[int], float]],
+                   count: Callable[[int], int]) -> dict[str, list[float]]:
+    """Pages per second of each of two sides, tierd and raw, moving one buffer in turns.
+
+    `moves[side](target)` moves the buffer to `target` and returns its
+    seconds; `count(target)` says how many pages got there. Per repeat each
+    side makes one demotion and one promotion, handing the buffer over to
+    the other: tierd to the slow node, raw back, raw to the slow node,
+    tierd back (the next repeat raw starts). Under TCG a move's time swings
+    1.5-2x between phases lasting a few moves, so a side's two moves lie
+    next to the other's rather than a round trip apart.
+    """
+    rates: dict[str, list[float]] = {"tierd": [], "raw": []}
+    for repeat in range(TURN_REPEATS):
+        first, second = ("tierd", "raw") if repeat % 2 == 0 else ("raw", "tierd")
+        seconds = dict.fromkeys(rates, 0.0)
+        pages = dict.fromkeys(rates, 0)
+        for side, target in ((first, 1), (second, 0), (second, 1), (first, 0)):
+            seconds[side] += moves[side](target)
+            pages[side] += count(target)
+        for side in rates:
+            rates[side].append(pages[side] / seconds[side])
+    return rates
+
+
 def move_pages_micro() -> dict:
     """tierd's PID mover vs move_loop in C replaying its exact move_pages calls, in pages/s.
 
-    Target (issue 5): tierd >= 0.9 x the C loop. Each side moves an idle
-    64 MiB buffer to the slow node and back; pages moved are counted by a
-    query after each direction. The C loop replays the calls tierd made
-    (one address per folio, the same chunks), so the ratio is tierd's own
-    overhead. `raw_every_page` is the C loop over every page's address in
-    chunks of batch_pages, the same number of calls: what a mover that does
-    not group pages by folio gets.
+    Target (issue 5): tierd >= 0.9 x the C loop. The sides move an idle
+    64 MiB buffer to the slow node and back in turns (moves_in_turns);
+    pages moved are counted by a query after each move. The C loop replays
+    the calls tierd last made to the same node (one address per folio, the
+    same chunks), so the ratio is tierd's own overhead. `raw_every_page` is
+    the C loop over every page's address in chunks of batch_pages, the same
+    number of calls: what a mover that does not group pages by folio gets.
     """
     if reason := missing("tierd.movers.pid"):
         return not_available(reason)
@@ -418,54 +445,44 @@ def move_pages_micro() -> dict:
         assert reached(pid, vaddrs, 0) == vaddrs.size, "buffer not on the fast node"
         every_page = Path("/tmp/move-vaddrs.bin")
         vaddrs.astype(np.uint64).tofile(every_page)
-        rates: dict[str, list[float]] = {"tierd": [], "raw": [], "raw_every_page": []}
         calls = {"tierd": 0, "raw": 0, "raw_every_page": 0}
-        replay: list[list[np.ndarray]] = []
+        replay: dict[int, Path] = {}  # target -> the calls tierd last made to it
 
-        def tierd() -> float:
-            seconds, pages = 0.0, 0
-            replay.clear()
-            for source, target in ((0, 1), (1, 0)):
-                # A fresh map: the C loop's moves are invisible to an incremental refresh.
-                rmap = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
-                rmap.refresh()
-                recorder = Recorder(numa.move_pages, address_arg=1)
-                mover = PidMover(rmap, move_pages=recorder)
-                direction = Direction.DEMOTE if target == 1 else Direction.PROMOTE
-                batch = Batch(direction, source, target, np.sort(pfns_of(pid, vaddrs)))
-                seconds += timed(lambda b=batch, m=mover: m.move(b))[0]
-                pages += reached(pid, vaddrs, target)
-                replay.append(recorder.calls)
-                calls["tierd"] += len(recorder.calls)
-            return pages / seconds
+        def tierd(target: int) -> float:
+            # A fresh map: the C loop's moves are invisible to an incremental refresh.
+            rmap = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
+            rmap.refresh()
+            recorder = Recorder(numa.move_pages, address_arg=1)
+            mover = PidMover(rmap, move_pages=recorder)
+            direction = Direction.DEMOTE if target == 1 else Direction.PROMOTE
+            batch = Batch(direction, 1 - target, target, np.sort(pfns_of(pid, vaddrs)))
+            seconds = timed(lambda: mover.move(batch))[0]
+            replay[target] = write_calls(Path(f"/tmp/move-calls-{target}.bin"), recorder.calls)
+            calls["tierd"] += len(recorder.calls)
+            return seconds
 
-        def c_loop(name: str, runs: list[tuple[int, int, Path]]) -> float:
-            seconds, pages = 0.0, 0
-            for target, batch_size, addr_file in runs:
-                r = run_c("move_loop", "pages", pid, target, batch_size, addr_file)
-                seconds, pages = seconds + r["seconds"], pages + reached(pid, vaddrs, target)
-                calls[name] += r["calls"]
-            return pages / seconds
+        def c_loop(name: str, target: int, batch_size: int, addr_file: Path) -> float:
+            r = run_c("move_loop", "pages", pid, target, batch_size, addr_file)
+            calls[name] += r["calls"]
+            return r["seconds"]
 
-        def raw() -> float:
-            return c_loop("raw", [(t, 0, write_calls(Path(f"/tmp/move-calls-{t}.bin"), c))
-                                  for t, c in zip((1, 0), replay, strict=True)])
+        def every_page_round_trip() -> float:
+            seconds = c_loop("raw_every_page", 1, batch_pages, every_page)
+            pages = reached(pid, vaddrs, 1)
+            seconds += c_loop("raw_every_page", 0, batch_pages, every_page)
+            return (pages + reached(pid, vaddrs, 0)) / seconds
 
-        def raw_every_page() -> float:
-            return c_loop("raw_every_page", [(1, batch_pages, every_page),
-                                             (0, batch_pages, every_page)])
-
-        tierd()  # a warm-up that records the calls the first C replay replays
+        tierd(1)  # a warm-up that records the calls the first C replays replay
+        tierd(0)
         calls["tierd"] = 0
-        for repeat in range(MOVE_REPEATS):
-            # Turns: C then tierd (replaying the calls tierd made last), tierd then C.
-            sides = [("tierd", tierd), ("raw", raw), ("raw_every_page", raw_every_page)]
-            for name, side in sides if repeat % 2 else sides[::-1]:
-                rates[name].append(side())
+        rates = moves_in_turns(
+            {"tierd": tierd, "raw": lambda target: c_loop("raw", target, 0, replay[target])},
+            lambda target: reached(pid, vaddrs, target))
+        every_page_rates = [every_page_round_trip() for _ in range(REPEATS)]
     return compared(rates["tierd"], rates["raw"], target=0.9, higher_is_better=True, paired=True,
                     pages=int(vaddrs.size), batch_pages=batch_pages, calls=calls,
-                    raw_every_page=statistics.median(rates["raw_every_page"]),
-                    raw_every_page_runs=rates["raw_every_page"],
+                    raw_every_page=statistics.median(every_page_rates),
+                    raw_every_page_runs=every_page_rates,
                     note="pages moved (by query) per wall second, to the slow node and back")
 
 
@@ -483,11 +500,12 @@ def move_phys_micro() -> dict:
     """tierd's phys mover vs move_loop in C issuing the same move_phys_pages calls, in pages/s.
 
     Target (issue 5): tierd >= 0.9 x the C loop, same pages, calls and
-    directions (an idle 64 MiB buffer to the slow node and back); pages
-    moved are counted by a query after each direction. The C loop's calls
-    are the ones tierd makes, computed from the PFNs before each direction
-    (one PFN per folio, chunks cut between folios); `raw_every_page` is the
-    C loop over every PFN in chunks of batch_pages.
+    directions: the sides move an idle 64 MiB buffer to the slow node and
+    back in turns (moves_in_turns); pages moved are counted by a query
+    after each move. The C loop's calls are the ones tierd makes, computed
+    from the PFNs before each move (one PFN per folio, chunks cut between
+    folios); `raw_every_page` is the C loop over every PFN in chunks of
+    batch_pages.
     """
     number, why = phys_support()
     if number is None:
@@ -503,8 +521,7 @@ def move_phys_micro() -> dict:
     mover = PhysMover(recorder)
     batch_pages = mover.params.batch_pages
 
-    def phys_calls(pid: int, vaddrs: np.ndarray) -> list[np.ndarray]:
-        pfns = np.sort(pfns_of(pid, vaddrs))
+    def phys_calls(pfns: np.ndarray) -> list[np.ndarray]:
         first = folios.read_group_starts(pfns)
         return [pfns[s:e][first[s:e]] << np.uint64(12) for s, e in
                 pairwise(folios.chunk_bounds(first, batch_pages))]
@@ -512,42 +529,40 @@ def move_phys_micro() -> dict:
     with resident_workload("4M", "64M") as workload, pinned():
         pid, vaddrs = workload.pid, workload.region_addresses("cold")
         addr_file = Path("/tmp/move-phys.bin")
-        rates: dict[str, list[float]] = {"tierd": [], "raw": [], "raw_every_page": []}
         calls = {"tierd": 0, "raw": 0, "raw_every_page": 0}
 
-        def c_loop(name: str) -> float:
-            seconds, pages = 0.0, 0
-            for target in (1, 0):
-                if name == "raw":
-                    write_calls(addr_file, phys_calls(pid, vaddrs))
-                else:
-                    (np.sort(pfns_of(pid, vaddrs)) << np.uint64(12)).tofile(addr_file)
-                r = run_c("move_loop", "phys", number, target,
-                          0 if name == "raw" else batch_pages, addr_file)
-                seconds, pages = seconds + r["seconds"], pages + reached(pid, vaddrs, target)
-                calls[name] += r["calls"]
-            return pages / seconds
+        def c_loop(name: str, target: int) -> float:
+            pfns = np.sort(pfns_of(pid, vaddrs))
+            if name == "raw":
+                write_calls(addr_file, phys_calls(pfns))
+            else:
+                (pfns << np.uint64(12)).tofile(addr_file)
+            r = run_c("move_loop", "phys", number, target,
+                      0 if name == "raw" else batch_pages, addr_file)
+            calls[name] += r["calls"]
+            return r["seconds"]
 
-        def tierd() -> float:
-            seconds, pages = 0.0, 0
-            for source, target in ((0, 1), (1, 0)):
-                direction = Direction.DEMOTE if target == 1 else Direction.PROMOTE
-                batch = Batch(direction, source, target, np.sort(pfns_of(pid, vaddrs)))
-                recorder.calls.clear()
-                seconds += timed(lambda b=batch: mover.move(b))[0]
-                pages += reached(pid, vaddrs, target)
-                calls["tierd"] += len(recorder.calls)
-            return pages / seconds
+        def tierd(target: int) -> float:
+            direction = Direction.DEMOTE if target == 1 else Direction.PROMOTE
+            batch = Batch(direction, 1 - target, target, np.sort(pfns_of(pid, vaddrs)))
+            recorder.calls.clear()
+            seconds = timed(lambda: mover.move(batch))[0]
+            calls["tierd"] += len(recorder.calls)
+            return seconds
 
-        for repeat in range(MOVE_REPEATS):  # turns: C first, then tierd first
-            sides = [("tierd", tierd), ("raw", lambda: c_loop("raw")),
-                     ("raw_every_page", lambda: c_loop("raw_every_page"))]
-            for name, side in sides if repeat % 2 else sides[::-1]:
-                rates[name].append(side())
+        def every_page_round_trip() -> float:
+            seconds = c_loop("raw_every_page", 1)
+            pages = reached(pid, vaddrs, 1)
+            seconds += c_loop("raw_every_page", 0)
+            return (pages + reached(pid, vaddrs, 0)) / seconds
+
+        rates = moves_in_turns({"tierd": tierd, "raw": lambda target: c_loop("raw", target)},
+                               lambda target: reached(pid, vaddrs, target))
+        every_page_rates = [every_page_round_trip() for _ in range(REPEATS)]
     return compared(rates["tierd"], rates["raw"], target=0.9, higher_is_better=True, paired=True,
                     pages=int(vaddrs.size), batch_pages=batch_pages, calls=calls,
-                    raw_every_page=statistics.median(rates["raw_every_page"]),
-                    raw_every_page_runs=rates["raw_every_page"], syscall_nr=number,
+                    raw_every_page=statistics.median(every_page_rates),
+                    raw_every_page_runs=every_page_rates, syscall_nr=number,
                     note="pages moved (by query) per wall second, to the slow node and back")
 
 
