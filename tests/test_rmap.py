@@ -209,6 +209,26 @@ def test_rmap_invalidate_and_moved_repair_entries() -> None:
     assert 40 in rmap.pfn.tolist()
 
 
+def test_moves_and_invalidations_between_refreshes_keep_lookups_and_counts_exact() -> None:
+    rmap = _rmap()
+    rmap.refresh()
+    u64 = lambda *v: np.array(v, dtype=np.uint64)  # noqa: E731
+    rmap.moved(u64(16, 17), u64(70, 60))
+    rmap.moved(u64(60), u64(80))  # moved again before any refresh
+    found, pids, vaddrs = rmap.lookup(u64(16, 17, 60, 70, 80, 18))
+    assert found.tolist() == [False, False, False, True, True, True]
+    assert pids.tolist() == [0, 0, 0, 4242, 4242, 4242]
+    assert vaddrs.tolist() == [0, 0, 0, 16 * PAGE, 17 * PAGE, 18 * PAGE]
+    assert rmap.pages == 11 and rmap.refresh().read == 0  # followed, nobody stale
+    rmap.moved(u64(70), u64(0))  # vanished: its process is read again
+    rmap.invalidate(u64(80, 41))
+    assert not rmap.lookup(u64(70, 80, 41))[0].any()
+    assert rmap.pages == 8
+    assert rmap.pfn.tolist() == [18, 19, 32, 40, 44, 45, 48, 48]
+    assert rmap.nbytes == 16 * rmap.pages
+    assert rmap.refresh().read == 2  # 4242 and 4243
+
+
 def test_a_moved_shared_page_leaves_no_entry_at_its_old_pfn() -> None:
     rmap = _rmap()
     rmap.refresh()

@@ -212,6 +212,8 @@ def move_groups(send: SendGroups, pfns: npt.NDArray[np.uint64], first: npt.NDArr
 
 def _settle_groups(sender: _Sender, pfns: npt.NDArray[np.uint64], group: npt.NDArray[np.intp],
                    target: int, result: BatchResult) -> npt.NDArray[np.bool_]:
+    if not sender.failed and (sender.status == target).all():  # the usual batch: all moved
+        return np.ones(pfns.size, dtype=np.bool_)
     status = sender.status[group]
     for piece, reason, stale in sender.failed:
         in_piece = np.zeros(sender.status.size, dtype=np.bool_)
