@@ -417,6 +417,14 @@ def moves_in_turns(moves: dict[str, Callable[[int], float]],
     return rates
 
 
+def round_trip_rate(move: Callable[[int], float], count: Callable[[int], int]) -> float:
+    """Pages per second of one side moving the buffer to the slow node and back."""
+    seconds = move(1)
+    pages = count(1)
+    seconds += move(0)
+    return (pages + count(0)) / seconds
+
+
 def move_pages_micro() -> dict:
     """tierd's PID mover vs move_loop in C replaying its exact move_pages calls, in pages/s.
 
@@ -466,19 +474,18 @@ def move_pages_micro() -> dict:
             calls[name] += r["calls"]
             return r["seconds"]
 
-        def every_page_round_trip() -> float:
-            seconds = c_loop("raw_every_page", 1, batch_pages, every_page)
-            pages = reached(pid, vaddrs, 1)
-            seconds += c_loop("raw_every_page", 0, batch_pages, every_page)
-            return (pages + reached(pid, vaddrs, 0)) / seconds
+        def count(target: int) -> int:
+            return reached(pid, vaddrs, target)
 
         tierd(1)  # a warm-up that records the calls the first C replays replay
         tierd(0)
         calls["tierd"] = 0
         rates = moves_in_turns(
             {"tierd": tierd, "raw": lambda target: c_loop("raw", target, 0, replay[target])},
-            lambda target: reached(pid, vaddrs, target))
-        every_page_rates = [every_page_round_trip() for _ in range(REPEATS)]
+            count)
+        every_page_rates = [
+            round_trip_rate(lambda t: c_loop("raw_every_page", t, batch_pages, every_page), count)
+            for _ in range(REPEATS)]
     return compared(rates["tierd"], rates["raw"], target=0.9, higher_is_better=True, paired=True,
                     pages=int(vaddrs.size), batch_pages=batch_pages, calls=calls,
                     raw_every_page=statistics.median(every_page_rates),
@@ -550,15 +557,13 @@ def move_phys_micro() -> dict:
             calls["tierd"] += len(recorder.calls)
             return seconds
 
-        def every_page_round_trip() -> float:
-            seconds = c_loop("raw_every_page", 1)
-            pages = reached(pid, vaddrs, 1)
-            seconds += c_loop("raw_every_page", 0)
-            return (pages + reached(pid, vaddrs, 0)) / seconds
+        def count(target: int) -> int:
+            return reached(pid, vaddrs, target)
 
         rates = moves_in_turns({"tierd": tierd, "raw": lambda target: c_loop("raw", target)},
-                               lambda target: reached(pid, vaddrs, target))
-        every_page_rates = [every_page_round_trip() for _ in range(REPEATS)]
+                               count)
+        every_page_rates = [round_trip_rate(lambda t: c_loop("raw_every_page", t), count)
+                            for _ in range(REPEATS)]
     return compared(rates["tierd"], rates["raw"], target=0.9, higher_is_better=True, paired=True,
                     pages=int(vaddrs.size), batch_pages=batch_pages, calls=calls,
                     raw_every_page=statistics.median(every_page_rates),

@@ -17,8 +17,8 @@ small pair of sorted arrays, the moved entries, which lookup() reads after
 the map. Both fold into the map at the next refresh or when the moved
 entries outgrow half the map, so between refreshes a moved page costs 16
 more bytes (at most 24 bytes per tracked page), and after each refresh 16.
-In the lab (TCG) updating a 250 k-entry map for 2,000 scattered moves by
-rewriting it took 27 ms.
+In the lab (TCG) 2,000 scattered moves in a 250 k-entry map took 3.7 ms
+this way, 31 ms rewriting the map.
 
 Refreshes are incremental: a process is re-read only when it is new, when
 its /proc/PID/maps or resident page count changed since its last read,
@@ -157,9 +157,8 @@ class ReverseMap:
             return
         follows, followers = self._remove(old, new != 0)
         pfns = np.concatenate((self._moved_pfn, new[follows]))
-        order = np.argsort(pfns, kind="stable")
-        self._moved_pfn = np.take(pfns, order)
-        self._moved_owner = np.take(np.concatenate((self._moved_owner, followers)), order)
+        self._moved_pfn, self._moved_owner = _sorted_by_pfn(
+            pfns, np.concatenate((self._moved_owner, followers)), np.empty_like(pfns))
         if self._moved_pfn.size > max(4096, self._pfn.size // 2):
             self._compact()
 
@@ -350,9 +349,9 @@ def _find(pfn: npt.NDArray[np.uint64], owner: npt.NDArray[np.uint64],
     and the owner of its first entry."""
     if pfn.size == 0:
         return np.zeros(pfns.shape, dtype=np.bool_), np.zeros(pfns.shape, dtype=np.uint64)
-    index = np.minimum(np.searchsorted(pfn, pfns), pfn.size - 1)
-    found_owner = owner[index]
-    return (pfn[index] == pfns) & (found_owner != DEAD), found_owner
+    index = np.searchsorted(pfn, pfns)
+    found_owner = _at(owner, index)
+    return (_at(pfn, index) == pfns) & (found_owner != DEAD), found_owner
 
 
 def _at(values: npt.NDArray[np.uint64], positions: npt.NDArray[np.intp]
