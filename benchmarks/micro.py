@@ -381,14 +381,19 @@ def reached(pid: int, vaddrs: np.ndarray, node: int) -> int:
 
 
 class Recorder:
-    """A move function that records the addresses of each call before making it."""
+    """A move function that records the addresses of each call before making it.
 
-    def __init__(self, move: Callable[..., np.ndarray], address_arg: int) -> None:
+    It keeps the mover's own address array (the movers never write to one
+    after building it): a copy would add an array operation to every call,
+    which the movers avoid between calls.
+    """
+
+    def __init__(self, move: Callable[..., int], address_arg: int) -> None:
         self.move, self.address_arg = move, address_arg
         self.calls: list[np.ndarray] = []
 
-    def __call__(self, *args: object) -> np.ndarray:
-        self.calls.append(np.array(args[self.address_arg], dtype=np.uint64))
+    def __call__(self, *args: object) -> int:
+        self.calls.append(args[self.address_arg])
         return self.move(*args)
 
 
@@ -460,7 +465,7 @@ def move_pages_micro() -> dict:
             # A fresh map: the C loop's moves are invisible to an incremental refresh.
             rmap = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
             rmap.refresh()
-            recorder = Recorder(numa.move_pages, address_arg=1)
+            recorder = Recorder(numa.move_pages_into, address_arg=1)
             mover = PidMover(rmap, move_pages=recorder)
             direction = Direction.DEMOTE if target == 1 else Direction.PROMOTE
             batch = Batch(direction, 1 - target, target, np.sort(pfns_of(pid, vaddrs)))
@@ -517,14 +522,14 @@ def move_phys_micro() -> dict:
     number, why = phys_support()
     if number is None:
         return not_available(why)
-    from tierd.kernel.move_phys import move_phys_pages
+    from tierd.kernel.move_phys import move_phys_pages_into
     from tierd.kernel.pagemap import pfns_of
     from tierd.movers import folios
     from tierd.movers.phys import PhysMover
     from tierd.policy import Batch
     from tierd.state import Direction
 
-    recorder = Recorder(move_phys_pages, address_arg=0)
+    recorder = Recorder(move_phys_pages_into, address_arg=0)
     mover = PhysMover(recorder)
     batch_pages = mover.params.batch_pages
 
@@ -593,7 +598,7 @@ def demote_cpu() -> dict:
         return not_available(why)
     if reason := missing("tierd.movers.pid"):
         return not_available(reason)
-    from tierd.kernel.move_phys import move_phys_pages
+    from tierd.kernel.move_phys import move_phys_pages_into
     from tierd.kernel.numa import move_pages
     from tierd.kernel.pagemap import pfns_of
     from tierd.movers.phys import PhysMover
@@ -603,7 +608,7 @@ def demote_cpu() -> dict:
     from tierd.policy import Batch
     from tierd.state import Direction
 
-    phys_mover = PhysMover(move_phys_pages)
+    phys_mover = PhysMover(move_phys_pages_into)
     batch_pages = phys_mover.params.batch_pages
     with resident_workload("4M", "64M") as workload, pinned():
         vaddrs = workload.region_addresses("cold")

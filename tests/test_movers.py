@@ -36,8 +36,14 @@ ROOT = HostRoot(FIXTURES)
 PAGE = PAGE_SIZE
 
 
+def _answer(statuses: list[int], nodes: np.ndarray, out: np.ndarray) -> int:
+    """Write a fake call's statuses into `out`; the call's result: pages not moved."""
+    out[:] = statuses
+    return int((out != nodes).sum())
+
+
 class FakeKernel:
-    """move_pages with scripted per-page statuses (by vaddr page), recording each call."""
+    """move_pages_into with scripted per-page statuses (by vaddr page), recording each call."""
 
     def __init__(self, statuses: dict[int, list[int]] | None = None,
                  call_error: int | None = None) -> None:
@@ -45,7 +51,8 @@ class FakeKernel:
         self.call_error = call_error
         self.calls: list[tuple[int, list[int], list[int], int]] = []
 
-    def __call__(self, pid: int, addrs: np.ndarray, nodes: np.ndarray, flags: int) -> np.ndarray:
+    def __call__(self, pid: int, addrs: np.ndarray, nodes: np.ndarray, status: np.ndarray,
+                 flags: int) -> int:
         self.calls.append((pid, (addrs // PAGE).tolist(), nodes.tolist(), flags))
         if self.call_error is not None:
             raise numa.MovePagesError(self.call_error, os.strerror(self.call_error))
@@ -53,7 +60,7 @@ class FakeKernel:
         for page, node in zip((addrs // PAGE).tolist(), nodes.tolist(), strict=True):
             script = self.statuses.get(page, [])
             out.append(script.pop(0) if script else node)
-        return np.array(out, dtype=np.int32)
+        return _answer(out, nodes, status)
 
 
 def _mover(kernel: FakeKernel, exclusions: Exclusions | None = None, **params: object
@@ -189,11 +196,12 @@ def test_moved_pages_are_found_at_their_new_pfns(tmp_path: Path) -> None:
     rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
     rmap.refresh()
 
-    def migrate(pid: int, addrs: np.ndarray, nodes: np.ndarray, flags: int) -> np.ndarray:
+    def migrate(pid: int, addrs: np.ndarray, nodes: np.ndarray, status: np.ndarray,
+                flags: int) -> int:
         entries = np.fromfile(pagemap_file, dtype=np.uint64)
         entries[addrs // PAGE] = np.uint64(1 << 63) | (addrs // PAGE + np.uint64(1000))
         entries.tofile(pagemap_file)
-        return nodes[:addrs.size].copy()
+        return _answer(nodes.tolist(), nodes, status)
 
     result = PidMover(rmap, MoverParams(busy_backoff=0), root, migrate).move(_batch([16, 17]))
     assert result.moved.tolist() == [16, 17] and result.new_pfns.tolist() == [1016, 1017]
@@ -290,7 +298,7 @@ def test_pages_of_excluded_processes_are_dropped_for_any_mover() -> None:
 
 
 class FakePhys:
-    """move_phys_pages with scripted per-PFN statuses."""
+    """move_phys_pages_into with scripted per-PFN statuses."""
 
     def __init__(self, statuses: dict[int, list[int]] | None = None,
                  call_error: int | None = None) -> None:
@@ -299,14 +307,15 @@ class FakePhys:
         self.calls: list[tuple[list[int], list[int]]] = []
         self.flags: list[int] = []
 
-    def __call__(self, addrs: np.ndarray, nodes: np.ndarray, flags: int) -> np.ndarray:
+    def __call__(self, addrs: np.ndarray, nodes: np.ndarray, status: np.ndarray,
+                 flags: int) -> int:
         self.calls.append(((addrs // PAGE).tolist(), nodes.tolist()))
         self.flags.append(flags)
         if self.call_error is not None:
             raise OSError(self.call_error, os.strerror(self.call_error))
-        return np.array([(self.statuses.get(pfn) or [node]).pop(0)
-                         for pfn, node in zip((addrs // PAGE).tolist(), nodes.tolist(),
-                                              strict=True)], dtype=np.int32)
+        return _answer([(self.statuses.get(pfn) or [node]).pop(0)
+                        for pfn, node in zip((addrs // PAGE).tolist(), nodes.tolist(),
+                                             strict=True)], nodes, status)
 
 
 def test_phys_mover_passes_physical_addresses_in_chunks_and_counts_statuses() -> None:
@@ -347,7 +356,7 @@ def _folio_root(tmp_path: Path, folios: list[tuple[int, int]], npfns: int = 64,
 
 
 class FolioPhys:
-    """move_phys_pages as the kernel does it: any PFN moves its whole folio; a PFN of a
+    """move_phys_pages_into as the kernel does it: any PFN moves its whole folio; a PFN of a
     folio already queued in the call is -ENOENT, and so is a free (already moved) one."""
 
     def __init__(self, folios: list[tuple[int, int]]) -> None:
@@ -355,7 +364,8 @@ class FolioPhys:
         self.moved: set[int] = set()
         self.calls: list[list[int]] = []
 
-    def __call__(self, addrs: np.ndarray, nodes: np.ndarray, flags: int) -> np.ndarray:
+    def __call__(self, addrs: np.ndarray, nodes: np.ndarray, status: np.ndarray,
+                 flags: int) -> int:
         pfns = (addrs // PAGE).tolist()
         self.calls.append(pfns)
         out = []
@@ -363,7 +373,7 @@ class FolioPhys:
             folio = self.folio_of.get(pfn, pfn)
             out.append(-errno.ENOENT if folio in self.moved else node)
             self.moved.add(folio)
-        return np.array(out, dtype=np.int32)
+        return _answer(out, nodes, status)
 
 
 @pytest.mark.parametrize(("folios", "batch_pages", "calls"), [
@@ -474,7 +484,7 @@ def _thp_buffer(size: int) -> np.ndarray:
 
 @pytest.mark.vm(kernels=["tierd"])
 def test_phys_mover_moves_thp_backed_memory_and_counts_every_page_moved() -> None:
-    from tierd.kernel.move_phys import move_phys_pages  # the lab kernel's syscall
+    from tierd.kernel.move_phys import move_phys_pages_into  # the lab kernel's syscall
 
     npages = (32 << 20) // PAGE
     view = _thp_buffer(npages * PAGE)
@@ -483,7 +493,7 @@ def test_phys_mover_moves_thp_backed_memory_and_counts_every_page_moved() -> Non
     pfns = np.sort(pagemap.pfns_of(os.getpid(), addrs))
     flags = kpf.read_flags(0, int(pfns.max()) + 1)[pfns.astype(np.intp)]
     assert kpf.has_any(flags, kpf.KPF_THP).mean() > 0.9, "the kernel gave us THPs"
-    result = PhysMover(move_phys_pages).move(Batch(Direction.DEMOTE, 0, 1, pfns))
+    result = PhysMover(move_phys_pages_into).move(Batch(Direction.DEMOTE, 0, 1, pfns))
     assert result.failures == {} and result.not_moved.size == 0
     assert result.moved.size == npages
     assert (numa.move_pages(0, addrs) == 1).all()

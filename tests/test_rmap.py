@@ -16,7 +16,7 @@ from tierd.errors import KernelFileError
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
-from tierd.movers.rmap import ReverseMap, _positions, _sorted_by_pfn
+from tierd.movers.rmap import ReverseMap, _positions, _ranges, _sorted_by_pfn
 from tierd.movers.safety import Exclusions, ProcessFilter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
@@ -246,6 +246,16 @@ def test_positions_expand_every_entry_range_shared_or_not() -> None:
     end = np.array([3, 5, 12, 10], dtype=np.intp)  # one, none, three (a shared page), one
     assert _positions(first, end).tolist() == [2, 9, 10, 11, 9]
     assert _positions(first[:2], end[:2]).tolist() == [2]  # the no-repeat path
+
+
+@pytest.mark.parametrize("entries", [[], [0], [3], [1, 3, 3, 3, 7, 9, 9], [2, 2, 5, 9, 9, 9]])
+def test_ranges_match_a_left_and_right_search_for_single_shared_and_absent_pfns(
+        entries: list[int]) -> None:
+    pfn = np.array(entries, dtype=np.uint64)
+    pfns = np.arange(12, dtype=np.uint64)  # below, between, at and above every entry
+    first, end = _ranges(pfn, pfns)
+    assert first.tolist() == np.searchsorted(pfn, pfns).tolist()
+    assert end.tolist() == np.searchsorted(pfn, pfns, side="right").tolist()
 
 
 def test_sorted_by_pfn_keeps_each_owner_with_its_pfn_and_equal_pfns_in_order() -> None:

@@ -275,7 +275,7 @@ class Daemon:
         support = move_phys.probe(self.root)
         if not support.usable:
             return None, support.reason
-        return move_phys.move_phys_pages, ""
+        return move_phys.move_phys_pages_into, ""
 
     def close(self) -> None:
         for collector in (self.idle, self.perf):

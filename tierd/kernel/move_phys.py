@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd.errors import KernelFileError
-from tierd.kernel.numa import MPOL_MF_MOVE
+from tierd.kernel.numa import MPOL_MF_MOVE, check_lengths
 from tierd.kernel.root import HOST, HostRoot
 from tierd.probe import Capability
 
@@ -132,23 +132,38 @@ def move_phys_pages(
     whole fails (ENOSYS when the kernel proves no number), ValueError for a
     number that must not be called.
     """
+    addrs = np.ascontiguousarray(phys_addrs, dtype=np.uint64)
+    node_array = None if nodes is None else np.ascontiguousarray(nodes, dtype=np.int32)
+    status = np.empty(addrs.shape, dtype=np.int32)
+    move_phys_pages_into(addrs, node_array, status, flags, nr=nr)
+    return status
+
+
+def move_phys_pages_into(phys_addrs: npt.NDArray[np.uint64], nodes: npt.NDArray[np.int32] | None,
+                         status: npt.NDArray[np.int32], flags: int = MPOL_MF_MOVE, *,
+                         nr: int | None = None) -> int:
+    """move_phys_pages() into a caller's status array: the phys mover's per-call path.
+
+    All three arrays must be contiguous, of these dtypes and one length.
+    Returns the call's result: 0, or how many pages the kernel failed to
+    migrate (as move_pages(2), it stops at the first failed migration; the
+    pages after it keep NOT_ATTEMPTED).
+    """
     if nr is None:
         nr = proven_number()
     refused = refusal(nr)
     if refused:
         raise ValueError(f"refusing to call {refused}")
-    addrs = np.ascontiguousarray(phys_addrs, dtype=np.uint64)
-    node_array = None if nodes is None else np.ascontiguousarray(nodes, dtype=np.int32)
-    if node_array is not None and node_array.shape != addrs.shape:
-        raise ValueError(f"{addrs.size} addresses but {node_array.size} nodes")
-    status = np.full(addrs.shape, NOT_ATTEMPTED, dtype=np.int32)
-    if addrs.size == 0:
-        return status
+    check_lengths(phys_addrs, nodes, status)
+    status.fill(NOT_ATTEMPTED)
+    if phys_addrs.size == 0:
+        return 0
     rc = _libc.syscall(
-        ctypes.c_long(nr), ctypes.c_ulong(addrs.size),
-        _ptr(addrs), _ptr(node_array), _ptr(status), ctypes.c_int(flags),
+        ctypes.c_long(nr), ctypes.c_ulong(phys_addrs.size),
+        _ptr(phys_addrs), _ptr(nodes), _ptr(status), ctypes.c_int(flags),
     )
     if rc < 0:
         err = ctypes.get_errno()
-        raise MovePhysPagesError(err, f"move_phys_pages({addrs.size} pages): {os.strerror(err)}")
-    return status
+        raise MovePhysPagesError(
+            err, f"move_phys_pages({phys_addrs.size} pages): {os.strerror(err)}")
+    return rc

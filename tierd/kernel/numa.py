@@ -31,6 +31,14 @@ def _ptr(array: np.ndarray | None) -> ctypes.c_void_p | None:
     return None if array is None else ctypes.c_void_p(array.ctypes.data)
 
 
+def check_lengths(addrs: np.ndarray, nodes: np.ndarray | None, status: np.ndarray) -> None:
+    """ValueError unless the nodes (when given) and statuses match the addresses one to one."""
+    if nodes is not None and nodes.shape != addrs.shape:
+        raise ValueError(f"{addrs.size} addresses but {nodes.size} nodes")
+    if status.shape != addrs.shape:
+        raise ValueError(f"{addrs.size} addresses but {status.size} statuses")
+
+
 def move_pages(
     pid: int,
     addresses: npt.ArrayLike,
@@ -46,16 +54,31 @@ def move_pages(
     """
     addrs = np.ascontiguousarray(addresses, dtype=np.uint64)
     node_array = None if nodes is None else np.ascontiguousarray(nodes, dtype=np.int32)
-    if node_array is not None and node_array.shape != addrs.shape:
-        raise ValueError(f"{addrs.size} addresses but {node_array.size} nodes")
-    status = np.full(addrs.shape, -errno.EINVAL, dtype=np.int32)
+    status = np.empty(addrs.shape, dtype=np.int32)
+    move_pages_into(pid, addrs, node_array, status, flags)
+    return status
+
+
+def move_pages_into(pid: int, addrs: npt.NDArray[np.uint64],
+                    nodes: npt.NDArray[np.int32] | None, status: npt.NDArray[np.int32],
+                    flags: int = MPOL_MF_MOVE) -> int:
+    """move_pages() into a caller's status array: the movers' per-call path.
+
+    All three arrays must be contiguous, of these dtypes and one length.
+    Pages the kernel never reached read -EINVAL. Returns the call's result:
+    0, or how many pages the kernel failed to migrate (it stops at the first
+    failed migration, and then some statuses are not set). Raises
+    MovePagesError when the call as a whole fails.
+    """
+    check_lengths(addrs, nodes, status)
+    status.fill(-errno.EINVAL)
     if addrs.size == 0:
-        return status
+        return 0
     rc = _libc.syscall(
         ctypes.c_long(SYS_MOVE_PAGES), ctypes.c_long(pid), ctypes.c_ulong(addrs.size),
-        _ptr(addrs), _ptr(node_array), _ptr(status), ctypes.c_int(flags),
+        _ptr(addrs), _ptr(nodes), _ptr(status), ctypes.c_int(flags),
     )
     if rc < 0:
         err = ctypes.get_errno()
         raise MovePagesError(err, f"move_pages(pid {pid}, {addrs.size} pages): {os.strerror(err)}")
-    return status
+    return rc

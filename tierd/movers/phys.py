@@ -29,9 +29,10 @@ from tierd.movers import folios
 from tierd.movers.status import BatchResult, MoverParams, move_groups
 from tierd.policy import Batch
 
-# (physical addresses, target nodes, flags) -> per-page status; raises OSError for the call.
-MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32], int],
-                         npt.NDArray[np.int32]]
+# (physical addresses, target nodes, statuses to fill, flags) -> the call's result (0, or
+# pages it failed to migrate); raises OSError for the call (move_phys_pages_into's signature).
+MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32],
+                          npt.NDArray[np.int32], int], int]
 
 
 class PhysMover:
@@ -56,9 +57,9 @@ class PhysMover:
         sent = pfns[first] << np.uint64(PAGE_SHIFT)  # one PFN per folio
         nodes = np.full(min(sent.size, self.params.batch_pages), batch.target, dtype=np.int32)
 
-        def send(groups: slice | npt.NDArray[np.intp]) -> npt.NDArray[np.int32]:
+        def send(groups: slice | npt.NDArray[np.intp], statuses: npt.NDArray[np.int32]) -> int:
             addrs = sent[groups]
-            return self._move(addrs, nodes[:addrs.size], self.params.flags)
+            return self._move(addrs, nodes[:addrs.size], statuses, self.params.flags)
 
         moved = move_groups(send, pfns, first, batch.target, result, self.params)
         result.succeed(pfns[moved])

@@ -37,14 +37,16 @@ from tierd.policy import Batch
 
 log = logging.getLogger(__name__)
 
-MovePages = Callable[..., npt.NDArray[np.int32]]
+# move_pages into a status array (tierd.kernel.numa.move_pages_into's signature).
+MovePages = Callable[[int, npt.NDArray[np.uint64], npt.NDArray[np.int32],
+                      npt.NDArray[np.int32], int], int]
 
 
 class PidMover:
     name = "pid"
 
     def __init__(self, rmap: ReverseMap, params: MoverParams | None = None,
-                 root: HostRoot = HOST, move_pages: MovePages = numa.move_pages) -> None:
+                 root: HostRoot = HOST, move_pages: MovePages = numa.move_pages_into) -> None:
         self.rmap = rmap
         self.params = params or MoverParams()
         self.root = root
@@ -113,9 +115,9 @@ class PidMover:
         sent = vaddrs[first]  # one address per folio
         nodes = np.full(min(sent.size, self.params.batch_pages), target, dtype=np.int32)
 
-        def send(groups: slice | npt.NDArray[np.intp]) -> npt.NDArray[np.int32]:
+        def send(groups: slice | npt.NDArray[np.intp], statuses: npt.NDArray[np.int32]) -> int:
             addrs = sent[groups]
-            return self._move_pages(pid, addrs, nodes[:addrs.size], self.params.flags)
+            return self._move_pages(pid, addrs, nodes[:addrs.size], statuses, self.params.flags)
 
         moved = move_groups(send, pfns, first, target, result, self.params)
         if moved.any():

@@ -169,29 +169,32 @@ class ReverseMap:
         processes of all other entries taken out are marked stale.
 
         In the map entries become tombstones, so every entry of a PFN there
-        is live or none is; the moved entries are fewer and rewritten.
+        is live or none is; the moved entries are fewer and rewritten (and
+        with none, as after each refresh, their part costs nothing).
         """
         first, end = _ranges(self._pfn, pfns)
-        live = end > first
-        live[live] = self._owner[first[live]] != DEAD
-        first = np.where(live, first, end)  # a PFN of tombstones: nothing to take out
-        moved_first, moved_end = _ranges(self._moved_pfn, pfns)
-        in_moved = ~live & (moved_end > moved_first)  # lookup() answers from the moved entries
-        follows = (live | in_moved) & moving
-        followers = np.where(live, _at(self._owner, first),
-                             _at(self._moved_owner, moved_first))[follows]
-        stale_map = _positions(first + (follows & live), end)
-        stale_moved = _positions(moved_first + (follows & in_moved), moved_end)
-        self._mark_stale(np.concatenate((self._owner[stale_map], self._moved_owner[stale_moved])))
+        owner = _at(self._owner, first)  # of each PFN's first entry: lookup()'s answer
+        live = (end > first) & (owner != DEAD)
+        end = np.where(live, end, first)  # a PFN of tombstones: nothing to take out
+        follows = live & moving
+        stale = [self._owner[_positions(first + follows, end)]]
+        if self._moved_pfn.size:
+            moved_first, moved_end = _ranges(self._moved_pfn, pfns)
+            in_moved = ~live & (moved_end > moved_first)  # lookup() answers from the moved
+            owner = np.where(live, owner, _at(self._moved_owner, moved_first))
+            follows_moved = in_moved & moving
+            follows |= follows_moved
+            stale.append(self._moved_owner[_positions(moved_first + follows_moved, moved_end)])
+            gone_moved = _positions(moved_first, moved_end)
+            if gone_moved.size:
+                keep = np.ones(self._moved_pfn.size, dtype=np.bool_)
+                keep[gone_moved] = False
+                self._moved_pfn, self._moved_owner = self._moved_pfn[keep], self._moved_owner[keep]
+        self._mark_stale(np.concatenate(stale) if len(stale) > 1 else stale[0])
         gone = _positions(first, end)
         self._owner[gone] = DEAD
         self._dead += gone.size
-        gone_moved = _positions(moved_first, moved_end)
-        if gone_moved.size:
-            keep = np.ones(self._moved_pfn.size, dtype=np.bool_)
-            keep[gone_moved] = False
-            self._moved_pfn, self._moved_owner = self._moved_pfn[keep], self._moved_owner[keep]
-        return follows, followers
+        return follows, owner[follows]
 
     def _compact(self) -> None:
         """Fold the tombstones and the moved entries into the map."""
@@ -364,17 +367,28 @@ def _at(values: npt.NDArray[np.uint64], positions: npt.NDArray[np.intp]
 
 def _ranges(pfn: npt.NDArray[np.uint64], pfns: npt.NDArray[np.uint64]
             ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-    """Per PFN of `pfns`, the [first, end) positions of its entries in the sorted `pfn`."""
-    return np.searchsorted(pfn, pfns), np.searchsorted(pfn, pfns, side="right")
+    """Per PFN of `pfns`, the [first, end) positions of its entries in the sorted `pfn`.
+
+    One binary search: a PFN has one entry or none but for shared pages, whose
+    ends (and any a clamped read took for one) get a second search.
+    """
+    first = np.searchsorted(pfn, pfns)
+    if pfn.size == 0:
+        return first, first
+    end = first + (_at(pfn, first) == pfns)
+    more = _at(pfn, end) == pfns
+    if more.any():
+        end[more] = np.searchsorted(pfn, pfns[more], side="right")
+    return first, end
 
 
 def _positions(first: npt.NDArray[np.intp], end: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
-    """Every position in the [first, end) ranges (empty ranges give none).
+    """Every position in the [first, end) ranges (end >= first; empty ranges give none).
 
     Most PFNs have one entry or none: then the positions are the firsts, with
     no pass over the map; a shared page's further entries come by repeat.
     """
-    counts = np.maximum(end - first, 0)
+    counts = end - first
     if counts.size == 0 or counts.max() <= 1:
         return first[counts == 1]
     before = np.repeat(np.cumsum(counts) - counts, counts)

@@ -134,9 +134,10 @@ class BatchResult:
             self.failures.update(count_reasons(statuses[settled], target))
 
 
-# Sends the folio groups at these indices (a slice on the first pass) in one call;
-# their statuses, one per group, or OSError for the call.
-SendGroups = Callable[[slice | npt.NDArray[np.intp]], npt.NDArray[np.int32]]
+# Sends the folio groups at these indices (a slice on the first pass) in one call, their
+# statuses, one per group, into the array given; returns the call's result (0, or how
+# many pages the kernel failed to migrate), or raises OSError for the call.
+SendGroups = Callable[[slice | npt.NDArray[np.intp], npt.NDArray[np.int32]], int]
 
 NOT_SENT = np.iinfo(np.int32).min  # a group's status before (or without) a call
 CALL_FAILED = NOT_SENT + 1  # its call failed as a whole; the reason is kept aside
@@ -154,7 +155,15 @@ def group_chunks(first: npt.NDArray[np.bool_], batch_pages: int) -> list[int]:
 
 class _Sender:
     """Sends groups chunk by chunk into one status array; stops at a full target or a
-    gone process, and keeps each failed call's groups and reason."""
+    gone process, and keeps each failed call's groups and reason.
+
+    Between two calls it runs no numpy computation: in the lab (TCG) the first
+    array operation after a migrating syscall took 0.3-0.7 ms where the
+    syscall wrapper alone took 0.02, 8 ms per 64 MiB in 2,048-page calls.
+    The kernel writes each call's statuses straight into the status array,
+    and they are searched for -ENOMEM only after a call that reports pages it
+    failed to migrate (the statuses of a call that returns 0 hold none).
+    """
 
     def __init__(self, send: SendGroups, groups: int) -> None:
         self.send = send
@@ -166,8 +175,10 @@ class _Sender:
         for piece in pieces:
             if self.stop is not None:
                 return
+            # A slice's statuses are a view the kernel fills; retried groups' a copy.
+            statuses = self.status[piece]
             try:
-                statuses = self.send(piece)
+                not_migrated = self.send(piece, statuses)
             except OSError as e:
                 gone = e.errno == errno.ESRCH
                 self.failed.append((piece, "process_gone" if gone else _call_reason(e), gone))
@@ -176,8 +187,9 @@ class _Sender:
                 self.stop = ("process_gone" if gone
                              else "target_full" if e.errno == errno.ENOMEM else None)
                 continue
-            self.status[piece] = statuses
-            if (statuses == -errno.ENOMEM).any():
+            if not isinstance(piece, slice):
+                self.status[piece] = statuses
+            if not_migrated and (statuses == -errno.ENOMEM).any():
                 self.stop = "target_full"
 
 
