@@ -24,7 +24,7 @@ from tierd.movers import safety
 from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.folios import chunk_bounds
 from tierd.movers.phys import PhysMover
-from tierd.movers.pid import PidMover
+from tierd.movers.pid import PidMover, _by_process_and_address
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
 from tierd.movers.status import MoverParams, count_reasons
@@ -84,6 +84,20 @@ def test_pages_are_grouped_by_process_and_chunked_to_one_target() -> None:
     assert all(flags == numa.MPOL_MF_MOVE for *_, flags in kernel.calls)
     assert sorted(result.moved.tolist()) == [16, 17, 18, 40, 41]
     assert not result.failures
+
+
+def test_each_process_gets_its_pages_in_address_order() -> None:
+    u64 = lambda *v: np.array(v, dtype=np.uint64)  # noqa: E731
+    one = np.array([7, 7, 7], dtype=np.int64)
+    groups = _by_process_and_address(one, u64(1, 2, 3))
+    assert [(pid, u64(1, 2, 3)[pages].tolist()) for pid, pages in groups] == [(7, [1, 2, 3])]
+    groups = _by_process_and_address(one, u64(3, 1, 2))
+    assert [(pid, u64(3, 1, 2)[pages].tolist()) for pid, pages in groups] == [(7, [1, 2, 3])]
+    vaddrs = u64(5, 9, 4, 1, 8)
+    groups = _by_process_and_address(np.array([9, 3, 9, 3, 9], dtype=np.int64), vaddrs)
+    assert [(pid, vaddrs[pages].tolist()) for pid, pages in groups] == [
+        (3, [1, 9]), (9, [4, 5, 8])]
+    assert _by_process_and_address(np.zeros(0, np.int64), u64()) == []
 
 
 def test_chunks_are_cut_only_between_folios_with_or_without_large_ones() -> None:

@@ -57,21 +57,18 @@ class PidMover:
         (the daemon's safety check), else they are read here."""
         result = BatchResult()
         found, pids, vaddrs = self.rmap.lookup(batch.pfns)
-        result.fail(batch.pfns[~found], "not_in_rmap", stale=True)
-        pfns, pids, vaddrs = batch.pfns[found], pids[found], vaddrs[found]
-        flags = self._flags(pfns) if flags is None else flags[found]
-        order = _by_process_and_address(pids, vaddrs)
-        pfns, pids, vaddrs, flags = pfns[order], pids[order], vaddrs[order], flags[order]
-        bounds = [0, *(np.flatnonzero(np.diff(pids)) + 1).tolist(), pids.size]
-        for start, end in pairwise(bounds):
-            if start == end:
-                continue
-            group = slice(start, end)
+        pfns = batch.pfns
+        if not found.all():  # masks only when needed: a numpy pass costs in a slow guest
+            result.fail(pfns[~found], "not_in_rmap", stale=True)
+            pfns, pids, vaddrs = pfns[found], pids[found], vaddrs[found]
+            flags = None if flags is None else flags[found]
+        flags = self._flags(pfns) if flags is None else flags
+        for pid, pages in _by_process_and_address(pids, vaddrs):
             if result.target_full:
-                result.fail(pfns[group], "target_full")
+                result.fail(pfns[pages], "target_full")
                 continue
-            self._move_process(int(pids[start]), pfns[group], vaddrs[group], flags[group],
-                               batch.target, result)
+            self._move_process(pid, pfns[pages], vaddrs[pages], flags[pages], batch.target,
+                               result)
         # The policy picks moved pages again by their new PFNs (the heat follows
         # them), so the map must follow them too, not wait for a refresh.
         self.rmap.moved(result.moved, result.new_pfns)
@@ -107,8 +104,9 @@ class PidMover:
             result.fail(pfns, "node_not_allowed")
             return
         same = current == pfns
-        result.fail(pfns[~same], "stale_rmap", stale=True)
-        pfns, vaddrs, flags = pfns[same], vaddrs[same], flags[same]
+        if not same.all():
+            result.fail(pfns[~same], "stale_rmap", stale=True)
+            pfns, vaddrs, flags = pfns[same], vaddrs[same], flags[same]
         next_page = np.zeros(pfns.size, dtype=np.bool_)
         next_page[1:] = vaddrs[1:] == vaddrs[:-1] + np.uint64(PAGE_SIZE)
         first = folios.group_starts(pfns, flags, joins=next_page)
@@ -120,8 +118,10 @@ class PidMover:
             return self._move_pages(pid, addrs, nodes[:addrs.size], statuses, self.params.flags)
 
         moved = move_groups(send, pfns, first, target, result, self.params)
-        if moved.any():
-            result.succeed(pfns[moved], self._new_pfns(pid, vaddrs[moved]))
+        if not moved.all():
+            pfns, vaddrs = pfns[moved], vaddrs[moved]
+        if pfns.size:
+            result.succeed(pfns, self._new_pfns(pid, vaddrs))
 
     def _new_pfns(self, pid: int, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """Where the moved pages live now (0 where the process is gone or it vanished)."""
@@ -132,11 +132,18 @@ class PidMover:
 
 
 def _by_process_and_address(pids: npt.NDArray[np.int64], vaddrs: npt.NDArray[np.uint64]
-                            ) -> npt.NDArray[np.intp]:
-    """The order that groups pages by process, each process's by address.
+                            ) -> list[tuple[int, slice | npt.NDArray[np.intp]]]:
+    """Each process's pages (pid, which of the arrays' pages), in address order.
 
-    One process (the usual batch) needs one sort by address, not a two-key lexsort.
+    One process (the usual batch) needs at most one sort by address, not a
+    two-key lexsort, and none when its pages came in address order.
     """
-    if pids.size and (pids == pids[0]).all():
-        return np.argsort(vaddrs)
-    return np.lexsort((vaddrs, pids))
+    if pids.size == 0:
+        return []
+    if (pids == pids[0]).all():
+        if (vaddrs[1:] > vaddrs[:-1]).all():
+            return [(int(pids[0]), slice(None))]
+        return [(int(pids[0]), np.argsort(vaddrs))]
+    order = np.lexsort((vaddrs, pids))
+    bounds = [0, *(np.flatnonzero(np.diff(pids[order])) + 1).tolist(), pids.size]
+    return [(int(pids[order[start]]), order[start:end]) for start, end in pairwise(bounds)]

@@ -123,10 +123,14 @@ class ReverseMap:
         if not found.any():
             zeros = np.zeros(pfns.shape, dtype=np.uint64)
             return found, zeros.astype(np.int64), zeros
-        owner = np.where(found, owner, np.uint64(0))
-        pid = np.where(found, self._slot_pid[(owner >> np.uint64(VPN_BITS)).astype(np.intp)], 0)
+        every = found.all()  # the usual batch: no masking
+        if not every:  # owners not found may be tombstones, whose slot is no slot
+            owner = np.where(found, owner, np.uint64(0))
+        pid = self._slot_pid[(owner >> np.uint64(VPN_BITS)).astype(np.intp)]
+        if not every:
+            pid = np.where(found, pid, 0)
         vaddr = (owner & VPN_MASK) << np.uint64(PAGE_SHIFT)
-        return found, pid.astype(np.int64), vaddr
+        return found, pid, vaddr
 
     def pfns_of_pid(self, pid: int) -> npt.NDArray[np.uint64]:
         proc = self._procs.get(pid)
@@ -156,9 +160,13 @@ class ReverseMap:
         if old.size == 0:
             return
         follows, followers = self._remove(old, new != 0)
-        pfns = np.concatenate((self._moved_pfn, new[follows]))
-        self._moved_pfn, self._moved_owner = _sorted_by_pfn(
-            pfns, np.concatenate((self._moved_owner, followers)), np.empty_like(pfns))
+        pfns = new.copy() if follows.all() else new[follows]  # the map's own, not the caller's
+        if self._moved_pfn.size:
+            pfns = np.concatenate((self._moved_pfn, pfns))
+            followers = np.concatenate((self._moved_owner, followers))
+        if not (pfns[1:] >= pfns[:-1]).all():  # moved pages mostly land in ascending PFNs
+            pfns, followers = _sorted_by_pfn(pfns, followers, np.empty_like(pfns))
+        self._moved_pfn, self._moved_owner = pfns, followers
         if self._moved_pfn.size > max(4096, self._pfn.size // 2):
             self._compact()
 
@@ -177,7 +185,9 @@ class ReverseMap:
         live = (end > first) & (owner != DEAD)
         end = np.where(live, end, first)  # a PFN of tombstones: nothing to take out
         follows = live & moving
-        stale = [self._owner[_positions(first + follows, end)]]
+        # Other entries of the PFNs (shared pages), and every entry of those not followed.
+        others = first + follows if follows.any() else first
+        stale = [self._owner[_positions(others, end)]]
         if self._moved_pfn.size:
             moved_first, moved_end = _ranges(self._moved_pfn, pfns)
             in_moved = ~live & (moved_end > moved_first)  # lookup() answers from the moved
@@ -206,6 +216,8 @@ class ReverseMap:
             self._moved_pfn = self._moved_owner = np.zeros(0, dtype=np.uint64)
 
     def _mark_stale(self, owners: npt.NDArray[np.uint64]) -> None:
+        if owners.size == 0:
+            return
         for slot in np.unique(owners >> np.uint64(VPN_BITS)):
             pid = int(self._slot_pid[int(slot)])
             if pid in self._procs:
