@@ -17,7 +17,6 @@ import gc
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import time
@@ -589,8 +588,9 @@ def demote_cpu() -> dict:
     next (each page's unmap waits for a TLB-flush IPI to the CPU the
     workload last ran on, which under TCG on a busy host may not be running),
     so the four paths take turns, pinned like the mover micros, and each
-    path's median is over MOVE_REPEATS demotions. `user_cpu_seconds_per_gib`
-    is tierd's own (user) share of each path, which that swing does not
+    path's median is over MOVE_REPEATS demotions. `own_cpu_seconds_per_gib`
+    is tierd's own share of each path: its CPU outside the migrating
+    syscalls (Python, numpy and its /proc reads), which that swing does not
     reach.
     """
     number, why = phys_support()
@@ -599,7 +599,7 @@ def demote_cpu() -> dict:
     if reason := missing("tierd.movers.pid"):
         return not_available(reason)
     from tierd.kernel.move_phys import move_phys_pages_into
-    from tierd.kernel.numa import move_pages
+    from tierd.kernel.numa import move_pages, move_pages_into
     from tierd.kernel.pagemap import pfns_of
     from tierd.movers.phys import PhysMover
     from tierd.movers.pid import PidMover
@@ -608,7 +608,8 @@ def demote_cpu() -> dict:
     from tierd.policy import Batch
     from tierd.state import Direction
 
-    phys_mover = PhysMover(move_phys_pages_into)
+    phys_clock = SyscallClock(move_phys_pages_into)
+    phys_mover = PhysMover(phys_clock)
     batch_pages = phys_mover.params.batch_pages
     with resident_workload("4M", "64M") as workload, pinned():
         vaddrs = workload.region_addresses("cold")
@@ -620,16 +621,17 @@ def demote_cpu() -> dict:
 
         def phys() -> tuple[float, float]:
             batch = demotion()
-            return user_and_total_cpu(lambda: phys_mover.move(batch))
+            return phys_clock.own_and_total_cpu(lambda: phys_mover.move(batch))
 
         def rmap() -> tuple[float, float]:
             batch = demotion()
+            clock = SyscallClock(move_pages_into)
 
             def build_and_move() -> None:
                 reverse = ReverseMap(ProcessFilter(Exclusions(), self_pid=-1))
                 reverse.refresh()
-                PidMover(reverse).move(batch)
-            return user_and_total_cpu(build_and_move)
+                PidMover(reverse, move_pages=clock).move(batch)
+            return clock.own_and_total_cpu(build_and_move)
 
         def raw_phys() -> tuple[float, float]:
             (demotion().pfns << np.uint64(12)).tofile("/tmp/demote-phys.bin")
@@ -645,30 +647,48 @@ def demote_cpu() -> dict:
 
         paths = [("phys", phys), ("rmap", rmap), ("raw_phys", raw_phys), ("raw_rmap", raw_rmap)]
         runs: dict[str, list[float]] = {name: [] for name, _ in paths}
-        user: dict[str, list[float]] = {"phys": [], "rmap": []}
+        own: dict[str, list[float]] = {"phys": [], "rmap": []}
         for repeat in range(MOVE_REPEATS):  # turns: each path first once every 4 repeats
             for name, path in paths[repeat % 4:] + paths[:repeat % 4]:
-                user_cpu, total = path()
+                own_cpu, total = path()
                 runs[name].append(total / gib)
-                if name in user:
-                    user[name].append(user_cpu / gib)
+                if name in own:
+                    own[name].append(own_cpu / gib)
     medians = {name: statistics.median(v) for name, v in runs.items()}
     return {"status": "ok", "tierd": medians["phys"], "raw": medians["rmap"],
             "ratio": medians["phys"] / medians["rmap"],
             "raw_ratio": medians["raw_phys"] / medians["raw_rmap"],
             "cpu_seconds_per_gib": medians, "runs": runs, "gib_per_run": gib,
-            "user_cpu_seconds_per_gib": {k: statistics.median(v) for k, v in user.items()},
+            "own_cpu_seconds_per_gib": {k: statistics.median(v) for k, v in own.items()},
             "note": "tierd = phys mover, raw = reverse map + PID mover (both tierd, CPU s/GiB); "
                     "raw_ratio = the same two paths in C; paths in turns, medians"}
 
 
-def user_and_total_cpu(fn: Callable[[], object]) -> tuple[float, float]:
-    """(user CPU seconds, user + system CPU seconds) of this process during one call."""
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    fn()
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    user = after.ru_utime - before.ru_utime
-    return user, user + after.ru_stime - before.ru_stime
+class SyscallClock:
+    """A move function that also sums the CPU time its calls take (the kernel's migration).
+
+    A path's own CPU is its total minus that. getrusage's user/system split
+    cannot tell: without VIRT_CPU_ACCOUNTING it comes from tick samples,
+    scaled to the runtime and kept monotonic, so in the lab the user time of
+    one demotion read 0 in most runs. Thread CPU clocks are exact.
+    """
+
+    def __init__(self, move: Callable[..., int]) -> None:
+        self.move = move
+        self.seconds = 0.0
+
+    def __call__(self, *args: object) -> int:
+        start = time.thread_time()
+        try:
+            return self.move(*args)
+        finally:
+            self.seconds += time.thread_time() - start
+
+    def own_and_total_cpu(self, fn: Callable[[], object]) -> tuple[float, float]:
+        """(CPU seconds outside this clock's calls, all CPU seconds) of one call of fn."""
+        self.seconds = 0.0
+        total = timed(fn)[1]
+        return total - self.seconds, total
 
 
 def run_host_micro(name: str) -> dict:

@@ -62,5 +62,5 @@ class PhysMover:
             return self._move(addrs, nodes[:addrs.size], statuses, self.params.flags)
 
         moved = move_groups(send, pfns, first, batch.target, result, self.params)
-        result.succeed(pfns[moved])
+        result.succeed(pfns if moved.all() else pfns[moved])
         return result
