@@ -185,9 +185,7 @@ class ReverseMap:
         live = (end > first) & (owner != DEAD)
         end = np.where(live, end, first)  # a PFN of tombstones: nothing to take out
         follows = live & moving
-        # Other entries of the PFNs (shared pages), and every entry of those not followed.
-        others = first + follows if follows.any() else first
-        stale = [self._owner[_positions(others, end)]]
+        stale = [self._owner[_positions(first + follows, end)]]
         if self._moved_pfn.size:
             moved_first, moved_end = _ranges(self._moved_pfn, pfns)
             in_moved = ~live & (moved_end > moved_first)  # lookup() answers from the moved
