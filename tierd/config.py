@@ -31,7 +31,7 @@ The tree (every key is optional; defaults below; durations in seconds):
         demote: 0.5                # promote + demote == 1
     movers:
       kind: auto                   # auto | phys (move_phys_pages) | pid (move_pages(2))
-      batch_pages: 2048            # pages per syscall (8 MiB)
+      batch_pages: 8192            # pages per syscall (32 MiB)
       rate_mb_per_s: 256.0         # migration bandwidth cap
       move_all_shared: false       # MPOL_MF_MOVE_ALL: also move pages shared with others
     exclusions:
@@ -128,7 +128,7 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class MoversConfig:
     kind: str = "auto"
-    batch_pages: int = 2048
+    batch_pages: int = 8192
     rate_mb_per_s: float = 256.0
     move_all_shared: bool = False
 

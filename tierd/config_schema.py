@@ -119,7 +119,9 @@ SCHEMA: dict[str, Any] = {
             kind=_enum("`phys` (move_phys_pages, on kernels that have it), `pid`"
                        " (move_pages(2) per process) or `auto` (phys when available).",
                        "auto", "phys", "pid"),
-            batch_pages=_int("Pages per migration syscall.", minimum=1, maximum=65536),
+            batch_pages=_int("Pages per migration syscall. Each move_pages call drains every"
+                             " CPU's LRU caches: fewer, larger calls cost less per GiB.",
+                             minimum=1, maximum=65536),
             rate_mb_per_s=_num("Cap on migrated megabytes (2^20 bytes) per second.",
                                exclusiveMinimum=0, maximum=1e6),
             move_all_shared=_bool("Also move pages shared with other processes"
