@@ -23,7 +23,8 @@ from tierd.heat import classes
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
-from tierd.policy import Batch, NodeFacts, Plan
+from tierd.movers.status import MoverParams
+from tierd.policy import Batch, NodeFacts, Plan, PolicyParams
 from tierd.probe import Health as ProbeHealth
 from tierd.state import DaemonState, Direction, Health
 from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
@@ -85,6 +86,14 @@ def test_settings_follow_the_config() -> None:
     assert settings.mover.batch_pages == 64
     assert settings.exclusions.comms == ("db*",) and settings.exclusions.pids == (7,)
     assert settings.budget_pages(4096) == 10 * 4 * 256
+
+
+def test_default_config_runs_the_movers_and_policys_own_defaults() -> None:
+    # The config and the core each state a default (the core must not import the
+    # config); the benchmarks measure the core's, so the two must not drift apart.
+    settings = Settings.from_config(Config())
+    assert settings.mover == MoverParams()
+    assert settings.policy == PolicyParams()
 
 
 class _FakeIdle:
