@@ -185,6 +185,7 @@ class ReverseMap:
         live = (end > first) & (owner != DEAD)
         end = np.where(live, end, first)  # a PFN of tombstones: nothing to take out
         follows = live & moving
+        # Other entries of the PFNs (shared pages), and every entry of those not followed.
         stale = [self._owner[_positions(first + follows, end)]]
         if self._moved_pfn.size:
             moved_first, moved_end = _ranges(self._moved_pfn, pfns)
