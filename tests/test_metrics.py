@@ -194,6 +194,7 @@ def test_reload_status_follows_the_config_store(tmp_path: Path) -> None:
 def test_unknown_path_is_404(server: MetricsServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as e:
         get(server.url + "/debug")
+    e.value.close()  # an HTTPError holds the response open
     assert e.value.code == 404
 
 
@@ -218,10 +219,12 @@ def test_a_real_prometheus_scrapes_tierd(server: MetricsServer, tmp_path: Path) 
         "scrape_configs:\n"
         f"  - job_name: tierd\n    static_configs: [{{targets: ['{target}']}}]\n")
     port = free_port()
-    prometheus = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+    with (tmp_path / "prometheus.log").open("w") as log:
+        prometheus = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=log)  # the child keeps its own descriptor
     try:
         result = wait_for_series(f"http://127.0.0.1:{port}",
                                  'tierd_promoted_pages_total{source_node="1",target_node="0"}',

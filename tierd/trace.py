@@ -58,7 +58,9 @@ class TraceWriter:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self._zip = zipfile.ZipFile(os.fdopen(fd, "wb"), "w", compression=zipfile.ZIP_DEFLATED)
+        # ZipFile does not close a file it was handed: close() closes both.
+        self._file = os.fdopen(fd, "wb")
+        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_DEFLATED)
         self._count = 0
 
     def write(self, record: IntervalRecord) -> None:
@@ -87,7 +89,10 @@ class TraceWriter:
             self._zip.writestr(f"{folder}/regions{i}.npz", buffer.getvalue())
 
     def close(self) -> None:
-        self._zip.close()
+        try:
+            self._zip.close()
+        finally:
+            self._file.close()
 
 
 def _load(zf: zipfile.ZipFile, name: str) -> np.ndarray:
