@@ -6,6 +6,7 @@ lab guest by tests/test_systemd.py (which uses build_deb from this module).
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -20,11 +21,13 @@ import tierd
 REPO = Path(__file__).resolve().parent.parent
 # What a source package needs: the Python package, its metadata, the unit,
 # the shipped config and the docs the packages install.
-SOURCE_PATHS = ("pyproject.toml", "README.md", "LICENSE", "tierd", "config", "tierd.service",
-                "docs")
+SOURCE_PATHS = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "tierd", "config",
+                "tierd.service", "docs")
 # Debian's tools and Python only: a pyenv or virtualenv python3 first on PATH
 # would build with the wrong interpreter.
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# The packages carry a C extension (tierd/movers/_pagemap_index.c), built for this machine.
+EXTENSION = "tierd/movers/_pagemap_index.cpython-*.so"
 DEB_DEPENDS = {"python3-yaml", "python3-prometheus-client", "python3-numpy",
                "python3-jsonschema", "python3-systemd"}
 
@@ -36,7 +39,7 @@ needs_dpkg_buildpackage = pytest.mark.skipif(
 def copy_source(dest: Path) -> Path:
     """The checkout's package sources (working tree, without caches) under dest."""
     dest.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")  # packages build their own
     for name in SOURCE_PATHS:
         src = REPO / name
         if src.is_dir():
@@ -54,7 +57,8 @@ def build_deb(workdir: Path) -> Path:
         ["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source,
         env={**os.environ, "PATH": SYSTEM_PATH}, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return workdir / f"tierd_{tierd.__version__}_all.deb"
+    (deb,) = workdir.glob(f"tierd_{tierd.__version__}_*.deb")
+    return deb
 
 
 def deb_field(deb: Path, field: str) -> str:
@@ -88,6 +92,7 @@ def test_deb_holds_the_program_the_unit_and_the_config_as_conffile(deb: Path,
     assert (tmp_path / "usr/bin/tierd").stat().st_mode & 0o111
     assert (tmp_path / "usr/bin/tierd").read_text().startswith("#!/usr/bin/python3")
     assert (tmp_path / "usr/lib/python3/dist-packages/tierd/service/systemd.py").is_file()
+    assert list((tmp_path / "usr/lib/python3/dist-packages").glob(EXTENSION))
     assert (tmp_path / "lib/systemd/system/tierd.service").read_bytes() == \
         (REPO / "tierd.service").read_bytes()
     assert (tmp_path / "etc/tierd/tierd.yaml").read_bytes() == \
@@ -105,7 +110,10 @@ def test_deb_depends_and_recommends(deb: Path) -> None:
     assert relation_names(deb_field(deb, "Depends")) >= DEB_DEPENDS
     assert "bcc" not in relation_names(deb_field(deb, "Depends"))
     assert relation_names(deb_field(deb, "Recommends")) == {"python3-bpfcc"}
-    assert deb_field(deb, "Architecture") == "all"
+    host_arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    assert deb_field(deb, "Architecture") == host_arch
+    assert "libc6" in relation_names(deb_field(deb, "Depends"))  # the extension's, by shlibs
 
 
 def test_deb_depends_name_only_installable_debian_packages() -> None:
@@ -125,7 +133,7 @@ def test_deb_depends_name_only_installable_debian_packages() -> None:
 # in for the few the spec uses, only where this rpmbuild lacks them.
 DEBIAN_RPM_MACROS = {
     "__python3": "/usr/bin/python3",
-    "python3_sitelib": "/usr/lib/python3/dist-packages",
+    "python3_sitearch": "/usr/lib/python3/dist-packages",
     "_unitdir": "/lib/systemd/system",
     "systemd_post()": "true",
     "systemd_preun()": "true",
@@ -159,12 +167,14 @@ def test_rpm_builds_with_rpmbuild(tmp_path: Path) -> None:
         env={**os.environ, "PATH": SYSTEM_PATH, "DEB_PYTHON_INSTALL_LAYOUT": "deb_system"},
         capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (rpm,) = (top / "RPMS" / "noarch").glob(f"tierd-{version}-1*.noarch.rpm")
+    arch = os.uname().machine
+    (rpm,) = (top / "RPMS" / arch).glob(f"tierd-{version}-1*.{arch}.rpm")
     listing = subprocess.run(["rpm", "-qlp", str(rpm)], capture_output=True, text=True,
                              check=True).stdout.split()
     assert "/usr/bin/tierd" in listing
     assert "/lib/systemd/system/tierd.service" in listing
     assert "/etc/tierd/tierd.yaml" in listing
+    assert any(fnmatch.fnmatch(path, f"*/{EXTENSION}") for path in listing)
     config = subprocess.run(["rpm", "-qcp", str(rpm)], capture_output=True, text=True,
                             check=True).stdout.split()
     assert config == ["/etc/tierd/tierd.yaml"]

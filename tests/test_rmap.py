@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tierd.errors import KernelFileError
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
+from tierd.movers import _pagemap_index
 from tierd.movers.rmap import ReverseMap, _positions, _ranges, _sorted_by_pfn
 from tierd.movers.safety import Exclusions, ProcessFilter
 
@@ -265,6 +268,62 @@ def test_sorted_by_pfn_keeps_each_owner_with_its_pfn_and_equal_pfns_in_order() -
     got_pfns, got_owners = _sorted_by_pfn(pfns.copy(), owners, spare)
     assert got_pfns.tolist() == [1, 3, 3, 9, 9]
     assert got_owners.tolist() == [13, 11, 14, 10, 12]
+
+
+# One run of pagemap entries: chunks of (first PFN, pages, present). PFNs from a
+# small range, so runs overlap as shared pages do; PFN 0 is what a read without
+# CAP_SYS_ADMIN gives.
+_chunks = st.lists(st.tuples(st.integers(0, 80), st.integers(1, 12), st.booleans()), max_size=8)
+
+
+def _entries_of(chunks: list[tuple[int, int, bool]]) -> list[int]:
+    return [(1 << 63 if present else 1 << 62) | pfn  # not present: swapped, PFN bits kept
+            for first, pages, present in chunks for pfn in range(first, first + pages)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(runs=st.lists(st.tuples(_chunks, st.integers(0, 2**64 - 1)), max_size=6))
+def test_native_index_gives_every_present_page_once_with_its_owner_sorted_by_pfn(
+        runs: list[tuple[list[tuple[int, int, bool]], int]]) -> None:
+    parts = [_entries_of(chunks) for chunks, _ in runs]
+    bounds = np.cumsum([0] + [len(part) for part in parts]).astype(np.int64)
+    bases = np.array([base for _, base in runs], dtype=np.uint64)
+    entries = np.array([e for part in parts for e in part], dtype=np.uint64)
+    expected = sorted(
+        (entry & ((1 << 55) - 1), (int(bases[r]) + i) % 2**64)
+        for r in range(len(parts)) for i in range(bounds[r], bounds[r + 1])
+        if (entry := int(entries[i])) >> 63 and entry & ((1 << 55) - 1))
+    owners = np.empty_like(entries)
+    found = _pagemap_index.present_sorted(entries, bounds, bases, owners)
+    got = list(zip(entries[:found].tolist(), owners[:found].tolist(), strict=True))
+    assert [pfn for pfn, _ in got] == sorted(pfn for pfn, _ in got)
+    assert sorted(got) == expected
+
+
+@pytest.mark.parametrize(("bounds", "bases", "owners", "error"), [
+    ([0, 2], [0, 0], 4, "bounds must hold one more item than bases"),
+    ([0, 5], [0], 4, "run 0: bounds 0:5 outside 0:4"),
+    ([0, 3, 2], [0, 0], 4, "run 1: bounds 3:2 outside 0:4"),
+    ([0, 4], [0], 3, "owners must hold as many items as entries"),
+])
+def test_native_index_refuses_bounds_outside_the_entries(
+        bounds: list[int], bases: list[int], owners: int, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        _pagemap_index.present_sorted(np.zeros(4, np.uint64), np.array(bounds, np.int64),
+                                      np.array(bases, np.uint64), np.empty(owners, np.uint64))
+
+
+def test_native_index_takes_only_writable_arrays_of_8_byte_integers() -> None:
+    args = [np.zeros(4, np.uint64), np.array([0, 4], np.int64), np.zeros(1, np.uint64),
+            np.empty(4, np.uint64)]
+    with pytest.raises(TypeError, match="owners: expected a 1-d array of 8-byte integers"):
+        _pagemap_index.present_sorted(*args[:3], np.empty(4, np.float64))
+    with pytest.raises(TypeError, match="bounds: expected"):
+        _pagemap_index.present_sorted(args[0], np.array([0, 4], np.int32), *args[2:])
+    read_only = args[0].copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _pagemap_index.present_sorted(read_only, *args[1:])
 
 
 @pytest.mark.vm

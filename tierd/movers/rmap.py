@@ -30,9 +30,7 @@ without changing either fingerprint). Excluded processes are never read.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
-from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +39,7 @@ from tierd.errors import KernelFileError
 from tierd.kernel import pagemap, task
 from tierd.kernel.pagemap import PAGE_SHIFT, ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
+from tierd.movers import _pagemap_index
 from tierd.movers.safety import ProcessFilter
 
 log = logging.getLogger(__name__)
@@ -51,8 +50,6 @@ VPN_MASK = np.uint64((1 << VPN_BITS) - 1)
 MAX_SLOTS = (1 << (64 - VPN_BITS)) - 1
 DEAD = np.uint64(2**64 - 1)  # the owner of a tombstone: this entry's page left its PFN
 BYTES_PER_PAGE = 16
-# The byte of a native u64 pagemap entry that holds bit 63, present.
-_TOP_BYTE = pagemap.ENTRY_BYTES - 1 if sys.byteorder == "little" else 0
 
 
 @dataclass
@@ -410,29 +407,18 @@ def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.intp]
                    bases: list[int]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """(pfns, owners) of the present entries, sorted by PFN; `entries` is overwritten.
 
-    In a slow guest a fresh page costs more to fault in than a pass over it costs:
-    owners are built in `entries`, and the sorted arrays land in buffers already used.
+    In C (_pagemap_index.c): a dozen numpy passes over the entries cost more in a
+    slow guest than the kernel's read of them. The PFNs land in `entries`, whose
+    pages are already faulted in; `owners` is touched only as far as it is filled.
+    Both are then cut to size in place (a realloc that shrinks copies nothing), so
+    the map holds no buffer for the pages not present.
     """
-    # Bit 63 as one byte per entry: a third cheaper than a 64-bit compare in the guest.
-    index = np.flatnonzero(entries.view(np.uint8)[_TOP_BYTE::pagemap.ENTRY_BYTES] >= 0x80)
-    pfns = np.take(entries, index, mode="clip")  # "clip": no bounds check, no buffering
-    pfns &= pagemap.PFN_MASK
-    owners = entries[:index.size]
-    _owners_into(owners, index, bounds, bases)
-    pfns, owners = _sorted_by_pfn(pfns, owners, index.view(np.uint64))
-    zeros = int(np.searchsorted(pfns, 1))  # PFNs read as 0 without CAP_SYS_ADMIN: useless
-    return (pfns, owners) if not zeros else (pfns[zeros:].copy(), owners[zeros:].copy())
-
-
-def _owners_into(owners: npt.NDArray[np.uint64], index: npt.NDArray[np.intp],
-                 bounds: npt.NDArray[np.intp], bases: list[int]) -> None:
-    """Fill `owners` (slot << VPN_BITS | virtual page) of the entries at `index`: a run's
-    pages are consecutive, so each owner is its run's base plus the entry's index."""
-    starts = index.searchsorted(bounds).tolist()  # each run's first present entry
-    positions = index.view(np.uint64)
-    for base, (start, end) in zip(bases, pairwise(starts), strict=True):
-        if end > start:
-            np.add(positions[start:end], base, out=owners[start:end])
+    owners = np.empty_like(entries)
+    found = _pagemap_index.present_sorted(entries, bounds.astype(np.int64, copy=False),
+                                          np.array(bases, dtype=np.uint64), owners)
+    entries.resize(found, refcheck=False)  # no views of either are left to move
+    owners.resize(found, refcheck=False)
+    return entries, owners
 
 
 def _sorted_by_pfn(pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
@@ -440,11 +426,8 @@ def _sorted_by_pfn(pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
                    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """Both arrays in PFN order: PFNs into `spare`, owners into `pfns`' buffer.
 
-    A process's pages come in long ascending PFN runs (95% of the steps in a
-    lab build were +1), which timsort, the stable argsort, takes in one pass
-    each: 6.7-7.1 ms for that build's 151,705 entries, where one np.sort of
-    (pfn << bits | index) keys, then unpacked, took 7.5 ms (stable) to
-    10-14 ms (quicksort).
+    Moved pages land in long ascending PFN runs, which timsort, the stable
+    argsort, takes in one pass each.
     """
     order = np.argsort(pfns, kind="stable")
     np.take(pfns, order, out=spare, mode="clip")
