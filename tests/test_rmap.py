@@ -305,12 +305,15 @@ def test_native_index_gives_every_present_page_once_with_its_owner_sorted_by_pfn
     ([0, 5], [0], 4, "run 0: bounds 0:5 outside 0:4"),
     ([0, 3, 2], [0, 0], 4, "run 1: bounds 3:2 outside 0:4"),
     ([0, 4], [0], 3, "owners must hold as many items as entries"),
+    ([0, 4], [0], None, "owners must not overlap entries"),  # None: entries' buffer, from [2]
 ])
-def test_native_index_refuses_bounds_outside_the_entries(
-        bounds: list[int], bases: list[int], owners: int, error: str) -> None:
+def test_native_index_refuses_bounds_and_owners_it_cannot_use(
+        bounds: list[int], bases: list[int], owners: int | None, error: str) -> None:
+    buffer = np.zeros(8, np.uint64)
     with pytest.raises(ValueError, match=error):
-        _pagemap_index.present_sorted(np.zeros(4, np.uint64), np.array(bounds, np.int64),
-                                      np.array(bases, np.uint64), np.empty(owners, np.uint64))
+        _pagemap_index.present_sorted(
+            buffer[:4], np.array(bounds, np.int64), np.array(bases, np.uint64),
+            buffer[2:] if owners is None else np.empty(owners, np.uint64))
 
 
 def test_native_index_takes_only_writable_arrays_of_8_byte_integers() -> None:

@@ -254,6 +254,10 @@ static PyObject *index_present(Py_buffer *entries, Py_buffer *bounds, Py_buffer 
     }
     if ((size_t)owners->len / 8 < n)
         return PyErr_Format(PyExc_ValueError, "owners must hold as many items as entries");
+    /* Both are written: the PFNs over the entries as they are read, the owners apart. */
+    if ((char *)owners->buf < (char *)entries->buf + entries->len
+        && (char *)entries->buf < (char *)owners->buf + owners->len)
+        return PyErr_Format(PyExc_ValueError, "owners must not overlap entries");
     Py_BEGIN_ALLOW_THREADS
     failed = cut_segments(entries->buf, bound, bases->buf, runs, &segs)
              || write_sorted(&segs, entries->buf, owners->buf);
