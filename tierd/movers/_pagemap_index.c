@@ -1,5 +1,5 @@
 /*
- * The reverse map's build step in one pass of C: the present pages of a run of
+ * The reverse map's build step in C: the present pages of a run of
  * /proc/PID/pagemap entries, as (PFN, owner) pairs sorted by PFN.
  *
  * numpy needs about a dozen passes over the entries for this (mask, select,
