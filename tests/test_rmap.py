@@ -289,10 +289,11 @@ def test_native_index_gives_every_present_page_once_with_its_owner_sorted_by_pfn
     bounds = np.cumsum([0] + [len(part) for part in parts]).astype(np.int64)
     bases = np.array([base for _, base in runs], dtype=np.uint64)
     entries = np.array([e for part in parts for e in part], dtype=np.uint64)
+    pfn_mask = int(pagemap.PFN_MASK)
     expected = sorted(
-        (entry & ((1 << 55) - 1), (int(bases[r]) + i) % 2**64)
+        (entry & pfn_mask, (int(bases[r]) + i) % 2**64)
         for r in range(len(parts)) for i in range(bounds[r], bounds[r + 1])
-        if (entry := int(entries[i])) >> 63 and entry & ((1 << 55) - 1))
+        if (entry := int(entries[i])) >> 63 and entry & pfn_mask)
     owners = np.empty_like(entries)
     found = _pagemap_index.present_sorted(entries, bounds, bases, owners)
     got = list(zip(entries[:found].tolist(), owners[:found].tolist(), strict=True))

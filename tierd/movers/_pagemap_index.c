@@ -140,6 +140,11 @@ static int write_sorted(const struct segments *s, uint64_t *out_pfn, uint64_t *o
     uint64_t *order = malloc(n * sizeof *order), *key = malloc(n * sizeof *key);
     uint64_t *tmp_a = malloc(n * sizeof *tmp_a), *tmp_b = malloc(n * sizeof *tmp_b);
     uint64_t *side_pfn = NULL, *side_owner = NULL, *side_tmp_a = NULL, *side_tmp_b = NULL;
+    /*
+     * After the sort the keys are not read again: their array marks, in sorted
+     * order, the segments set aside.
+     */
+    uint64_t *aside = key;
     uint64_t end = 0;
     int ret = -1;
 
@@ -150,16 +155,14 @@ static int write_sorted(const struct segments *s, uint64_t *out_pfn, uint64_t *o
         order[i] = i;
     radix_sort(key, order, tmp_a, tmp_b, n);
 
-    /* Segments that start before the end of the last one kept go aside (key[i] = 1). */
+    /* Segments that start before the end of the last one kept go aside. */
     for (size_t i = 0; i < n; i++) {
         size_t seg = order[i];
-        if (s->pfn[seg] >= end) {
-            end = s->pfn[seg] + s->len[seg];
-            key[i] = 0;
-        } else {
-            key[i] = 1;
+        aside[i] = s->pfn[seg] < end;
+        if (aside[i])
             spread += s->len[seg];
-        }
+        else
+            end = s->pfn[seg] + s->len[seg];
     }
     if (spread) {
         side_pfn = malloc(spread * sizeof *side_pfn);
@@ -170,7 +173,7 @@ static int write_sorted(const struct segments *s, uint64_t *out_pfn, uint64_t *o
             goto out;
         for (size_t i = 0, at = 0; i < n; i++) {
             size_t seg = order[i];
-            if (!key[i])
+            if (!aside[i])
                 continue;
             for (uint64_t j = 0; j < s->len[seg]; j++, at++) {
                 side_pfn[at] = s->pfn[seg] + j;
@@ -183,7 +186,7 @@ static int write_sorted(const struct segments *s, uint64_t *out_pfn, uint64_t *o
     /* Merge: the kept segments' pages in order, the set-aside pages before any larger PFN. */
     for (size_t i = 0; i < n; i++) {
         size_t seg = order[i];
-        if (key[i])
+        if (aside[i])
             continue;
         for (uint64_t j = 0; j < s->len[seg]; j++) {
             uint64_t pfn = s->pfn[seg] + j;
@@ -220,7 +223,8 @@ static int get_u64_buffer(PyObject *obj, Py_buffer *view, int writable, const ch
         return -1;
     const char *format = view->format ? view->format : "B";
     char kind = format[strlen(format) - 1];
-    if (view->itemsize != 8 || view->ndim != 1 || !strchr("qQlLnN", kind) || !kind) {
+    /* kind first: strchr() finds a '\0' too. */
+    if (view->itemsize != 8 || view->ndim != 1 || !kind || !strchr("qQlLnN", kind)) {
         PyErr_Format(PyExc_TypeError, "%s: expected a 1-d array of 8-byte integers", name);
         PyBuffer_Release(view);
         return -1;

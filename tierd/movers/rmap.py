@@ -287,12 +287,13 @@ class ReverseMap:
 
     def _read_processes(self, reread: dict[int, tuple[_Process, list[tuple[int, int]]]],
                         drop: list[int], stats: RefreshStats
-                        ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.intp], list[int]]:
+                        ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64],
+                                   npt.NDArray[np.uint64]]:
         """The pagemap entries of every process in `reread`, their runs one after another in
         one array; where each run starts in it (and where the last ends), and the base of
-        each run's owners.
+        each run's owners: _present_pages' input.
 
-        One array for all, so each per-entry pass runs once, not once per process; a
+        One array for all, so the per-entry work runs once, not once per process; a
         process that fails leaves its part all zeros (not present).
         """
         bounds, bases = [0], []
@@ -317,7 +318,7 @@ class ReverseMap:
                 stats.errors.append(str(e))
                 proc.stale = True
                 part[:] = 0
-        return entries, np.array(bounds, dtype=np.intp), bases
+        return entries, np.array(bounds, dtype=np.int64), np.array(bases, dtype=np.uint64)
 
     def _merge(self, pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
                new_pfns: npt.NDArray[np.uint64], new_owners: npt.NDArray[np.uint64]) -> None:
@@ -403,8 +404,9 @@ def _positions(first: npt.NDArray[np.intp], end: npt.NDArray[np.intp]) -> npt.ND
     return np.repeat(first, counts) + (np.arange(before.size) - before)
 
 
-def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.intp],
-                   bases: list[int]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.int64],
+                   bases: npt.NDArray[np.uint64]
+                   ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """(pfns, owners) of the present entries, sorted by PFN; `entries` is overwritten.
 
     In C (_pagemap_index.c): a dozen numpy passes over the entries cost more in a
@@ -414,8 +416,7 @@ def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.intp]
     the map holds no buffer for the pages not present.
     """
     owners = np.empty_like(entries)
-    found = _pagemap_index.present_sorted(entries, bounds.astype(np.int64, copy=False),
-                                          np.array(bases, dtype=np.uint64), owners)
+    found = _pagemap_index.present_sorted(entries, bounds, bases, owners)
     entries.resize(found, refcheck=False)  # no views of either are left to move
     owners.resize(found, refcheck=False)
     return entries, owners
