@@ -16,9 +16,9 @@ deps:
 
 # The guest runs Debian's /usr/bin/python3, so the virtualenv must be built
 # from it (and see Debian's python3-bpfcc, python3-systemd through
-# --system-site-packages). The editable install compiles the C extension in
-# place (tierd/movers/*.so), so a change to it reinstalls.
-$(STAMP): pyproject.toml setup.py tierd/movers/_pagemap_index.c tests/lab/debian-packages.txt | deps
+# --system-site-packages). The editable install compiles the C extensions in
+# place (tierd/*/_*.so), so a change to one reinstalls.
+$(STAMP): pyproject.toml setup.py $(wildcard tierd/*/_*.c) tests/lab/debian-packages.txt | deps
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@

@@ -1,6 +1,11 @@
-"""The one C extension; everything else about the package is in pyproject.toml."""
+"""The C extensions; everything else about the package is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("tierd.movers._pagemap_index", ["tierd/movers/_pagemap_index.c"],
-                             extra_compile_args=["-O2", "-Wall", "-Wextra"])])
+
+def extension(module: str) -> Extension:
+    return Extension(module, [module.replace(".", "/") + ".c"],
+                     extra_compile_args=["-O2", "-Wall", "-Wextra"])
+
+
+setup(ext_modules=[extension("tierd.movers._pagemap_index"), extension("tierd.kernel._gather")])

@@ -24,7 +24,7 @@ from tierd.movers import safety
 from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.folios import chunk_bounds
 from tierd.movers.phys import PhysMover
-from tierd.movers.pid import PidMover, _by_process_and_address
+from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
 from tierd.movers.status import MoverParams, count_reasons
@@ -56,11 +56,21 @@ class FakeKernel:
         self.calls.append((pid, (addrs // PAGE).tolist(), nodes.tolist(), flags))
         if self.call_error is not None:
             raise numa.MovePagesError(self.call_error, os.strerror(self.call_error))
+        if not set(nodes.tolist()) <= _mems_allowed(pid):  # as do_pages_move checks
+            raise numa.MovePagesError(errno.EACCES, os.strerror(errno.EACCES))
         out = []
         for page, node in zip((addrs // PAGE).tolist(), nodes.tolist(), strict=True):
             script = self.statuses.get(page, [])
             out.append(script.pop(0) if script else node)
         return _answer(out, nodes, status)
+
+
+def _mems_allowed(pid: int) -> set[int]:
+    """The fixture process's cpuset nodes ("0" or "0-1" in the fixtures)."""
+    status = (FIXTURES / f"proc/{pid}/status").read_text()
+    value = status.split("Mems_allowed_list:")[1].split()[0]
+    first, _, last = value.partition("-")
+    return set(range(int(first), int(last or first) + 1))
 
 
 def _mover(kernel: FakeKernel, exclusions: Exclusions | None = None, **params: object
@@ -84,20 +94,6 @@ def test_pages_are_grouped_by_process_and_chunked_to_one_target() -> None:
     assert all(flags == numa.MPOL_MF_MOVE for *_, flags in kernel.calls)
     assert sorted(result.moved.tolist()) == [16, 17, 18, 40, 41]
     assert not result.failures
-
-
-def test_each_process_gets_its_pages_in_address_order() -> None:
-    u64 = lambda *v: np.array(v, dtype=np.uint64)  # noqa: E731
-    one = np.array([7, 7, 7], dtype=np.int64)
-    groups = _by_process_and_address(one, u64(1, 2, 3))
-    assert [(pid, u64(1, 2, 3)[pages].tolist()) for pid, pages in groups] == [(7, [1, 2, 3])]
-    groups = _by_process_and_address(one, u64(3, 1, 2))
-    assert [(pid, u64(3, 1, 2)[pages].tolist()) for pid, pages in groups] == [(7, [1, 2, 3])]
-    vaddrs = u64(5, 9, 4, 1, 8)
-    groups = _by_process_and_address(np.array([9, 3, 9, 3, 9], dtype=np.int64), vaddrs)
-    assert [(pid, vaddrs[pages].tolist()) for pid, pages in groups] == [
-        (3, [1, 9]), (9, [4, 5, 8])]
-    assert _by_process_and_address(np.zeros(0, np.int64), u64()) == []
 
 
 def test_chunks_are_cut_only_between_folios_with_or_without_large_ones() -> None:
@@ -165,7 +161,7 @@ def test_enomem_stops_the_batch_for_that_target() -> None:
 
 @pytest.mark.parametrize(("err", "reason"), [(errno.ESRCH, "process_gone"),
                                              (errno.EPERM, "call_EPERM"),
-                                             (errno.EACCES, "call_EACCES"),
+                                             (errno.EACCES, "node_not_allowed"),
                                              (errno.ENODEV, "call_ENODEV")])
 def test_call_level_errors_fail_the_pages_and_the_mover_goes_on(err: int, reason: str) -> None:
     mover, _ = _mover(FakeKernel(call_error=err))
@@ -181,12 +177,13 @@ def test_a_call_level_enomem_means_the_target_is_full() -> None:
     assert result.failures == {"call_ENOMEM": 2, "target_full": 2}
 
 
-def test_a_node_outside_mems_allowed_is_never_asked_for() -> None:
+def test_a_node_outside_mems_allowed_fails_that_process_and_the_batch_goes_on() -> None:
     kernel = FakeKernel()
     mover, _ = _mover(kernel)
     result = mover.move(_batch([44, 45, 16], target=1))
     assert result.failures == {"node_not_allowed": 2}
-    assert [pid for pid, *_ in kernel.calls] == [4242]
+    assert result.moved.tolist() == [16]
+    assert sorted(pid for pid, *_ in kernel.calls) == [4242, 4244]
 
 
 def test_a_stale_reverse_map_entry_is_not_moved(tmp_path: Path) -> None:
@@ -535,9 +532,9 @@ def test_a_dry_run_counts_each_page_once_per_target_node() -> None:
     [10, 11, 12, 1000, 1001, 1003],  # a gap-free run, then one with a gap
     [5, 5, 7],  # a repeat and a gap that add up to a gap-free length
 ])
-def test_read_per_pfn_gives_each_pfn_its_own_entry(tmp_path: Path, pfns: list[int]) -> None:
+def test_read_at_gives_each_pfn_its_own_entry(tmp_path: Path, pfns: list[int]) -> None:
     (tmp_path / "proc").mkdir()
     (np.arange(4096, dtype=np.uint64) * np.uint64(7)).tofile(tmp_path / "proc/kpageflags")
     with kpf.kpageflags(HostRoot(tmp_path)) as flags_file:
-        got = safety.read_per_pfn(flags_file, np.array(pfns, dtype=np.uint64))
+        got = flags_file.read_at(np.array(pfns, dtype=np.uint64))
     assert got.tolist() == [7 * p for p in pfns]

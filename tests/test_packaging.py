@@ -26,8 +26,8 @@ SOURCE_PATHS = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "tierd", "
 # Debian's tools and Python only: a pyenv or virtualenv python3 first on PATH
 # would build with the wrong interpreter.
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-# The packages carry a C extension (tierd/movers/_pagemap_index.c), built for this machine.
-EXTENSION = "tierd/movers/_pagemap_index.cpython-*.so"
+# The packages carry the C extensions (tierd/*/_*.c), built for this machine.
+EXTENSIONS = ("tierd/movers/_pagemap_index.cpython-*.so", "tierd/kernel/_gather.cpython-*.so")
 DEB_DEPENDS = {"python3-yaml", "python3-prometheus-client", "python3-numpy",
                "python3-jsonschema", "python3-systemd"}
 
@@ -92,7 +92,8 @@ def test_deb_holds_the_program_the_unit_and_the_config_as_conffile(deb: Path,
     assert (tmp_path / "usr/bin/tierd").stat().st_mode & 0o111
     assert (tmp_path / "usr/bin/tierd").read_text().startswith("#!/usr/bin/python3")
     assert (tmp_path / "usr/lib/python3/dist-packages/tierd/service/systemd.py").is_file()
-    assert list((tmp_path / "usr/lib/python3/dist-packages").glob(EXTENSION))
+    site = tmp_path / "usr/lib/python3/dist-packages"
+    assert all(list(site.glob(extension)) for extension in EXTENSIONS)
     assert (tmp_path / "lib/systemd/system/tierd.service").read_bytes() == \
         (REPO / "tierd.service").read_bytes()
     assert (tmp_path / "etc/tierd/tierd.yaml").read_bytes() == \
@@ -174,7 +175,8 @@ def test_rpm_builds_with_rpmbuild(tmp_path: Path) -> None:
     assert "/usr/bin/tierd" in listing
     assert "/lib/systemd/system/tierd.service" in listing
     assert "/etc/tierd/tierd.yaml" in listing
-    assert any(fnmatch.fnmatch(path, f"*/{EXTENSION}") for path in listing)
+    assert all(any(fnmatch.fnmatch(path, f"*/{extension}") for path in listing)
+               for extension in EXTENSIONS)
     config = subprocess.run(["rpm", "-qcp", str(rpm)], capture_output=True, text=True,
                             check=True).stdout.split()
     assert config == ["/etc/tierd/tierd.yaml"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
@@ -15,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tierd.errors import KernelFileError
-from tierd.kernel import pagemap
+from tierd.kernel import _gather, pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
 from tierd.movers import _pagemap_index
-from tierd.movers.rmap import ReverseMap, _positions, _ranges, _sorted_by_pfn
+from tierd.movers.rmap import DEAD, VPN_BITS, ReverseMap, _sorted_by_pfn
 from tierd.movers.safety import Exclusions, ProcessFilter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
@@ -244,21 +245,132 @@ def test_a_moved_shared_page_leaves_no_entry_at_its_old_pfn() -> None:
     assert rmap.refresh().read == 1  # the other process mapping 48 is read again
 
 
-def test_positions_expand_every_entry_range_shared_or_not() -> None:
-    first = np.array([2, 5, 9, 9], dtype=np.intp)
-    end = np.array([3, 5, 12, 10], dtype=np.intp)  # one, none, three (a shared page), one
-    assert _positions(first, end).tolist() == [2, 9, 10, 11, 9]
-    assert _positions(first[:2], end[:2]).tolist() == [2]  # the no-repeat path
+def test_by_process_groups_a_batch_by_process_in_address_order() -> None:
+    rmap = _rmap()
+    rmap.refresh()
+    pfns = np.array([41, 16, 99, 19, 40, 17], dtype=np.uint64)
+    missing, processes = rmap.by_process(pfns)
+    assert missing is not None and missing.tolist() == [False, False, True, False, False, False]
+    got = [(pid, pfns[pages].tolist(), (vaddrs // PAGE).tolist())
+           for pid, pages, vaddrs in processes]
+    assert got == [(4242, [16, 17, 19], [16, 17, 19]), (4243, [40, 41], [16, 17])]
+    # The usual batch: one process's pages, in address order: all of them, unsorted.
+    missing, processes = rmap.by_process(np.array([16, 17, 18], dtype=np.uint64))
+    assert missing is None and processes[0].pages == slice(0, 3)
+    assert rmap.by_process(np.array([99], dtype=np.uint64))[1] == []
 
 
-@pytest.mark.parametrize("entries", [[], [0], [3], [1, 3, 3, 3, 7, 9, 9], [2, 2, 5, 9, 9, 9]])
-def test_ranges_match_a_left_and_right_search_for_single_shared_and_absent_pfns(
-        entries: list[int]) -> None:
-    pfn = np.array(entries, dtype=np.uint64)
-    pfns = np.arange(12, dtype=np.uint64)  # below, between, at and above every entry
-    first, end = _ranges(pfn, pfns)
-    assert first.tolist() == np.searchsorted(pfn, pfns).tolist()
-    assert end.tolist() == np.searchsorted(pfn, pfns, side="right").tolist()
+# A map: sorted PFNs from a small range (repeats: shared pages), some entries tombstones.
+_maps = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2**20), st.booleans()),
+                 max_size=30)
+
+
+def _map_of(entries: list[tuple[int, int, bool]]
+            ) -> tuple[np.ndarray, np.ndarray, dict[int, list[int]]]:
+    """(pfn, owner) arrays, every entry of a PFN live or every one a tombstone (as the
+    reverse map keeps them), and each PFN's owners in order (DEAD for tombstones)."""
+    by_pfn: dict[int, list[int]] = {}
+    for pfn, owner, _ in sorted(entries, key=lambda e: e[0]):
+        by_pfn.setdefault(pfn, []).append(owner)
+    dead = {pfn for pfn, _, tombstone in entries if tombstone}
+    for pfn in dead:
+        by_pfn[pfn] = [int(DEAD)] * len(by_pfn[pfn])
+    pfn = np.array([p for p, owners in by_pfn.items() for _ in owners], dtype=np.uint64)
+    owner = np.array([o for owners in by_pfn.values() for o in owners], dtype=np.uint64)
+    return pfn, owner, by_pfn
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=_maps, keys=st.lists(st.integers(0, 45), max_size=20), ascending=st.booleans())
+def test_first_owners_gives_each_key_its_first_live_entry(
+        entries: list[tuple[int, int, bool]], keys: list[int], ascending: bool) -> None:
+    pfn, owner, by_pfn = _map_of(entries)
+    keys = sorted(keys) if ascending else keys  # the batch's order, and any other
+    out = np.empty(len(keys), dtype=np.uint64)
+    found = _pagemap_index.first_owners(pfn, owner, np.array(keys, dtype=np.uint64), out)
+    expected = [by_pfn.get(k, [int(DEAD)])[0] for k in keys]
+    assert out.tolist() == expected
+    assert found == sum(o != int(DEAD) for o in expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=_maps, moves=st.lists(st.tuples(st.integers(0, 45), st.booleans()), max_size=20))
+def test_take_out_tombstones_every_entry_and_reports_followers_and_stale_slots(
+        entries: list[tuple[int, int, bool]], moves: list[tuple[int, bool]]) -> None:
+    pfn, owner, by_pfn = _map_of(entries)
+    keys = np.array([k for k, _ in moves], dtype=np.uint64)
+    follow = np.array([f for _, f in moves], dtype=np.bool_)
+    followers = np.empty(keys.size, dtype=np.uint64)
+    slot_shift = 16  # owners up to 2**20: slots 0-16
+    stale = np.zeros(17, dtype=np.bool_)
+    taken = _pagemap_index.take_out(pfn, owner, keys, follow, followers, stale, slot_shift)
+    expected_followers, expected_stale, expected_taken = [], set(), 0
+    for k, f in moves:
+        live = [o for o in by_pfn.get(k, []) if o != int(DEAD)]
+        if k in by_pfn:
+            by_pfn[k] = [int(DEAD)] * len(by_pfn[k])
+        expected_taken += len(live)
+        expected_followers.append(live[0] if f and live else int(DEAD))
+        expected_stale |= {o >> slot_shift for o in live[1 if f else 0:]}
+    assert followers.tolist() == expected_followers
+    assert set(np.flatnonzero(stale).tolist()) == expected_stale
+    assert taken == expected_taken
+    assert owner.tolist() == [o for owners in by_pfn.values() for o in owners]
+
+
+def test_take_out_refuses_a_slot_past_its_flags_and_mismatched_sizes() -> None:
+    pfn, owner = np.array([5], np.uint64), np.array([3 << VPN_BITS], np.uint64)
+    args = (np.array([5], np.uint64), np.zeros(1, np.bool_), np.empty(1, np.uint64))
+    with pytest.raises(ValueError, match="slot is past stale_slots"):
+        _pagemap_index.take_out(pfn, owner, *args, np.zeros(3, np.bool_), VPN_BITS)
+    with pytest.raises(ValueError, match="must match"):
+        _pagemap_index.take_out(pfn, owner[:0], *args, np.zeros(4, np.bool_), VPN_BITS)
+    with pytest.raises(TypeError, match="follow: expected a 1-d array of booleans"):
+        _pagemap_index.take_out(pfn, owner, args[0], np.zeros(1, np.uint64), args[2],
+                                np.zeros(4, np.bool_), VPN_BITS)
+    with pytest.raises(ValueError, match="must match"):
+        _pagemap_index.first_owners(pfn, owner, args[0], np.empty(2, np.uint64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.integers(0, 2**20), max_size=40), shift=st.sampled_from([0, 3, 12]),
+       max_gap=st.integers(0, 600))
+def test_gather_reads_each_keys_entry_and_fills_past_the_end(
+        tmp_path_factory: pytest.TempPathFactory, keys: list[int], shift: int,
+        max_gap: int) -> None:
+    path = tmp_path_factory.mktemp("gather") / "entries"
+    size = 3000  # entries in the file; indices past it read as the fill
+    (np.arange(size, dtype=np.uint64) * np.uint64(3) + np.uint64(1)).tofile(path)
+    keys = sorted(k % (4000 << shift) for k in keys)
+    out = np.empty(len(keys), dtype=np.uint64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _gather.gather(fd, np.array(keys, dtype=np.uint64), shift, out, 7, max_gap)
+    finally:
+        os.close(fd)
+    assert out.tolist() == [3 * (k >> shift) + 1 if k >> shift < size else 7 for k in keys]
+
+
+def test_gather_refuses_keys_out_of_order_and_names_a_failed_reads_offset(
+        tmp_path: Path) -> None:
+    path = tmp_path / "entries"
+    path.write_bytes(bytes(8 * 4 + 3))  # four entries and a piece of one
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        keys = np.array([2, 1], dtype=np.uint64)
+        with pytest.raises(ValueError, match=r"keys must be ascending \(item 1\)"):
+            _gather.gather(fd, keys, 0, np.empty(2, np.uint64), 0, 8)
+        ascending = np.sort(keys)
+        with pytest.raises(ValueError, match="out must not overlap keys"):
+            _gather.gather(fd, ascending, 0, ascending, 0, 8)
+        with pytest.raises(OSError, match="read ends inside an entry") as raised:
+            _gather.gather(fd, np.array([4], np.uint64), 0, np.empty(1, np.uint64), 0, 8)
+        assert raised.value.filename == 8 * 4 + 3
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as raised:
+        _gather.gather(fd, np.array([1], np.uint64), 0, np.empty(1, np.uint64), 0, 8)
+    assert raised.value.errno == errno.EBADF and raised.value.filename == 8
 
 
 def test_sorted_by_pfn_keeps_each_owner_with_its_pfn_and_equal_pfns_in_order() -> None:

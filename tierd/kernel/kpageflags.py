@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd.errors import KernelFileError
+from tierd.kernel import _gather
 from tierd.kernel.kernel_fd import KernelFd
 from tierd.kernel.root import HOST, HostRoot
 
@@ -26,6 +27,8 @@ KPAGEFLAGS = "/proc/kpageflags"
 KPAGECOUNT = "/proc/kpagecount"
 KPAGECGROUP = "/proc/kpagecgroup"
 ENTRY_BYTES = 8
+# Two PFNs closer than this are read in one pread by PfnFile.read_at().
+MERGE_GAP_PFNS = 512
 
 KPF_LOCKED = 0
 KPF_REFERENCED = 2
@@ -101,6 +104,23 @@ class PfnFile(KernelFd):
         got = done // ENTRY_BYTES
         out[got:] = self.fill
         return got
+
+    def read_at(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The entry of each of the ascending `pfns` (repeats allowed), one pread per run.
+
+        A batch's PFNs mostly come in gap-free runs (pages the allocator
+        handed out together), read straight into the result; the cutting
+        into runs is in C (tierd/kernel/_gather.c): in the lab, picking
+        16,384 PFNs out of their runs' reads cost 2-6 ms of numpy on top of
+        the kernel's 2-3 ms.
+        """
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+        out = np.empty(pfns.size, dtype=np.uint64)
+        try:
+            _gather.gather(self._open(), pfns, 0, out, int(self.fill), MERGE_GAP_PFNS)
+        except OSError as e:
+            raise self._error(e, e.filename) from None
+        return out
 
     def read(self, pfn_start: int, count: int) -> npt.NDArray[np.uint64]:
         """A new array with the entries of PFNs [pfn_start, pfn_start + count)."""

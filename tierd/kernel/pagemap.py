@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd.errors import KernelFileError
+from tierd.kernel import _gather
 from tierd.kernel.root import HOST, HostRoot
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -182,43 +183,37 @@ def _touching_merged(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _runs(pages: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """Split sorted unique page numbers into [first, last] runs with small gaps merged."""
-    breaks = np.flatnonzero(np.diff(pages) > MERGE_GAP_PAGES) + 1
-    firsts = pages[np.concatenate(([0], breaks))]
-    lasts = pages[np.concatenate((breaks - 1, [pages.size - 1]))]
-    return firsts, lasts
-
-
 def entries_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST
                ) -> npt.NDArray[np.uint64]:
-    """The pagemap entry of the page holding each of `vaddrs` (any order, repeats allowed)."""
-    addrs = np.asarray(vaddrs, dtype=np.uint64)
+    """The pagemap entry of the page holding each of `vaddrs` (any order, repeats allowed).
+
+    Ascending addresses (the movers' case) are read in one C pass
+    (tierd/kernel/_gather.c), pages at most MERGE_GAP_PAGES apart in one pread.
+    """
+    addrs = np.ascontiguousarray(vaddrs, dtype=np.uint64)
     if addrs.size == 0:
         return np.zeros(0, dtype=np.uint64)
-    pages = addrs >> np.uint64(PAGE_SHIFT)
-    inverse = None
-    if np.all(pages[1:] > pages[:-1]):  # the movers' case: already sorted and unique
-        if int(pages[-1]) - int(pages[0]) + 1 == pages.size:  # one gap-free range
-            return read_pagemap(pid, int(pages[0]) << PAGE_SHIFT, pages.size, root)
-        unique = pages
-    else:
-        unique, inverse = np.unique(pages, return_inverse=True)
-    firsts, lasts = _runs(unique)
+    order = None
+    if not (addrs[1:] >= addrs[:-1]).all():
+        order = np.argsort(addrs, kind="stable")
+        addrs = addrs[order]
+    out = np.empty(addrs.size, dtype=np.uint64)
     fd = _open_pagemap(pid, root)
     try:
-        spans = [_pread_entries(fd, pid, int(f), int(la - f) + 1, root)
-                 for f, la in zip(firsts, lasts, strict=True)]
+        _gather.gather(fd, addrs, PAGE_SHIFT, out, 0, MERGE_GAP_PAGES)
+    except OSError as e:
+        path = root.fspath(f"/proc/{pid}/pagemap")
+        if e.errno == errno.ESRCH:
+            raise ProcessGoneError(path, "process gone") from None
+        raise KernelFileError(path, e.strerror or str(e),
+                              key=f"page {e.filename // ENTRY_BYTES:#x}") from None
     finally:
         os.close(fd)
-    flat = spans[0] if len(spans) == 1 else np.concatenate(spans)
-    if flat.size != unique.size:  # gaps were read through: pick the pages out
-        # Offset of each unique page inside `flat`: its run's offset plus its distance
-        # from the run's first page.
-        run_of = np.searchsorted(firsts, unique, side="right") - 1
-        run_offsets = np.concatenate(([0], np.cumsum(lasts - firsts + 1)[:-1])).astype(np.uint64)
-        flat = flat[(run_offsets[run_of] + (unique - firsts[run_of])).astype(np.intp)]
-    return flat if inverse is None else flat[inverse]
+    if order is None:
+        return out
+    unsorted = np.empty_like(out)
+    unsorted[order] = out
+    return unsorted
 
 
 def pfns_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST) -> npt.NDArray[np.uint64]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 from tierd.errors import KernelFileError
-from tierd.kernel.nodes import parse_cpulist
 from tierd.kernel.pagemap import read_proc_file
 from tierd.kernel.root import HOST, HostRoot
 
@@ -58,22 +57,6 @@ def cgroup(pid: int, root: HostRoot = HOST) -> str:
         if hierarchy == "0" and controllers == "":
             return path
     return ""
-
-
-def status_field(pid: int, key: str, root: HostRoot = HOST) -> str:
-    text = _read(pid, "status", root)
-    for line in text.splitlines():
-        name, sep, value = line.partition(":")
-        if sep and name == key:
-            return value.strip()
-    raise KernelFileError(root(f"/proc/{pid}/status"), "no such field", key=key)
-
-
-def mems_allowed(pid: int, root: HostRoot = HOST) -> frozenset[int]:
-    """Nodes the process may allocate on (its cpuset's Mems_allowed_list)."""
-    value = status_field(pid, "Mems_allowed_list", root)
-    path = f"{root(f'/proc/{pid}/status')}: Mems_allowed_list"
-    return frozenset(parse_cpulist(value, path))
 
 
 def resident_pages(pid: int, root: HostRoot = HOST) -> int:

@@ -1,6 +1,10 @@
 /*
- * The reverse map's build step in C: the present pages of a run of
- * /proc/PID/pagemap entries, as (PFN, owner) pairs sorted by PFN.
+ * The reverse map's index in C: its build step (present_sorted), and the
+ * lookups and corrections the movers make per batch (first_owners, take_out,
+ * further down).
+ *
+ * The build: the present pages of a run of /proc/PID/pagemap entries, as
+ * (PFN, owner) pairs sorted by PFN.
  *
  * numpy needs about a dozen passes over the entries for this (mask, select,
  * offset per run, argsort, two gathers); in a slow guest each pass costs more
@@ -216,7 +220,8 @@ out:
     return ret;
 }
 
-static int get_u64_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name,
+                      Py_ssize_t itemsize, const char *kinds, const char *expected)
 {
     if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS
                                           | PyBUF_FORMAT) < 0)
@@ -224,12 +229,22 @@ static int get_u64_buffer(PyObject *obj, Py_buffer *view, int writable, const ch
     const char *format = view->format ? view->format : "B";
     char kind = format[strlen(format) - 1];
     /* kind first: strchr() finds a '\0' too. */
-    if (view->itemsize != 8 || view->ndim != 1 || !kind || !strchr("qQlLnN", kind)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a 1-d array of 8-byte integers", name);
+    if (view->itemsize != itemsize || view->ndim != 1 || !kind || !strchr(kinds, kind)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a 1-d array of %s", name, expected);
         PyBuffer_Release(view);
         return -1;
     }
     return 0;
+}
+
+static int get_u64_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
+{
+    return get_buffer(obj, view, writable, name, 8, "qQlLnN", "8-byte integers");
+}
+
+static int get_bool_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
+{
+    return get_buffer(obj, view, writable, name, 1, "?", "booleans");
 }
 
 PyDoc_STRVAR(present_sorted_doc,
@@ -296,14 +311,207 @@ static PyObject *present_sorted(PyObject *self, PyObject *args)
     return result;
 }
 
+/*
+ * The map's lookups and corrections, for the movers: per PFN of a batch, a
+ * search of the map's sorted PFNs. A batch's PFNs come ascending, so each
+ * search gallops on from where the last one ended (a few probes) instead of
+ * bisecting the whole map; in numpy the same took a dozen passes over the
+ * batch around two binary searches, more than the kernel's reads for it.
+ */
+
+#define DEAD UINT64_MAX  /* the owner of a tombstone: its page left this PFN */
+
+/* The first position in the sorted a[0:n] whose value is not below key; `hint`
+ * is the previous answer (keys mostly ascend). */
+static size_t lower_bound(const uint64_t *a, size_t n, uint64_t key, size_t hint)
+{
+    size_t lo = 0, hi = n;
+
+    if (hint > n)
+        hint = n;
+    if (hint > 0 && a[hint - 1] >= key) {
+        hi = hint;  /* a key below the previous one: bisect what lies before */
+    } else {
+        size_t step = 1, probe = hint;
+        lo = hint;  /* everything before `hint` is below key */
+        while (probe < n && a[probe] < key) {
+            lo = probe + 1;
+            probe = lo + step;
+            step *= 2;
+        }
+        hi = probe < n ? probe : n;
+    }
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (a[mid] < key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Per key: the owner of its first entry, or DEAD when it has none or that one is a
+ * tombstone. Returns how many keys had a live entry. */
+static size_t find_first_owners(const uint64_t *pfn, const uint64_t *owner, size_t n,
+                                const uint64_t *keys, size_t count, uint64_t *out)
+{
+    size_t found = 0, at = 0;
+
+    for (size_t i = 0; i < count; i++) {
+        at = lower_bound(pfn, n, keys[i], at);
+        out[i] = at < n && pfn[at] == keys[i] ? owner[at] : DEAD;
+        found += out[i] != DEAD;
+    }
+    return found;
+}
+
+/* Tombstone every entry of each key. Where follow[i] and the key has live entries,
+ * followers[i] is the first one's owner (the entry that follows the page), else DEAD;
+ * the slots of the other entries taken out are flagged in stale_slots. Returns how
+ * many entries became tombstones, or -1 for an owner whose slot is past stale_slots. */
+static int64_t tombstone(const uint64_t *pfn, uint64_t *owner, size_t n, const uint64_t *keys,
+                         const char *follow, size_t count, uint64_t *followers,
+                         char *stale_slots, size_t slots, unsigned slot_shift)
+{
+    size_t at = 0;
+    int64_t taken = 0;
+
+    for (size_t i = 0; i < count; i++) {
+        at = lower_bound(pfn, n, keys[i], at);
+        followers[i] = DEAD;
+        if (at == n || pfn[at] != keys[i] || owner[at] == DEAD)
+            continue;  /* no entry, or tombstones only: every entry of a PFN is one or none */
+        size_t j = at;
+        if (follow[i])
+            followers[i] = owner[j++];
+        for (; j < n && pfn[j] == keys[i]; j++) {
+            if ((owner[j] >> slot_shift) >= slots)
+                return -1;
+            stale_slots[owner[j] >> slot_shift] = 1;
+        }
+        for (j = at; j < n && pfn[j] == keys[i]; j++, taken++)
+            owner[j] = DEAD;
+    }
+    return taken;
+}
+
+PyDoc_STRVAR(first_owners_doc,
+"first_owners(pfn, owner, keys, out) -> int\n\n"
+"For each of `keys` (uint64; fastest ascending), the owner of its first entry in\n"
+"the map (pfn sorted, owner alongside) into out[i], or 2**64-1 where it has none\n"
+"or that entry is a tombstone. Returns how many keys had a live entry.");
+
+static PyObject *first_owners(PyObject *self, PyObject *args)
+{
+    static const char *const names[] = {"pfn", "owner", "keys", "out"};
+    PyObject *objects[4];
+    Py_buffer views[4];
+    PyObject *result = NULL;
+    int held = 0;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOO:first_owners", &objects[0], &objects[1], &objects[2],
+                          &objects[3]))
+        return NULL;
+    for (; held < 4; held++) {
+        if (get_u64_buffer(objects[held], &views[held], held == 3, names[held]) < 0)
+            break;
+    }
+    if (held == 4) {
+        size_t n = (size_t)views[0].len / 8, count = (size_t)views[2].len / 8, found;
+        if ((size_t)views[1].len / 8 != n || (size_t)views[3].len / 8 != count) {
+            PyErr_SetString(PyExc_ValueError,
+                            "owner must match pfn, and out must match keys, in size");
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            found = find_first_owners(views[0].buf, views[1].buf, n, views[2].buf, count,
+                                      views[3].buf);
+            Py_END_ALLOW_THREADS
+            result = PyLong_FromSize_t(found);
+        }
+    }
+    while (held--)
+        PyBuffer_Release(&views[held]);
+    return result;
+}
+
+PyDoc_STRVAR(take_out_doc,
+"take_out(pfn, owner, keys, follow, followers, stale_slots, slot_shift) -> int\n\n"
+"Turn every entry of each of `keys` into a tombstone (owner 2**64-1) in the map\n"
+"(pfn sorted, owner alongside, written). Where follow[i] (bool) and the key has\n"
+"live entries, followers[i] is the first one's owner, else 2**64-1; stale_slots\n"
+"(bool, one per slot) flags the slots (owner >> slot_shift) of the other entries\n"
+"taken out. Returns how many entries became tombstones. An owner whose slot is\n"
+"past stale_slots raises ValueError, with the keys before it already taken out.");
+
+static PyObject *take_out(PyObject *self, PyObject *args)
+{
+    PyObject *pfn_obj, *owner_obj, *keys_obj, *follow_obj, *followers_obj, *stale_obj;
+    unsigned int slot_shift;
+    Py_buffer pfn, owner, keys, follow, followers, stale;
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOI:take_out", &pfn_obj, &owner_obj, &keys_obj,
+                          &follow_obj, &followers_obj, &stale_obj, &slot_shift))
+        return NULL;
+    if (slot_shift > 63)
+        return PyErr_Format(PyExc_ValueError, "slot_shift %u is not below 64", slot_shift);
+    if (get_u64_buffer(pfn_obj, &pfn, 0, "pfn") < 0)
+        return NULL;
+    if (get_u64_buffer(owner_obj, &owner, 1, "owner") < 0)
+        goto release_pfn;
+    if (get_u64_buffer(keys_obj, &keys, 0, "keys") < 0)
+        goto release_owner;
+    if (get_bool_buffer(follow_obj, &follow, 0, "follow") < 0)
+        goto release_keys;
+    if (get_u64_buffer(followers_obj, &followers, 1, "followers") < 0)
+        goto release_follow;
+    if (get_bool_buffer(stale_obj, &stale, 1, "stale_slots") < 0)
+        goto release_followers;
+
+    size_t n = (size_t)pfn.len / 8, count = (size_t)keys.len / 8;
+    if ((size_t)owner.len / 8 != n || (size_t)follow.len != count
+        || (size_t)followers.len / 8 != count) {
+        PyErr_SetString(PyExc_ValueError, "owner must match pfn, and follow and followers "
+                                          "keys, in size");
+    } else {
+        int64_t taken;
+        Py_BEGIN_ALLOW_THREADS
+        taken = tombstone(pfn.buf, owner.buf, n, keys.buf, follow.buf, count, followers.buf,
+                          stale.buf, (size_t)stale.len, slot_shift);
+        Py_END_ALLOW_THREADS
+        if (taken < 0)
+            PyErr_SetString(PyExc_ValueError, "an owner's slot is past stale_slots");
+        else
+            result = PyLong_FromLongLong(taken);
+    }
+    PyBuffer_Release(&stale);
+release_followers:
+    PyBuffer_Release(&followers);
+release_follow:
+    PyBuffer_Release(&follow);
+release_keys:
+    PyBuffer_Release(&keys);
+release_owner:
+    PyBuffer_Release(&owner);
+release_pfn:
+    PyBuffer_Release(&pfn);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"present_sorted", present_sorted, METH_VARARGS, present_sorted_doc},
+    {"first_owners", first_owners, METH_VARARGS, first_owners_doc},
+    {"take_out", take_out, METH_VARARGS, take_out_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_pagemap_index",
-    "The reverse map's build step, in C (see _pagemap_index.c).", -1, methods,
+    "The reverse map's build, lookups and corrections, in C (see _pagemap_index.c).", -1,
+    methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -19,7 +19,6 @@ import numpy.typing as npt
 
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel.root import HOST, HostRoot
-from tierd.movers.safety import read_per_pfn
 
 
 def group_starts(pfns: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],
@@ -42,7 +41,7 @@ def read_group_starts(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST
     if pfns.size == 0:
         return np.zeros(0, dtype=np.bool_)
     with kpf.kpageflags(root) as flags_file:
-        return group_starts(pfns, read_per_pfn(flags_file, pfns))
+        return group_starts(pfns, flags_file.read_at(pfns))
 
 
 def chunk_bounds(first: npt.NDArray[np.bool_], step: int) -> list[int]:

@@ -1,9 +1,9 @@
 """The PID mover: PFNs -> (pid, vaddr) through the reverse map, then move_pages(2) per process.
 
-For each process owning pages of a batch: check the target node is in its
-Mems_allowed, re-read its pagemap for those addresses and keep only pages
-still at the PFN the policy chose (the rest are stale: the reverse map is
-repaired, nothing else is touched), then call move_pages with at most
+For each process owning pages of a batch: re-read its pagemap for those
+addresses and keep only pages still at the PFN the policy chose (the rest
+are stale: the reverse map is repaired, nothing else is touched), then call
+move_pages with at most
 `batch_pages` pages a call, all to the batch's one target node (the kernel
 flushes its internal batch whenever the target changes or a page is not
 queued). Pages are grouped by folio (tierd.movers.folios; here a group also
@@ -13,14 +13,15 @@ each find it isolated (-EBUSY, a retry after a backoff) and flush the
 kernel's batch. Busy pages are retried a bounded number of times with
 exponential backoff; -ENOMEM ends the batch (the target is full). Call-level
 errors (process gone, permission, cpuset) fail that process's pages and the
-batch goes on.
+batch goes on. The kernel itself refuses a target outside the task's cpuset
+(move_pages checks every page's node against it and fails the call with
+EACCES, counted as node_not_allowed), so no Mems_allowed read races it here.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -30,7 +31,7 @@ from tierd.kernel import kpageflags as kpf
 from tierd.kernel import numa, pagemap
 from tierd.kernel.pagemap import PAGE_SIZE, ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
-from tierd.movers import folios, safety
+from tierd.movers import folios
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.status import BatchResult, MoverParams, move_groups
 from tierd.policy import Batch
@@ -56,19 +57,16 @@ class PidMover:
         """Move the batch; `flags`: its PFNs' kpageflags when the caller read them already
         (the daemon's safety check), else they are read here."""
         result = BatchResult()
-        found, pids, vaddrs = self.rmap.lookup(batch.pfns)
         pfns = batch.pfns
-        if not found.all():  # masks only when needed: a numpy pass costs in a slow guest
-            result.fail(pfns[~found], "not_in_rmap", stale=True)
-            pfns, pids, vaddrs = pfns[found], pids[found], vaddrs[found]
-            flags = None if flags is None else flags[found]
+        missing, processes = self.rmap.by_process(pfns)
+        if missing is not None:
+            result.fail(pfns[missing], "not_in_rmap", stale=True)
         flags = self._flags(pfns) if flags is None else flags
-        for pid, pages in _by_process_and_address(pids, vaddrs):
+        for pid, pages, vaddrs in processes:
             if result.target_full:
                 result.fail(pfns[pages], "target_full")
                 continue
-            self._move_process(pid, pfns[pages], vaddrs[pages], flags[pages], batch.target,
-                               result)
+            self._move_process(pid, pfns[pages], vaddrs, flags[pages], batch.target, result)
         # The policy picks moved pages again by their new PFNs (the heat follows
         # them), so the map must follow them too, not wait for a refresh.
         self.rmap.moved(result.moved, result.new_pfns)
@@ -81,17 +79,16 @@ class PidMover:
             return np.zeros(0, dtype=np.uint64)
         with kpf.kpageflags(self.root) as flags_file:
             if (pfns[1:] >= pfns[:-1]).all():
-                return safety.read_per_pfn(flags_file, pfns)
+                return flags_file.read_at(pfns)
             order = np.argsort(pfns)
             flags = np.empty(pfns.size, dtype=np.uint64)
-            flags[order] = safety.read_per_pfn(flags_file, pfns[order])
+            flags[order] = flags_file.read_at(pfns[order])
             return flags
 
     def _move_process(self, pid: int, pfns: npt.NDArray[np.uint64],
                       vaddrs: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],
                       target: int, result: BatchResult) -> None:
         try:
-            allowed = safety.allowed_nodes(pid, self.root)
             current = pagemap.pfns_of(pid, vaddrs, self.root)
         except ProcessGoneError:
             result.fail(pfns, "process_gone", stale=True)
@@ -99,9 +96,6 @@ class PidMover:
         except KernelFileError as e:
             log.debug("pid %d: %s", pid, e)
             result.fail(pfns, "proc_unreadable")
-            return
-        if allowed is not None and target not in allowed:
-            result.fail(pfns, "node_not_allowed")
             return
         same = current == pfns
         if not same.all():
@@ -130,20 +124,3 @@ class PidMover:
         except KernelFileError:
             return np.zeros(vaddrs.size, dtype=np.uint64)
 
-
-def _by_process_and_address(pids: npt.NDArray[np.int64], vaddrs: npt.NDArray[np.uint64]
-                            ) -> list[tuple[int, slice | npt.NDArray[np.intp]]]:
-    """Each process's pages (pid, which of the arrays' pages), in address order.
-
-    One process (the usual batch) needs at most one sort by address, not a
-    two-key lexsort, and none when its pages came in address order.
-    """
-    if pids.size == 0:
-        return []
-    if (pids == pids[0]).all():
-        if (vaddrs[1:] > vaddrs[:-1]).all():
-            return [(int(pids[0]), slice(None))]
-        return [(int(pids[0]), np.argsort(vaddrs))]
-    order = np.lexsort((vaddrs, pids))
-    bounds = [0, *(np.flatnonzero(np.diff(pids[order])) + 1).tolist(), pids.size]
-    return [(int(pids[order[start]]), order[start:end]) for start, end in pairwise(bounds)]

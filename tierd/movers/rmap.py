@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +60,14 @@ class _Process:
     fingerprint: int  # hash of /proc/PID/maps and the resident page count
     read_at: int  # refresh number of the last read
     stale: bool = False
+
+
+class ProcessPages(NamedTuple):
+    """One process's pages of a batch (ReverseMap.by_process)."""
+
+    pid: int
+    pages: slice | npt.NDArray[np.intp]  # which of the batch's PFNs
+    vaddrs: npt.NDArray[np.uint64]  # ascending
 
 
 @dataclass
@@ -110,24 +120,58 @@ class ReverseMap:
 
         A page mapped by several processes answers with one of them.
         """
-        pfns = np.asarray(pfns, dtype=np.uint64)
-        found, owner = _find(self._pfn, self._owner, pfns)
-        if self._moved_pfn.size and not found.all():
-            moved, moved_owner = _find(self._moved_pfn, self._moved_owner, pfns)
-            moved &= ~found
-            owner = np.where(moved, moved_owner, owner)
-            found |= moved
-        if not found.any():
-            zeros = np.zeros(pfns.shape, dtype=np.uint64)
-            return found, zeros.astype(np.int64), zeros
-        every = found.all()  # the usual batch: no masking
-        if not every:  # owners not found may be tombstones, whose slot is no slot
-            owner = np.where(found, owner, np.uint64(0))
-        pid = self._slot_pid[(owner >> np.uint64(VPN_BITS)).astype(np.intp)]
-        if not every:
-            pid = np.where(found, pid, 0)
-        vaddr = (owner & VPN_MASK) << np.uint64(PAGE_SHIFT)
+        owner = self._first_owners(pfns)
+        found = owner != DEAD
+        slot = np.where(found, owner >> np.uint64(VPN_BITS), 0).astype(np.intp)
+        pid = np.where(found, self._slot_pid[slot], 0)
+        vaddr = np.where(found, (owner & VPN_MASK) << np.uint64(PAGE_SHIFT), np.uint64(0))
         return found, pid, vaddr
+
+    def by_process(self, pfns: npt.NDArray[np.uint64]
+                   ) -> tuple[npt.NDArray[np.bool_] | None, list[ProcessPages]]:
+        """Where the pages of `pfns` are mapped: which of them the map lacks (None when
+        none), and for each process the positions in `pfns` of its pages (a slice when
+        that is all of them) with their virtual addresses, ascending.
+
+        A page mapped by several processes goes with one of them, as in lookup().
+        The usual batch is one process's pages in address order: then the owners,
+        (slot << VPN_BITS) | virtual page, ascend, and nothing is sorted or masked.
+        """
+        owner = self._first_owners(pfns)
+        found = owner != DEAD
+        missing, index = None, None
+        if not found.all():
+            missing, index = ~found, np.flatnonzero(found)
+            owner = owner[index]
+        if owner.size == 0:
+            return missing, []
+        if not (owner[1:] > owner[:-1]).all():
+            order = np.argsort(owner)
+            owner = owner[order]
+            index = order if index is None else index[order]
+        vaddrs = (owner & VPN_MASK) << np.uint64(PAGE_SHIFT)
+        slot_shift = np.uint64(VPN_BITS)
+        if owner[0] >> slot_shift == owner[-1] >> slot_shift:  # one process
+            bounds = [0, owner.size]
+        else:
+            bounds = [0, *(np.flatnonzero(np.diff(owner >> slot_shift)) + 1).tolist(), owner.size]
+        return missing, [
+            ProcessPages(int(self._slot_pid[int(owner[start] >> slot_shift)]),
+                         slice(start, end) if index is None else index[start:end],
+                         vaddrs[start:end])
+            for start, end in pairwise(bounds)]
+
+    def _first_owners(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The owner of each PFN's first live entry (the map's before the moved ones'),
+        DEAD where it has none."""
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+        owner = np.empty(pfns.size, dtype=np.uint64)
+        found = _pagemap_index.first_owners(self._pfn, self._owner, pfns, owner)
+        if found < pfns.size and self._moved_pfn.size:
+            moved = np.empty_like(owner)
+            _pagemap_index.first_owners(self._moved_pfn, self._moved_owner, pfns, moved)
+            owner = np.where(owner == DEAD, moved, owner)
+        return owner
 
     def pfns_of_pid(self, pid: int) -> npt.NDArray[np.uint64]:
         proc = self._procs.get(pid)
@@ -173,34 +217,29 @@ class ReverseMap:
         follows its page: returns which PFNs have one and their owners; the
         processes of all other entries taken out are marked stale.
 
-        In the map entries become tombstones, so every entry of a PFN there
-        is live or none is; the moved entries are fewer and rewritten (and
-        with none, as after each refresh, their part costs nothing).
+        In the map entries become tombstones (in C, _pagemap_index.take_out), so
+        the arrays stay sorted and every entry of a PFN there is live or none
+        is; the moved entries are fewer, and lose theirs at once.
         """
-        first, end = _ranges(self._pfn, pfns)
-        owner = _at(self._owner, first)  # of each PFN's first entry: lookup()'s answer
-        live = (end > first) & (owner != DEAD)
-        end = np.where(live, end, first)  # a PFN of tombstones: nothing to take out
-        follows = live & moving
-        # Other entries of the PFNs (shared pages), and every entry of those not followed.
-        stale = [self._owner[_positions(first + follows, end)]]
-        if self._moved_pfn.size:
-            moved_first, moved_end = _ranges(self._moved_pfn, pfns)
-            in_moved = ~live & (moved_end > moved_first)  # lookup() answers from the moved
-            owner = np.where(live, owner, _at(self._moved_owner, moved_first))
-            follows_moved = in_moved & moving
-            follows |= follows_moved
-            stale.append(self._moved_owner[_positions(moved_first + follows_moved, moved_end)])
-            gone_moved = _positions(moved_first, moved_end)
-            if gone_moved.size:
-                keep = np.ones(self._moved_pfn.size, dtype=np.bool_)
-                keep[gone_moved] = False
+        pfns = np.ascontiguousarray(pfns)
+        moving = np.ascontiguousarray(moving)
+        stale = np.zeros(self._slot_pid.size, dtype=np.bool_)
+        followers = np.empty(pfns.size, dtype=np.uint64)
+        self._dead += _pagemap_index.take_out(self._pfn, self._owner, pfns, moving, followers,
+                                              stale, VPN_BITS)
+        if self._moved_pfn.size:  # lookup() answers from these where the map has no entry
+            in_map = followers != DEAD
+            moved_followers = np.empty_like(followers)
+            if _pagemap_index.take_out(self._moved_pfn, self._moved_owner, pfns,
+                                       moving & ~in_map, moved_followers, stale, VPN_BITS):
+                keep = self._moved_owner != DEAD
                 self._moved_pfn, self._moved_owner = self._moved_pfn[keep], self._moved_owner[keep]
-        self._mark_stale(np.concatenate(stale) if len(stale) > 1 else stale[0])
-        gone = _positions(first, end)
-        self._owner[gone] = DEAD
-        self._dead += gone.size
-        return follows, owner[follows]
+            followers = np.where(in_map, followers, moved_followers)
+        for slot in np.flatnonzero(stale).tolist():
+            if (proc := self._procs.get(int(self._slot_pid[slot]))) is not None:
+                proc.stale = True
+        follows = followers != DEAD
+        return follows, followers if follows.all() else followers[follows]
 
     def _compact(self) -> None:
         """Fold the tombstones and the moved entries into the map."""
@@ -210,14 +249,6 @@ class ReverseMap:
         if self._moved_pfn.size:
             self._merge(self._pfn, self._owner, self._moved_pfn, self._moved_owner)
             self._moved_pfn = self._moved_owner = np.zeros(0, dtype=np.uint64)
-
-    def _mark_stale(self, owners: npt.NDArray[np.uint64]) -> None:
-        if owners.size == 0:
-            return
-        for slot in np.unique(owners >> np.uint64(VPN_BITS)):
-            pid = int(self._slot_pid[int(slot)])
-            if pid in self._procs:
-                self._procs[pid].stale = True
 
     # --- refresh ---------------------------------------------------------------------
 
@@ -353,55 +384,6 @@ class ReverseMap:
         self._slot_pid[proc.slot] = 0
         self._free_slots.append(proc.slot)
         return proc.slot
-
-
-def _find(pfn: npt.NDArray[np.uint64], owner: npt.NDArray[np.uint64],
-          pfns: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
-    """Per PFN of `pfns`: whether the sorted (pfn, owner) arrays hold a live entry for it,
-    and the owner of its first entry."""
-    if pfn.size == 0:
-        return np.zeros(pfns.shape, dtype=np.bool_), np.zeros(pfns.shape, dtype=np.uint64)
-    index = np.searchsorted(pfn, pfns)
-    found_owner = _at(owner, index)
-    return (_at(pfn, index) == pfns) & (found_owner != DEAD), found_owner
-
-
-def _at(values: npt.NDArray[np.uint64], positions: npt.NDArray[np.intp]
-        ) -> npt.NDArray[np.uint64]:
-    """values[positions], where a position past the end (a PFN above every entry) reads 0."""
-    if values.size == 0:
-        return np.zeros(positions.size, dtype=np.uint64)
-    return values[np.minimum(positions, values.size - 1)]
-
-
-def _ranges(pfn: npt.NDArray[np.uint64], pfns: npt.NDArray[np.uint64]
-            ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-    """Per PFN of `pfns`, the [first, end) positions of its entries in the sorted `pfn`.
-
-    One binary search: a PFN has one entry or none but for shared pages, whose
-    ends (and any a clamped read took for one) get a second search.
-    """
-    first = np.searchsorted(pfn, pfns)
-    if pfn.size == 0:
-        return first, first
-    end = first + (_at(pfn, first) == pfns)
-    more = _at(pfn, end) == pfns
-    if more.any():
-        end[more] = np.searchsorted(pfn, pfns[more], side="right")
-    return first, end
-
-
-def _positions(first: npt.NDArray[np.intp], end: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
-    """Every position in the [first, end) ranges (end >= first; empty ranges give none).
-
-    Most PFNs have one entry or none: then the positions are the firsts, with
-    no pass over the map; a shared page's further entries come by repeat.
-    """
-    counts = end - first
-    if counts.size == 0 or counts.max() <= 1:
-        return first[counts == 1]
-    before = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(first, counts) + (np.arange(before.size) - before)
 
 
 def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.int64],

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from tierd.errors import HostMismatch, KernelFileError, TierdError
+from tierd.errors import HostMismatch, TierdError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import pagemap, task
 from tierd.kernel.kernel_tiering import KernelTiering
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 STANCES = ("coexist", "warn", "refuse")
-# Two PFNs closer than this are read from kpageflags in one pread.
-MERGE_GAP_PFNS = 512
 
 
 @dataclass(frozen=True)
@@ -90,40 +88,6 @@ def excluded_memcg_inodes(exclusions: Exclusions, root: HostRoot = HOST) -> froz
     return frozenset(inodes)
 
 
-def _runs(pfns: npt.NDArray[np.uint64]) -> list[tuple[int, int, int, int, bool]]:
-    """(first PFN, last PFN, first index, end index, gap-free) of the runs of sorted PFNs,
-    gaps below MERGE_GAP_PFNS merged; gap-free: every PFN of the run once, none between."""
-    steps = np.diff(pfns)
-    breaks = np.flatnonzero(steps > MERGE_GAP_PFNS) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [pfns.size]))
-    # Steps of 1 only: no repeat (0) and no gap (> 1) inside the run.
-    irregular = np.concatenate(([0], np.cumsum(steps != 1)))
-    gap_free = irregular[ends - 1] == irregular[starts]
-    return list(zip(pfns[starts].tolist(), pfns[ends - 1].tolist(), starts.tolist(),
-                    ends.tolist(), gap_free.tolist(), strict=True))
-
-
-def read_per_pfn(file: kpf.PfnFile, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """The file's entry for each of the sorted `pfns`, one pread per run.
-
-    A batch's PFNs mostly come in gap-free runs (pages the allocator handed
-    out together): such a run is read straight into the result. In the lab,
-    picking 16,384 such PFNs out of their runs' reads cost 2-6 ms of numpy on
-    top of the kernel's 2-3 ms.
-    """
-    out = np.empty(pfns.size, dtype=np.uint64)
-    if pfns.size == 0:
-        return out
-    for first, last, at, end, gap_free in _runs(pfns):
-        if gap_free:
-            file.read_into(first, out[at:end])
-        else:
-            span = file.read(first, last - first + 1)
-            out[at:end] = span[(pfns[at:end] - np.uint64(first)).astype(np.intp)]
-    return out
-
-
 def pinned_reasons(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.object_]:
     """Per PFN: why it must not move ("mlocked", "unevictable", ...) or None."""
     reasons = np.full(flags.shape, None, dtype=object)
@@ -165,11 +129,11 @@ def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
     if pfns.size == 0:
         return pfns, np.zeros(0, dtype=np.uint64), Counter()
     with kpf.kpageflags(root) as flags_file:
-        flags = read_per_pfn(flags_file, pfns)
+        flags = flags_file.read_at(pfns)
     reasons = pinned_reasons(flags)
     if memcg_inodes:
         with kpf.kpagecgroup(root) as cgroup_file:
-            owners = read_per_pfn(cgroup_file, pfns)
+            owners = cgroup_file.read_at(pfns)
         excluded = np.isin(owners, np.fromiter(memcg_inodes, dtype=np.uint64))
         reasons[excluded & (reasons == None)] = "excluded_cgroup"  # noqa: E711 (elementwise)
     if excluded_pfns is not None and excluded_pfns.size:
@@ -178,16 +142,6 @@ def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
     keep = reasons == None  # noqa: E711 (elementwise comparison)
     dropped = Counter(reasons[~keep].tolist())
     return pfns[keep], flags[keep], dropped
-
-
-def allowed_nodes(pid: int, root: HostRoot = HOST) -> frozenset[int] | None:
-    """The process's Mems_allowed, or None when the kernel does not say (no cpusets)."""
-    try:
-        return task.mems_allowed(pid, root)
-    except KernelFileError as e:
-        if e.key == "Mems_allowed_list":
-            return None
-        raise
 
 
 def check_kernel_tiering(tiering: KernelTiering, stance: str) -> str:

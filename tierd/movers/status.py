@@ -146,6 +146,10 @@ CALL_FAILED = NOT_SENT + 1  # its call failed as a whole; the reason is kept asi
 
 
 def _call_reason(e: OSError) -> str:
+    # move_pages fails a call with EACCES when the target is outside the task's
+    # cpuset (move_phys_pages reports that per page).
+    if e.errno == errno.EACCES:
+        return "node_not_allowed"
     return f"call_{errno.errorcode.get(e.errno or 0, e.errno)}"
 
 

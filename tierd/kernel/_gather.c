@@ -1,0 +1,206 @@
+/*
+ * Reads of a per-page u64 file (/proc/kpageflags, /proc/kpagecgroup,
+ * /proc/PID/pagemap) at ascending indices, in C.
+ *
+ * A mover reads the entries of each batch's pages two or three times (flags
+ * before, PFNs before and after). In numpy, cutting the indices into runs and
+ * picking the entries out of each run's read takes a dozen passes over the
+ * batch, and in a slow guest they cost more than the kernel's reads. Here one
+ * pass cuts the runs and reads each: a run without gaps straight into the
+ * result, a run with gaps (indices at most `max_gap` apart) into a scratch
+ * buffer that the entries are picked from.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define ENTRY_BYTES 8
+
+struct read_error {
+    int no_memory;        /* for a scratch buffer: not the file's error */
+    int errnum;           /* 0: none */
+    const char *message;  /* NULL: strerror(errnum) */
+    uint64_t offset;
+};
+
+/* Fill out[0:count] with the entries from `index` on; past the file's end, with `fill`. */
+static int read_entries(int fd, uint64_t index, uint64_t *out, size_t count, uint64_t fill,
+                        struct read_error *err)
+{
+    char *bytes = (char *)out;
+    size_t want = count * ENTRY_BYTES, done = 0;
+    uint64_t offset = index * ENTRY_BYTES;
+
+    while (done < want) {
+        ssize_t n = pread(fd, bytes + done, want - done, (off_t)(offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            *err = (struct read_error){0, errno, NULL, offset + done};
+            return -1;
+        }
+        if (n == 0)
+            break;
+        done += (size_t)n;
+    }
+    if (done % ENTRY_BYTES) {
+        *err = (struct read_error){0, EIO, "read ends inside an entry", offset + done};
+        return -1;
+    }
+    for (size_t i = done / ENTRY_BYTES; i < count; i++)
+        out[i] = fill;
+    return 0;
+}
+
+struct scratch {
+    uint64_t *buf;
+    size_t cap;
+};
+
+static uint64_t *scratch_get(struct scratch *s, size_t count, struct read_error *err)
+{
+    if (count > s->cap) {
+        uint64_t *p = realloc(s->buf, count * sizeof *p);
+        if (!p) {
+            err->no_memory = 1;
+            return NULL;
+        }
+        s->buf = p;
+        s->cap = count;
+    }
+    return s->buf;
+}
+
+static int gather_runs(int fd, const uint64_t *keys, size_t n, unsigned shift, uint64_t *out,
+                       uint64_t fill, uint64_t max_gap, struct read_error *err)
+{
+    struct scratch scratch = {0};
+    int failed = 0;
+
+    for (size_t start = 0, end; start < n && !failed; start = end) {
+        uint64_t first = keys[start] >> shift, last = first;
+        int gap_free = 1;  /* every index of the run once, none between */
+        for (end = start + 1; end < n && (keys[end] >> shift) - last <= max_gap; end++) {
+            gap_free &= (keys[end] >> shift) == last + 1;
+            last = keys[end] >> shift;
+        }
+        size_t span = (size_t)(last - first) + 1;
+        if (gap_free) {
+            failed = read_entries(fd, first, out + start, span, fill, err);
+            continue;
+        }
+        uint64_t *buf = scratch_get(&scratch, span, err);
+        failed = !buf || read_entries(fd, first, buf, span, fill, err);
+        for (size_t i = start; i < end && !failed; i++)
+            out[i] = buf[(keys[i] >> shift) - first];
+    }
+    free(scratch.buf);
+    return failed ? -1 : 0;
+}
+
+static int get_u64_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
+{
+    if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS
+                                          | PyBUF_FORMAT) < 0)
+        return -1;
+    const char *format = view->format ? view->format : "B";
+    char kind = format[strlen(format) - 1];
+    /* kind first: strchr() finds a '\0' too. */
+    if (view->itemsize != 8 || view->ndim != 1 || !kind || !strchr("qQlLnN", kind)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a 1-d array of 8-byte integers", name);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *raise_read_error(const struct read_error *err)
+{
+    const char *message = err->message ? err->message : strerror(err->errnum);
+    PyObject *e = PyObject_CallFunction(PyExc_OSError, "isK", err->errnum, message,
+                                        (unsigned long long)err->offset);
+    if (e) {
+        PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+        Py_DECREF(e);
+    }
+    return NULL;
+}
+
+static PyObject *gather_views(int fd, Py_buffer *keys, unsigned shift, Py_buffer *out,
+                              uint64_t fill, uint64_t max_gap)
+{
+    size_t n = (size_t)keys->len / 8;
+    const uint64_t *key = keys->buf;
+    struct read_error err = {0};
+    int failed;
+
+    if ((size_t)out->len / 8 != n)
+        return PyErr_Format(PyExc_ValueError, "out must hold as many items as keys");
+    /* Runs are read ahead of the keys that name them. */
+    if ((char *)out->buf < (char *)keys->buf + keys->len
+        && (char *)keys->buf < (char *)out->buf + out->len)
+        return PyErr_Format(PyExc_ValueError, "out must not overlap keys");
+    for (size_t i = 1; i < n; i++) {
+        if ((key[i] >> shift) < (key[i - 1] >> shift))
+            return PyErr_Format(PyExc_ValueError, "keys must be ascending (item %zu)", i);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    failed = gather_runs(fd, key, n, shift, out->buf, fill, max_gap, &err);
+    Py_END_ALLOW_THREADS
+    if (failed)
+        return err.no_memory ? PyErr_NoMemory() : raise_read_error(&err);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(gather_doc,
+"gather(fd, keys, shift, out, fill, max_gap) -> None\n\n"
+"Read the u64 entry at index keys[i] >> shift of the open file `fd` into out[i],\n"
+"for ascending `keys` (8-byte integers; repeats allowed). Indices at most\n"
+"`max_gap` apart are read in one pread. Entries past the file's end read as\n"
+"`fill`. A failed read raises OSError(errno, message, byte offset).");
+
+static PyObject *gather(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned int shift;
+    unsigned long long fill, max_gap;
+    PyObject *keys_obj, *out_obj;
+    Py_buffer keys, out;
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iOIOKK:gather", &fd, &keys_obj, &shift, &out_obj, &fill,
+                          &max_gap))
+        return NULL;
+    if (shift > 63)
+        return PyErr_Format(PyExc_ValueError, "shift %u is not below 64", shift);
+    if (get_u64_buffer(keys_obj, &keys, 0, "keys") < 0)
+        return NULL;
+    if (get_u64_buffer(out_obj, &out, 1, "out") == 0) {
+        result = gather_views(fd, &keys, shift, &out, fill, max_gap);
+        PyBuffer_Release(&out);
+    }
+    PyBuffer_Release(&keys);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"gather", gather, METH_VARARGS, gather_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_gather",
+    "Reads of per-page u64 files at ascending indices, in C (see _gather.c).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__gather(void)
+{
+    return PyModule_Create(&module);
+}
