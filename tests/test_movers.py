@@ -6,6 +6,8 @@ import errno
 import mmap
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -538,3 +540,41 @@ def test_read_at_gives_each_pfn_its_own_entry(tmp_path: Path, pfns: list[int]) -
     with kpf.kpageflags(HostRoot(tmp_path)) as flags_file:
         got = flags_file.read_at(np.array(pfns, dtype=np.uint64))
     assert got.tolist() == [7 * p for p in pfns]
+
+
+# A process that joins a cgroup, faults in `size` bytes, prints their address and waits.
+_CGROUP_CHILD = """
+import mmap, sys
+import numpy as np
+open(f"/sys/fs/cgroup{sys.argv[1]}/cgroup.procs", "w").write("0")
+buf = mmap.mmap(-1, int(sys.argv[2]), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+a = np.frombuffer(buf, dtype=np.uint8)
+a[::4096] = 7
+print(a.ctypes.data, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.vm
+def test_the_kernel_refuses_a_node_outside_the_tasks_cpuset_and_no_page_moves() -> None:
+    cgroups, group = Path("/sys/fs/cgroup"), "/tierd-test-node0-only"
+    (cgroups / "cgroup.subtree_control").write_text("+cpuset")
+    (cgroups / group.lstrip("/")).mkdir(exist_ok=True)
+    (cgroups / group.lstrip("/") / "cpuset.mems").write_text("0")
+    npages = 256
+    child = subprocess.Popen([sys.executable, "-c", _CGROUP_CHILD, group, str(npages * PAGE)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        addrs = int(child.stdout.readline()) + PAGE * np.arange(npages, dtype=np.uint64)
+        assert (numa.move_pages(child.pid, addrs) == 0).all()
+        rmap = ReverseMap(ProcessFilter(Exclusions()))
+        rmap.refresh()
+        batch = Batch(Direction.DEMOTE, 0, 1, np.sort(pagemap.pfns_of(child.pid, addrs)))
+        result = PidMover(rmap).move(batch)
+        assert result.failures == {"node_not_allowed": npages}
+        assert (numa.move_pages(child.pid, addrs) == 0).all()
+    finally:
+        child.kill()
+        child.wait()
+        (cgroups / group.lstrip("/")).rmdir()
