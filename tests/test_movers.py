@@ -533,6 +533,7 @@ def test_a_dry_run_counts_each_page_once_per_target_node() -> None:
     [3, 4, 4, 6, 900, 901, 2000],  # repeats, a small gap, runs far apart
     [10, 11, 12, 1000, 1001, 1003],  # a gap-free run, then one with a gap
     [5, 5, 7],  # a repeat and a gap that add up to a gap-free length
+    [900, 3, 901, 3],  # out of order: read sorted, answered in the caller's order
 ])
 def test_read_at_gives_each_pfn_its_own_entry(tmp_path: Path, pfns: list[int]) -> None:
     (tmp_path / "proc").mkdir()

@@ -20,10 +20,11 @@ from tierd.kernel import _gather, pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
 from tierd.movers import _pagemap_index
-from tierd.movers.rmap import DEAD, VPN_BITS, ReverseMap, _sorted_by_pfn
+from tierd.movers.rmap import DEAD, VPN_BITS, ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
+ALL = 2**64 - 1  # gather()'s mask keeping every bit
 ROOT = HostRoot(FIXTURES)
 PID = 4242
 PAGE = pagemap.PAGE_SIZE
@@ -334,10 +335,10 @@ def test_take_out_refuses_a_slot_past_its_flags_and_mismatched_sizes() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(keys=st.lists(st.integers(0, 2**20), max_size=40), shift=st.sampled_from([0, 3, 12]),
-       max_gap=st.integers(0, 600))
+       max_gap=st.integers(0, 600), mask=st.sampled_from([2**64 - 1, 0xFF0]))
 def test_gather_reads_each_keys_entry_and_fills_past_the_end(
         tmp_path_factory: pytest.TempPathFactory, keys: list[int], shift: int,
-        max_gap: int) -> None:
+        max_gap: int, mask: int) -> None:
     path = tmp_path_factory.mktemp("gather") / "entries"
     size = 3000  # entries in the file; indices past it read as the fill
     (np.arange(size, dtype=np.uint64) * np.uint64(3) + np.uint64(1)).tofile(path)
@@ -345,41 +346,56 @@ def test_gather_reads_each_keys_entry_and_fills_past_the_end(
     out = np.empty(len(keys), dtype=np.uint64)
     fd = os.open(path, os.O_RDONLY)
     try:
-        _gather.gather(fd, np.array(keys, dtype=np.uint64), shift, out, 7, max_gap)
+        assert _gather.gather(fd, np.array(keys, dtype=np.uint64), shift, out, 7, max_gap, mask)
     finally:
         os.close(fd)
-    assert out.tolist() == [3 * (k >> shift) + 1 if k >> shift < size else 7 for k in keys]
+    assert out.tolist() == [(3 * (k >> shift) + 1 if k >> shift < size else 7) & mask
+                            for k in keys]
 
 
-def test_gather_refuses_keys_out_of_order_and_names_a_failed_reads_offset(
+def test_gather_reads_nothing_for_keys_out_of_order_and_names_a_failed_reads_offset(
         tmp_path: Path) -> None:
     path = tmp_path / "entries"
     path.write_bytes(bytes(8 * 4 + 3))  # four entries and a piece of one
     fd = os.open(path, os.O_RDONLY)
     try:
-        keys = np.array([2, 1], dtype=np.uint64)
-        with pytest.raises(ValueError, match=r"keys must be ascending \(item 1\)"):
-            _gather.gather(fd, keys, 0, np.empty(2, np.uint64), 0, 8)
+        keys, out = np.array([2, 1], dtype=np.uint64), np.full(2, 9, np.uint64)
+        assert not _gather.gather(fd, keys, 0, out, 0, 8, ALL)
+        assert out.tolist() == [9, 9]
         ascending = np.sort(keys)
         with pytest.raises(ValueError, match="out must not overlap keys"):
-            _gather.gather(fd, ascending, 0, ascending, 0, 8)
+            _gather.gather(fd, ascending, 0, ascending, 0, 8, ALL)
         with pytest.raises(OSError, match="read ends inside an entry") as raised:
-            _gather.gather(fd, np.array([4], np.uint64), 0, np.empty(1, np.uint64), 0, 8)
+            _gather.gather(fd, np.array([4], np.uint64), 0, np.empty(1, np.uint64), 0, 8, ALL)
         assert raised.value.filename == 8 * 4 + 3
     finally:
         os.close(fd)
     with pytest.raises(OSError) as raised:
-        _gather.gather(fd, np.array([1], np.uint64), 0, np.empty(1, np.uint64), 0, 8)
+        _gather.gather(fd, np.array([1], np.uint64), 0, np.empty(1, np.uint64), 0, 8, ALL)
     assert raised.value.errno == errno.EBADF and raised.value.filename == 8
 
 
-def test_sorted_by_pfn_keeps_each_owner_with_its_pfn_and_equal_pfns_in_order() -> None:
-    pfns = np.array([9, 3, 9, 1, 3], dtype=np.uint64)
-    owners = np.array([10, 11, 12, 13, 14], dtype=np.uint64)
-    spare = np.empty_like(pfns)
-    got_pfns, got_owners = _sorted_by_pfn(pfns.copy(), owners, spare)
-    assert got_pfns.tolist() == [1, 3, 3, 9, 9]
-    assert got_owners.tolist() == [13, 11, 14, 10, 12]
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 20), max_size=50))
+def test_sort_pairs_sorts_stably_with_each_value_alongside(keys: list[int]) -> None:
+    got_keys = np.array(keys, dtype=np.uint64)
+    values = np.arange(len(keys), dtype=np.uint64)  # each key's place before the sort
+    _pagemap_index.sort_pairs(got_keys, values)
+    order = sorted(range(len(keys)), key=lambda i: keys[i])  # Python's sort is stable
+    assert got_keys.tolist() == [keys[i] for i in order]
+    assert values.tolist() == order
+    assert _pagemap_index.ascends(got_keys, False)
+    assert _pagemap_index.ascends(got_keys, True) == (len(set(keys)) == len(keys))
+
+
+def test_ascends_and_sort_pairs_check_their_arrays() -> None:
+    assert _pagemap_index.ascends(np.zeros(0, np.uint64), True)
+    assert not _pagemap_index.ascends(np.array([2, 1], np.uint64), False)
+    keys = np.arange(4, dtype=np.uint64)
+    with pytest.raises(ValueError, match="values must hold as many items as keys"):
+        _pagemap_index.sort_pairs(keys, np.zeros(3, np.uint64))
+    with pytest.raises(ValueError, match="values must not overlap keys"):
+        _pagemap_index.sort_pairs(keys, keys)
 
 
 # One run of pagemap entries: chunks of (first PFN, pages, present). PFNs from a

@@ -77,7 +77,7 @@ static uint64_t *scratch_get(struct scratch *s, size_t count, struct read_error 
 }
 
 static int gather_runs(int fd, const uint64_t *keys, size_t n, unsigned shift, uint64_t *out,
-                       uint64_t fill, uint64_t max_gap, struct read_error *err)
+                       uint64_t fill, uint64_t max_gap, uint64_t mask, struct read_error *err)
 {
     struct scratch scratch = {0};
     int failed = 0;
@@ -92,12 +92,14 @@ static int gather_runs(int fd, const uint64_t *keys, size_t n, unsigned shift, u
         size_t span = (size_t)(last - first) + 1;
         if (gap_free) {
             failed = read_entries(fd, first, out + start, span, fill, err);
+            for (size_t i = start; i < end && mask != UINT64_MAX; i++)
+                out[i] &= mask;
             continue;
         }
         uint64_t *buf = scratch_get(&scratch, span, err);
         failed = !buf || read_entries(fd, first, buf, span, fill, err);
         for (size_t i = start; i < end && !failed; i++)
-            out[i] = buf[(keys[i] >> shift) - first];
+            out[i] = buf[(keys[i] >> shift) - first] & mask;
     }
     free(scratch.buf);
     return failed ? -1 : 0;
@@ -132,7 +134,7 @@ static PyObject *raise_read_error(const struct read_error *err)
 }
 
 static PyObject *gather_views(int fd, Py_buffer *keys, unsigned shift, Py_buffer *out,
-                              uint64_t fill, uint64_t max_gap)
+                              uint64_t fill, uint64_t max_gap, uint64_t mask)
 {
     size_t n = (size_t)keys->len / 8;
     const uint64_t *key = keys->buf;
@@ -147,42 +149,43 @@ static PyObject *gather_views(int fd, Py_buffer *keys, unsigned shift, Py_buffer
         return PyErr_Format(PyExc_ValueError, "out must not overlap keys");
     for (size_t i = 1; i < n; i++) {
         if ((key[i] >> shift) < (key[i - 1] >> shift))
-            return PyErr_Format(PyExc_ValueError, "keys must be ascending (item %zu)", i);
+            Py_RETURN_FALSE;
     }
     Py_BEGIN_ALLOW_THREADS
-    failed = gather_runs(fd, key, n, shift, out->buf, fill, max_gap, &err);
+    failed = gather_runs(fd, key, n, shift, out->buf, fill, max_gap, mask, &err);
     Py_END_ALLOW_THREADS
     if (failed)
         return err.no_memory ? PyErr_NoMemory() : raise_read_error(&err);
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 PyDoc_STRVAR(gather_doc,
-"gather(fd, keys, shift, out, fill, max_gap) -> None\n\n"
-"Read the u64 entry at index keys[i] >> shift of the open file `fd` into out[i],\n"
-"for ascending `keys` (8-byte integers; repeats allowed). Indices at most\n"
+"gather(fd, keys, shift, out, fill, max_gap, mask) -> bool\n\n"
+"Read the u64 entry at index keys[i] >> shift of the open file `fd`, ANDed with\n"
+"`mask`, into out[i], for ascending `keys` (8-byte integers; repeats allowed);\n"
+"returns False, having read nothing, when they do not ascend. Indices at most\n"
 "`max_gap` apart are read in one pread. Entries past the file's end read as\n"
-"`fill`. A failed read raises OSError(errno, message, byte offset).");
+"`fill` (masked too). A failed read raises OSError(errno, message, byte offset).");
 
 static PyObject *gather(PyObject *self, PyObject *args)
 {
     int fd;
     unsigned int shift;
-    unsigned long long fill, max_gap;
+    unsigned long long fill, max_gap, mask;
     PyObject *keys_obj, *out_obj;
     Py_buffer keys, out;
     PyObject *result = NULL;
 
     (void)self;
-    if (!PyArg_ParseTuple(args, "iOIOKK:gather", &fd, &keys_obj, &shift, &out_obj, &fill,
-                          &max_gap))
+    if (!PyArg_ParseTuple(args, "iOIOKKK:gather", &fd, &keys_obj, &shift, &out_obj, &fill,
+                          &max_gap, &mask))
         return NULL;
     if (shift > 63)
         return PyErr_Format(PyExc_ValueError, "shift %u is not below 64", shift);
     if (get_u64_buffer(keys_obj, &keys, 0, "keys") < 0)
         return NULL;
     if (get_u64_buffer(out_obj, &out, 1, "out") == 0) {
-        result = gather_views(fd, &keys, shift, &out, fill, max_gap);
+        result = gather_views(fd, &keys, shift, &out, fill, max_gap, mask);
         PyBuffer_Release(&out);
     }
     PyBuffer_Release(&keys);

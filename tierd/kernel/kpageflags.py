@@ -29,6 +29,7 @@ KPAGECGROUP = "/proc/kpagecgroup"
 ENTRY_BYTES = 8
 # Two PFNs closer than this are read in one pread by PfnFile.read_at().
 MERGE_GAP_PFNS = 512
+ALL_BITS = 2**64 - 1
 
 KPF_LOCKED = 0
 KPF_REFERENCED = 2
@@ -106,21 +107,29 @@ class PfnFile(KernelFd):
         return got
 
     def read_at(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-        """The entry of each of the ascending `pfns` (repeats allowed), one pread per run.
+        """The entry of each of `pfns` (any order, repeats allowed), one pread per run.
 
-        A batch's PFNs mostly come in gap-free runs (pages the allocator
-        handed out together), read straight into the result; the cutting
-        into runs is in C (tierd/kernel/_gather.c): in the lab, picking
-        16,384 PFNs out of their runs' reads cost 2-6 ms of numpy on top of
-        the kernel's 2-3 ms.
+        A batch's PFNs ascend, mostly in gap-free runs (pages the allocator
+        handed out together), read straight into the result; the cutting into
+        runs is in C (tierd/kernel/_gather.c): in the lab, picking 16,384 PFNs
+        out of their runs' reads cost 2-6 ms of numpy on top of the kernel's 2-3 ms.
         """
         pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
         out = np.empty(pfns.size, dtype=np.uint64)
+        if self._gather(pfns, out):
+            return out
+        order = np.argsort(pfns)
+        self._gather(pfns[order], out)
+        unsorted = np.empty_like(out)
+        unsorted[order] = out
+        return unsorted
+
+    def _gather(self, pfns: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64]) -> bool:
         try:
-            _gather.gather(self._open(), pfns, 0, out, int(self.fill), MERGE_GAP_PFNS)
+            return _gather.gather(self._open(), pfns, 0, out, int(self.fill), MERGE_GAP_PFNS,
+                                  ALL_BITS)
         except OSError as e:
             raise self._error(e, e.filename) from None
-        return out
 
     def read(self, pfn_start: int, count: int) -> npt.NDArray[np.uint64]:
         """A new array with the entries of PFNs [pfn_start, pfn_start + count)."""

@@ -185,40 +185,47 @@ def _touching_merged(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def entries_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST
                ) -> npt.NDArray[np.uint64]:
-    """The pagemap entry of the page holding each of `vaddrs` (any order, repeats allowed).
+    """The pagemap entry of the page holding each of `vaddrs` (any order, repeats allowed)."""
+    return _gather_entries(pid, vaddrs, root, mask=2**64 - 1)
 
-    Ascending addresses (the movers' case) are read in one C pass
-    (tierd/kernel/_gather.c), pages at most MERGE_GAP_PAGES apart in one pread.
-    """
+
+def pfns_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST) -> npt.NDArray[np.uint64]:
+    """The PFN backing each of `vaddrs` in `pid`, 0 where the page is not present."""
+    return _gather_entries(pid, vaddrs, root, mask=int(PFN_MASK))
+
+
+def _gather_entries(pid: int, vaddrs: npt.ArrayLike, root: HostRoot, mask: int
+                    ) -> npt.NDArray[np.uint64]:
+    """The entries (ANDed with `mask`) of the pages holding `vaddrs`, in one C pass
+    (tierd/kernel/_gather.c) where they ascend, as the movers' do; pages at most
+    MERGE_GAP_PAGES apart are read in one pread."""
     addrs = np.ascontiguousarray(vaddrs, dtype=np.uint64)
-    if addrs.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    order = None
-    if not (addrs[1:] >= addrs[:-1]).all():
-        order = np.argsort(addrs, kind="stable")
-        addrs = addrs[order]
     out = np.empty(addrs.size, dtype=np.uint64)
+    if addrs.size == 0:
+        return out
     fd = _open_pagemap(pid, root)
     try:
-        _gather.gather(fd, addrs, PAGE_SHIFT, out, 0, MERGE_GAP_PAGES)
+        if _gather_pages(fd, pid, addrs, out, root, mask):
+            return out
+        order = np.argsort(addrs)
+        _gather_pages(fd, pid, addrs[order], out, root, mask)
+    finally:
+        os.close(fd)
+    unsorted = np.empty_like(out)
+    unsorted[order] = out
+    return unsorted
+
+
+def _gather_pages(fd: int, pid: int, addrs: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64],
+                  root: HostRoot, mask: int) -> bool:
+    try:
+        return _gather.gather(fd, addrs, PAGE_SHIFT, out, 0, MERGE_GAP_PAGES, mask)
     except OSError as e:
         path = root.fspath(f"/proc/{pid}/pagemap")
         if e.errno == errno.ESRCH:
             raise ProcessGoneError(path, "process gone") from None
         raise KernelFileError(path, e.strerror or str(e),
                               key=f"page {e.filename // ENTRY_BYTES:#x}") from None
-    finally:
-        os.close(fd)
-    if order is None:
-        return out
-    unsorted = np.empty_like(out)
-    unsorted[order] = out
-    return unsorted
-
-
-def pfns_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST) -> npt.NDArray[np.uint64]:
-    """The PFN backing each of `vaddrs` in `pid`, 0 where the page is not present."""
-    return pfn_of(entries_of(pid, vaddrs, root))
 
 
 @dataclass(frozen=True)

@@ -501,10 +501,81 @@ release_pfn:
     return result;
 }
 
+PyDoc_STRVAR(sort_pairs_doc,
+"sort_pairs(keys, values) -> None\n\n"
+"Sort `keys` (uint64) in place, stably, with `values` (8-byte items, as many)\n"
+"moved alongside: the radix sort of the build step. Sorted keys cost one pass.");
+
+static PyObject *sort_pairs(PyObject *self, PyObject *args)
+{
+    PyObject *keys_obj, *values_obj;
+    Py_buffer keys, values;
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO:sort_pairs", &keys_obj, &values_obj))
+        return NULL;
+    if (get_u64_buffer(keys_obj, &keys, 1, "keys") < 0)
+        return NULL;
+    if (get_u64_buffer(values_obj, &values, 1, "values") < 0) {
+        PyBuffer_Release(&keys);
+        return NULL;
+    }
+    size_t n = (size_t)keys.len / 8;
+    if ((size_t)values.len / 8 != n) {
+        PyErr_SetString(PyExc_ValueError, "values must hold as many items as keys");
+    } else if ((char *)values.buf < (char *)keys.buf + keys.len
+               && (char *)keys.buf < (char *)values.buf + values.len) {
+        PyErr_SetString(PyExc_ValueError, "values must not overlap keys");
+    } else {
+        size_t cap = n ? n : 1;  /* malloc(0) may answer NULL */
+        uint64_t *key_tmp = malloc(cap * sizeof *key_tmp), *value_tmp = malloc(cap * 8);
+        if (!key_tmp || !value_tmp) {
+            PyErr_NoMemory();
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            radix_sort(keys.buf, values.buf, key_tmp, value_tmp, n);
+            Py_END_ALLOW_THREADS
+            result = Py_NewRef(Py_None);
+        }
+        free(key_tmp);
+        free(value_tmp);
+    }
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&keys);
+    return result;
+}
+
+PyDoc_STRVAR(ascends_doc,
+"ascends(a, strictly) -> bool\n\n"
+"Whether the uint64 items of `a` ascend (strictly: with no repeats): one pass\n"
+"where numpy takes two, a compare into a new array and its all().");
+
+static PyObject *ascends(PyObject *self, PyObject *args)
+{
+    PyObject *obj;
+    int strictly, ok = 1;
+    Py_buffer a;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Op:ascends", &obj, &strictly))
+        return NULL;
+    if (get_u64_buffer(obj, &a, 0, "a") < 0)
+        return NULL;
+    const uint64_t *v = a.buf;
+    size_t n = (size_t)a.len / 8;
+    for (size_t i = 1; i < n && ok; i++)
+        ok = strictly ? v[i] > v[i - 1] : v[i] >= v[i - 1];
+    PyBuffer_Release(&a);
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
     {"present_sorted", present_sorted, METH_VARARGS, present_sorted_doc},
     {"first_owners", first_owners, METH_VARARGS, first_owners_doc},
     {"take_out", take_out, METH_VARARGS, take_out_doc},
+    {"sort_pairs", sort_pairs, METH_VARARGS, sort_pairs_doc},
+    {"ascends", ascends, METH_VARARGS, ascends_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,21 +18,26 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd.kernel import kpageflags as kpf
+from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HOST, HostRoot
 
 
 def group_starts(pfns: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],
-                 joins: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.bool_]:
+                 vaddrs: npt.NDArray[np.uint64] | None = None) -> npt.NDArray[np.bool_]:
     """Per PFN (sorted): does it start a folio group, rather than continue the previous one?
 
-    `joins`, when given, further requires the page to continue the previous
-    one some other way (the PID mover: same process, next virtual page).
+    `vaddrs`, when given (the PID mover: one process's pages), further
+    requires the page to be mapped at the virtual page after the previous one.
     """
+    tails = flags & kpf.mask(kpf.KPF_COMPOUND_TAIL)
+    if not tails.any():  # no large folio (the usual batch without THPs): one group a page
+        return np.ones(pfns.size, dtype=np.bool_)
+    tail = tails != 0
     follows = np.zeros(pfns.size, dtype=np.bool_)
     follows[1:] = pfns[1:] == pfns[:-1] + np.uint64(1)
-    if joins is not None:
-        follows &= joins
-    return ~(follows & kpf.has_any(flags, kpf.KPF_COMPOUND_TAIL))
+    if vaddrs is not None:
+        follows[1:] &= vaddrs[1:] == vaddrs[:-1] + np.uint64(PAGE_SIZE)
+    return ~(follows & tail)
 
 
 def read_group_starts(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST

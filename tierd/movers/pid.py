@@ -29,7 +29,7 @@ import numpy.typing as npt
 from tierd.errors import KernelFileError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import numa, pagemap
-from tierd.kernel.pagemap import PAGE_SIZE, ProcessGoneError
+from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
 from tierd.movers.rmap import ReverseMap
@@ -74,16 +74,9 @@ class PidMover:
         return result
 
     def _flags(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-        """The kpageflags of each of `pfns` (any order; a batch's come ascending)."""
-        if pfns.size == 0:
-            return np.zeros(0, dtype=np.uint64)
+        """The kpageflags of each of `pfns`."""
         with kpf.kpageflags(self.root) as flags_file:
-            if (pfns[1:] >= pfns[:-1]).all():
-                return flags_file.read_at(pfns)
-            order = np.argsort(pfns)
-            flags = np.empty(pfns.size, dtype=np.uint64)
-            flags[order] = flags_file.read_at(pfns[order])
-            return flags
+            return flags_file.read_at(pfns)
 
     def _move_process(self, pid: int, pfns: npt.NDArray[np.uint64],
                       vaddrs: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],
@@ -101,10 +94,8 @@ class PidMover:
         if not same.all():
             result.fail(pfns[~same], "stale_rmap", stale=True)
             pfns, vaddrs, flags = pfns[same], vaddrs[same], flags[same]
-        next_page = np.zeros(pfns.size, dtype=np.bool_)
-        next_page[1:] = vaddrs[1:] == vaddrs[:-1] + np.uint64(PAGE_SIZE)
-        first = folios.group_starts(pfns, flags, joins=next_page)
-        sent = vaddrs[first]  # one address per folio
+        first = folios.group_starts(pfns, flags, vaddrs)
+        sent = vaddrs if first.all() else vaddrs[first]  # one address per folio
         nodes = np.full(min(sent.size, self.params.batch_pages), target, dtype=np.int32)
 
         def send(groups: slice | npt.NDArray[np.intp], statuses: npt.NDArray[np.int32]) -> int:

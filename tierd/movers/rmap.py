@@ -120,7 +120,7 @@ class ReverseMap:
 
         A page mapped by several processes answers with one of them.
         """
-        owner = self._first_owners(pfns)
+        owner, _ = self._first_owners(pfns)
         found = owner != DEAD
         slot = np.where(found, owner >> np.uint64(VPN_BITS), 0).astype(np.intp)
         pid = np.where(found, self._slot_pid[slot], 0)
@@ -137,15 +137,15 @@ class ReverseMap:
         The usual batch is one process's pages in address order: then the owners,
         (slot << VPN_BITS) | virtual page, ascend, and nothing is sorted or masked.
         """
-        owner = self._first_owners(pfns)
-        found = owner != DEAD
+        owner, every = self._first_owners(pfns)
         missing, index = None, None
-        if not found.all():
+        if not every:
+            found = owner != DEAD
             missing, index = ~found, np.flatnonzero(found)
             owner = owner[index]
         if owner.size == 0:
             return missing, []
-        if not (owner[1:] > owner[:-1]).all():
+        if not _pagemap_index.ascends(owner, True):
             order = np.argsort(owner)
             owner = owner[order]
             index = order if index is None else index[order]
@@ -161,9 +161,10 @@ class ReverseMap:
                          vaddrs[start:end])
             for start, end in pairwise(bounds)]
 
-    def _first_owners(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    def _first_owners(self, pfns: npt.NDArray[np.uint64]
+                      ) -> tuple[npt.NDArray[np.uint64], bool]:
         """The owner of each PFN's first live entry (the map's before the moved ones'),
-        DEAD where it has none."""
+        DEAD where it has none; and whether every PFN has one."""
         pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
         owner = np.empty(pfns.size, dtype=np.uint64)
         found = _pagemap_index.first_owners(self._pfn, self._owner, pfns, owner)
@@ -171,7 +172,8 @@ class ReverseMap:
             moved = np.empty_like(owner)
             _pagemap_index.first_owners(self._moved_pfn, self._moved_owner, pfns, moved)
             owner = np.where(owner == DEAD, moved, owner)
-        return owner
+            return owner, not (owner == DEAD).any()
+        return owner, found == pfns.size
 
     def pfns_of_pid(self, pid: int) -> npt.NDArray[np.uint64]:
         proc = self._procs.get(pid)
@@ -205,8 +207,7 @@ class ReverseMap:
         if self._moved_pfn.size:
             pfns = np.concatenate((self._moved_pfn, pfns))
             followers = np.concatenate((self._moved_owner, followers))
-        if not (pfns[1:] >= pfns[:-1]).all():  # moved pages mostly land in ascending PFNs
-            pfns, followers = _sorted_by_pfn(pfns, followers, np.empty_like(pfns))
+        _pagemap_index.sort_pairs(pfns, followers)
         self._moved_pfn, self._moved_owner = pfns, followers
         if self._moved_pfn.size > max(4096, self._pfn.size // 2):
             self._compact()
@@ -403,15 +404,3 @@ def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.int64
     owners.resize(found, refcheck=False)
     return entries, owners
 
-
-def _sorted_by_pfn(pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
-                   spare: npt.NDArray[np.uint64]
-                   ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """Both arrays in PFN order: PFNs into `spare`, owners into `pfns`' buffer.
-
-    Moved pages land in long ascending PFN runs, which timsort, the stable
-    argsort, takes in one pass each.
-    """
-    order = np.argsort(pfns, kind="stable")
-    np.take(pfns, order, out=spare, mode="clip")
-    return spare, np.take(owners, order, out=pfns, mode="clip")

@@ -156,6 +156,8 @@ def _call_reason(e: OSError) -> str:
 def group_chunks(first: npt.NDArray[np.bool_], batch_pages: int) -> list[int]:
     """Bounds, in group indices, of calls of at most `batch_pages` pages (folios whole)."""
     page_bounds = folios.chunk_bounds(first, batch_pages)
+    if first.all():  # every page a group: the same bounds
+        return page_bounds
     return np.searchsorted(np.flatnonzero(first), page_bounds).tolist()
 
 
@@ -212,9 +214,12 @@ def move_groups(send: SendGroups, pfns: npt.NDArray[np.uint64], first: npt.NDArr
     """
     if pfns.size == 0:
         return np.zeros(0, dtype=np.bool_)
-    group = np.cumsum(first) - 1  # page -> its group
-    sender = _Sender(send, int(group[-1]) + 1)
+    # page -> its group; None: every page is a group (no large folio in the batch)
+    group = None if first.all() else np.cumsum(first) - 1
+    sender = _Sender(send, pfns.size if group is None else int(group[-1]) + 1)
     sender.run([slice(a, b) for a, b in pairwise(group_chunks(first, params.batch_pages))])
+    if not sender.failed and (sender.status == target).all():  # the usual batch: all moved
+        return np.ones(pfns.size, dtype=np.bool_)
     backoff = params.busy_backoff
     for _ in range(params.busy_retries):
         busy = sender.status == -errno.EBUSY
@@ -223,20 +228,21 @@ def move_groups(send: SendGroups, pfns: npt.NDArray[np.uint64], first: npt.NDArr
         time.sleep(backoff)
         backoff *= 2
         again = np.flatnonzero(busy)
-        bounds = group_chunks(first[busy[group]], params.batch_pages)
+        bounds = group_chunks(first[busy if group is None else busy[group]], params.batch_pages)
         sender.run([again[a:b] for a, b in pairwise(bounds)])
     return _settle_groups(sender, pfns, group, target, result)
 
 
-def _settle_groups(sender: _Sender, pfns: npt.NDArray[np.uint64], group: npt.NDArray[np.intp],
-                   target: int, result: BatchResult) -> npt.NDArray[np.bool_]:
+def _settle_groups(sender: _Sender, pfns: npt.NDArray[np.uint64],
+                   group: npt.NDArray[np.intp] | None, target: int, result: BatchResult
+                   ) -> npt.NDArray[np.bool_]:
     if not sender.failed and (sender.status == target).all():  # the usual batch: all moved
         return np.ones(pfns.size, dtype=np.bool_)
-    status = sender.status[group]
+    status = sender.status if group is None else sender.status[group]
     for piece, reason, stale in sender.failed:
         in_piece = np.zeros(sender.status.size, dtype=np.bool_)
         in_piece[piece] = True
-        result.fail(pfns[in_piece[group]], reason, stale=stale)
+        result.fail(pfns[in_piece if group is None else in_piece[group]], reason, stale=stale)
     # A -ENOMEM status or call stopped the sender: the target is full.
     result.target_full = sender.stop == "target_full"
     result.fail(pfns[status == NOT_SENT], sender.stop or "target_full",
