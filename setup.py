@@ -8,4 +8,4 @@ def extension(module: str) -> Extension:
                      extra_compile_args=["-O2", "-Wall", "-Wextra"])
 
 
-setup(ext_modules=[extension("tierd.movers._pagemap_index"), extension("tierd.kernel._gather")])
+setup(ext_modules=[extension("tierd.movers._native"), extension("tierd.kernel._gather")])

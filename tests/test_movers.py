@@ -22,7 +22,7 @@ from tierd.kernel import numa, pagemap
 from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HostRoot
-from tierd.movers import safety
+from tierd.movers import folios, safety
 from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.folios import chunk_bounds
 from tierd.movers.phys import PhysMover
@@ -96,6 +96,18 @@ def test_pages_are_grouped_by_process_and_chunked_to_one_target() -> None:
     assert all(flags == numa.MPOL_MF_MOVE for *_, flags in kernel.calls)
     assert sorted(result.moved.tolist()) == [16, 17, 18, 40, 41]
     assert not result.failures
+
+
+def test_a_page_joins_the_group_before_only_as_the_next_pfn_tail_and_page() -> None:
+    tail = int(kpf.mask(kpf.KPF_COMPOUND_TAIL))
+    pfns = np.array([8, 9, 10, 20, 21], dtype=np.uint64)
+    flags = np.array([0, tail, tail, tail, 0], dtype=np.uint64)
+    vaddrs = np.array([0, 1, 5, 6, 7], dtype=np.uint64) * np.uint64(PAGE)
+    assert folios.group_starts(pfns, flags).tolist() == [True, False, False, True, True]
+    # By address too (the PID mover): PFN 10 is mapped elsewhere, so it starts a group.
+    assert folios.group_starts(pfns, flags, vaddrs).tolist() == [True, False, True, True, True]
+    with pytest.raises(ValueError, match="must match pfns in size"):
+        folios.group_starts(pfns, flags[:3])
 
 
 def test_chunks_are_cut_only_between_folios_with_or_without_large_ones() -> None:

@@ -27,7 +27,7 @@ SOURCE_PATHS = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "tierd", "
 # would build with the wrong interpreter.
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # The packages carry the C extensions (tierd/*/_*.c), built for this machine.
-EXTENSIONS = ("tierd/movers/_pagemap_index.cpython-*.so", "tierd/kernel/_gather.cpython-*.so")
+EXTENSIONS = ("tierd/movers/_native.cpython-*.so", "tierd/kernel/_gather.cpython-*.so")
 DEB_DEPENDS = {"python3-yaml", "python3-prometheus-client", "python3-numpy",
                "python3-jsonschema", "python3-systemd"}
 

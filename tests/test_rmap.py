@@ -19,7 +19,7 @@ from tierd.errors import KernelFileError
 from tierd.kernel import _gather, pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
-from tierd.movers import _pagemap_index
+from tierd.movers import _native
 from tierd.movers.rmap import DEAD, VPN_BITS, ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
 
@@ -288,7 +288,7 @@ def test_first_owners_gives_each_key_its_first_live_entry(
     pfn, owner, by_pfn = _map_of(entries)
     keys = sorted(keys) if ascending else keys  # the batch's order, and any other
     out = np.empty(len(keys), dtype=np.uint64)
-    found = _pagemap_index.first_owners(pfn, owner, np.array(keys, dtype=np.uint64), out)
+    found = _native.first_owners(pfn, owner, np.array(keys, dtype=np.uint64), out)
     expected = [by_pfn.get(k, [int(DEAD)])[0] for k in keys]
     assert out.tolist() == expected
     assert found == sum(o != int(DEAD) for o in expected)
@@ -304,7 +304,7 @@ def test_take_out_tombstones_every_entry_and_reports_followers_and_stale_slots(
     followers = np.empty(keys.size, dtype=np.uint64)
     slot_shift = 16  # owners up to 2**20: slots 0-16
     stale = np.zeros(17, dtype=np.bool_)
-    taken = _pagemap_index.take_out(pfn, owner, keys, follow, followers, stale, slot_shift)
+    taken = _native.take_out(pfn, owner, keys, follow, followers, stale, slot_shift)
     expected_followers, expected_stale, expected_taken = [], set(), 0
     for k, f in moves:
         live = [o for o in by_pfn.get(k, []) if o != int(DEAD)]
@@ -323,14 +323,14 @@ def test_take_out_refuses_a_slot_past_its_flags_and_mismatched_sizes() -> None:
     pfn, owner = np.array([5], np.uint64), np.array([3 << VPN_BITS], np.uint64)
     args = (np.array([5], np.uint64), np.zeros(1, np.bool_), np.empty(1, np.uint64))
     with pytest.raises(ValueError, match="slot is past stale_slots"):
-        _pagemap_index.take_out(pfn, owner, *args, np.zeros(3, np.bool_), VPN_BITS)
+        _native.take_out(pfn, owner, *args, np.zeros(3, np.bool_), VPN_BITS)
     with pytest.raises(ValueError, match="must match"):
-        _pagemap_index.take_out(pfn, owner[:0], *args, np.zeros(4, np.bool_), VPN_BITS)
+        _native.take_out(pfn, owner[:0], *args, np.zeros(4, np.bool_), VPN_BITS)
     with pytest.raises(TypeError, match="follow: expected a 1-d array of booleans"):
-        _pagemap_index.take_out(pfn, owner, args[0], np.zeros(1, np.uint64), args[2],
+        _native.take_out(pfn, owner, args[0], np.zeros(1, np.uint64), args[2],
                                 np.zeros(4, np.bool_), VPN_BITS)
     with pytest.raises(ValueError, match="must match"):
-        _pagemap_index.first_owners(pfn, owner, args[0], np.empty(2, np.uint64))
+        _native.first_owners(pfn, owner, args[0], np.empty(2, np.uint64))
 
 
 @settings(max_examples=200, deadline=None)
@@ -375,27 +375,34 @@ def test_gather_reads_nothing_for_keys_out_of_order_and_names_a_failed_reads_off
     assert raised.value.errno == errno.EBADF and raised.value.filename == 8
 
 
-@settings(max_examples=200, deadline=None)
-@given(keys=st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 20), max_size=50))
-def test_sort_pairs_sorts_stably_with_each_value_alongside(keys: list[int]) -> None:
-    got_keys = np.array(keys, dtype=np.uint64)
-    values = np.arange(len(keys), dtype=np.uint64)  # each key's place before the sort
-    _pagemap_index.sort_pairs(got_keys, values)
-    order = sorted(range(len(keys)), key=lambda i: keys[i])  # Python's sort is stable
-    assert got_keys.tolist() == [keys[i] for i in order]
-    assert values.tolist() == order
-    assert _pagemap_index.ascends(got_keys, False)
-    assert _pagemap_index.ascends(got_keys, True) == (len(set(keys)) == len(keys))
+# Pairs as the movers sort them: runs where key and value both step by one (huge
+# pages), anywhere in the key space, in any order, overlapping at times.
+_pair_runs = st.lists(st.tuples(st.integers(0, 2**64 - 1) | st.integers(0, 60),
+                                st.integers(0, 2**63), st.integers(1, 9)), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(runs=_pair_runs)
+def test_sort_pairs_sorts_by_key_with_each_value_alongside(
+        runs: list[tuple[int, int, int]]) -> None:
+    pairs = [((key + i) % 2**64, value + i) for key, value, length in runs for i in range(length)]
+    keys = np.array([k for k, _ in pairs], dtype=np.uint64)
+    values = np.array([v for _, v in pairs], dtype=np.uint64)
+    _native.sort_pairs(keys, values)
+    assert keys.tolist() == sorted(k for k, _ in pairs)
+    assert sorted(zip(keys.tolist(), values.tolist(), strict=True)) == sorted(pairs)
+    assert _native.ascends(keys, False)
+    assert _native.ascends(keys, True) == (len({k for k, _ in pairs}) == len(pairs))
 
 
 def test_ascends_and_sort_pairs_check_their_arrays() -> None:
-    assert _pagemap_index.ascends(np.zeros(0, np.uint64), True)
-    assert not _pagemap_index.ascends(np.array([2, 1], np.uint64), False)
+    assert _native.ascends(np.zeros(0, np.uint64), True)
+    assert not _native.ascends(np.array([2, 1], np.uint64), False)
     keys = np.arange(4, dtype=np.uint64)
     with pytest.raises(ValueError, match="values must hold as many items as keys"):
-        _pagemap_index.sort_pairs(keys, np.zeros(3, np.uint64))
+        _native.sort_pairs(keys, np.zeros(3, np.uint64))
     with pytest.raises(ValueError, match="values must not overlap keys"):
-        _pagemap_index.sort_pairs(keys, keys)
+        _native.sort_pairs(keys, keys)
 
 
 # One run of pagemap entries: chunks of (first PFN, pages, present). PFNs from a
@@ -423,7 +430,7 @@ def test_native_index_gives_every_present_page_once_with_its_owner_sorted_by_pfn
         for r in range(len(parts)) for i in range(bounds[r], bounds[r + 1])
         if (entry := int(entries[i])) >> 63 and entry & pfn_mask)
     owners = np.empty_like(entries)
-    found = _pagemap_index.present_sorted(entries, bounds, bases, owners)
+    found = _native.present_sorted(entries, bounds, bases, owners)
     got = list(zip(entries[:found].tolist(), owners[:found].tolist(), strict=True))
     assert [pfn for pfn, _ in got] == sorted(pfn for pfn, _ in got)
     assert sorted(got) == expected
@@ -440,7 +447,7 @@ def test_native_index_refuses_bounds_and_owners_it_cannot_use(
         bounds: list[int], bases: list[int], owners: int | None, error: str) -> None:
     buffer = np.zeros(8, np.uint64)
     with pytest.raises(ValueError, match=error):
-        _pagemap_index.present_sorted(
+        _native.present_sorted(
             buffer[:4], np.array(bounds, np.int64), np.array(bases, np.uint64),
             buffer[2:] if owners is None else np.empty(owners, np.uint64))
 
@@ -449,13 +456,13 @@ def test_native_index_takes_only_writable_arrays_of_8_byte_integers() -> None:
     args = [np.zeros(4, np.uint64), np.array([0, 4], np.int64), np.zeros(1, np.uint64),
             np.empty(4, np.uint64)]
     with pytest.raises(TypeError, match="owners: expected a 1-d array of 8-byte integers"):
-        _pagemap_index.present_sorted(*args[:3], np.empty(4, np.float64))
+        _native.present_sorted(*args[:3], np.empty(4, np.float64))
     with pytest.raises(TypeError, match="bounds: expected"):
-        _pagemap_index.present_sorted(args[0], np.array([0, 4], np.int32), *args[2:])
+        _native.present_sorted(args[0], np.array([0, 4], np.int32), *args[2:])
     read_only = args[0].copy()
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
-        _pagemap_index.present_sorted(read_only, *args[1:])
+        _native.present_sorted(read_only, *args[1:])
 
 
 @pytest.mark.vm

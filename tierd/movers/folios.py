@@ -20,24 +20,23 @@ import numpy.typing as npt
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HOST, HostRoot
+from tierd.movers import _native
 
 
 def group_starts(pfns: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],
                  vaddrs: npt.NDArray[np.uint64] | None = None) -> npt.NDArray[np.bool_]:
-    """Per PFN (sorted): does it start a folio group, rather than continue the previous one?
+    """Per page: does it start a folio group, rather than continue the page before it?
 
     `vaddrs`, when given (the PID mover: one process's pages), further
     requires the page to be mapped at the virtual page after the previous one.
+    One pass in C (tierd/movers/_native.c), where numpy took eight.
     """
-    tails = flags & kpf.mask(kpf.KPF_COMPOUND_TAIL)
-    if not tails.any():  # no large folio (the usual batch without THPs): one group a page
-        return np.ones(pfns.size, dtype=np.bool_)
-    tail = tails != 0
-    follows = np.zeros(pfns.size, dtype=np.bool_)
-    follows[1:] = pfns[1:] == pfns[:-1] + np.uint64(1)
-    if vaddrs is not None:
-        follows[1:] &= vaddrs[1:] == vaddrs[:-1] + np.uint64(PAGE_SIZE)
-    return ~(follows & tail)
+    first = np.empty(pfns.size, dtype=np.bool_)
+    _native.folio_starts(np.ascontiguousarray(pfns), np.ascontiguousarray(flags),
+                         int(kpf.mask(kpf.KPF_COMPOUND_TAIL)),
+                         None if vaddrs is None else np.ascontiguousarray(vaddrs), PAGE_SIZE,
+                         first)
+    return first
 
 
 def read_group_starts(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
-from tierd.movers import _pagemap_index, folios
+from tierd.movers import _native, folios
 from tierd.movers.status import BatchResult, MoverParams, move_groups
 from tierd.policy import Batch
 
@@ -49,7 +49,7 @@ class PhysMover:
         (the daemon's safety check), else they are read here."""
         result = BatchResult()
         pfns = batch.pfns
-        if not _pagemap_index.ascends(pfns, False):  # a Batch's do; a caller's may not
+        if not _native.ascends(pfns, False):  # a Batch's do; a caller's may not
             order = np.argsort(pfns)
             pfns, flags = pfns[order], None if flags is None else flags[order]
         first = (folios.read_group_starts(pfns, self.root) if flags is None

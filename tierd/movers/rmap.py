@@ -41,7 +41,7 @@ from tierd.errors import KernelFileError
 from tierd.kernel import pagemap, task
 from tierd.kernel.pagemap import PAGE_SHIFT, ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
-from tierd.movers import _pagemap_index
+from tierd.movers import _native
 from tierd.movers.safety import ProcessFilter
 
 log = logging.getLogger(__name__)
@@ -145,10 +145,9 @@ class ReverseMap:
             owner = owner[index]
         if owner.size == 0:
             return missing, []
-        if not _pagemap_index.ascends(owner, True):
-            order = np.argsort(owner)
-            owner = owner[order]
-            index = order if index is None else index[order]
+        if not _native.ascends(owner, True):  # e.g. huge pages placed out of address order
+            index = np.arange(owner.size) if index is None else index
+            _native.sort_pairs(owner, index)  # both the method's own arrays
         vaddrs = (owner & VPN_MASK) << np.uint64(PAGE_SHIFT)
         slot_shift = np.uint64(VPN_BITS)
         if owner[0] >> slot_shift == owner[-1] >> slot_shift:  # one process
@@ -167,10 +166,10 @@ class ReverseMap:
         DEAD where it has none; and whether every PFN has one."""
         pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
         owner = np.empty(pfns.size, dtype=np.uint64)
-        found = _pagemap_index.first_owners(self._pfn, self._owner, pfns, owner)
+        found = _native.first_owners(self._pfn, self._owner, pfns, owner)
         if found < pfns.size and self._moved_pfn.size:
             moved = np.empty_like(owner)
-            _pagemap_index.first_owners(self._moved_pfn, self._moved_owner, pfns, moved)
+            _native.first_owners(self._moved_pfn, self._moved_owner, pfns, moved)
             owner = np.where(owner == DEAD, moved, owner)
             return owner, not (owner == DEAD).any()
         return owner, found == pfns.size
@@ -207,7 +206,7 @@ class ReverseMap:
         if self._moved_pfn.size:
             pfns = np.concatenate((self._moved_pfn, pfns))
             followers = np.concatenate((self._moved_owner, followers))
-        _pagemap_index.sort_pairs(pfns, followers)
+        _native.sort_pairs(pfns, followers)
         self._moved_pfn, self._moved_owner = pfns, followers
         if self._moved_pfn.size > max(4096, self._pfn.size // 2):
             self._compact()
@@ -218,7 +217,7 @@ class ReverseMap:
         follows its page: returns which PFNs have one and their owners; the
         processes of all other entries taken out are marked stale.
 
-        In the map entries become tombstones (in C, _pagemap_index.take_out), so
+        In the map entries become tombstones (in C, _native.take_out), so
         the arrays stay sorted and every entry of a PFN there is live or none
         is; the moved entries are fewer, and lose theirs at once.
         """
@@ -226,12 +225,12 @@ class ReverseMap:
         moving = np.ascontiguousarray(moving)
         stale = np.zeros(self._slot_pid.size, dtype=np.bool_)
         followers = np.empty(pfns.size, dtype=np.uint64)
-        self._dead += _pagemap_index.take_out(self._pfn, self._owner, pfns, moving, followers,
+        self._dead += _native.take_out(self._pfn, self._owner, pfns, moving, followers,
                                               stale, VPN_BITS)
         if self._moved_pfn.size:  # lookup() answers from these where the map has no entry
             in_map = followers != DEAD
             moved_followers = np.empty_like(followers)
-            if _pagemap_index.take_out(self._moved_pfn, self._moved_owner, pfns,
+            if _native.take_out(self._moved_pfn, self._moved_owner, pfns,
                                        moving & ~in_map, moved_followers, stale, VPN_BITS):
                 keep = self._moved_owner != DEAD
                 self._moved_pfn, self._moved_owner = self._moved_pfn[keep], self._moved_owner[keep]
@@ -392,14 +391,14 @@ def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.int64
                    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """(pfns, owners) of the present entries, sorted by PFN; `entries` is overwritten.
 
-    In C (_pagemap_index.c): a dozen numpy passes over the entries cost more in a
+    In C (_native.c): a dozen numpy passes over the entries cost more in a
     slow guest than the kernel's read of them. The PFNs land in `entries`, whose
     pages are already faulted in; `owners` is touched only as far as it is filled.
     Both are then cut to size in place (a realloc that shrinks copies nothing), so
     the map holds no buffer for the pages not present.
     """
     owners = np.empty_like(entries)
-    found = _pagemap_index.present_sorted(entries, bounds, bases, owners)
+    found = _native.present_sorted(entries, bounds, bases, owners)
     entries.resize(found, refcheck=False)  # no views of either are left to move
     owners.resize(found, refcheck=False)
     return entries, owners

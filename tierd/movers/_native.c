@@ -1,7 +1,10 @@
 /*
- * The reverse map's index in C: its build step (present_sorted), and the
- * lookups and corrections the movers make per batch (first_owners, take_out,
- * further down).
+ * The movers' per-page loops in C, on numpy buffers (GIL released where they
+ * run long): the reverse map's build step (present_sorted), the lookups and
+ * corrections the movers make per batch (first_owners, take_out), folio
+ * grouping (folio_starts) and two array primitives (sort_pairs, ascends).
+ * Each replaces numpy passes that in a slow guest cost more than the kernel's
+ * own work for the same pages.
  *
  * The build: the present pages of a run of /proc/PID/pagemap entries, as
  * (PFN, owner) pairs sorted by PFN.
@@ -149,8 +152,8 @@ static int write_sorted(const struct segments *s, uint64_t *out_pfn, uint64_t *o
      * order, the segments set aside.
      */
     uint64_t *aside = key;
-    uint64_t end = 0;
-    int ret = -1;
+    uint64_t last = 0;  /* the last key of the segments kept so far (none: kept == 0) */
+    int kept = 0, ret = -1;
 
     if (n && (!order || !key || !tmp_a || !tmp_b))
         goto out;
@@ -159,14 +162,16 @@ static int write_sorted(const struct segments *s, uint64_t *out_pfn, uint64_t *o
         order[i] = i;
     radix_sort(key, order, tmp_a, tmp_b, n);
 
-    /* Segments that start before the end of the last one kept go aside. */
+    /* Segments that start at or before the last key kept go aside. */
     for (size_t i = 0; i < n; i++) {
         size_t seg = order[i];
-        aside[i] = s->pfn[seg] < end;
+        aside[i] = kept && s->pfn[seg] <= last;
         if (aside[i])
             spread += s->len[seg];
-        else
-            end = s->pfn[seg] + s->len[seg];
+        else {
+            last = s->pfn[seg] + (s->len[seg] - 1);
+            kept = 1;
+        }
     }
     if (spread) {
         side_pfn = malloc(spread * sizeof *side_pfn);
@@ -501,10 +506,42 @@ release_pfn:
     return result;
 }
 
+/*
+ * Sort key/value pairs by key in place, as the build sorts its pages: cut them
+ * into segments where key and value both step by one (a huge page's pages, in
+ * a batch or after a move), radix sort the segments, write the pages out.
+ */
+static int sort_by_segments(uint64_t *key, uint64_t *value, size_t n)
+{
+    struct segments s = {0};
+    uint64_t next_key = 0, next_value = 0;
+    int sorted = 1, failed = 0;
+
+    for (size_t i = 1; i < n && sorted; i++)
+        sorted = key[i] >= key[i - 1];
+    if (sorted)
+        return 0;
+    for (size_t i = 0; i < n && !failed; i++) {
+        /* next_key 0: the key before was the largest; no segment wraps around. */
+        if (s.count && next_key && key[i] == next_key && value[i] == next_value)
+            s.len[s.count - 1]++;
+        else
+            failed = segments_push(&s, key[i], value[i]);
+        next_key = key[i] + 1;
+        next_value = value[i] + 1;
+    }
+    failed = failed || write_sorted(&s, key, value);
+    free(s.pfn);
+    free(s.owner);
+    free(s.len);
+    return failed ? -1 : 0;
+}
+
 PyDoc_STRVAR(sort_pairs_doc,
 "sort_pairs(keys, values) -> None\n\n"
-"Sort `keys` (uint64) in place, stably, with `values` (8-byte items, as many)\n"
-"moved alongside: the radix sort of the build step. Sorted keys cost one pass.");
+"Sort `keys` (uint64) in place with `values` (8-byte integers, as many) moved\n"
+"alongside; equal keys come in no particular order. Runs where key and value\n"
+"both step by one (huge pages) are sorted as one; sorted keys cost one pass.");
 
 static PyObject *sort_pairs(PyObject *self, PyObject *args)
 {
@@ -528,18 +565,11 @@ static PyObject *sort_pairs(PyObject *self, PyObject *args)
                && (char *)keys.buf < (char *)values.buf + values.len) {
         PyErr_SetString(PyExc_ValueError, "values must not overlap keys");
     } else {
-        size_t cap = n ? n : 1;  /* malloc(0) may answer NULL */
-        uint64_t *key_tmp = malloc(cap * sizeof *key_tmp), *value_tmp = malloc(cap * 8);
-        if (!key_tmp || !value_tmp) {
-            PyErr_NoMemory();
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            radix_sort(keys.buf, values.buf, key_tmp, value_tmp, n);
-            Py_END_ALLOW_THREADS
-            result = Py_NewRef(Py_None);
-        }
-        free(key_tmp);
-        free(value_tmp);
+        int failed;
+        Py_BEGIN_ALLOW_THREADS
+        failed = sort_by_segments(keys.buf, values.buf, n);
+        Py_END_ALLOW_THREADS
+        result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
     }
     PyBuffer_Release(&values);
     PyBuffer_Release(&keys);
@@ -570,23 +600,77 @@ static PyObject *ascends(PyObject *self, PyObject *args)
     return PyBool_FromLong(ok);
 }
 
+PyDoc_STRVAR(folio_starts_doc,
+"folio_starts(pfns, flags, tail_mask, vaddrs, page_size, out) -> int\n\n"
+"Per page: does it start a folio group (out[i], bool) rather than continue the\n"
+"page before it? A page continues it when its PFN is the next one, its flags\n"
+"(kpageflags) have a bit of `tail_mask` set, and, where `vaddrs` is not None,\n"
+"its address is the next page's. Returns how many groups start.");
+
+static PyObject *folio_starts(PyObject *self, PyObject *args)
+{
+    PyObject *pfns_obj, *flags_obj, *vaddrs_obj, *out_obj;
+    unsigned long long tail_mask, page_size;
+    Py_buffer pfns, flags, vaddrs = {0}, out;
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOKOKO:folio_starts", &pfns_obj, &flags_obj, &tail_mask,
+                          &vaddrs_obj, &page_size, &out_obj))
+        return NULL;
+    if (get_u64_buffer(pfns_obj, &pfns, 0, "pfns") < 0)
+        return NULL;
+    if (get_u64_buffer(flags_obj, &flags, 0, "flags") < 0)
+        goto release_pfns;
+    if (vaddrs_obj != Py_None && get_u64_buffer(vaddrs_obj, &vaddrs, 0, "vaddrs") < 0)
+        goto release_flags;
+    if (get_bool_buffer(out_obj, &out, 1, "out") < 0)
+        goto release_vaddrs;
+
+    size_t n = (size_t)pfns.len / 8;
+    if ((size_t)flags.len / 8 != n || (size_t)out.len != n
+        || (vaddrs.buf && (size_t)vaddrs.len / 8 != n)) {
+        PyErr_SetString(PyExc_ValueError, "flags, vaddrs and out must match pfns in size");
+    } else {
+        const uint64_t *pfn = pfns.buf, *flag = flags.buf, *vaddr = vaddrs.buf;
+        char *start = out.buf;
+        size_t groups = 0;
+        for (size_t i = 0; i < n; i++) {
+            int joins = i > 0 && pfn[i] == pfn[i - 1] + 1 && (flag[i] & tail_mask)
+                        && (!vaddr || vaddr[i] == vaddr[i - 1] + page_size);
+            start[i] = !joins;
+            groups += !joins;
+        }
+        result = PyLong_FromSize_t(groups);
+    }
+    PyBuffer_Release(&out);
+release_vaddrs:
+    if (vaddrs.buf)
+        PyBuffer_Release(&vaddrs);
+release_flags:
+    PyBuffer_Release(&flags);
+release_pfns:
+    PyBuffer_Release(&pfns);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"present_sorted", present_sorted, METH_VARARGS, present_sorted_doc},
     {"first_owners", first_owners, METH_VARARGS, first_owners_doc},
     {"take_out", take_out, METH_VARARGS, take_out_doc},
     {"sort_pairs", sort_pairs, METH_VARARGS, sort_pairs_doc},
     {"ascends", ascends, METH_VARARGS, ascends_doc},
+    {"folio_starts", folio_starts, METH_VARARGS, folio_starts_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_pagemap_index",
-    "The reverse map's build, lookups and corrections, in C (see _pagemap_index.c).", -1,
-    methods,
+    PyModuleDef_HEAD_INIT, "_native",
+    "The movers' per-page loops, in C (see _native.c).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__pagemap_index(void)
+PyMODINIT_FUNC PyInit__native(void)
 {
     return PyModule_Create(&module);
 }
