@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,25 @@ def test_call_level_errors_fail_the_pages_and_the_mover_goes_on(err: int, reason
     result = mover.move(_batch([16, 17, 40]))
     assert result.failures == {reason: 3}
     assert result.moved.size == 0
+
+
+@pytest.mark.parametrize(("break_pagemap", "reason"), [
+    (lambda path: path.unlink(), "process_gone"),  # exited since the map's refresh
+    (lambda path: (path.unlink(), path.mkdir()), "proc_unreadable"),  # a read fails
+])
+def test_a_process_whose_pagemap_cannot_be_read_keeps_its_pages_and_the_batch_goes_on(
+        tmp_path: Path, break_pagemap: Callable[[Path], object], reason: str) -> None:
+    shutil.copytree(FIXTURES, tmp_path, symlinks=True, dirs_exist_ok=True)
+    root = HostRoot(tmp_path)
+    rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
+    rmap.refresh()
+    break_pagemap(tmp_path / "proc/4243/pagemap")
+    kernel = FakeKernel()
+    mover = PidMover(rmap, MoverParams(busy_backoff=0), root, move_pages=kernel)
+    result = mover.move(_batch([16, 17, 40, 41]))
+    assert result.failures == {reason: 2}
+    assert sorted(result.moved.tolist()) == [16, 17]
+    assert [pid for pid, *_ in kernel.calls] == [4242]
 
 
 def test_a_call_level_enomem_means_the_target_is_full() -> None:

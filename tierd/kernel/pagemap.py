@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 import numpy.typing as npt
@@ -186,46 +187,69 @@ def _touching_merged(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def entries_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST
                ) -> npt.NDArray[np.uint64]:
     """The pagemap entry of the page holding each of `vaddrs` (any order, repeats allowed)."""
-    return _gather_entries(pid, vaddrs, root, mask=2**64 - 1)
+    if np.size(vaddrs) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    with Pagemap(pid, root) as pages:
+        return pages.entries_of(vaddrs)
 
 
 def pfns_of(pid: int, vaddrs: npt.ArrayLike, root: HostRoot = HOST) -> npt.NDArray[np.uint64]:
     """The PFN backing each of `vaddrs` in `pid`, 0 where the page is not present."""
-    return _gather_entries(pid, vaddrs, root, mask=int(PFN_MASK))
+    if np.size(vaddrs) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    with Pagemap(pid, root) as pages:
+        return pages.pfns_of(vaddrs)
 
 
-def _gather_entries(pid: int, vaddrs: npt.ArrayLike, root: HostRoot, mask: int
-                    ) -> npt.NDArray[np.uint64]:
-    """The entries (ANDed with `mask`) of the pages holding `vaddrs`, in one C pass
-    (tierd/kernel/_gather.c) where they ascend, as the movers' do; pages at most
-    MERGE_GAP_PAGES apart are read in one pread."""
-    addrs = np.ascontiguousarray(vaddrs, dtype=np.uint64)
-    out = np.empty(addrs.size, dtype=np.uint64)
-    if addrs.size == 0:
-        return out
-    fd = _open_pagemap(pid, root)
-    try:
-        if _gather_pages(fd, pid, addrs, out, root, mask):
+class Pagemap:
+    """/proc/PID/pagemap, open for several reads (a mover reads a batch's pages before and
+    after moving them). Raises ProcessGoneError when the process has exited."""
+
+    def __init__(self, pid: int, root: HostRoot = HOST) -> None:
+        self.pid, self.root = pid, root
+        self._fd = _open_pagemap(pid, root)
+
+    def entries_of(self, vaddrs: npt.ArrayLike) -> npt.NDArray[np.uint64]:
+        """The entry of the page holding each of `vaddrs` (any order, repeats allowed)."""
+        return self._gather(vaddrs, mask=2**64 - 1)
+
+    def pfns_of(self, vaddrs: npt.ArrayLike) -> npt.NDArray[np.uint64]:
+        """The PFN backing each of `vaddrs`, 0 where the page is not present."""
+        return self._gather(vaddrs, mask=int(PFN_MASK))
+
+    def _gather(self, vaddrs: npt.ArrayLike, mask: int) -> npt.NDArray[np.uint64]:
+        """The entries (ANDed with `mask`) of the pages holding `vaddrs`, in one C pass
+        (tierd/kernel/_gather.c) where they ascend, as the movers' do; pages at most
+        MERGE_GAP_PAGES apart are read in one pread."""
+        addrs = np.ascontiguousarray(vaddrs, dtype=np.uint64)
+        out = np.empty(addrs.size, dtype=np.uint64)
+        if self._gather_pages(addrs, out, mask):
             return out
         order = np.argsort(addrs)
-        _gather_pages(fd, pid, addrs[order], out, root, mask)
-    finally:
-        os.close(fd)
-    unsorted = np.empty_like(out)
-    unsorted[order] = out
-    return unsorted
+        self._gather_pages(addrs[order], out, mask)
+        unsorted = np.empty_like(out)
+        unsorted[order] = out
+        return unsorted
 
+    def _gather_pages(self, addrs: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64],
+                      mask: int) -> bool:
+        try:
+            return _gather.gather(self._fd, addrs, PAGE_SHIFT, out, 0, MERGE_GAP_PAGES, mask)
+        except OSError as e:
+            path = self.root.fspath(f"/proc/{self.pid}/pagemap")
+            if e.errno == errno.ESRCH:
+                raise ProcessGoneError(path, "process gone") from None
+            raise KernelFileError(path, e.strerror or str(e),
+                                  key=f"page {e.filename // ENTRY_BYTES:#x}") from None
 
-def _gather_pages(fd: int, pid: int, addrs: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64],
-                  root: HostRoot, mask: int) -> bool:
-    try:
-        return _gather.gather(fd, addrs, PAGE_SHIFT, out, 0, MERGE_GAP_PAGES, mask)
-    except OSError as e:
-        path = root.fspath(f"/proc/{pid}/pagemap")
-        if e.errno == errno.ESRCH:
-            raise ProcessGoneError(path, "process gone") from None
-        raise KernelFileError(path, e.strerror or str(e),
-                              key=f"page {e.filename // ENTRY_BYTES:#x}") from None
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)

@@ -82,36 +82,51 @@ class PidMover:
                       vaddrs: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],
                       target: int, result: BatchResult) -> None:
         try:
-            current = pagemap.pfns_of(pid, vaddrs, self.root)
-        except ProcessGoneError:
-            result.fail(pfns, "process_gone", stale=True)
-            return
+            mapped = pagemap.Pagemap(pid, self.root)  # read before and after the move
         except KernelFileError as e:
-            log.debug("pid %d: %s", pid, e)
-            result.fail(pfns, "proc_unreadable")
+            _unreadable(pid, pfns, e, result)
             return
-        same = current == pfns
-        if not same.all():
-            result.fail(pfns[~same], "stale_rmap", stale=True)
-            pfns, vaddrs, flags = pfns[same], vaddrs[same], flags[same]
-        first = folios.group_starts(pfns, flags, vaddrs)
-        sent = vaddrs if first.all() else vaddrs[first]  # one address per folio
-        nodes = np.full(min(sent.size, self.params.batch_pages), target, dtype=np.int32)
+        with mapped:
+            try:
+                current = mapped.pfns_of(vaddrs)
+            except KernelFileError as e:
+                _unreadable(pid, pfns, e, result)
+                return
+            same = current == pfns
+            if not same.all():
+                result.fail(pfns[~same], "stale_rmap", stale=True)
+                pfns, vaddrs, flags = pfns[same], vaddrs[same], flags[same]
+            first = folios.group_starts(pfns, flags, vaddrs)
+            sent = vaddrs if first.all() else vaddrs[first]  # one address per folio
+            nodes = np.full(min(sent.size, self.params.batch_pages), target, dtype=np.int32)
 
-        def send(groups: slice | npt.NDArray[np.intp], statuses: npt.NDArray[np.int32]) -> int:
-            addrs = sent[groups]
-            return self._move_pages(pid, addrs, nodes[:addrs.size], statuses, self.params.flags)
+            def send(groups: slice | npt.NDArray[np.intp],
+                     statuses: npt.NDArray[np.int32]) -> int:
+                addrs = sent[groups]
+                return self._move_pages(pid, addrs, nodes[:addrs.size], statuses,
+                                        self.params.flags)
 
-        moved = move_groups(send, pfns, first, target, result, self.params)
-        if not moved.all():
-            pfns, vaddrs = pfns[moved], vaddrs[moved]
-        if pfns.size:
-            result.succeed(pfns, self._new_pfns(pid, vaddrs))
+            moved = move_groups(send, pfns, first, target, result, self.params)
+            if not moved.all():
+                pfns, vaddrs = pfns[moved], vaddrs[moved]
+            if pfns.size:
+                result.succeed(pfns, _new_pfns(mapped, vaddrs))
 
-    def _new_pfns(self, pid: int, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-        """Where the moved pages live now (0 where the process is gone or it vanished)."""
-        try:
-            return pagemap.pfns_of(pid, vaddrs, self.root)
-        except KernelFileError:
-            return np.zeros(vaddrs.size, dtype=np.uint64)
 
+def _unreadable(pid: int, pfns: npt.NDArray[np.uint64], error: KernelFileError,
+                result: BatchResult) -> None:
+    """The process's pagemap could not be read: its pages stay, counted."""
+    if isinstance(error, ProcessGoneError):
+        result.fail(pfns, "process_gone", stale=True)
+    else:
+        log.debug("pid %d: %s", pid, error)
+        result.fail(pfns, "proc_unreadable")
+
+
+def _new_pfns(mapped: pagemap.Pagemap, vaddrs: npt.NDArray[np.uint64]
+              ) -> npt.NDArray[np.uint64]:
+    """Where the moved pages live now (0 where the process is gone or it vanished)."""
+    try:
+        return mapped.pfns_of(vaddrs)
+    except KernelFileError:
+        return np.zeros(vaddrs.size, dtype=np.uint64)
