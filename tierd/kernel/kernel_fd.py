@@ -3,14 +3,19 @@
 Per-PFN files are read in many ranges per scan, so their readers keep one fd
 instead of reopening the file each time. Every error names the file (and the
 offset, for reads), since the same code reads several kernel files.
+gather_in_any_order() serves every per-page file read at a batch's indices.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+import numpy as np
+import numpy.typing as npt
 
 from tierd.errors import KernelFileError
 
@@ -73,3 +78,26 @@ class KernelFd:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# Fills its second argument with the entries at the ascending keys given first and
+# returns True, or returns False, having read nothing, when they do not ascend
+# (tierd.kernel._gather.gather bound to one file).
+GatherAscending = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.uint64]], bool]
+
+
+def gather_in_any_order(keys: npt.ArrayLike, gather: GatherAscending) -> npt.NDArray[np.uint64]:
+    """The entries at `keys` (any order, repeats allowed) of a per-page file.
+
+    Keys that ascend, as a batch's do, are read in one C pass; any others
+    are read sorted and handed back in their own order.
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.uint64)
+    out = np.empty(keys.size, dtype=np.uint64)
+    if gather(keys, out):
+        return out
+    order = np.argsort(keys)
+    gather(keys[order], out)
+    unsorted = np.empty_like(out)
+    unsorted[order] = out
+    return unsorted

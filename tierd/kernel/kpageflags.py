@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from tierd.errors import KernelFileError
 from tierd.kernel import _gather
-from tierd.kernel.kernel_fd import KernelFd
+from tierd.kernel.kernel_fd import KernelFd, gather_in_any_order
 from tierd.kernel.root import HOST, HostRoot
 
 KPAGEFLAGS = "/proc/kpageflags"
@@ -114,15 +114,7 @@ class PfnFile(KernelFd):
         runs is in C (tierd/kernel/_gather.c): in the lab, picking 16,384 PFNs
         out of their runs' reads cost 2-6 ms of numpy on top of the kernel's 2-3 ms.
         """
-        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
-        out = np.empty(pfns.size, dtype=np.uint64)
-        if self._gather(pfns, out):
-            return out
-        order = np.argsort(pfns)
-        self._gather(pfns[order], out)
-        unsorted = np.empty_like(out)
-        unsorted[order] = out
-        return unsorted
+        return gather_in_any_order(pfns, self._gather)
 
     def _gather(self, pfns: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64]) -> bool:
         try:

@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from tierd.errors import KernelFileError
 from tierd.kernel import _gather
+from tierd.kernel.kernel_fd import gather_in_any_order
 from tierd.kernel.root import HOST, HostRoot
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -221,15 +222,7 @@ class Pagemap:
         """The entries (ANDed with `mask`) of the pages holding `vaddrs`, in one C pass
         (tierd/kernel/_gather.c) where they ascend, as the movers' do; pages at most
         MERGE_GAP_PAGES apart are read in one pread."""
-        addrs = np.ascontiguousarray(vaddrs, dtype=np.uint64)
-        out = np.empty(addrs.size, dtype=np.uint64)
-        if self._gather_pages(addrs, out, mask):
-            return out
-        order = np.argsort(addrs)
-        self._gather_pages(addrs[order], out, mask)
-        unsorted = np.empty_like(out)
-        unsorted[order] = out
-        return unsorted
+        return gather_in_any_order(vaddrs, lambda addrs, out: self._gather_pages(addrs, out, mask))
 
     def _gather_pages(self, addrs: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64],
                       mask: int) -> bool:

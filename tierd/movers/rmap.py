@@ -226,12 +226,12 @@ class ReverseMap:
         stale = np.zeros(self._slot_pid.size, dtype=np.bool_)
         followers = np.empty(pfns.size, dtype=np.uint64)
         self._dead += _native.take_out(self._pfn, self._owner, pfns, moving, followers,
-                                              stale, VPN_BITS)
+                                       stale, VPN_BITS)
         if self._moved_pfn.size:  # lookup() answers from these where the map has no entry
             in_map = followers != DEAD
             moved_followers = np.empty_like(followers)
             if _native.take_out(self._moved_pfn, self._moved_owner, pfns,
-                                       moving & ~in_map, moved_followers, stale, VPN_BITS):
+                                moving & ~in_map, moved_followers, stale, VPN_BITS):
                 keep = self._moved_owner != DEAD
                 self._moved_pfn, self._moved_owner = self._moved_pfn[keep], self._moved_owner[keep]
             followers = np.where(in_map, followers, moved_followers)
