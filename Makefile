@@ -18,7 +18,7 @@ deps:
 # from it (and see Debian's python3-bpfcc, python3-systemd through
 # --system-site-packages). The editable install compiles the C extensions in
 # place (tierd/*/_*.so), so a change to one reinstalls.
-$(STAMP): pyproject.toml setup.py $(wildcard tierd/*/_*.c) tests/lab/debian-packages.txt | deps
+$(STAMP): pyproject.toml setup.py tierd/_buffers.h $(wildcard tierd/*/_*.c) tests/lab/debian-packages.txt | deps
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@

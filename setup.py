@@ -4,7 +4,7 @@ from setuptools import Extension, setup
 
 
 def extension(module: str) -> Extension:
-    return Extension(module, [module.replace(".", "/") + ".c"],
+    return Extension(module, [module.replace(".", "/") + ".c"], depends=["tierd/_buffers.h"],
                      extra_compile_args=["-O2", "-Wall", "-Wextra"])
 
 

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../_buffers.h"
+
 #define ENTRY_BYTES 8
 
 struct read_error {
@@ -105,22 +107,6 @@ static int gather_runs(int fd, const uint64_t *keys, size_t n, unsigned shift, u
     return failed ? -1 : 0;
 }
 
-static int get_u64_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
-{
-    if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS
-                                          | PyBUF_FORMAT) < 0)
-        return -1;
-    const char *format = view->format ? view->format : "B";
-    char kind = format[strlen(format) - 1];
-    /* kind first: strchr() finds a '\0' too. */
-    if (view->itemsize != 8 || view->ndim != 1 || !kind || !strchr("qQlLnN", kind)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a 1-d array of 8-byte integers", name);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *raise_read_error(const struct read_error *err)
 {
     const char *message = err->message ? err->message : strerror(err->errnum);
@@ -144,8 +130,7 @@ static PyObject *gather_views(int fd, Py_buffer *keys, unsigned shift, Py_buffer
     if ((size_t)out->len / 8 != n)
         return PyErr_Format(PyExc_ValueError, "out must hold as many items as keys");
     /* Runs are read ahead of the keys that name them. */
-    if ((char *)out->buf < (char *)keys->buf + keys->len
-        && (char *)keys->buf < (char *)out->buf + out->len)
+    if (buffers_overlap(out, keys))
         return PyErr_Format(PyExc_ValueError, "out must not overlap keys");
     for (size_t i = 1; i < n; i++) {
         if ((key[i] >> shift) < (key[i - 1] >> shift))

@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../_buffers.h"
+
 #define PRESENT_BIT 63
 #define PFN_MASK ((UINT64_C(1) << 55) - 1)
 #define DIGIT_BITS 11
@@ -225,33 +227,6 @@ out:
     return ret;
 }
 
-static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name,
-                      Py_ssize_t itemsize, const char *kinds, const char *expected)
-{
-    if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS
-                                          | PyBUF_FORMAT) < 0)
-        return -1;
-    const char *format = view->format ? view->format : "B";
-    char kind = format[strlen(format) - 1];
-    /* kind first: strchr() finds a '\0' too. */
-    if (view->itemsize != itemsize || view->ndim != 1 || !kind || !strchr(kinds, kind)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a 1-d array of %s", name, expected);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
-static int get_u64_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
-{
-    return get_buffer(obj, view, writable, name, 8, "qQlLnN", "8-byte integers");
-}
-
-static int get_bool_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
-{
-    return get_buffer(obj, view, writable, name, 1, "?", "booleans");
-}
-
 PyDoc_STRVAR(present_sorted_doc,
 "present_sorted(entries, bounds, bases, owners) -> int\n\n"
 "The present pages of pagemap `entries` (uint64), sorted by PFN: writes their\n"
@@ -279,8 +254,7 @@ static PyObject *index_present(Py_buffer *entries, Py_buffer *bounds, Py_buffer 
     if ((size_t)owners->len / 8 < n)
         return PyErr_Format(PyExc_ValueError, "owners must hold as many items as entries");
     /* Both are written: the PFNs over the entries as they are read, the owners apart. */
-    if ((char *)owners->buf < (char *)entries->buf + entries->len
-        && (char *)entries->buf < (char *)owners->buf + owners->len)
+    if (buffers_overlap(owners, entries))
         return PyErr_Format(PyExc_ValueError, "owners must not overlap entries");
     Py_BEGIN_ALLOW_THREADS
     failed = cut_segments(entries->buf, bound, bases->buf, runs, &segs)
@@ -298,21 +272,15 @@ static PyObject *present_sorted(PyObject *self, PyObject *args)
     static const int writable[] = {1, 0, 0, 1};
     PyObject *objects[4];
     Py_buffer views[4];
-    PyObject *result = NULL;
-    int held = 0;
+    PyObject *result;
 
     (void)self;
     if (!PyArg_ParseTuple(args, "OOOO:present_sorted", &objects[0], &objects[1], &objects[2],
-                          &objects[3]))
+                          &objects[3])
+        || get_u64_buffers(objects, views, 4, names, writable) < 0)
         return NULL;
-    for (; held < 4; held++) {
-        if (get_u64_buffer(objects[held], &views[held], writable[held], names[held]) < 0)
-            break;
-    }
-    if (held == 4)
-        result = index_present(&views[0], &views[1], &views[2], &views[3]);
-    while (held--)
-        PyBuffer_Release(&views[held]);
+    result = index_present(&views[0], &views[1], &views[2], &views[3]);
+    release_buffers(views, 4);
     return result;
 }
 
@@ -410,34 +378,28 @@ PyDoc_STRVAR(first_owners_doc,
 static PyObject *first_owners(PyObject *self, PyObject *args)
 {
     static const char *const names[] = {"pfn", "owner", "keys", "out"};
+    static const int writable[] = {0, 0, 0, 1};
     PyObject *objects[4];
     Py_buffer views[4];
     PyObject *result = NULL;
-    int held = 0;
 
     (void)self;
     if (!PyArg_ParseTuple(args, "OOOO:first_owners", &objects[0], &objects[1], &objects[2],
-                          &objects[3]))
+                          &objects[3])
+        || get_u64_buffers(objects, views, 4, names, writable) < 0)
         return NULL;
-    for (; held < 4; held++) {
-        if (get_u64_buffer(objects[held], &views[held], held == 3, names[held]) < 0)
-            break;
+    size_t n = (size_t)views[0].len / 8, count = (size_t)views[2].len / 8, found;
+    if ((size_t)views[1].len / 8 != n || (size_t)views[3].len / 8 != count) {
+        PyErr_SetString(PyExc_ValueError,
+                        "owner must match pfn, and out must match keys, in size");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        found = find_first_owners(views[0].buf, views[1].buf, n, views[2].buf, count,
+                                  views[3].buf);
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSize_t(found);
     }
-    if (held == 4) {
-        size_t n = (size_t)views[0].len / 8, count = (size_t)views[2].len / 8, found;
-        if ((size_t)views[1].len / 8 != n || (size_t)views[3].len / 8 != count) {
-            PyErr_SetString(PyExc_ValueError,
-                            "owner must match pfn, and out must match keys, in size");
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            found = find_first_owners(views[0].buf, views[1].buf, n, views[2].buf, count,
-                                      views[3].buf);
-            Py_END_ALLOW_THREADS
-            result = PyLong_FromSize_t(found);
-        }
-    }
-    while (held--)
-        PyBuffer_Release(&views[held]);
+    release_buffers(views, 4);
     return result;
 }
 
@@ -561,8 +523,7 @@ static PyObject *sort_pairs(PyObject *self, PyObject *args)
     size_t n = (size_t)keys.len / 8;
     if ((size_t)values.len / 8 != n) {
         PyErr_SetString(PyExc_ValueError, "values must hold as many items as keys");
-    } else if ((char *)values.buf < (char *)keys.buf + keys.len
-               && (char *)keys.buf < (char *)values.buf + values.len) {
+    } else if (buffers_overlap(&values, &keys)) {
         PyErr_SetString(PyExc_ValueError, "values must not overlap keys");
     } else {
         int failed;
