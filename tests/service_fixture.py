@@ -6,7 +6,8 @@ import time
 from collections import Counter
 
 from tierd.config import ReloadStatus
-from tierd.state import DaemonState, Direction, Health, NodeUsage
+from tierd.state import DaemonState, NodeUsage
+from tierd.vocabulary import Direction, Health, State
 
 GIB = 1 << 30
 PROMOTED_PAGES = 300  # node 1 -> node 0
@@ -30,8 +31,8 @@ def populated_state(dry_run: bool = False) -> DaemonState:
     for seconds in (0.004, 0.03, 0.2):
         state.record_duration("collect", seconds)
         state.record_duration("policy", seconds / 10)
-    state.set_collector("idle", Health.OK)
-    state.set_collector("perf", Health.DISABLED, "no IBS or PEBS on this CPU")
+    state.set_collector("idle", Health())
+    state.set_collector("perf", Health(State.DISABLED, "no IBS or PEBS on this CPU"))
     state.record_error("mover:pid", "a process exited during the move")
     state.set_sizes(tracked_pages=1000, rmap_pages=800, rmap_bytes=64000)
     state.finish_interval()

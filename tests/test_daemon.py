@@ -24,10 +24,10 @@ from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
 from tierd.movers.status import MoverParams
-from tierd.policy import Batch, NodeFacts, Plan, PolicyParams
-from tierd.probe import Health as ProbeHealth
-from tierd.state import DaemonState, Direction, Health
+from tierd.policy import Plan, PolicyParams
+from tierd.state import DaemonState
 from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
+from tierd.vocabulary import Batch, Direction, Health, NodeFacts, State
 
 
 def test_moves_count_pages_and_bytes_per_direction_and_node_pair() -> None:
@@ -53,14 +53,14 @@ def test_dry_run_counts_what_would_move_and_nothing_as_moved() -> None:
 def test_snapshot_is_a_copy_later_updates_do_not_leak_in() -> None:
     state = DaemonState()
     state.record_failures({"EBUSY": 3})
-    state.set_collector("idle", Health.DEGRADED, "page_idle missing")
+    state.set_collector("idle", Health(State.DEGRADED, "page_idle missing"))
     state.record_duration("policy", 0.5)
     snap = state.snapshot()
     state.record_failures({"EBUSY": 1})
-    state.set_collector("idle", Health.OK)
+    state.set_collector("idle", Health())
     state.record_duration("policy", 0.25)
     assert snap.failures["EBUSY"] == 3
-    assert snap.collectors["idle"].health is Health.DEGRADED
+    assert snap.collectors["idle"].state is State.DEGRADED
     assert snap.durations["policy"].total_seconds == 0.5
     assert state.snapshot().durations["policy"].count == 2
 
@@ -99,7 +99,7 @@ def test_default_config_runs_the_movers_and_policys_own_defaults() -> None:
 class _FakeIdle:
     """An idle collector that counts its scans (one mark + collect each)."""
 
-    health = ProbeHealth()
+    health = Health()
 
     def __init__(self) -> None:
         self.collected = 0
@@ -365,7 +365,7 @@ def _converge(daemon: Daemon, workload: Workload, moves: Moves, limit: int = 10)
               f"C on node 1 {placement.cold_on_slow:.3f}; {describe(summary, 4096)}; tracked "
               f"{snap.tracked_pages}, rmap {snap.rmap_pages}, excluded "
               f"{dict(snap.pages_excluded)}, collectors "
-              f"{ {k: (v.health.value, v.reason) for k, v in snap.collectors.items()} }, "
+              f"{ {k: (v.state.value, v.reason) for k, v in snap.collectors.items()} }, "
               f"classes {np.bincount(classes(daemon.heat.mark), minlength=4).tolist()}",
               flush=True)
         if placement.hot_on_fast >= 0.95 and placement.cold_on_slow >= 0.95:

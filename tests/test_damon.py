@@ -26,7 +26,7 @@ from tierd.kernel import damon_sysfs, pagemap
 from tierd.kernel.damon_sysfs import KDAMONDS, MonitoringAttrs
 from tierd.kernel.root import HostRoot
 from tierd.kernel.zoneinfo import read_zoneinfo
-from tierd.probe import State
+from tierd.vocabulary import State
 
 FIXTURES = Path(__file__).parent / "fixtures" / "damon"
 PAGE = mmap.PAGESIZE
@@ -121,7 +121,7 @@ def test_someone_elses_running_kdamond_is_left_alone(tmp_path: Path) -> None:
     root = tree(tmp_path, "busy")
     collector = DamonCollector(RANGES, root=root)
     assert not collector.start()
-    assert collector.health.state is State.UNAVAILABLE
+    assert collector.health.state is State.DISABLED
     assert "busy: kdamond 0 already running" in collector.health.reason
     assert read(root, "0/state") == "on"
     assert read(root, "0/contexts/0/operations") == "vaddr"

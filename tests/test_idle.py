@@ -23,7 +23,7 @@ from tierd.kernel import pagemap
 from tierd.kernel.nodes import MEMORY_DIR
 from tierd.kernel.page_idle import BITMAP, PFNS_PER_WORD, IdleBitmap, unpack
 from tierd.kernel.root import HostRoot
-from tierd.probe import State
+from tierd.vocabulary import State
 
 
 def _write_u64(root: Path, kernel_path: str, values: np.ndarray) -> None:
@@ -416,7 +416,7 @@ def test_missing_bitmap_makes_the_collector_unavailable(tmp_path: Path) -> None:
     c = k.collector()
     c.mark()
     assert c.collect() == []
-    assert c.health.state is State.UNAVAILABLE
+    assert c.health.state is State.DISABLED
     assert "page_idle/bitmap: missing (kernel built without CONFIG_IDLE_PAGE_TRACKING)" in (
         c.health.reason)
     [cap] = idle_probe(HostRoot(k.root))
@@ -668,7 +668,7 @@ def test_lab_stock_kernel_has_no_idle_tracking_and_says_why() -> None:
     collector = IdleCollector(read_topology())
     collector.mark()
     assert collector.collect() == []
-    assert collector.health.state is State.UNAVAILABLE
+    assert collector.health.state is State.DISABLED
     assert "CONFIG_IDLE_PAGE_TRACKING" in collector.health.reason
     [cap] = idle_probe()
     assert not cap.usable and "page_idle/bitmap: missing" in cap.reason

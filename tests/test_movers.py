@@ -31,8 +31,7 @@ from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
 from tierd.movers.status import MoverParams, count_reasons
-from tierd.policy import Batch
-from tierd.state import Direction
+from tierd.vocabulary import Batch, Direction
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
 ROOT = HostRoot(FIXTURES)

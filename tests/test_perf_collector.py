@@ -20,7 +20,7 @@ from tierd.errors import KernelFileError
 from tierd.kernel import pagemap, pmu
 from tierd.kernel import perf_event as pe
 from tierd.kernel.root import HostRoot
-from tierd.probe import State
+from tierd.vocabulary import State
 
 FIXTURES = Path(__file__).parent / "fixtures" / "perf"
 PAGE = mmap.PAGESIZE
@@ -205,7 +205,7 @@ def test_a_pmu_that_is_gone_leaves_the_collector_disabled_with_the_reason() -> N
                            description="ibs_op (unplugged)")
     collector = PerfSampleCollector(gone, online_cpus())
     assert not collector.start()
-    assert collector.health.state is State.UNAVAILABLE
+    assert collector.health.state is State.DISABLED
     assert "ibs_op (unplugged), cpu 0" in collector.health.reason
     assert "PMU or event is gone" in collector.health.reason
     assert collector.collect().pfns.size == 0
@@ -263,7 +263,7 @@ def test_bcc_usable_where_the_kernel_carries_its_headers() -> None:
 def test_bcc_collector_without_headers_is_unavailable_and_says_why() -> None:
     collector = perf_bcc.BccSampleCollector(pmu.software_page_faults(), [0], fixture("no-pmu"))
     assert not collector.start()
-    assert collector.health.state is State.UNAVAILABLE
+    assert collector.health.state is State.DISABLED
     assert collector.health.reason.startswith("bcc backend: no kernel headers")
     assert collector.collect().pfns.size == 0
 

@@ -8,7 +8,7 @@ import pytest
 from tierd import heat as h
 from tierd import policy
 from tierd.policy import NodeTarget, PolicyParams
-from tierd.state import Direction
+from tierd.vocabulary import Direction
 
 # Pressure and exchange alone, without proactive demotion of every settled-cold page.
 PRESSURE_ONLY = PolicyParams(demote_cold=False)

@@ -40,7 +40,6 @@ from tierd.heat import HEAT_SCALE, HeatModel, HeatParams
 from tierd.kernel import move_phys, pmu
 from tierd.kernel.damon_sysfs import MonitoringAttrs
 from tierd.kernel.kernel_tiering import read_kernel_tiering
-from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HOST, HostRoot
 from tierd.kernel.zoneinfo import read_zoneinfo
 from tierd.movers import safety
@@ -50,11 +49,10 @@ from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.safety import Exclusions, ProcessFilter
 from tierd.movers.status import BatchResult, MoverParams
-from tierd.policy import Batch, NodeFacts, Plan, PolicyParams
-from tierd.probe import Health as ProbeHealth
-from tierd.probe import State
-from tierd.state import DaemonState, Direction, Health, NodeUsage
+from tierd.policy import Plan, PolicyParams
+from tierd.state import DaemonState, NodeUsage
 from tierd.trace import IntervalRecord, TraceWriter
+from tierd.vocabulary import PAGE_SIZE, Batch, Direction, Health, NodeFacts, State
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +122,6 @@ class IntervalSummary:
     failures: Counter[str] = field(default_factory=Counter)
     planned: int = 0
     deferred: int = 0
-
-
-def _health(h: ProbeHealth) -> tuple[Health, str]:
-    mapping = {State.OK: Health.OK, State.DEGRADED: Health.DEGRADED,
-               State.UNAVAILABLE: Health.DISABLED}
-    return mapping[h.state], h.reason
 
 
 def node_facts(topology: Topology) -> list[NodeFacts]:
@@ -208,7 +200,7 @@ class Daemon:
             self._idle_due_at = time.monotonic() + min(self.settings.interval,
                                                        self.settings.idle_interval)
             self._set_health("idle", self.idle.health)
-            if self.idle.health.state is State.UNAVAILABLE:
+            if self.idle.health.state is State.DISABLED:
                 self.idle.close()
                 self.idle = None
         if cfg.perf.enabled:
@@ -234,7 +226,7 @@ class Daemon:
         try:
             event = self._perf_event(cfg.events)
         except TierdError as e:
-            self.state.set_collector("perf", Health.DISABLED, str(e))
+            self.state.set_collector("perf", Health(State.DISABLED, str(e)))
             return
         event = replace(event, sample_period=cfg.sample_period)
         # The bcc backend falls back to the ctypes ring, saying why, when it cannot run.
@@ -543,9 +535,8 @@ class Daemon:
         sums = np.add.reduceat(heat, edges[:-1], dtype=np.uint64)
         return (sums / np.diff(edges) / HEAT_SCALE).tolist()
 
-    def _set_health(self, name: str, health: ProbeHealth) -> None:
-        value, reason = _health(health)
-        self.state.set_collector(name, value, reason)
+    def _set_health(self, name: str, health: Health) -> None:
+        self.state.set_collector(name, health)
 
 
 def describe(summary: IntervalSummary, page_size: int) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd import heat as h
-from tierd.state import Direction
+from tierd.vocabulary import Batch, Direction, NodeFacts
 
 # Move categories. With no cooldown left a mark byte is (class << 3) | streak,
 # so each category is a few ranges of mark values: uint8 compares, no lookups.
@@ -64,18 +64,6 @@ class NodeTarget:
     demote_to: int | None = None  # a node one tier down
 
 
-@dataclass(frozen=True)
-class NodeFacts:
-    """What the host says about a node (from the topology), before policy parameters apply."""
-
-    node: int
-    tier: int  # rank, 0 = fastest
-    ranges: tuple[tuple[int, int], ...]
-    managed_pages: int
-    free_pages: int
-    watermark_pages: int  # max(high, promo): where the kernel itself starts to worry
-
-
 def targets(facts: list[NodeFacts], headroom_percent: float) -> list[NodeTarget]:
     """NodeTargets from node facts: keep watermark + headroom free; neighbours one tier away.
 
@@ -94,14 +82,6 @@ def targets(facts: list[NodeFacts], headroom_percent: float) -> list[NodeTarget]
         keep_free_pages=f.watermark_pages + int(f.managed_pages * headroom_percent / 100),
         promote_to=roomiest(f.tier - 1), demote_to=roomiest(f.tier + 1),
     ) for f in facts]
-
-
-@dataclass(frozen=True)
-class Batch:
-    direction: Direction
-    source: int
-    target: int
-    pfns: npt.NDArray[np.uint64]  # ascending
 
 
 @dataclass(frozen=True)

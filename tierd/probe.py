@@ -8,8 +8,8 @@ Adding a probe (one line here):
      `reason` may carry a short note ("ibs_op, l3missonly").
   2. Append "package.module:function" to PROBES below.
 
-Collectors also carry a live `health` attribute (a `Health`: ok, degraded or
-unavailable, and why) that their probe and the metrics read; a collector
+Collectors also carry a live `health` attribute (a `tierd.vocabulary.Health`:
+ok, degraded or disabled, and why) that their probe and the metrics read; a collector
 never raises on bad kernel input, it changes its health.
 
 `run_probes` imports each probe lazily, so a broken or slow import costs only
@@ -21,41 +21,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
-from enum import StrEnum
 
 from tierd.kernel.root import HOST, HostRoot
+from tierd.vocabulary import Capability, Health, State
 
-
-@dataclass(frozen=True)
-class Capability:
-    """One thing tierd may use on this host, and whether it can."""
-
-    name: str
-    usable: bool
-    reason: str = ""
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-class State(StrEnum):
-    OK = "ok"
-    DEGRADED = "degraded"  # working, but part of its input failed (see reason)
-    UNAVAILABLE = "unavailable"  # cannot work on this host (see reason)
-
-
-@dataclass(frozen=True)
-class Health:
-    """A collector's (or mover's) current state and why."""
-
-    state: State = State.OK
-    reason: str = ""
-
-    def capability(self, name: str) -> Capability:
-        """As a probe result: usable unless unavailable; degraded says so in the reason."""
-        reason = f"degraded: {self.reason}" if self.state is State.DEGRADED else self.reason
-        return Capability(name, self.state is not State.UNAVAILABLE, reason)
+__all__ = ["Capability", "Health", "State", "format_table", "run_probe", "run_probes"]
 
 
 ProbeFunction = Callable[[HostRoot], Capability | list[Capability]]

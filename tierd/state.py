@@ -13,7 +13,8 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from enum import StrEnum
+
+from tierd.vocabulary import Direction, Health, State
 
 # Stages whose durations are recorded each interval.
 STAGES = ("collect", "heat", "policy", "rmap", "move")
@@ -22,20 +23,9 @@ LAST_ERRORS_KEPT = 20
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class Direction(StrEnum):
-    PROMOTE = "promote"  # towards a faster tier
-    DEMOTE = "demote"  # towards a slower tier
-
-
-class Health(StrEnum):
-    OK = "ok"
-    DEGRADED = "degraded"  # running, but some input is bad or missing
-    DISABLED = "disabled"  # not usable on this host (see reason)
-
-
 @dataclass
 class CollectorHealth:
-    health: Health = Health.OK
+    state: State = State.OK
     reason: str = ""
     last_ok: float | None = None  # time.time() of the last good collection
 
@@ -192,12 +182,12 @@ class DaemonState:
                 if seconds <= bound:
                     d.bucket_counts[i] += 1
 
-    def set_collector(self, name: str, health: Health, reason: str = "") -> None:
+    def set_collector(self, name: str, health: Health) -> None:
         with self._lock:
             entry = self.collectors.setdefault(name, CollectorHealth())
-            entry.health = health
-            entry.reason = reason
-            if health is Health.OK:
+            entry.state = health.state
+            entry.reason = health.reason
+            if health.state is State.OK:
                 entry.last_ok = time.time()
 
     def record_error(self, source: str, message: str) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
 from tierd.errors import TierdError
-from tierd.policy import NodeFacts
+from tierd.vocabulary import NodeFacts
 
 FORMAT_VERSION = 1
 

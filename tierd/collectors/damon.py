@@ -22,10 +22,9 @@ from tierd.collectors.evidence import RegionBatch
 from tierd.errors import KernelFileError
 from tierd.kernel import damon_sysfs, pagemap, task
 from tierd.kernel.damon_sysfs import DamonError, Kdamond, MonitoringAttrs
-from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers.safety import ProcessFilter
-from tierd.probe import Capability, Health, State
+from tierd.vocabulary import PAGE_SHIFT, Capability, Health, State
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def paddr_attrs(sample_us: int = 5_000, aggr_us: int = 100_000) -> MonitoringAtt
 
 def _unusable(reason: str) -> Health:
     log.warning("DAMON collector unusable: %s", reason)
-    return Health(State.UNAVAILABLE, reason)
+    return Health(State.DISABLED, reason)
 
 
 class DamonCollector:
@@ -71,7 +70,7 @@ class DamonCollector:
         self.attrs = attrs or paddr_attrs()
         self.root = root
         self.kdamond = Kdamond(root)
-        self.health = Health(State.UNAVAILABLE, "not started")
+        self.health = Health(State.DISABLED, "not started")
         self._running = False
 
     def __enter__(self) -> DamonCollector:
@@ -136,7 +135,7 @@ class DamonCollector:
             log.error("could not stop tierd's kdamond: %s", e)
             self.health = Health(State.DEGRADED, f"stop failed: {e}")
             return
-        self.health = Health(State.UNAVAILABLE, "stopped")
+        self.health = Health(State.DISABLED, "stopped")
 
 
 def probe(root: HostRoot = HOST) -> Capability:
@@ -173,7 +172,7 @@ class ProcessDamonCollector:
         self.attrs = attrs or MonitoringAttrs()
         self.root = root
         self.max_targets = max_targets
-        self.health = Health(State.UNAVAILABLE, "not started")
+        self.health = Health(State.DISABLED, "not started")
         self._targets: list[tuple[int, Kdamond]] = []
         self._collects = 0
         self._running = False
@@ -277,7 +276,7 @@ class ProcessDamonCollector:
             self.health = Health(State.DEGRADED, f"stop failed: {e}")
             return
         self._targets = []
-        self.health = Health(State.UNAVAILABLE, "stopped")
+        self.health = Health(State.DISABLED, "stopped")
 
 
 def _clip(starts: np.ndarray, ends: np.ndarray, maps: list[pagemap.Mapping]

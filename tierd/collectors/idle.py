@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd.collectors.evidence import IDLE_AGE_MAX, UNTRACKED, IdleScan
-from tierd.collectors.topology import PAGE_SIZE, Topology, read_topology
+from tierd.collectors.topology import Topology, read_topology
 from tierd.errors import KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import nodes as sysnodes
@@ -60,7 +60,7 @@ from tierd.kernel.page_idle import (
     words_for,
 )
 from tierd.kernel.root import HOST, HostRoot
-from tierd.probe import Capability, Health, State
+from tierd.vocabulary import PAGE_SIZE, Capability, Health, State
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class IdleCollector:
     def _usable(self) -> bool:
         reason = self.bitmap.check()
         if reason is not None:
-            self.health = Health(State.UNAVAILABLE, reason)
+            self.health = Health(State.DISABLED, reason)
             return False
         return True
 

@@ -38,7 +38,7 @@ from tierd.kernel import pagemap
 from tierd.kernel import perf_event as pe
 from tierd.kernel.pmu import MemoryEvent
 from tierd.kernel.root import HOST, HostRoot
-from tierd.probe import Capability, Health, State
+from tierd.vocabulary import PAGE_SIZE, Capability, Health, State
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class BccSampleCollector:
         self.root = root
         self.max_pages = max_pages
         self._resolve = resolve or (lambda pid, vaddrs: pagemap.pfns_of(pid, vaddrs, root))
-        self.health = Health(State.UNAVAILABLE, "not started")
+        self.health = Health(State.DISABLED, "not started")
         self.stats = SampleStats()
         self._bpf: Any = None
         self._program_fd = -1
@@ -148,7 +148,7 @@ class BccSampleCollector:
             reason = self._attach()
         if reason is not None:
             self.close()
-            self.health = Health(State.UNAVAILABLE, f"bcc backend: {reason}")
+            self.health = Health(State.DISABLED, f"bcc backend: {reason}")
             return False
         if self.health.state is not State.DEGRADED:  # some CPUs may have failed to attach
             self.health = Health(State.OK, f"bcc: {self.event.description}")
@@ -160,7 +160,7 @@ class BccSampleCollector:
         try:
             self._bpf = BPF(text=BPF_PROGRAM, cflags=[
                 "-w",  # kernel headers under clang warn by the dozen; errors still show
-                f"-DMAX_PAGES={self.max_pages}", f"-DTIERD_PAGE_SIZE={pagemap.PAGE_SIZE}"])
+                f"-DMAX_PAGES={self.max_pages}", f"-DTIERD_PAGE_SIZE={PAGE_SIZE}"])
             self._program_fd = self._bpf.load_func(b"on_sample", BPF.PERF_EVENT).fd
         except Exception as e:  # bcc raises bare Exception for compile and load errors
             return f"could not compile or load the BPF program: {e}"

@@ -39,11 +39,11 @@ from tierd.kernel import pagemap
 from tierd.kernel import perf_event as pe
 from tierd.kernel.pmu import OPTIONAL_SAMPLE_BITS, MemoryEvent, NoMemoryPmu, PmuError, memory_event
 from tierd.kernel.root import HOST, HostRoot
-from tierd.probe import Capability, Health, State
+from tierd.vocabulary import PAGE_SHIFT, Capability, Health, State
 
 log = logging.getLogger(__name__)
 
-PAGE_SHIFT = pagemap.PAGE_SHIFT
+
 CAP_SYS_ADMIN, CAP_PERFMON = 21, 38
 DEFAULT_RING_PAGES = 64  # 256 KiB per CPU: ~4000 IBS samples between two drains
 DRAIN_SECONDS = 0.25  # longest wait between two drains when no ring fills up
@@ -103,7 +103,7 @@ class PerfSampleCollector:
         self.root = root
         self._resolve = resolve or (lambda pid, vaddrs: pagemap.pfns_of(pid, vaddrs, root))
         self.sample_type = event.sample_type
-        self.health = Health(State.UNAVAILABLE, "not started")
+        self.health = Health(State.DISABLED, "not started")
         self.stats = SampleStats()
         self._events: list[_CpuEvent] = []
         self._lock = threading.Lock()  # the rings and the pending results
@@ -130,7 +130,7 @@ class PerfSampleCollector:
             except OSError as e:  # mmap or ioctl
                 failures.append(f"cpu {cpu}: mmap/enable: {e.strerror or e}")
         if not self._events:
-            self.health = Health(State.UNAVAILABLE, "; ".join(failures) or "no CPUs")
+            self.health = Health(State.DISABLED, "; ".join(failures) or "no CPUs")
             log.warning("perf collector unusable: %s", self.health.reason)
             return False
         if failures:

@@ -13,7 +13,6 @@ in `Topology.problems`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -25,9 +24,7 @@ from tierd.kernel import memtiers
 from tierd.kernel import nodes as sysnodes
 from tierd.kernel.root import HOST, HostRoot
 from tierd.kernel.zoneinfo import Zone, read_zoneinfo
-from tierd.probe import Capability
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+from tierd.vocabulary import PAGE_SIZE, Capability
 
 Range = tuple[int, int]  # [start_pfn, end_pfn)
 

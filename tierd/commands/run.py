@@ -19,11 +19,11 @@ from tierd.commands.check_config import EX_CONFIG
 from tierd.config import DEFAULT_PATH, Config, ConfigError, ConfigStore, ReloadStatus
 from tierd.daemon import Daemon, IntervalSummary, describe
 from tierd.errors import HostMismatch
-from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.service.allocator import keep_freed_memory
 from tierd.service.metrics import MetricsServer
 from tierd.service.systemd import Notifier, log_to_journal
-from tierd.state import Direction, StateSnapshot
+from tierd.state import StateSnapshot
+from tierd.vocabulary import PAGE_SIZE, Direction
 
 log = logging.getLogger("tierd.run")
 

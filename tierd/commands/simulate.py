@@ -16,8 +16,8 @@ from tierd import policy
 from tierd.config import Config, load
 from tierd.daemon import Settings
 from tierd.heat import HeatModel
-from tierd.state import Direction
 from tierd.trace import read_trace
+from tierd.vocabulary import Direction
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,8 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from tierd.collectors.topology import PAGE_SIZE, Node, Topology, read_topology
+from tierd.collectors.topology import Node, Topology, read_topology
 from tierd.kernel.root import HostRoot
+from tierd.vocabulary import PAGE_SIZE
 
 COLUMNS = ("node", "cpus", "tier", "managed", "free", "min", "low", "high", "promo", "pfn ranges")
 

@@ -29,7 +29,7 @@ import numpy.typing as npt
 from tierd.errors import KernelFileError
 from tierd.kernel.numa import MPOL_MF_MOVE, check_lengths
 from tierd.kernel.root import HOST, HostRoot
-from tierd.probe import Capability
+from tierd.vocabulary import Capability
 
 NAME = "move_phys_pages"
 SYSCALL_NR_FILE = "/sys/kernel/mm/move_phys_pages/syscall_nr"

@@ -23,9 +23,8 @@ from tierd.errors import KernelFileError
 from tierd.kernel import _gather
 from tierd.kernel.kernel_fd import gather_in_any_order
 from tierd.kernel.root import HOST, HostRoot
+from tierd.vocabulary import PAGE_SHIFT, PAGE_SIZE
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 ENTRY_BYTES = 8
 
 PFN_MASK = np.uint64((1 << 55) - 1)

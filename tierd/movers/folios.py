@@ -18,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd.kernel import kpageflags as kpf
-from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native
+from tierd.vocabulary import PAGE_SIZE
 
 
 def group_starts(pfns: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64],

@@ -23,11 +23,10 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from tierd.kernel.pagemap import PAGE_SHIFT
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native, folios
 from tierd.movers.status import BatchResult, MoverParams, move_groups
-from tierd.policy import Batch
+from tierd.vocabulary import PAGE_SHIFT, Batch
 
 # (physical addresses, target nodes, statuses to fill, flags) -> the call's result (0, or
 # pages it failed to migrate); raises OSError for the call (move_phys_pages_into's signature).

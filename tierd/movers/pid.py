@@ -34,7 +34,7 @@ from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.status import BatchResult, MoverParams, move_groups
-from tierd.policy import Batch
+from tierd.vocabulary import Batch
 
 log = logging.getLogger(__name__)
 

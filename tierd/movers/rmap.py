@@ -39,10 +39,11 @@ import numpy.typing as npt
 
 from tierd.errors import KernelFileError
 from tierd.kernel import pagemap, task
-from tierd.kernel.pagemap import PAGE_SHIFT, ProcessGoneError
+from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native
 from tierd.movers.safety import ProcessFilter
+from tierd.vocabulary import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
 

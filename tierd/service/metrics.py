@@ -35,7 +35,8 @@ from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
 from tierd.service import status
-from tierd.state import DURATION_BUCKETS, DaemonState, Direction, Health, MoveKey, StateSnapshot
+from tierd.state import DURATION_BUCKETS, DaemonState, MoveKey, StateSnapshot
+from tierd.vocabulary import Direction, State
 
 MOVE_LABELS = ["source_node", "target_node"]
 
@@ -194,8 +195,8 @@ def _collectors(snap: StateSnapshot) -> Iterator[Metric]:
                                 "When the collector last delivered evidence (Unix time).",
                                 labels=["collector"])
     for name, health in sorted(snap.collectors.items()):
-        for h in Health:
-            state.add_metric([name, str(h)], float(health.health is h))
+        for s in State:
+            state.add_metric([name, str(s)], float(health.state is s))
         if health.last_ok is not None:
             last_ok.add_metric([name], health.last_ok)
     yield state

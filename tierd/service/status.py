@@ -21,7 +21,8 @@ from typing import Any
 from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
-from tierd.state import DaemonState, Direction, StateSnapshot
+from tierd.state import DaemonState, StateSnapshot
+from tierd.vocabulary import Direction
 
 Document = dict[str, Any]
 
@@ -68,7 +69,7 @@ def build_document(snap: StateSnapshot, reload: ReloadStatus, interval: float,
         "samples": {"taken": snap.samples_taken, "lost": snap.samples_lost,
                     "unresolved": snap.samples_unresolved},
         "rate_limit_hits": snap.rate_limit_hits,
-        "collectors": [{"name": name, "health": str(c.health), "reason": c.reason,
+        "collectors": [{"name": name, "health": str(c.state), "reason": c.reason,
                         "last_ok": c.last_ok} for name, c in sorted(snap.collectors.items())],
         "last_errors": [{"at": e.at, "source": e.source, "message": e.message}
                         for e in reversed(snap.last_errors)],
