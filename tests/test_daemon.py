@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from lab.workload import Workload
 from tierd import cli
-from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
+from tierd.collectors import perf
+from tierd.collectors.evidence import Evidence, IdleScan, RegionBatch, SampleBatch
+from tierd.collectors.idle import IdleFeed
+from tierd.collectors.processes import ProcessFilter
+from tierd.collectors.topology import node_facts
 from tierd.commands.run import summary_line
 from tierd.config import Config, parse
-from tierd.daemon import Daemon, IntervalSummary, Settings, describe
+from tierd.daemon import Daemon, IntervalSummary, describe
 from tierd.errors import TierdError
 from tierd.heat import classes
+from tierd.kernel import kpageflags as kpf
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
+from tierd.kernel.page_idle import BITMAP
 from tierd.kernel.root import HostRoot
-from tierd.movers.status import MoverParams
+from tierd.movers.status import BatchResult, MoverParams
+from tierd.pipeline import Pipeline, Settings, build_pipeline
 from tierd.policy import Plan, PolicyParams
-from tierd.state import DaemonState
+from tierd.state import STAGES, DaemonState
 from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
 from tierd.vocabulary import Batch, Direction, Health, NodeFacts, State
 
@@ -96,35 +105,39 @@ def test_default_config_runs_the_movers_and_policys_own_defaults() -> None:
     assert settings.policy == PolicyParams()
 
 
-class _FakeIdle:
-    """An idle collector that counts its scans (one mark + collect each)."""
+class _FakeScanner:
+    """An idle scanner that counts its scans (one mark + collect each)."""
 
     health = Health()
 
     def __init__(self) -> None:
         self.collected = 0
+        self.marked = 0
 
     def collect(self) -> list[IdleScan]:
         self.collected += 1
         return [IdleScan(0, np.zeros(4, dtype=np.uint8), 0.0)]
 
     def mark(self) -> None:
-        pass
+        self.marked += 1
 
 
 def test_a_round_ends_only_when_the_idle_scan_is_due() -> None:
-    daemon = Daemon(Config())
-    assert daemon.collect().new_round  # no idle collector: every interval is a round
-    idle = _FakeIdle()
-    daemon.idle = idle  # type: ignore[assignment]
-    daemon._idle_due_at = time.monotonic() + daemon.settings.interval * 0.6
-    evidence = daemon.collect()
-    assert not evidence.new_round and not evidence.idle and idle.collected == 0
+    assert Evidence().new_round  # no idle collector: every interval is a round
+    now = [100.0]
+    scanner = _FakeScanner()
+    feed = IdleFeed(scanner, 5.0, 10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert scanner.marked == 1  # the first scan starts at once, due after one interval
+    now[0] = 105.0 - 5.0 * 0.6
+    evidence = feed.collect(5.0)
+    assert not evidence.new_round and not evidence.idle and scanner.collected == 0
     # Due within half an interval: this boundary is the nearest one.
-    daemon._idle_due_at = time.monotonic() + daemon.settings.interval * 0.4
-    evidence = daemon.collect()
-    assert evidence.new_round and evidence.idle and idle.collected == 1
-    assert daemon._idle_due_at >= time.monotonic() + daemon.settings.idle_interval - 1
+    now[0] = 105.0 - 5.0 * 0.4
+    evidence = feed.collect(5.0)
+    assert evidence.new_round and evidence.idle and scanner.collected == 1
+    assert scanner.marked == 2
+    now[0] += 10.0 - 5.0 * 0.6  # the next scan is due one scan interval later
+    assert not feed.collect(5.0).new_round
 
 
 def test_run_steps_every_interval_counting_the_steps_own_time() -> None:
@@ -141,26 +154,133 @@ def test_run_steps_every_interval_counting_the_steps_own_time() -> None:
     assert all(1.6 <= w <= 1.71 for w in waits[1:]), waits
 
 
+# --- one whole step on a fixture tree ---------------------------------------------------
+
+IDLE_FIXTURE = Path(__file__).parent / "fixtures" / "idle" / "two-node"
+MAX_PFN = 4096  # node 0 is PFNs [100, 1100), tier 0; node 1 is [2048, 3072), tier 1
+KEEP_FREE = 16  # the fixture's promo watermark; the tests' headroom is 0
+COLD_ON_FAST = np.arange(200, 400, dtype=np.uint64)
+HOT_ON_SLOW = np.arange(2100, 2150, dtype=np.uint64)
+USER_PAGE = (1 << kpf.KPF_LRU) | (1 << kpf.KPF_ANON) | (1 << kpf.KPF_MMAP)
+
+
+class RecordingMover:
+    """A Mover that moves nothing and records what it was asked (every page 'moved')."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.refreshes = 0
+
+    def configure(self, params: MoverParams, process_filter: ProcessFilter) -> None:
+        pass
+
+    def refresh(self) -> list[str]:
+        self.refreshes += 1
+        return []
+
+    def known_pfns(self) -> npt.NDArray[np.uint64] | None:
+        return None
+
+    def footprint(self) -> tuple[int, int]:
+        return 0, 0
+
+    def move(self, batch: Batch, flags: npt.NDArray[np.uint64] | None = None) -> BatchResult:
+        self.batches.append(batch)
+        result = BatchResult()
+        result.succeed(batch.pfns)
+        return result
+
+
+class _FixtureHost:
+    """The idle fixture tree with user pages on both nodes and an idle bitmap to touch."""
+
+    def __init__(self, tmp_path: Path, node0_free: int = 400) -> None:
+        self.root = tmp_path / "root"
+        shutil.copytree(IDLE_FIXTURE, self.root)
+        zoneinfo = self.root / "proc" / "zoneinfo"
+        zoneinfo.write_text(zoneinfo.read_text().replace("400", str(node0_free), 2))
+        flags = np.zeros(MAX_PFN, dtype=np.uint64)
+        flags[COLD_ON_FAST] = flags[HOT_ON_SLOW] = USER_PAGE
+        self._write(kpf.KPAGEFLAGS, flags)
+        self._write(kpf.KPAGECOUNT, (flags != 0).astype(np.uint64))
+        self.bitmap = self.root / BITMAP.lstrip("/")
+        self.bitmap.parent.mkdir(parents=True)
+        self.bitmap.write_bytes(bytes(MAX_PFN // 8))
+        self.mover = RecordingMover()
+
+    def _write(self, kernel_path: str, values: npt.NDArray[np.uint64]) -> None:
+        path = self.root / kernel_path.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(values.tobytes())
+
+    def touch(self, pfns: npt.NDArray[np.uint64]) -> None:
+        """The pages were accessed since the last mark: their idle bits clear."""
+        bits = np.unpackbits(np.frombuffer(self.bitmap.read_bytes(), dtype=np.uint8),
+                             bitorder="little")
+        bits[pfns.astype(np.intp)] = 0
+        self.bitmap.write_bytes(np.packbits(bits, bitorder="little").tobytes())
+
+    def build(self, config: Config, root: HostRoot) -> Pipeline:
+        return replace(build_pipeline(config, root), mover=self.mover)
+
+    def daemon(self) -> Daemon:
+        # interval 2 s, scans due every 1 s: every step reads a scan back, without waiting.
+        config = parse(b"interval: 2\nkernel_tiering: coexist\n"
+                       b"collectors: {idle: {interval: 1}, perf: {enabled: false}}\n"
+                       b"policy: {hysteresis_intervals: 1, headroom_percent: 0}\n")
+        return Daemon(config, HostRoot(self.root), build=self.build)
+
+
+def test_a_whole_step_collects_decides_moves_and_publishes(tmp_path: Path) -> None:
+    host = _FixtureHost(tmp_path)
+    daemon = host.daemon()
+    daemon.start()
+    steps = 5
+    try:
+        for _ in range(steps):
+            host.touch(HOT_ON_SLOW)
+            daemon.step()
+    finally:
+        daemon.close()
+    # Collected and decided: the pages touched every round went up, the idle ones down
+    # (the recording mover leaves them in place, so the next scans may find them again).
+    asked: dict[tuple[Direction, int, int], list[int]] = {}
+    for b in host.mover.batches:
+        asked.setdefault((b.direction, b.source, b.target), []).extend(b.pfns.tolist())
+    assert set(asked) == {(Direction.PROMOTE, 1, 0), (Direction.DEMOTE, 0, 1)}
+    assert sorted(set(asked[(Direction.PROMOTE, 1, 0)])) == HOT_ON_SLOW.tolist()
+    assert sorted(set(asked[(Direction.DEMOTE, 0, 1)])) == COLD_ON_FAST.tolist()
+    assert host.mover.refreshes == steps
+    # Published: every interval counted, the moves, the nodes and the collector's health.
+    snap = daemon.state.snapshot()
+    assert snap.intervals == steps and snap.mover == "recording"
+    assert {k: v for k, v in snap.pages_moved.items() if v} == {
+        key: len(pfns) for key, pfns in asked.items()}
+    assert sorted(snap.nodes) == [0, 1] and snap.collectors["idle"].state is State.OK
+    assert all(snap.durations[stage].count == steps for stage in STAGES)
+    assert snap.tracked_pages == COLD_ON_FAST.size + HOT_ON_SLOW.size
+
+
 def _batch(direction: Direction, source: int, target: int, pages: int) -> Batch:
     return Batch(direction, source, target, np.arange(pages, dtype=np.uint64))
 
 
-def test_promotions_take_the_room_the_kernel_reports_after_the_demotions() -> None:
-    daemon = Daemon(Config())
-    moved: list[tuple[Direction, int]] = []
-    rooms = iter([{0: 150, 1: 10_000}])
-
-    def move_batch(batch: Batch, summary: IntervalSummary) -> None:
-        moved.append((batch.direction, batch.pfns.size))
-
-    daemon._move_batch = move_batch  # type: ignore[method-assign]
-    daemon._room_now = lambda: next(rooms)  # type: ignore[method-assign]
+def test_promotions_take_the_room_the_kernel_reports_after_the_demotions(
+        tmp_path: Path) -> None:
+    host = _FixtureHost(tmp_path, node0_free=KEEP_FREE + 150)
+    daemon = host.daemon()
+    daemon.start()
+    daemon.decide(node_facts(daemon.topology))
     plan = Plan((_batch(Direction.DEMOTE, 0, 1, 300), _batch(Direction.PROMOTE, 1, 0, 100),
                  _batch(Direction.PROMOTE, 2, 0, 100), _batch(Direction.PROMOTE, 3, 0, 100)))
     summary = daemon.move(plan)
     # One read of the room, after the demotions; the third batch finds none left.
-    assert moved == [(Direction.DEMOTE, 300), (Direction.PROMOTE, 100), (Direction.PROMOTE, 50)]
+    assert [(b.direction, b.pfns.size) for b in host.mover.batches] == [
+        (Direction.DEMOTE, 300), (Direction.PROMOTE, 100), (Direction.PROMOTE, 50)]
     assert dict(summary.failures) == {"no_room": 150}
+    daemon.close()
 
 
 def test_interval_and_exit_summaries_name_pages_nodes_and_reasons_not_addresses() -> None:
@@ -487,8 +607,7 @@ def test_tierd_run_once_dry_run_prints_a_summary_and_moves_nothing(tmp_path: Pat
 
 def test_configured_perf_events_are_tried_in_order_and_named_when_none_works() -> None:
     root = HostRoot(Path(__file__).parent / "fixtures" / "perf" / "amd-zen4")
-    daemon = Daemon(Config(), root)
-    event = daemon._perf_event(("no-such-pmu/event=1/", "ibs_op/cnt_ctl=1/pp"))
+    event = perf.configured_event(root, ("no-such-pmu/event=1/", "ibs_op/cnt_ctl=1/pp"))
     assert event.pmu == "ibs_op" and event.precise_ip == 2
     with pytest.raises(TierdError, match=r"not-an-event.*expected pmu/term"):
-        daemon._perf_event(("not-an-event",))
+        perf.configured_event(root, ("not-an-event",))

@@ -11,10 +11,10 @@ from lab.workload import Workload
 from tierd import heat as h
 from tierd.collectors.damon import ProcessDamonCollector, _clip, _page_batch
 from tierd.collectors.evidence import RegionBatch
+from tierd.collectors.processes import Exclusions, ProcessFilter
 from tierd.kernel import damon_sysfs, pagemap
 from tierd.kernel.damon_sysfs import MonitoringAttrs
 from tierd.kernel.pagemap import PAGE_SIZE, Mapping
-from tierd.movers.safety import Exclusions, ProcessFilter
 
 
 def _u64(values: list[int]) -> np.ndarray:

@@ -9,29 +9,33 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tierd.collectors.processes import Exclusions, ProcessFilter
+from tierd.collectors.topology import Topology
 from tierd.config import Config
-from tierd.daemon import Daemon, IntervalSummary
+from tierd.daemon import Daemon
 from tierd.errors import TierdError
 from tierd.heat import HeatModel
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import numa, pagemap
 from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
-from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HostRoot
 from tierd.movers import folios, safety
 from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.folios import chunk_bounds
+from tierd.movers.mover import Mover
 from tierd.movers.phys import PhysMover
 from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
-from tierd.movers.safety import Exclusions, ProcessFilter
 from tierd.movers.status import MoverParams, count_reasons
-from tierd.vocabulary import Batch, Direction
+from tierd.pipeline import Pipeline
+from tierd.policy import Plan
+from tierd.vocabulary import PAGE_SIZE, Batch, Direction
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
 ROOT = HostRoot(FIXTURES)
@@ -487,22 +491,28 @@ def test_the_daemon_reads_a_batchs_kpageflags_once_for_the_safety_check_and_the_
     # pid 4242 maps PFNs 16-19 (one folio) and 32; PFN 15, mlocked, shifts the flags
     # of the pages kept: the mover must get the kept pages' own.
     root = _folio_root(tmp_path, [(16, 4)], mlocked=(15,))
-    daemon = Daemon(Config(), root=root)
-    daemon.heat = HeatModel(64)
+    mover: Mover
     if kind == "phys":
         phys = FolioPhys([(16, 4)])
-        daemon.mover = PhysMover(phys, MoverParams(busy_backoff=0), root)
+        mover = PhysMover(phys, MoverParams(busy_backoff=0), root)
     else:
         pid = FakeKernel()
         rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
         rmap.refresh()
-        daemon.mover = PidMover(rmap, MoverParams(busy_backoff=0), root, pid)
+        mover = PidMover(rmap, MoverParams(busy_backoff=0), root, pid)
+
+    def build(config: Config, r: HostRoot) -> Pipeline:
+        return Pipeline(Topology({}, ()), HeatModel(64), [], {}, mover,
+                        ProcessFilter(Exclusions(), r), ExitStack())
+
+    daemon = Daemon(Config(), root=root, build=build)
+    daemon.start()
     opens: list[HostRoot] = []
     real_kpageflags = kpf.kpageflags
     monkeypatch.setattr(kpf, "kpageflags", lambda r: opens.append(r) or real_kpageflags(r))
-    result = daemon._move_batch(_batch([15, 16, 17, 18, 19, 32]), IntervalSummary())
+    summary = daemon.move(Plan((_batch([15, 16, 17, 18, 19, 32]),)))
     assert opens == [root]
-    assert result is not None and sorted(result.moved.tolist()) == [16, 17, 18, 19, 32]
+    assert summary.moved[(Direction.DEMOTE, 0, 1)] == 5 and not summary.failures
     if kind == "phys":
         assert phys.calls == [[16, 32]]
     else:

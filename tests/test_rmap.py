@@ -15,13 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tierd.collectors.processes import Exclusions, ProcessFilter
 from tierd.errors import KernelFileError
 from tierd.kernel import _gather, pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
 from tierd.movers import _native
 from tierd.movers.rmap import DEAD, VPN_BITS, ReverseMap
-from tierd.movers.safety import Exclusions, ProcessFilter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
 ALL = 2**64 - 1  # gather()'s mask keeping every bit

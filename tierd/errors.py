@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tierd.vocabulary import Health
+
 
 class TierdError(Exception):
     """Base of every error tierd reports to its user (never a bare traceback)."""
@@ -25,3 +27,11 @@ class HostMismatch(TierdError):
 
     Retrying cannot help, so `tierd run` exits 78 (EX_CONFIG) as for a bad file.
     """
+
+
+class Unusable(TierdError):
+    """A collector or mover that cannot run on this host; its `health` says why."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+        super().__init__(health.reason)

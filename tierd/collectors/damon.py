@@ -18,12 +18,15 @@ import time
 
 import numpy as np
 
-from tierd.collectors.evidence import RegionBatch
-from tierd.errors import KernelFileError
+from tierd.collectors.collector import Setup
+from tierd.collectors.evidence import Evidence, RegionBatch
+from tierd.collectors.processes import ProcessFilter
+from tierd.collectors.topology import node_facts
+from tierd.config import Config
+from tierd.errors import KernelFileError, Unusable
 from tierd.kernel import damon_sysfs, pagemap, task
 from tierd.kernel.damon_sysfs import DamonError, Kdamond, MonitoringAttrs
 from tierd.kernel.root import HOST, HostRoot
-from tierd.movers.safety import ProcessFilter
 from tierd.vocabulary import PAGE_SHIFT, Capability, Health, State
 
 log = logging.getLogger(__name__)
@@ -312,3 +315,40 @@ def _page_batch(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     return RegionBatch(pfn_start=pfns[first], pfn_end=pfns[last] + np.uint64(1),
                        nr_accesses=accesses[first], age=ages[first],
                        max_nr_accesses=max_nr_accesses, collected_at=time.monotonic())
+
+
+class DamonFeed:
+    """DAMON in the pipeline: one region snapshot per interval, from paddr or vaddr monitoring."""
+
+    name = "damon"
+    tracks_all_pages = False  # regions are sampled, not a census of user pages
+
+    def __init__(self, monitor: DamonCollector | ProcessDamonCollector) -> None:
+        self.monitor = monitor
+
+    @property
+    def health(self) -> Health:
+        return self.monitor.health
+
+    def collect(self, interval: float) -> Evidence:
+        regions = self.monitor.collect()
+        return Evidence(regions=[] if regions is None else [regions])
+
+    def close(self) -> None:
+        self.monitor.stop()
+
+
+def open_collector(config: Config, setup: Setup) -> DamonFeed:
+    cfg = config.collectors.damon
+    sample_us = int(cfg.sampling_interval * 1e6)
+    aggr_us = int(cfg.aggregation_interval * 1e6)
+    monitor: DamonCollector | ProcessDamonCollector
+    if cfg.operations == "vaddr":
+        monitor = ProcessDamonCollector(setup.process_filter, MonitoringAttrs(sample_us, aggr_us),
+                                        setup.root)
+    else:
+        ranges = [r for f in node_facts(setup.topology) for r in f.ranges]
+        monitor = DamonCollector(ranges, paddr_attrs(sample_us, aggr_us), setup.root)
+    if not monitor.start():
+        raise Unusable(monitor.health)
+    return DamonFeed(monitor)

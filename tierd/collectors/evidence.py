@@ -10,7 +10,7 @@ model and the policy core stay pure and can be fed from a recorded trace:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -60,3 +60,21 @@ class RegionBatch:
     age: npt.NDArray[np.uint32]
     max_nr_accesses: int
     collected_at: float
+
+
+@dataclass
+class Evidence:
+    """One interval's evidence from every collector, as the heat model folds it."""
+
+    idle: list[IdleScan] = field(default_factory=list)
+    samples: list[SampleBatch] = field(default_factory=list)
+    regions: list[RegionBatch] = field(default_factory=list)
+    # A round of evidence is complete: an idle scan was due, or there is no idle scan.
+    new_round: bool = True
+
+    def add(self, other: Evidence) -> None:
+        """Fold another collector's evidence in; the round ends only if it ends for both."""
+        self.idle.extend(other.idle)
+        self.samples.extend(other.samples)
+        self.regions.extend(other.regions)
+        self.new_round = self.new_round and other.new_round

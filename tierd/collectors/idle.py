@@ -47,9 +47,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from tierd.collectors.evidence import IDLE_AGE_MAX, UNTRACKED, IdleScan
+from tierd.collectors.collector import Setup
+from tierd.collectors.evidence import IDLE_AGE_MAX, UNTRACKED, Evidence, IdleScan
 from tierd.collectors.topology import Topology, read_topology
-from tierd.errors import KernelFileError, TierdError
+from tierd.config import Config
+from tierd.errors import KernelFileError, TierdError, Unusable
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import nodes as sysnodes
 from tierd.kernel.page_idle import (
@@ -554,6 +556,53 @@ class IdleCollector:
         self.bitmap.close()
         self.flags_file.close()
         self.count_file.close()
+
+
+class IdleFeed:
+    """The idle collector in the pipeline: one scan per round, read back when it is due."""
+
+    name = "idle"
+    tracks_all_pages = True  # the scan finds every user page on the LRU
+
+    def __init__(self, scanner: IdleCollector, interval: float, scan_interval: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.scanner = scanner
+        self.scan_interval = scan_interval
+        self.clock = clock
+        scanner.mark()
+        # The first scan reads back after one interval, not a whole scan interval:
+        # evidence arrives from the start.
+        self._due_at = clock() + min(interval, scan_interval)
+
+    @property
+    def health(self) -> Health:
+        return self.scanner.health
+
+    def collect(self, interval: float) -> Evidence:
+        # Heat ages by idle scan, not by interval: between two scans no round ends.
+        # The scan is read back at the interval boundary nearest its due time; a
+        # strict ">= due" would skip to the next boundary whenever the scan
+        # itself took a moment (a 10 s scan, 5 s interval: every 15 s).
+        if self.clock() < self._due_at - interval / 2:
+            return Evidence(new_round=False)
+        scans = self.scanner.collect()
+        self.scanner.mark()
+        self._due_at = self.clock() + self.scan_interval
+        return Evidence(idle=scans)
+
+    def close(self) -> None:
+        self.scanner.close()
+
+
+def open_collector(config: Config, setup: Setup) -> IdleFeed:
+    cfg = config.collectors.idle
+    scanner = IdleCollector(setup.topology, list(cfg.nodes) or None, cfg.pfns_per_second,
+                            setup.root)
+    feed = IdleFeed(scanner, setup.interval, cfg.interval)
+    if scanner.health.state is State.DISABLED:
+        scanner.close()
+        raise Unusable(scanner.health)
+    return feed
 
 
 def _expand_folios(idle: npt.NDArray[np.int8], tail: npt.NDArray[np.bool_]) -> npt.NDArray[np.int8]:

@@ -24,7 +24,7 @@ from tierd.kernel import memtiers
 from tierd.kernel import nodes as sysnodes
 from tierd.kernel.root import HOST, HostRoot
 from tierd.kernel.zoneinfo import Zone, read_zoneinfo
-from tierd.vocabulary import PAGE_SIZE, Capability
+from tierd.vocabulary import PAGE_SIZE, Capability, NodeFacts
 
 Range = tuple[int, int]  # [start_pfn, end_pfn)
 
@@ -208,6 +208,15 @@ def _tiers(node_ids: list[int], memory_nodes: list[int], cpu_nodes: list[int],
     tiers = [Tier(rank, t.id, t.nodes, t.source) for rank, t in enumerate(raw)]
     rank_of = {n: t.rank for t in tiers for n in t.nodes if n in node_ids}
     return tiers, rank_of
+
+
+def node_facts(topology: Topology) -> list[NodeFacts]:
+    """The facts of every node with memory and a tier, as the policy and the trace take them."""
+    return [NodeFacts(node=node.id, tier=node.tier_rank, ranges=tuple(node.pfn_ranges),
+                      managed_pages=node.managed_pages, free_pages=node.free_pages,
+                      watermark_pages=max(node.watermark_high, node.watermark_promo or 0))
+            for node in topology.nodes.values()
+            if node.has_memory and node.tier_rank is not None]
 
 
 def read_topology(root: HostRoot = HOST) -> Topology:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tierd import policy
 from tierd.config import Config, load
-from tierd.daemon import Settings
 from tierd.heat import HeatModel
+from tierd.pipeline import Settings
 from tierd.trace import read_trace
 from tierd.vocabulary import Direction
 

@@ -23,10 +23,16 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from tierd.collectors.collector import Setup
+from tierd.collectors.processes import ProcessFilter
+from tierd.config import Config
+from tierd.errors import Unusable
+from tierd.kernel import move_phys
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native, folios
+from tierd.movers.mover import mover_params
 from tierd.movers.status import BatchResult, MoverParams, move_groups
-from tierd.vocabulary import PAGE_SHIFT, Batch
+from tierd.vocabulary import PAGE_SHIFT, Batch, Health, State
 
 # (physical addresses, target nodes, statuses to fill, flags) -> the call's result (0, or
 # pages it failed to migrate); raises OSError for the call (move_phys_pages_into's signature).
@@ -63,3 +69,23 @@ class PhysMover:
         moved = move_groups(send, pfns, first, batch.target, result, self.params)
         result.succeed(pfns if moved.all() else pfns[moved])
         return result
+
+    def configure(self, params: MoverParams, process_filter: ProcessFilter) -> None:
+        self.params = params  # no process list: exclusions apply through the safety check
+
+    def refresh(self) -> list[str]:
+        return []
+
+    def known_pfns(self) -> npt.NDArray[np.uint64] | None:
+        return None
+
+    def footprint(self) -> tuple[int, int]:
+        return 0, 0
+
+
+def open_mover(config: Config, setup: Setup) -> PhysMover:
+    """move_phys_pages, only when its probe proved this kernel implements it."""
+    support = move_phys.probe(setup.root)
+    if not support.usable:
+        raise Unusable(Health(State.DISABLED, f"move_phys_pages is unusable: {support.reason}"))
+    return PhysMover(move_phys.move_phys_pages_into, mover_params(config), setup.root)

@@ -26,12 +26,16 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from tierd.collectors.collector import Setup
+from tierd.collectors.processes import ProcessFilter
+from tierd.config import Config
 from tierd.errors import KernelFileError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import numa, pagemap
 from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
+from tierd.movers.mover import mover_params
 from tierd.movers.rmap import ReverseMap
 from tierd.movers.status import BatchResult, MoverParams, move_groups
 from tierd.vocabulary import Batch
@@ -72,6 +76,19 @@ class PidMover:
         self.rmap.moved(result.moved, result.new_pfns)
         self.rmap.invalidate(result.stale)
         return result
+
+    def configure(self, params: MoverParams, process_filter: ProcessFilter) -> None:
+        self.params = params
+        self.rmap.filter = process_filter
+
+    def refresh(self) -> list[str]:
+        return self.rmap.refresh().errors
+
+    def known_pfns(self) -> npt.NDArray[np.uint64] | None:
+        return self.rmap.pfn
+
+    def footprint(self) -> tuple[int, int]:
+        return self.rmap.pages, self.rmap.nbytes
 
     def _flags(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """The kpageflags of each of `pfns`."""
@@ -130,3 +147,9 @@ def _new_pfns(mapped: pagemap.Pagemap, vaddrs: npt.NDArray[np.uint64]
         return mapped.pfns_of(vaddrs)
     except KernelFileError:
         return np.zeros(vaddrs.size, dtype=np.uint64)
+
+
+def open_mover(config: Config, setup: Setup) -> PidMover:
+    """move_pages(2) through a reverse map of the processes tierd may touch."""
+    return PidMover(ReverseMap(setup.process_filter, setup.root), mover_params(config),
+                    setup.root)

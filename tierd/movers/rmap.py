@@ -37,12 +37,12 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from tierd.collectors.processes import ProcessFilter
 from tierd.errors import KernelFileError
 from tierd.kernel import pagemap, task
 from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native
-from tierd.movers.safety import ProcessFilter
 from tierd.vocabulary import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
