@@ -34,8 +34,10 @@ test: venv kernels
 test-unit: venv
 	$(PYTEST) -m "not vm"
 
+# ruff, the layer contracts in pyproject.toml (import-linter), mypy --strict.
 lint: venv
 	$(PY) -m ruff check tierd tests
+	$(VENV)/bin/lint-imports
 
 demo: venv kernels
 	$(PY) tests/lab/demo.py
