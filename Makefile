@@ -38,6 +38,7 @@ test-unit: venv
 lint: venv
 	$(PY) -m ruff check tierd tests
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 
 demo: venv kernels
 	$(PY) tests/lab/demo.py

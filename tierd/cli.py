@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"tierd.commands.{module_name}")
-        command = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+        command = sub.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.run(args)
+        code: int = args.run(args)
+        return code
     except TierdError as e:
         print(f"tierd: {e}", file=sys.stderr)
         return 1

@@ -65,7 +65,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jsonschema
 import yaml
@@ -215,14 +215,15 @@ class _StrictLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # types-PyYAML gap
             raise _YamlProblem(f"YAML aliases (*{event.anchor}) are not allowed", event.start_mark)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise _YamlProblem("nested too deeply", self.peek_event().start_mark)
+                event = self.peek_event()  # type: ignore[no-untyped-call]  # types-PyYAML gap
+                raise _YamlProblem("nested too deeply", event.start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -238,7 +239,7 @@ class _StrictLoader(yaml.SafeLoader):
                                node.start_mark) from None
 
 
-    def construct_undefined(self, node: yaml.Node) -> None:
+    def construct_undefined(self, node: yaml.Node) -> NoReturn:
         raise _YamlProblem(f"tag {node.tag!r} is not allowed: only plain YAML values",
                            node.start_mark)
 
@@ -315,11 +316,13 @@ def _schema_problems(data: Any, index: dict[KeyPath, int]) -> list[Problem]:
 def _explain(error: jsonschema.ValidationError) -> Iterator[tuple[KeyPath, str]]:
     """Turn one jsonschema error into (key path, reason) pairs a user can act on."""
     path: KeyPath = tuple(error.absolute_path)
-    kind, value, expected = error.validator, error.instance, error.validator_value
+    kind, value = error.validator, error.instance
+    expected: Any = error.validator_value
     if kind == "additionalProperties" and isinstance(value, dict):
-        known = ", ".join(error.schema.get("properties", {}))
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        known = ", ".join(schema.get("properties", {}))
         for key in value:
-            if key not in error.schema.get("properties", {}):
+            if key not in schema.get("properties", {}):
                 hint = "" if isinstance(key, str) else f" ({_describe(key)}: quote keys)"
                 yield (*path, str(key)), f"unknown key{hint} (expected one of: {known})"
     elif kind == "type":
@@ -440,7 +443,7 @@ def parse(data: bytes, file: Path | str = "<config>") -> Config:
     problems += _schema_problems(doc.value, doc.lines)
     if problems:
         raise ConfigError(file, sorted(problems, key=lambda p: (p.line or 0, dotted(p.path))))
-    config = _build(Config, doc.value)
+    config: Config = _build(Config, doc.value)
     cross = _cross_field_problems(config)
     if cross:
         raise ConfigError(file, [Problem(p, r, _line_for(doc.lines, p)) for p, r in cross])

@@ -202,7 +202,7 @@ def _rows(schema: dict[str, Any], defaults: dict[str, Any], prefix: str) -> list
 def _type_name(schema: dict[str, Any]) -> str:
     if schema["type"] == "array":
         return f"list of {schema['items']['type']}"
-    return schema["type"]
+    return str(schema["type"])
 
 
 def _allowed(schema: dict[str, Any]) -> str:

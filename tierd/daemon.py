@@ -355,7 +355,7 @@ class Daemon:
             return []
         edges = np.linspace(0, heat.size, HEAT_STRIP_BINS + 1).astype(np.intp)
         sums = np.add.reduceat(heat, edges[:-1], dtype=np.uint64)
-        return (sums / np.diff(edges) / HEAT_SCALE).tolist()
+        return [float(m) for m in sums / np.diff(edges) / HEAT_SCALE]
 
 
 def describe(summary: IntervalSummary, page_size: int) -> str:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -61,11 +62,19 @@ COOLDOWN_MASK = np.uint8(0b1110_0000)
 STREAK_MAX = 7
 COOLDOWN_MAX = 7
 
-UNTRACKED_CLASS = 0
+
+
+class HeatClass(IntEnum):
+    """A PFN's class, bits 3-4 of its mark byte."""
+
+    UNTRACKED = 0
+    COLD = 1
+    WARM = 2
+    HOT = 3
+
+
+UNTRACKED_CLASS, COLD, WARM, HOT = HeatClass
 PINNED = np.uint8(0b1110_0111)
-COLD = 1
-WARM = 2
-HOT = 3
 
 CHUNK = 1 << 24  # PFNs per vectorized step
 # Evidence regions up to this many PFNs are added by fancy indexing, longer ones by slices.
@@ -162,7 +171,7 @@ class HeatModel:
         """
         index = self._clip(pfns)
         marks = self.mark[index]
-        new = index[((marks & CLASS_MASK) == 0) & (marks != PINNED)]
+        new: npt.NDArray[np.intp] = index[((marks & CLASS_MASK) == 0) & (marks != PINNED)]
         self.heat[new] = self._initial
         self.mark[new] = self._new_mark
         return new.astype(np.uint64)

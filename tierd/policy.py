@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -37,8 +38,17 @@ from tierd.vocabulary import Batch, Direction, NodeFacts
 
 # Move categories. With no cooldown left a mark byte is (class << 3) | streak,
 # so each category is a few ranges of mark values: uint8 compares, no lookups.
-NONE, COLD_SETTLED, NOT_HOT, HOT_SETTLED = 0, 1, 2, 3
-NCAT = 4
+
+
+class Category(IntEnum):
+    NONE = 0  # not a candidate: untracked, pinned, or in its cooldown
+    COLD_SETTLED = 1  # cold for the hysteresis: demoted first
+    NOT_HOT = 2  # any other movable page that is not hot: demoted when needed
+    HOT_SETTLED = 3  # hot for the hysteresis: promoted
+
+
+NONE, COLD_SETTLED, NOT_HOT, HOT_SETTLED = Category
+NCAT = len(Category)
 # Above this many PFNs per node, heat histograms are estimated from an evenly
 # strided sample (counts stay exact); selection then trims to the exact k.
 EXACT_HISTOGRAM_PFNS = 1 << 22
@@ -103,7 +113,7 @@ class _Counts:
     promote_from: dict[int, int] = field(default_factory=dict)  # source node -> pages
 
 
-def mark_ranges(category: int, hysteresis: int) -> tuple[tuple[int, int], ...]:
+def mark_ranges(category: Category, hysteresis: int) -> tuple[tuple[int, int], ...]:
     """Inclusive ranges of mark values (cooldown over) that fall in `category`."""
     hyst = max(0, min(h.STREAK_MAX, hysteresis))
     cold, warm, hot = (c << h.CLASS_SHIFT for c in (h.COLD, h.WARM, h.HOT))
@@ -224,7 +234,7 @@ def _cut(hist: npt.NDArray[np.int64], k: int, coldest: bool) -> int:
 
 
 def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
-            ranges: tuple[tuple[int, int], ...], hysteresis: int, category: int,
+            ranges: tuple[tuple[int, int], ...], hysteresis: int, category: Category,
             hist: npt.NDArray[np.int64], k: int, coldest: bool) -> npt.NDArray[np.uint64]:
     """The k coldest (or hottest) PFNs of `category` in `ranges`, ascending.
 
@@ -284,7 +294,7 @@ def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     demotions, promotions = [], []
     for n, c in counts.items():
         t = by_id[n]
-        if c.demote:
+        if c.demote and t.demote_to is not None:
             pfns = _demotions(heat, mark, t, hyst, hist[n], c.demote)
             demotions.append(Batch(Direction.DEMOTE, n, t.demote_to, pfns))
         for source, k in c.promote_from.items():

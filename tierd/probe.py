@@ -43,7 +43,8 @@ PROBES: list[str] = [
 
 def _load(spec: str) -> ProbeFunction:
     module_name, _, function = spec.partition(":")
-    return getattr(importlib.import_module(module_name), function or "probe")
+    probe: ProbeFunction = getattr(importlib.import_module(module_name), function or "probe")
+    return probe
 
 
 def _as_list(result: Capability | Iterable[Capability]) -> list[Capability]:

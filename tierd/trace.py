@@ -22,8 +22,10 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
 from tierd.errors import TierdError
@@ -48,7 +50,7 @@ class IntervalRecord:
     regions: list[RegionBatch] = field(default_factory=list)
 
 
-def _npy(array: np.ndarray) -> bytes:
+def _npy(array: npt.NDArray[Any]) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
@@ -95,9 +97,10 @@ class TraceWriter:
             self._file.close()
 
 
-def _load(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+def _load(zf: zipfile.ZipFile, name: str) -> npt.NDArray[Any]:
     with zf.open(name) as f:
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+        array: npt.NDArray[Any] = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    return array
 
 
 def _record(zf: zipfile.ZipFile, folder: str) -> IntervalRecord:

@@ -17,6 +17,7 @@ import logging
 import time
 
 import numpy as np
+import numpy.typing as npt
 
 from tierd.collectors.collector import Setup
 from tierd.collectors.evidence import Evidence, RegionBatch
@@ -30,6 +31,9 @@ from tierd.kernel.root import HOST, HostRoot
 from tierd.vocabulary import PAGE_SHIFT, Capability, Health, State
 
 log = logging.getLogger(__name__)
+
+# Per page of a monitored process: its PFN, its region's access count and age.
+_Pages = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint32], npt.NDArray[np.uint32]]
 
 
 # DAMON (6.12, mm/damon/core.c) splits each region at random tenths of its size
@@ -246,7 +250,7 @@ class ProcessDamonCollector:
         self.health = Health(State.OK, f"vaddr, {len(self._targets)} processes")
         return _page_batch(parts, self.attrs.max_nr_accesses)
 
-    def _evidence(self, pid: int, kdamond: Kdamond) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _evidence(self, pid: int, kdamond: Kdamond) -> _Pages:
         """(pfns, nr_accesses, age) of the present pages inside the process's regions."""
         empty = np.zeros(0, dtype=np.uint64)
         try:
@@ -282,7 +286,7 @@ class ProcessDamonCollector:
         self.health = Health(State.DISABLED, "stopped")
 
 
-def _clip(starts: np.ndarray, ends: np.ndarray, maps: list[pagemap.Mapping]
+def _clip(starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64], maps: list[pagemap.Mapping]
           ) -> list[tuple[int, int, int]]:
     """(start, end, region index) of each overlap of a region with a mapping.
 
@@ -298,7 +302,7 @@ def _clip(starts: np.ndarray, ends: np.ndarray, maps: list[pagemap.Mapping]
     return out
 
 
-def _page_batch(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+def _page_batch(parts: list[_Pages],
                 max_nr_accesses: int) -> RegionBatch:
     """Per-page evidence as a RegionBatch of PFN runs with the same counts."""
     pfns = np.concatenate([p for p, _, _ in parts] or [np.zeros(0, dtype=np.uint64)])

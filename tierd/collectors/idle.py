@@ -43,6 +43,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -206,7 +207,7 @@ def _slack_pfns(root: HostRoot) -> int:
 def _flag(fields: npt.NDArray[np.uint8], bit: tuple[int, np.uint8]) -> npt.NDArray[np.bool_]:
     """Per PFN: is this kpageflags bit set? (`fields`: the flags as n x 8 bytes.)"""
     byte, mask = bit
-    return (fields[:, byte] & mask) != 0
+    return cast(npt.NDArray[np.bool_], (fields[:, byte] & mask) != 0)
 
 
 @dataclass

@@ -220,7 +220,7 @@ class BccSampleCollector:
             self._bpf = None
 
 
-def drain(map_fd: int, capacity: int) -> tuple[np.ndarray, npt.NDArray[np.uint64]]:
+def drain(map_fd: int, capacity: int) -> tuple[npt.NDArray[np.void], npt.NDArray[np.uint64]]:
     """Look up and delete every entry of the pages map, in batches, into numpy arrays.
 
     A sample that lands on an entry between its copy and its deletion is lost;

@@ -184,7 +184,7 @@ class PerfSampleCollector:
     def drain(self) -> None:
         """Read, decode and resolve whatever the rings hold, for the next collect()."""
         with self._lock:
-            parts: list[np.ndarray] = []
+            parts: list[npt.NDArray[np.void]] = []
             for event in self._events:
                 try:
                     decoded = pe.decode(event.ring.read(), self.sample_type)
@@ -215,9 +215,9 @@ class PerfSampleCollector:
             self._pending, self._pending_lost, self._pending_unresolved = [], 0, 0
         return batch
 
-    def _count(self, samples: np.ndarray) -> None:
+    def _count(self, samples: npt.NDArray[np.void]) -> None:
         self.stats.samples += samples.size
-        if "data_src" in samples.dtype.names and samples.size:
+        if "data_src" in (samples.dtype.names or ()) and samples.size:
             sources = np.bincount(pe.memory_source(samples["data_src"]), minlength=len(pe.SOURCES))
             for name, count in zip(pe.SOURCES, sources, strict=True):
                 self.stats.by_source[name] += int(count)
@@ -240,14 +240,15 @@ class PerfSampleCollector:
         self._events = []
 
 
-def samples_to_pfns(samples: np.ndarray, resolve: Resolver) -> tuple[npt.NDArray[np.uint64], int]:
+def samples_to_pfns(samples: npt.NDArray[np.void], resolve: Resolver
+                    ) -> tuple[npt.NDArray[np.uint64], int]:
     """PFNs of the decoded samples that resolve, and how many did not.
 
     PHYS_ADDR wins where the kernel filled it; samples without it go through
     (pid, addr) and pagemap when the sample type has both, else count as
     unresolved.
     """
-    names = samples.dtype.names
+    names = samples.dtype.names or ()  # None for an unstructured array
     if "phys_addr" in names:
         phys = samples["phys_addr"]
         direct = phys[phys != 0] >> np.uint64(PAGE_SHIFT)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -243,8 +244,8 @@ def read_topology(root: HostRoot = HOST) -> Topology:
         nodes[n] = Node(
             id=n, cpus=cpus[n], tier_rank=rank_of.get(n), zones=zones[n],
             pfn_ranges=tuple(ranges),
-            meminfo=_optional(lambda n=n: sysnodes.node_meminfo(n, root), problems),
-            vmstat=_optional(lambda n=n: sysnodes.node_vmstat(n, root), problems),
+            meminfo=_optional(partial(sysnodes.node_meminfo, n, root), problems),
+            vmstat=_optional(partial(sysnodes.node_vmstat, n, root), problems),
         )
     owned.sort()
     return Topology(

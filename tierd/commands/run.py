@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import FrameType
 
@@ -22,7 +23,7 @@ from tierd.errors import HostMismatch
 from tierd.service.allocator import keep_freed_memory
 from tierd.service.metrics import MetricsServer
 from tierd.service.systemd import Notifier, log_to_journal
-from tierd.state import StateSnapshot
+from tierd.state import MoveKey, StateSnapshot
 from tierd.vocabulary import PAGE_SIZE, Direction
 
 log = logging.getLogger("tierd.run")
@@ -47,7 +48,7 @@ def _load(path: Path | None) -> tuple[ConfigStore | None, Config]:
 
 def summary_line(snap: StateSnapshot) -> str:
     """'tierd: 12 intervals, promoted 65536 pages (256.0 MiB), demoted ..., not moved ...'."""
-    def total(direction: Direction, counts: dict) -> int:
+    def total(direction: Direction, counts: Counter[MoveKey]) -> int:
         return sum(v for (d, _, _), v in counts.items() if d is direction)
 
     counts = snap.pages_would_move if snap.dry_run else snap.pages_moved

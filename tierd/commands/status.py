@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _url(args: argparse.Namespace) -> str:
     if args.url:
-        return args.url
+        return str(args.url)
     if args.config is None and not config.DEFAULT_PATH.exists():
         metrics = config.Config().metrics
     else:

@@ -28,9 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def compact_list(items: tuple[int, ...]) -> str:
     """(0, 1, 2, 5) -> "0-2,5", the kernel's list format; "-" for none."""
     parts: list[str] = []
-    start = prev = None
+    start: int | None = None
+    prev: int | None = None
     for item in [*items, None]:
-        if start is not None and (item is None or item != prev + 1):
+        if start is not None and prev is not None and (item is None or item != prev + 1):
             parts.append(str(start) if start == prev else f"{start}-{prev}")
             start = None
         if start is None:

@@ -14,6 +14,7 @@ kernel-internal ones it also exports, include/linux/kernel-page-flags.h).
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -75,7 +76,7 @@ def mask(*bits: int) -> np.uint64:
 
 def has_any(flags: npt.NDArray[np.uint64], *bits: int) -> npt.NDArray[np.bool_]:
     """Per PFN: is any of the KPF_* `bits` set in `flags`?"""
-    return (flags & mask(*bits)) != 0
+    return cast(npt.NDArray[np.bool_], (flags & mask(*bits)) != 0)
 
 
 def unmovable(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
@@ -98,7 +99,7 @@ class PfnFile(KernelFd):
         a failed read.
         """
         offset = pfn_start * ENTRY_BYTES
-        done = self._pread_into(memoryview(out.view(np.uint8)), offset)
+        done = self._pread_into(out.view(np.uint8).data, offset)
         if done % ENTRY_BYTES:
             raise KernelFileError(self.path, "read ends inside an entry",
                                   key=f"offset {offset + done:#x}")

@@ -22,6 +22,7 @@ import errno
 import functools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -109,7 +110,7 @@ def proven_number() -> int:
     return support.number
 
 
-def _ptr(array: np.ndarray | None) -> ctypes.c_void_p | None:
+def _ptr(array: npt.NDArray[Any] | None) -> ctypes.c_void_p | None:
     return None if array is None else ctypes.c_void_p(array.ctypes.data)
 
 
@@ -158,7 +159,7 @@ def move_phys_pages_into(phys_addrs: npt.NDArray[np.uint64], nodes: npt.NDArray[
     status.fill(NOT_ATTEMPTED)
     if phys_addrs.size == 0:
         return 0
-    rc = _libc.syscall(
+    rc: int = _libc.syscall(
         ctypes.c_long(nr), ctypes.c_ulong(phys_addrs.size),
         _ptr(phys_addrs), _ptr(nodes), _ptr(status), ctypes.c_int(flags),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,11 +28,12 @@ class MovePagesError(OSError):
     """The whole move_pages call failed (ESRCH, EPERM, EACCES, ENODEV, ...)."""
 
 
-def _ptr(array: np.ndarray | None) -> ctypes.c_void_p | None:
+def _ptr(array: npt.NDArray[Any] | None) -> ctypes.c_void_p | None:
     return None if array is None else ctypes.c_void_p(array.ctypes.data)
 
 
-def check_lengths(addrs: np.ndarray, nodes: np.ndarray | None, status: np.ndarray) -> None:
+def check_lengths(addrs: npt.NDArray[Any], nodes: npt.NDArray[Any] | None,
+                  status: npt.NDArray[Any]) -> None:
     """ValueError unless the nodes (when given) and statuses match the addresses one to one."""
     if nodes is not None and nodes.shape != addrs.shape:
         raise ValueError(f"{addrs.size} addresses but {nodes.size} nodes")
@@ -74,7 +76,7 @@ def move_pages_into(pid: int, addrs: npt.NDArray[np.uint64],
     status.fill(-errno.EINVAL)
     if addrs.size == 0:
         return 0
-    rc = _libc.syscall(
+    rc: int = _libc.syscall(
         ctypes.c_long(SYS_MOVE_PAGES), ctypes.c_long(pid), ctypes.c_ulong(addrs.size),
         _ptr(addrs), _ptr(nodes), _ptr(status), ctypes.c_int(flags),
     )

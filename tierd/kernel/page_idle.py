@@ -70,7 +70,7 @@ class IdleBitmap(KernelFd):
         Returns how many words the kernel had; words past its last PFN are
         zeroed (not idle). Raises KernelFileError naming the failing offset.
         """
-        done = self._pread_into(memoryview(out.view(np.uint8)), first_word * WORD_BYTES)
+        done = self._pread_into(out.view(np.uint8).data, first_word * WORD_BYTES)
         out[done // WORD_BYTES:] = 0
         return done // WORD_BYTES
 
@@ -82,7 +82,7 @@ class IdleBitmap(KernelFd):
         KernelFileError naming the offset.
         """
         fd = self._open()
-        view = memoryview(words.view(np.uint8))
+        view = words.view(np.uint8).data
         done = 0
         while done < view.nbytes:
             offset = first_word * WORD_BYTES + done

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -54,19 +54,19 @@ def pfn_of(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 
 
 def is_present(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return (entries & PRESENT) != 0
+    return cast(npt.NDArray[np.bool_], (entries & PRESENT) != 0)
 
 
 def is_exclusive(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return (entries & EXCLUSIVE) != 0
+    return cast(npt.NDArray[np.bool_], (entries & EXCLUSIVE) != 0)
 
 
 def is_file_or_shared(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return (entries & FILE_SHARED) != 0
+    return cast(npt.NDArray[np.bool_], (entries & FILE_SHARED) != 0)
 
 
 def is_soft_dirty(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return (entries & SOFT_DIRTY) != 0
+    return cast(npt.NDArray[np.bool_], (entries & SOFT_DIRTY) != 0)
 
 
 def read_proc_file(path: str) -> bytes:
@@ -124,7 +124,7 @@ def _pread_entries(fd: int, pid: int, first_page: int, npages: int, root: HostRo
                    ) -> npt.NDArray[np.uint64]:
     """Entries of pages [first_page, first_page + npages); pages past the end read as 0."""
     out = np.empty(npages, dtype=np.uint64)
-    _pread_into(fd, pid, first_page, memoryview(out).cast("B"), root)
+    _pread_into(fd, pid, first_page, out.view(np.uint8).data, root)
     return out
 
 
@@ -161,7 +161,7 @@ def read_runs(pid: int, runs: Iterable[tuple[int, int]], out: npt.NDArray[np.uin
               root: HostRoot = HOST) -> None:
     """Fill `out` with the entries of the [first, last) page runs, concatenated, one pread
     per run, straight into `out`."""
-    view = memoryview(out).cast("B")
+    view = out.view(np.uint8).data
     fd = _open_pagemap(pid, root)
     try:
         at = 0

@@ -21,6 +21,7 @@ import fcntl
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -237,7 +238,7 @@ _libc.syscall.restype = ctypes.c_long
 def perf_event_open(attr: PerfEventAttr, pid: int, cpu: int, what: str = "") -> int:
     """Open one event (pid -1 and a cpu: system-wide on that CPU); returns the fd."""
     attr.size = ctypes.sizeof(PerfEventAttr)
-    fd = _libc.syscall(
+    fd: int = _libc.syscall(
         ctypes.c_long(SYS_PERF_EVENT_OPEN), ctypes.byref(attr), ctypes.c_int(pid),
         ctypes.c_int(cpu), ctypes.c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC),
     )
@@ -302,19 +303,19 @@ class PerfRing:
 class Decoded:
     """The records of one ring read: the samples and what else was in it."""
 
-    samples: np.ndarray  # structured, dtype sample_dtype(sample_type)
+    samples: npt.NDArray[np.void]  # structured, dtype sample_dtype(sample_type)
     lost: int  # samples the kernel dropped (PERF_RECORD_LOST, LOST_SAMPLES)
     other: int  # records of other types, skipped
 
 
-def sample_dtype(sample_type: int) -> np.dtype:
+def sample_dtype(sample_type: int) -> np.dtype[np.void]:
     """The numpy dtype of one PERF_RECORD_SAMPLE (header included) for `sample_type`."""
     unsupported = sample_type & ~_FIXED_BITS
     if unsupported:
         raise ValueError(f"sample_type bits {unsupported:#x} have variable-size payloads")
     if sample_type & SAMPLE_WEIGHT and sample_type & SAMPLE_WEIGHT_STRUCT:
         raise ValueError("WEIGHT and WEIGHT_STRUCT are mutually exclusive")
-    fields = [("header", HEADER_DTYPE)]
+    fields: list[tuple[str, Any]] = [("header", HEADER_DTYPE)]
     for bit, bit_fields in _FIELD_ORDER:
         if sample_type & bit:
             fields.extend(bit_fields)
@@ -346,7 +347,7 @@ class _SampleRuns:
     a run's length is then one binary search for the next word that is not.
     """
 
-    def __init__(self, words: npt.NDArray[np.uint64], dtype: np.dtype) -> None:
+    def __init__(self, words: npt.NDArray[np.uint64], dtype: np.dtype[np.void]) -> None:
         self.words = words
         self.stride = dtype.itemsize // 8
         self.header = np.uint64(RECORD_SAMPLE | dtype.itemsize << 48)
@@ -368,11 +369,11 @@ class _SampleRuns:
         return int(breaks[np.searchsorted(breaks, index)] - index)
 
 
-def _decode_mixed(data: bytes, dtype: np.dtype) -> Decoded:
+def _decode_mixed(data: bytes, dtype: np.dtype[np.void]) -> Decoded:
     """Samples among other records: one step per run of samples and one per other record."""
     words = np.frombuffer(data, dtype="<u8", count=len(data) // 8)
     runs = _SampleRuns(words, dtype)
-    parts: list[np.ndarray] = []
+    parts: list[npt.NDArray[np.void]] = []
     lost = other = 0
     at = 0
     while at < words.size:

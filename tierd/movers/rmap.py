@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -180,7 +180,8 @@ class ReverseMap:
         if proc is None:
             return np.zeros(0, dtype=np.uint64)
         self._compact()
-        return self._pfn[(self._owner >> np.uint64(VPN_BITS)) == np.uint64(proc.slot)]
+        mine = (self._owner >> np.uint64(VPN_BITS)) == np.uint64(proc.slot)
+        return self._pfn[cast(npt.NDArray[np.bool_], mine)]
 
     # --- corrections from the movers -------------------------------------------
 

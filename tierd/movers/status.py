@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -158,7 +159,7 @@ def group_chunks(first: npt.NDArray[np.bool_], batch_pages: int) -> list[int]:
     page_bounds = folios.chunk_bounds(first, batch_pages)
     if first.all():  # every page a group: the same bounds
         return page_bounds
-    return np.searchsorted(np.flatnonzero(first), page_bounds).tolist()
+    return [int(i) for i in np.searchsorted(np.flatnonzero(first), page_bounds)]
 
 
 class _Sender:
@@ -249,4 +250,4 @@ def _settle_groups(sender: _Sender, pfns: npt.NDArray[np.uint64],
                 stale=sender.stop == "process_gone")
     answered = status > CALL_FAILED
     result.settle(pfns[answered], status[answered], target)
-    return status == target
+    return cast(npt.NDArray[np.bool_], status == target)

@@ -237,7 +237,8 @@ class _Server(ThreadingMixIn, WSGIServer):
         # HTTPServer.server_bind resolves the host name (getfqdn): a DNS wait
         # at startup on a host whose resolver is down. The literal will do.
         TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, self.server_port = self.server_address[:2]
+        self.server_name = str(host)
         self.setup_environ()
 
 
@@ -255,7 +256,8 @@ def _app(registry: CollectorRegistry, page: Callable[[], str],
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return metrics(environ, start_response)
+            scrape: Iterable[bytes] = metrics(environ, start_response)
+            return scrape
         if path == "/":
             body, kind = page().encode(), "text/html; charset=utf-8"
         elif path == "/status.json":

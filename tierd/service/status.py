@@ -168,7 +168,8 @@ def fetch(url: str, timeout: float = 5.0) -> Document:
     """The running daemon's status document from its metrics port."""
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/status.json", timeout=timeout) as r:
-            return json.load(r)
+            document: Document = json.load(r)
+            return document
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise TierdError(f"cannot reach tierd at {url}: {reason} (is tierd running?)") from None

@@ -1,0 +1,20 @@
+# Types of the C extension tierd/movers/_native.c (see its docstrings).
+import numpy as np
+import numpy.typing as npt
+
+# Arrays of 8-byte integers, signed or not.
+_Int8 = npt.NDArray[np.uint64] | npt.NDArray[np.int64]
+
+def present_sorted(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.int64],
+                   bases: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64]) -> int: ...
+def first_owners(pfn: npt.NDArray[np.uint64], owner: npt.NDArray[np.uint64],
+                 keys: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64]) -> int: ...
+def take_out(pfn: npt.NDArray[np.uint64], owner: npt.NDArray[np.uint64],
+             keys: npt.NDArray[np.uint64], follow: npt.NDArray[np.bool_],
+             followers: npt.NDArray[np.uint64], stale_slots: npt.NDArray[np.bool_],
+             slot_shift: int) -> int: ...
+def sort_pairs(keys: npt.NDArray[np.uint64], values: _Int8) -> None: ...
+def ascends(a: npt.NDArray[np.uint64], strictly: bool) -> bool: ...
+def folio_starts(pfns: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64], tail_mask: int,
+                 vaddrs: npt.NDArray[np.uint64] | None, page_size: int,
+                 out: npt.NDArray[np.bool_]) -> int: ...
