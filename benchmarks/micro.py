@@ -699,11 +699,6 @@ def run_host_micro(name: str) -> dict:
 
 
 def run_guest_micro(name: str) -> dict:
-    # The allocator settings `tierd run` starts with (tierd.service.allocator), so each
-    # piece is measured as it runs in the daemon.
-    from tierd.service.allocator import keep_freed_memory
-
-    keep_freed_memory()
     return _run({"idle_scan": idle_scan, "rmap_build": rmap_build,
                  "move_pages": move_pages_micro, "move_phys": move_phys_micro,
                  "demote_cpu": demote_cpu}[name])

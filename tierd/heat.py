@@ -11,8 +11,7 @@ interval's evidence is added as it comes:
 - a DAMON region adds `region_weight` x its access rate (nr_accesses / max)
   relative to `region_hot_rate`, capped at 1: DAMON checks one page per
   region per sampling interval, so a page touched every few hundred ms shows
-  a rate of a few percent (damo's tiering setup calls 5% hot; pages touched
-  every 200 ms measured 2-3% in the lab).
+  a rate of a few percent (damo's tiering setup calls 5% hot).
 
 `mark` (uint8) holds what the policy needs besides heat, per PFN:
 

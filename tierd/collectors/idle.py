@@ -25,7 +25,7 @@ head's idle bit (kpageflags' COMPOUND_TAIL marks them; the page before a run
 of tails is their head). LRU folios are at most PMD-size and naturally
 aligned, so a folio never straddles two blocks, and the spans of one collect
 can be read into one buffer and processed with one set of numpy calls per
-chunk: under emulation a numpy call's fixed cost outweighs its loop over a
+chunk, not per span: a numpy call's fixed cost outweighs its loop over a
 short span.
 
 Both passes are paced (PFNs per second) so a scan does not hog a core, and
@@ -73,9 +73,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_PFNS = 1 << 18
 ALL_ONES = np.uint64(2**64 - 1)
 # Liveness is kept per 2 MiB block (a PMD-size folio never straddles two);
-# live blocks at most MERGE_GAP_BLOCKS apart are scanned as one span: in the
-# lab (TCG) a span's syscalls and slice copies cost ~0.19 ms, sweeping an
-# empty block ~0.16 ms, so bridging one empty block pays and two do not.
+# live blocks at most MERGE_GAP_BLOCKS apart are scanned as one span: a span's
+# own syscalls and slice copies cost about as much as sweeping one empty block.
 BLOCK_PFNS = 512
 MERGE_GAP_BLOCKS = 2
 DEFAULT_FULL_EVERY = 8
@@ -530,7 +529,7 @@ class IdleCollector:
         new = np.add(old, 1, out=self._new_ages[:batch.size])  # UNTRACKED wraps to 0 ...
         np.minimum(new, IDLE_AGE_MAX, out=new)
         np.maximum(new, 1, out=new)  # ... and starts at 1
-        new &= np.negative(is_idle.view(np.uint8))  # accessed: 0 (under TCG & costs 1/15 of *)
+        new &= np.negative(is_idle.view(np.uint8))  # accessed: 0
         new |= tracked.view(np.uint8) - np.uint8(1)  # untracked: 0 - 1 = UNTRACKED
         for sp in batch.spans:
             r.ages[sp.start - r.start:sp.end - r.start] = new[sp.start + sp.shift:
@@ -618,7 +617,7 @@ def _expand_folios(idle: npt.NDArray[np.int8], tail: npt.NDArray[np.bool_]) -> n
     not_tail = ~tail
     head_number = np.cumsum(not_tail, dtype=np.int32)  # per PFN: its head's rank, from 1
     heads = np.concatenate(([np.int8(UNKNOWN)], idle[not_tail]))
-    return np.take(heads, head_number)  # under TCG 1.7x faster than runs + masked store
+    return np.take(heads, head_number)  # one gather, no loop over the runs
 
 
 def probe(root: HostRoot = HOST) -> list[Capability]:

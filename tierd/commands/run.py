@@ -20,7 +20,6 @@ from tierd.commands.check_config import EX_CONFIG
 from tierd.config import DEFAULT_PATH, Config, ConfigError, ConfigStore, ReloadStatus
 from tierd.daemon import Daemon, IntervalSummary, describe
 from tierd.errors import HostMismatch
-from tierd.service.allocator import keep_freed_memory
 from tierd.service.metrics import MetricsServer
 from tierd.service.systemd import Notifier, log_to_journal
 from tierd.state import MoveKey, StateSnapshot
@@ -69,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     # systemd: READY=1, STATUS=, RELOADING=1, WATCHDOG=1 (no-ops outside a service).
     notifier = Notifier()
     log_to_journal()
-    keep_freed_memory()
     try:
         store, config = _load(args.config)
     except ConfigError as e:

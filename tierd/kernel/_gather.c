@@ -5,7 +5,7 @@
  * A mover reads the entries of each batch's pages two or three times (flags
  * before, PFNs before and after). In numpy, cutting the indices into runs and
  * picking the entries out of each run's read takes a dozen passes over the
- * batch, and in a slow guest they cost more than the kernel's reads. Here one
+ * batch, each with its own temporary. Here one
  * pass cuts the runs and reads each: a run without gaps straight into the
  * result, a run with gaps (indices at most `max_gap` apart) into a scratch
  * buffer that the entries are picked from.

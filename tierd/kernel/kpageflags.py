@@ -112,8 +112,7 @@ class PfnFile(KernelFd):
 
         A batch's PFNs ascend, mostly in gap-free runs (pages the allocator
         handed out together), read straight into the result; the cutting into
-        runs is in C (tierd/kernel/_gather.c): in the lab, picking 16,384 PFNs
-        out of their runs' reads cost 2-6 ms of numpy on top of the kernel's 2-3 ms.
+        runs is in C (tierd/kernel/_gather.c), one pass where numpy took a dozen.
         """
         return gather_in_any_order(pfns, self._gather)
 

@@ -20,8 +20,8 @@ class HostRoot:
         return self.path / kernel_path.lstrip("/")
 
     def fspath(self, kernel_path: str) -> str:
-        """The same mapping as a plain string, for per-process /proc reads: in a slow
-        guest, building a Path costs more than the read itself."""
+        """The same mapping as a plain string, for per-process /proc reads: they are
+        many and small, and a Path per read is a real share of one."""
         return self._prefix + kernel_path
 
     @cached_property

@@ -3,19 +3,18 @@
  * run long): the reverse map's build step (present_sorted), the lookups and
  * corrections the movers make per batch (first_owners, take_out), folio
  * grouping (folio_starts) and two array primitives (sort_pairs, ascends).
- * Each replaces numpy passes that in a slow guest cost more than the kernel's
- * own work for the same pages.
+ * Each replaces several numpy passes, and their temporaries, with one loop.
  *
  * The build: the present pages of a run of /proc/PID/pagemap entries, as
  * (PFN, owner) pairs sorted by PFN.
  *
  * numpy needs about a dozen passes over the entries for this (mask, select,
- * offset per run, argsort, two gathers); in a slow guest each pass costs more
- * than the kernel's pagemap read of the same pages. Here:
+ * offset per run, argsort, two gathers), each with a temporary as large as the
+ * entries. Here:
  *
  *   1. one pass over the entries cuts the present pages into segments, pages
  *      whose PFN and owner both step by one (a process's memory is mostly such
- *      runs: 95% of the steps in a lab build were +1);
+ *      runs);
  *   2. a radix sort orders the segments by first PFN;
  *   3. segments that do not overlap the previous ones (all, but for pages that
  *      several processes map) are written out in that order; the overlapping

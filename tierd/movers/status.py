@@ -62,11 +62,8 @@ class _Parts:
 class MoverParams:
     """Both movers' knobs (`movers.*` in the config)."""
 
-    # Pages per call. Each move_pages call drains every CPU's LRU caches
-    # (lru_cache_disable, work queued on each CPU and waited for) and costs the
-    # mover a Python round trip. In the lab, moving 64 MiB in 8192-page (32 MiB)
-    # calls took the kernel 17% less time than in 2048-page calls, and the
-    # mover's send loop 2 ms less; 2048 had beaten 512 the same way.
+    # Pages per call: each call drains every CPU's LRU caches (lru_cache_disable,
+    # work queued on each CPU and waited for), so fewer, larger calls cost less.
     batch_pages: int = 8192
     # MPOL_MF_MOVE_ALL: also pages mapped by several processes (else -EACCES;
     # move_pages needs CAP_SYS_NICE for it).
@@ -166,12 +163,11 @@ class _Sender:
     """Sends groups chunk by chunk into one status array; stops at a full target or a
     gone process, and keeps each failed call's groups and reason.
 
-    Between two calls it runs no numpy computation: in the lab (TCG) the first
-    array operation after a migrating syscall took 0.3-0.7 ms where the
-    syscall wrapper alone took 0.02, 8 ms per 64 MiB in 2,048-page calls.
-    The kernel writes each call's statuses straight into the status array,
-    and they are searched for -ENOMEM only after a call that reports pages it
-    failed to migrate (the statuses of a call that returns 0 hold none).
+    Between two calls it runs no numpy computation, only the syscall and array
+    views, so the per-call cost stays the kernel's. The kernel writes each
+    call's statuses straight into the status array, and they are searched for
+    -ENOMEM only after a call that reports pages it failed to migrate (the
+    statuses of a call that returns 0 hold none).
     """
 
     def __init__(self, send: SendGroups, groups: int) -> None:
