@@ -34,8 +34,8 @@ def test_read_pagemap_decodes_present_swapped_and_file_pages() -> None:
     entries = pagemap.read_pagemap(PID, 16 * PAGE, 8, ROOT)
     pfns = pagemap.pfn_of(entries)
     assert pfns.tolist() == [16, 17, 18, 19, 0, 0, 32, 48]
-    assert pagemap.is_exclusive(entries).tolist() == [True] * 4 + [False] * 4
-    assert pagemap.is_file_or_shared(entries).tolist() == [False] * 6 + [True] * 2
+    assert ((entries & pagemap.EXCLUSIVE) != 0).tolist() == [True] * 4 + [False] * 4
+    assert ((entries & pagemap.FILE_SHARED) != 0).tolist() == [False] * 6 + [True] * 2
 
 
 def test_read_pagemap_past_the_end_reads_not_present() -> None:
@@ -142,7 +142,7 @@ def test_pfns_of_own_pages_match_the_nodes_move_pages_reports() -> None:
         assert (pfns[:32] >= node1_start).all() and (pfns[32:] < node1_start).all()
         entries = pagemap.read_pagemap(os.getpid(), base, 64)
         assert np.array_equal(pagemap.pfn_of(entries), pfns)
-        assert pagemap.is_exclusive(entries).all()
+        assert ((entries & pagemap.EXCLUSIVE) != 0).all()
     finally:
         del view
         buf.close()

@@ -62,10 +62,6 @@ class Node:
         return self._sum("free")
 
     @property
-    def present_pages(self) -> int:
-        return self._sum("present")
-
-    @property
     def watermark_min(self) -> int:
         return self._sum("min")
 

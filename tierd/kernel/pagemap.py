@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Self, cast
+from typing import Self
 
 import numpy as np
 import numpy.typing as npt
@@ -51,22 +51,6 @@ def pfn_of(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     pfns = entries & PFN_MASK
     pfns[entries < PRESENT] = 0  # bit 63 clear
     return pfns
-
-
-def is_present(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return cast(npt.NDArray[np.bool_], (entries & PRESENT) != 0)
-
-
-def is_exclusive(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return cast(npt.NDArray[np.bool_], (entries & EXCLUSIVE) != 0)
-
-
-def is_file_or_shared(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return cast(npt.NDArray[np.bool_], (entries & FILE_SHARED) != 0)
-
-
-def is_soft_dirty(entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return cast(npt.NDArray[np.bool_], (entries & SOFT_DIRTY) != 0)
 
 
 def read_proc_file(path: str) -> bytes:
