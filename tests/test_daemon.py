@@ -90,8 +90,8 @@ def test_settings_follow_the_config() -> None:
                    b"exclusions: {comms: ['db*'], pids: [7]}\n")
     settings = Settings.from_config(config, dry_run=True)
     assert settings.dry_run and settings.interval == 4
-    assert settings.heat.decay == 0.75 and settings.heat.cooldown_intervals == 4
-    assert settings.policy.hysteresis_intervals == 3 and settings.policy.promote_share == 0.25
+    assert settings.heat.decay == 0.75 and settings.heat.cooldown_rounds == 4
+    assert settings.policy.hysteresis_rounds == 3 and settings.policy.promote_share == 0.25
     assert settings.mover.batch_pages == 64
     assert settings.exclusions.comms == ("db*",) and settings.exclusions.pids == (7,)
     assert settings.budget_pages(4096) == 10 * 4 * 256

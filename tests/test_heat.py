@@ -11,7 +11,7 @@ from tierd.collectors.evidence import UNTRACKED, IdleScan, RegionBatch, SampleBa
 PARAMS = h.HeatParams(decay=0.5, hot_threshold=4.0, cold_threshold=0.5, idle_access_weight=4.0,
                       sample_weight=1.0, region_weight=8.0, region_hot_rate=1.0,
                       initial_heat=2.0,
-                      cooldown_intervals=2)
+                      cooldown_rounds=2)
 
 
 def _scan(ages: list[int], start: int = 0) -> IdleScan:
@@ -172,7 +172,7 @@ def _reference_classify(heat: int, mark: int, advance: int) -> int:
 
 def test_heat_and_streaks_age_per_round_not_per_interval() -> None:
     """A 30 s idle scan with a 5 s interval: the scan's evidence holds until the next scan."""
-    model = h.HeatModel(2, h.HeatParams(cooldown_intervals=3))
+    model = h.HeatModel(2, h.HeatParams(cooldown_rounds=3))
     model.fold([_scan([0, 1])])  # round 1: page 0 accessed (hot), page 1 idle (cold)
     for _ in range(5):  # intervals without a scan
         model.fold(new_round=False)

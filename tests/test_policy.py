@@ -92,7 +92,7 @@ def test_unsettled_or_cooling_pages_do_not_move() -> None:
     put(heat, marks, range(100, 150), 200, mark(h.HOT, streak=1))
     put(heat, marks, range(150, 200), 200, mark(h.HOT, cooldown=2))
     plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100,
-                         params=PolicyParams(hysteresis_intervals=2))
+                         params=PolicyParams(hysteresis_rounds=2))
     assert plan.batches == () and plan.deferred_pages == 0
 
 

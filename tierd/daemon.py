@@ -170,7 +170,7 @@ class Daemon:
         wait = wait or self.stop_event.wait
         took = 0.0
         # One step every `interval` seconds: the step's own time (a paced scan, a large
-        # move) counts against the wait, or every round would stretch by it.
+        # move) counts against the wait, or every interval would stretch by it.
         while not wait(max(0.0, self.settings.interval - took)):
             started = time.monotonic()
             summary = self.step()

@@ -87,7 +87,7 @@ NEW_PAGE_COOLDOWN = 2
 class HeatParams:
     """How evidence turns into heat and heat into classes (heat in accesses, not units)."""
 
-    decay: float = 0.5  # share of heat kept from one interval to the next
+    decay: float = 0.5  # share of heat kept from one round to the next
     hot_threshold: float = 4.0  # heat >= this: hot
     cold_threshold: float = 0.5  # heat <= this: cold
     idle_access_weight: float = 4.0  # one observed access in an idle scan
@@ -95,7 +95,7 @@ class HeatParams:
     region_weight: float = 4.0  # a DAMON region at or above region_hot_rate
     region_hot_rate: float = 0.02  # DAMON access rate (nr_accesses / max) that counts fully
     initial_heat: float = 0.0  # a newly tracked page, before its first evidence
-    cooldown_intervals: int = 2  # rounds after a move (or a failed attempt)
+    cooldown_rounds: int = 2  # rounds after a move (or a failed attempt)
 
     def units(self, accesses: float) -> int:
         return int(min(HEAT_MAX, round(accesses * HEAT_SCALE)))
@@ -246,7 +246,7 @@ class HeatModel:
         heat = self.heat[old_i]
         cls = self.mark[old_i] & CLASS_MASK
         self.vacate(old_i.astype(np.uint64))
-        cooldown = np.uint8(min(COOLDOWN_MAX, self.params.cooldown_intervals) << COOLDOWN_SHIFT)
+        cooldown = np.uint8(min(COOLDOWN_MAX, self.params.cooldown_rounds) << COOLDOWN_SHIFT)
         self.heat[new_i] = heat
         self.mark[new_i] = cls | cooldown
 
@@ -265,7 +265,7 @@ class HeatModel:
     def cool_down(self, pfns: npt.NDArray[np.uint64]) -> None:
         """Pages that stayed put after a failed or skipped move: do not retry them at once."""
         index = self._clip(pfns)
-        cooldown = np.uint8(min(COOLDOWN_MAX, self.params.cooldown_intervals) << COOLDOWN_SHIFT)
+        cooldown = np.uint8(min(COOLDOWN_MAX, self.params.cooldown_rounds) << COOLDOWN_SHIFT)
         self.mark[index] = (self.mark[index] & ~COOLDOWN_MASK) | cooldown
 
     # --- the interval boundary -------------------------------------------------

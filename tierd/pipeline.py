@@ -54,8 +54,8 @@ class Settings:
                             cold_threshold=p.cold_threshold,
                             # A moved page sits out one round more than the hysteresis:
                             # never moved back on one round's evidence.
-                            cooldown_intervals=p.hysteresis_intervals + 1),
-            policy=PolicyParams(hysteresis_intervals=p.hysteresis_intervals,
+                            cooldown_rounds=p.hysteresis_intervals + 1),
+            policy=PolicyParams(hysteresis_rounds=p.hysteresis_intervals,
                                 promote_share=p.budget_split.promote),
             headroom_percent=p.headroom_percent,
             rate_mb_per_s=config.movers.rate_mb_per_s,

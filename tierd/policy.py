@@ -13,7 +13,7 @@ memory above `keep_free_pages` (its high/promo watermark plus a headroom):
   as the node below has room: the fast tier is for pages that are used.
 
 "Settled" is the hysteresis: a page must have been in its class for
-`hysteresis_intervals` consecutive intervals and be out of its cooldown
+`hysteresis_rounds` consecutive rounds and be out of its cooldown
 (see tierd.heat). The interval's budget (pages) is split between promotion
 and demotion; a direction that needs less leaves the rest to the other.
 
@@ -56,7 +56,7 @@ EXACT_HISTOGRAM_PFNS = 1 << 22
 
 @dataclass(frozen=True)
 class PolicyParams:
-    hysteresis_intervals: int = 2  # consecutive intervals in a class before a move
+    hysteresis_rounds: int = 2  # consecutive rounds in a class before a move
     promote_share: float = 0.5  # of the interval's budget, when both directions want it
     demote_cold: bool = True  # demote settled-cold pages even above the headroom
 
@@ -285,7 +285,7 @@ def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
            ) -> Plan:
     """One decision pass: which PFNs move where this interval."""
     params = params or PolicyParams()
-    hyst = params.hysteresis_intervals
+    hyst = params.hysteresis_rounds
     by_id = {t.node: t for t in nodes}
     hist = {n: histograms(heat, mark, t.ranges, hyst) for n, t in by_id.items()}
     counts = _allocate(by_id, hist, budget_pages, params)
