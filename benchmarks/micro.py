@@ -317,8 +317,8 @@ def rmap_build() -> dict:
     """
     if reason := missing("tierd.movers.rmap"):
         return not_available(reason)
+    from tierd.collectors.processes import Exclusions, ProcessFilter
     from tierd.movers.rmap import ReverseMap
-    from tierd.movers.safety import Exclusions, ProcessFilter
 
     with resident_workload("64M", "448M"), pinned():
         pids = user_pids()
@@ -445,14 +445,13 @@ def move_pages_micro() -> dict:
     """
     if reason := missing("tierd.movers.pid"):
         return not_available(reason)
+    from tierd.collectors.processes import Exclusions, ProcessFilter
     from tierd.kernel import numa
     from tierd.kernel.pagemap import pfns_of
     from tierd.movers.pid import PidMover
     from tierd.movers.rmap import ReverseMap
-    from tierd.movers.safety import Exclusions, ProcessFilter
     from tierd.movers.status import MoverParams
-    from tierd.policy import Batch
-    from tierd.state import Direction
+    from tierd.vocabulary import Batch, Direction
 
     batch_pages = MoverParams().batch_pages
     with resident_workload("4M", "64M") as workload, pinned():
@@ -528,8 +527,7 @@ def move_phys_micro() -> dict:
     from tierd.kernel.pagemap import pfns_of
     from tierd.movers import folios
     from tierd.movers.phys import PhysMover
-    from tierd.policy import Batch
-    from tierd.state import Direction
+    from tierd.vocabulary import Batch, Direction
 
     recorder = Recorder(move_phys_pages_into, address_arg=0)
     mover = PhysMover(recorder)
@@ -601,15 +599,14 @@ def demote_cpu() -> dict:
         return not_available(why)
     if reason := missing("tierd.movers.pid"):
         return not_available(reason)
+    from tierd.collectors.processes import Exclusions, ProcessFilter
     from tierd.kernel.move_phys import move_phys_pages_into
     from tierd.kernel.numa import move_pages, move_pages_into
     from tierd.kernel.pagemap import pfns_of
     from tierd.movers.phys import PhysMover
     from tierd.movers.pid import PidMover
     from tierd.movers.rmap import ReverseMap
-    from tierd.movers.safety import Exclusions, ProcessFilter
-    from tierd.policy import Batch
-    from tierd.state import Direction
+    from tierd.vocabulary import Batch, Direction
 
     phys_clock = SyscallClock(move_phys_pages_into)
     phys_mover = PhysMover(phys_clock)

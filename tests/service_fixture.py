@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 from tierd.config import ReloadStatus
-from tierd.state import DaemonState, NodeUsage
+from tierd.telemetry import DaemonState, NodeUsage
 from tierd.vocabulary import Direction, Health, State
 
 GIB = 1 << 30

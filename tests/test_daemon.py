@@ -34,7 +34,7 @@ from tierd.kernel.root import HostRoot
 from tierd.movers.status import BatchResult, MoverParams
 from tierd.pipeline import Pipeline, Settings, build_pipeline
 from tierd.policy import Plan, PolicyParams
-from tierd.state import STAGES, DaemonState
+from tierd.telemetry import STAGES, DaemonState
 from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
 from tierd.vocabulary import Batch, Direction, Health, NodeFacts, State
 

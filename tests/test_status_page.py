@@ -13,9 +13,9 @@ import pytest
 from service_fixture import DEMOTED_PAGES, HEAT_BINS, PROMOTED_PAGES, failed_reload, populated_state
 
 from tierd.config import ReloadStatus
+from tierd.telemetry import DaemonState
 from tierd.service import status
 from tierd.service.metrics import MetricsServer
-from tierd.state import DaemonState
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

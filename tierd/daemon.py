@@ -46,7 +46,7 @@ from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.status import BatchResult
 from tierd.pipeline import Pipeline, Settings, build_pipeline
 from tierd.policy import Plan
-from tierd.state import DaemonState, NodeUsage
+from tierd.telemetry import DaemonState, NodeUsage
 from tierd.trace import IntervalRecord, TraceWriter
 from tierd.vocabulary import PAGE_SIZE, Batch, Direction, NodeFacts
 

@@ -34,8 +34,8 @@ from prometheus_client.registry import Collector
 from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
+from tierd.telemetry import DURATION_BUCKETS, DaemonState, MoveKey, StateSnapshot
 from tierd.service import status
-from tierd.state import DURATION_BUCKETS, DaemonState, MoveKey, StateSnapshot
 from tierd.vocabulary import Direction, State
 
 MOVE_LABELS = ["source_node", "target_node"]

@@ -21,7 +21,7 @@ from typing import Any
 from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
-from tierd.state import DaemonState, StateSnapshot
+from tierd.telemetry import DaemonState, StateSnapshot
 from tierd.vocabulary import Direction
 
 Document = dict[str, Any]

@@ -1,4 +1,4 @@
-"""The daemon's observable state: counters and health the metrics exporter reads at scrape time.
+"""The daemon's telemetry: the counters and health the metrics exporter reads.
 
 The daemon loop is the only writer; readers (the Prometheus collector, the
 `run` command's summary) call `snapshot()`, which copies everything under
