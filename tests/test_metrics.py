@@ -21,8 +21,8 @@ from service_fixture import DEMOTED_PAGES, GIB, PROMOTED_PAGES, failed_reload, p
 from tierd import config
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
-from tierd.telemetry import DaemonState
 from tierd.service.metrics import MetricsServer
+from tierd.telemetry import DaemonState
 
 ALLOWED_LABELS = {"node", "tier", "source_node", "target_node", "direction", "reason", "stage",
                   "collector", "state", "mover", "version", "pythonversion", "le"}

@@ -13,9 +13,9 @@ import pytest
 from service_fixture import DEMOTED_PAGES, HEAT_BINS, PROMOTED_PAGES, failed_reload, populated_state
 
 from tierd.config import ReloadStatus
-from tierd.telemetry import DaemonState
-from tierd.service import status
+from tierd.service import status_page
 from tierd.service.metrics import MetricsServer
+from tierd.telemetry import DaemonState
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -58,12 +58,12 @@ def test_page_in_chromium(server: MetricsServer, tmp_path: Path) -> None:
 
 
 def test_page_holds_no_addresses(server: MetricsServer) -> None:
-    page = status.StatusReport(populated_state(), failed_reload, lambda: 5.0).html()
+    page = status_page.StatusReport(populated_state(), failed_reload, lambda: 5.0).html()
     assert not re.search(r"0x[0-9a-fA-F]{4,}|\bpfn\b", page, re.I)
 
 
 def test_hottest_bin_is_red_and_cold_bins_blue() -> None:
-    svg = status.heat_svg(1, [0.0, 9.0], peak=9.0)
+    svg = status_page.heat_svg(1, [0.0, 9.0], peak=9.0)
     fills = re.findall(r"fill='hsl\((\d+),", svg)
     assert fills == ["220", "0"]
 
@@ -71,7 +71,8 @@ def test_hottest_bin_is_red_and_cold_bins_blue() -> None:
 def test_markup_in_messages_is_escaped() -> None:
     state = DaemonState()
     state.record_error("collector:perf", "<script>alert(1)</script>")
-    page = status.StatusReport(state, lambda: ReloadStatus(True, 0.0, None), lambda: 5.0).html()
+    report = status_page.StatusReport(state, lambda: ReloadStatus(True, 0.0, None), lambda: 5.0)
+    page = report.html()
     assert "<script>" not in page and "&lt;script&gt;" in page
 
 

@@ -20,9 +20,9 @@ from tierd.commands.check_config import EX_CONFIG
 from tierd.config import DEFAULT_PATH, Config, ConfigError, ConfigStore, ReloadStatus
 from tierd.daemon import Daemon, IntervalSummary, describe
 from tierd.errors import HostMismatch
-from tierd.telemetry import MoveKey, StateSnapshot
 from tierd.service.metrics import MetricsServer
 from tierd.service.systemd import Notifier, log_to_journal
+from tierd.telemetry import MoveKey, StateSnapshot
 from tierd.vocabulary import PAGE_SIZE, Direction
 
 log = logging.getLogger("tierd.run")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tierd import config
 from tierd.errors import TierdError
-from tierd.service import status
+from tierd.service import status_page
 
 EXIT_NOT_RUNNING = 3
 
@@ -41,9 +41,10 @@ def _url(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     url = _url(args)
     try:
-        doc = status.fetch(url)
+        doc = status_page.fetch(url)
     except TierdError as e:
         print(f"tierd: {e}", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    sys.stdout.write(json.dumps(doc, indent=1) + "\n" if args.json else status.render_text(doc))
+    text = json.dumps(doc, indent=1) + "\n" if args.json else status_page.render_text(doc)
+    sys.stdout.write(text)
     return 0

@@ -34,8 +34,8 @@ from prometheus_client.registry import Collector
 from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
+from tierd.service import status_page
 from tierd.telemetry import DURATION_BUCKETS, DaemonState, MoveKey, StateSnapshot
-from tierd.service import status
 from tierd.vocabulary import Direction, State
 
 MOVE_LABELS = ["source_node", "target_node"]
@@ -279,7 +279,7 @@ class MetricsServer:
                  port: int = 9748) -> None:
         self.address = address
         self._registry = build_registry(state, reload_status, interval)
-        self._report = status.StatusReport(state, reload_status, interval)
+        self._report = status_page.StatusReport(state, reload_status, interval)
         app = _app(self._registry, self._report.html, self._report.json)
         server_class = _Server6 if ":" in address else _Server
         try:
