@@ -448,9 +448,9 @@ def move_pages_micro() -> dict:
     from tierd.collectors.processes import Exclusions, ProcessFilter
     from tierd.kernel import numa
     from tierd.kernel.pagemap import pfns_of
+    from tierd.movers.batches import MoverParams
     from tierd.movers.pid import PidMover
     from tierd.movers.rmap import ReverseMap
-    from tierd.movers.status import MoverParams
     from tierd.vocabulary import Batch, Direction
 
     batch_pages = MoverParams().batch_pages

@@ -31,7 +31,7 @@ from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.page_idle import BITMAP
 from tierd.kernel.root import HostRoot
-from tierd.movers.status import BatchResult, MoverParams
+from tierd.movers.batches import BatchResult, MoverParams
 from tierd.pipeline import Pipeline, Settings, build_pipeline
 from tierd.policy import Plan, PolicyParams
 from tierd.telemetry import STAGES, DaemonState

@@ -26,13 +26,13 @@ from tierd.kernel import numa, pagemap
 from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
 from tierd.kernel.root import HostRoot
 from tierd.movers import folios, safety
+from tierd.movers.batches import MoverParams, count_reasons
 from tierd.movers.dry_run import WouldMoveLedger
 from tierd.movers.folios import chunk_bounds
 from tierd.movers.mover import Mover
 from tierd.movers.phys import PhysMover
 from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
-from tierd.movers.status import MoverParams, count_reasons
 from tierd.pipeline import Pipeline
 from tierd.policy import Plan
 from tierd.vocabulary import PAGE_SIZE, Batch, Direction
@@ -148,7 +148,7 @@ def test_busy_pages_are_retried_a_bounded_number_of_times() -> None:
 def test_busy_pages_of_every_chunk_go_again_together_after_one_backoff(
         monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr("tierd.movers.status.time.sleep", sleeps.append)
+    monkeypatch.setattr("tierd.movers.batches.time.sleep", sleeps.append)
     kernel = FakeKernel({16: [-errno.EBUSY], 18: [-errno.EBUSY]})
     mover, _ = _mover(kernel, batch_pages=2)
     mover.params = MoverParams(batch_pages=2, busy_backoff=0.25)

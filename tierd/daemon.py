@@ -42,8 +42,8 @@ from tierd.kernel.kernel_tiering import read_kernel_tiering
 from tierd.kernel.root import HOST, HostRoot
 from tierd.kernel.zoneinfo import read_zoneinfo
 from tierd.movers import safety
+from tierd.movers.batches import BatchResult
 from tierd.movers.dry_run import WouldMoveLedger
-from tierd.movers.status import BatchResult
 from tierd.pipeline import Pipeline, Settings, build_pipeline
 from tierd.policy import Plan
 from tierd.telemetry import DaemonState, NodeUsage

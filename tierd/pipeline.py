@@ -21,9 +21,9 @@ from tierd.config import Config
 from tierd.errors import HostMismatch, Unusable
 from tierd.heat import HeatModel, HeatParams
 from tierd.kernel.root import HOST, HostRoot
+from tierd.movers.batches import MoverParams
 from tierd.movers.mover import Mover, mover_params
 from tierd.movers.registry import MOVERS
-from tierd.movers.status import MoverParams
 from tierd.policy import PolicyParams
 from tierd.vocabulary import PAGE_SIZE, Health
 

@@ -1,6 +1,6 @@
 """Movers: carry out the policy's batches, by physical address or per process.
 
-Both honour move_pages(2)'s per-page status contract (tierd.movers.status)
+Both honour move_pages(2)'s per-page status contract (tierd.movers.batches)
 and the safety rules (tierd.movers.safety); the PID mover resolves PFNs
 through the reverse map (tierd.movers.rmap).
 """

@@ -15,7 +15,7 @@ import numpy.typing as npt
 from tierd.collectors.collector import Setup
 from tierd.collectors.processes import ProcessFilter
 from tierd.config import Config
-from tierd.movers.status import BatchResult, MoverParams
+from tierd.movers.batches import BatchResult, MoverParams
 from tierd.vocabulary import Batch
 
 

@@ -30,8 +30,8 @@ from tierd.errors import Unusable
 from tierd.kernel import move_phys
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native, folios
+from tierd.movers.batches import BatchResult, MoverParams, move_groups
 from tierd.movers.mover import mover_params
-from tierd.movers.status import BatchResult, MoverParams, move_groups
 from tierd.vocabulary import PAGE_SHIFT, Batch, Health, State
 
 # (physical addresses, target nodes, statuses to fill, flags) -> the call's result (0, or

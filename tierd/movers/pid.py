@@ -35,9 +35,9 @@ from tierd.kernel import numa, pagemap
 from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
+from tierd.movers.batches import BatchResult, MoverParams, move_groups
 from tierd.movers.mover import mover_params
 from tierd.movers.rmap import ReverseMap
-from tierd.movers.status import BatchResult, MoverParams, move_groups
 from tierd.vocabulary import Batch
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The per-page status contract of move_pages(2) (and move_phys_pages), and a batch's result.
+"""How a batch is moved: calls by folio group, retries, and each page's status into a result.
 
 Each page's status is the node it is on after the call, or a negative errno:
 -ENOENT not present, -EACCES shared or node not allowed, -EPERM mlocked,
