@@ -7,7 +7,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST    ?= $(PY) -m pytest
 
-.PHONY: all deps venv kernels test test-unit lint demo bench clean
+.PHONY: all deps venv kernels test test-unit lint docs demo bench clean
 
 all: test
 
@@ -39,6 +39,11 @@ lint: venv
 	$(PY) -m ruff check tierd tests
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
+
+# The generated references; tests fail when a committed one is stale.
+docs: venv
+	$(PY) -m tierd check-config --print-reference > docs/configuration.md
+	$(PY) -c 'import tierd.cli as c; print(c.render_reference(), end="")' > docs/cli.md
 
 demo: venv kernels
 	$(PY) tests/lab/demo.py

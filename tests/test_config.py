@@ -96,7 +96,7 @@ def test_reference_doc_is_up_to_date() -> None:
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert generated == committed, (
         "docs/configuration.md is stale: run"
-        " `.venv/bin/python -m tierd check-config --print-reference > docs/configuration.md`")
+        " `make docs`")
 
 
 # (id, file content, text the message must contain, line it must name or None)
