@@ -548,7 +548,7 @@ def test_starting_on_the_slow_node_hot_pages_come_up(lab_kernel: str) -> None:
 
 # On stock the evidence is DAMON's vaddr monitoring of the largest processes:
 # paddr regions mixed hot and cold pages once they interleaved physically, and
-# the cold set stalled near 90% on node 1 (docs/design.md, "Known limits").
+# the cold set stalled near 90% on node 1 (docs/policy.md, "Known limits").
 # This had failed once in a full run on a loaded host (newly hot pages
 # promoted, then read cold and demoted again) while the workload did not drop
 # its TLB between passes: under QEMU's TCG, touches after DAMON cleared the
