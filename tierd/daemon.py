@@ -35,7 +35,7 @@ from tierd.collectors.perf_bcc import BccSampleCollector, perf_collector
 from tierd.collectors.perf_samples import PerfSampleCollector, online_cpus
 from tierd.collectors.topology import Topology, read_topology
 from tierd.config import Config, PerfCollectorConfig
-from tierd.errors import HostMismatch, KernelFileError, TierdError
+from tierd.errors import HostMismatch, Interrupted, KernelFileError, TierdError
 from tierd.heat import HEAT_SCALE, HeatModel, HeatParams
 from tierd.kernel import move_phys, pmu
 from tierd.kernel.damon_sysfs import MonitoringAttrs
@@ -154,6 +154,10 @@ class Daemon:
         self.state = state or DaemonState(page_size=PAGE_SIZE)
         self.state.dry_run = self.settings.dry_run
         self.stop_event = threading.Event()
+        # Called between chunks of long work (scans, move batches): `tierd run` feeds
+        # systemd's watchdog with it.
+        self.heartbeat: Callable[[], None] = lambda: None
+        self._stage_name = "start"
         self._pending: Config | None = None
         self._reload_lock = threading.Lock()
         self._record_path = record
@@ -201,7 +205,8 @@ class Daemon:
         assert self.topology is not None
         if cfg.idle.enabled:
             self.idle = IdleCollector(self.topology, list(cfg.idle.nodes) or None,
-                                      cfg.idle.pfns_per_second, self.root)
+                                      cfg.idle.pfns_per_second, self.root,
+                                      sleep=self._pause, checkpoint=self.checkpoint)
             self.idle.mark()
             # The first scan reads back after one interval, not a whole idle interval:
             # evidence arrives from the start.
@@ -286,6 +291,17 @@ class Daemon:
         if self._trace is not None:
             self._trace.close()
 
+    def checkpoint(self) -> None:
+        """Between chunks of long work: feed the watchdog; raise Interrupted when stopping."""
+        self.heartbeat()
+        if self.stop_event.is_set():
+            raise Interrupted("stopping")
+
+    def _pause(self, seconds: float) -> None:
+        """A pacing sleep that a stop cuts short."""
+        if self.stop_event.wait(seconds):
+            raise Interrupted("stopping")
+
     # --- reload -------------------------------------------------------------------------
 
     def reload(self, config: Config) -> None:
@@ -330,24 +346,41 @@ class Daemon:
         # move) counts against the wait, or every round would stretch by it.
         while not wait(max(0.0, self.settings.interval - took)):
             started = time.monotonic()
-            summary = self.step()
+            try:
+                summary = self.step()
+            except Interrupted:
+                break
+            except Exception as e:  # the interval's error boundary: the next one runs
+                summary = self._failed(e)
             took = time.monotonic() - started
             if on_interval is not None:
                 on_interval(summary)
             if once:
                 break
 
+    def _failed(self, error: Exception) -> IntervalSummary:
+        """Log and count an interval cut short; health shows it until one completes."""
+        message = " ".join(f"{type(error).__name__}: {error}".split())
+        self.state.record_stage_failure(self._stage_name, message)
+        log.error("interval failed in stage %s, the next one will run: %s", self._stage_name,
+                  message[:500])
+        log.debug("interval failure", exc_info=error)
+        return IntervalSummary()
+
     @contextmanager
-    def _stage(self, name: str) -> Iterator[None]:
+    def _stage(self, name: str, timed: bool = True) -> Iterator[None]:
+        self._stage_name = name
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.state.record_duration(name, time.perf_counter() - started)
+            if timed:
+                self.state.record_duration(name, time.perf_counter() - started)
 
     def step(self) -> IntervalSummary:
         """One interval: collect, heat, rmap, policy, move, publish."""
-        self._apply_pending()
+        with self._stage("reload", timed=False):
+            self._apply_pending()
         if self.heat is not None and self.state.intervals % UNPIN_EVERY_INTERVALS == \
                 UNPIN_EVERY_INTERVALS - 1:
             self.heat.unpin_all()
@@ -361,10 +394,12 @@ class Daemon:
         facts = node_facts(self.topology)
         with self._stage("policy"):
             plan = self.decide(facts)
-        self._record(facts, evidence)
+        with self._stage("record", timed=False):
+            self._record(facts, evidence)
         with self._stage("move"):
             summary = self.move(plan)
-        self.publish(facts, summary)
+        with self._stage("publish", timed=False):
+            self.publish(facts, summary)
         return summary
 
     def collect(self) -> Evidence:
@@ -436,6 +471,7 @@ class Daemon:
         # then: a failed demotion the node did not need costs no promotion.
         room: dict[int, int] | None = None
         for index, batch in enumerate(plan.batches):
+            self.heartbeat()
             if self.stop_event.is_set():
                 log.info("stopping: %d batches of this interval not started",
                          len(plan.batches) - index)

@@ -25,3 +25,7 @@ class HostMismatch(TierdError):
 
     Retrying cannot help, so `tierd run` exits 78 (EX_CONFIG) as for a bad file.
     """
+
+
+class Interrupted(TierdError):
+    """Long work (a paced scan) cut short because the daemon is stopping."""

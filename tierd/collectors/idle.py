@@ -111,14 +111,18 @@ class Pacer:
     """Sleeps so that work proceeds at no more than `rate` PFNs per second."""
 
     def __init__(self, rate: float | None, clock: Callable[[], float],
-                 sleep: Callable[[float], None]) -> None:
+                 sleep: Callable[[float], None],
+                 checkpoint: Callable[[], None] = lambda: None) -> None:
         self.rate = rate
         self.clock = clock
         self.sleep = sleep
+        self.checkpoint = checkpoint
         self.started = clock()
         self.done = 0
 
     def advance(self, pfns: int) -> None:
+        # Between chunks: a scan of a large host outlasts the watchdog and the stop timeout.
+        self.checkpoint()
         self.done += pfns
         if not self.rate:
             return
@@ -260,6 +264,7 @@ class IdleCollector:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         full_every: int = DEFAULT_FULL_EVERY,
+        checkpoint: Callable[[], None] = lambda: None,
     ) -> None:
         if chunk_pfns <= 0 or chunk_pfns % BLOCK_PFNS:
             raise ValueError(f"chunk_pfns {chunk_pfns} must be a positive multiple of "
@@ -281,6 +286,7 @@ class IdleCollector:
         self._lost_track = False  # an error left user pages untracked: next scan is full
         self.clock = clock
         self.sleep = sleep
+        self.checkpoint = checkpoint  # called between chunks; raises to abandon the scan
         self.bitmap = IdleBitmap(root)
         self.flags_file = kpf.kpageflags(root)
         self.count_file = kpf.kpagecount(root)
@@ -337,7 +343,7 @@ class IdleCollector:
             return
         self._problems = []
         self._scan_is_full = self.full_scan
-        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
+        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep, self.checkpoint)
         for r in self.ranges:
             if self._scan_is_full:
                 self._discover_range(r, pacer)
@@ -429,7 +435,7 @@ class IdleCollector:
         """
         if not self._usable():
             return []
-        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
+        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep, self.checkpoint)
         self.stats = {n: NodeIdleStats() for n in self.nodes}
         for r in self.ranges:
             cs = r.start

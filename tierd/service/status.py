@@ -57,6 +57,7 @@ def build_document(snap: StateSnapshot, reload: ReloadStatus, interval: float,
         "kernel_tiering": snap.kernel_tiering,
         "interval_seconds": interval,
         "intervals": snap.intervals,
+        "failing": snap.failing,
         "last_interval_age_seconds": (None if snap.last_interval_at is None
                                       else round(now - snap.last_interval_at, 3)),
         "config": {"last_reload_successful": reload.successful,
@@ -114,6 +115,7 @@ def render_text(doc: Document) -> str:
         f"mover: {doc['mover']}   kernel tiering: {doc['kernel_tiering']}   "
         f"last interval: {_age(doc['last_interval_age_seconds'])}",
         _config_line(doc["config"]),
+        *([f"LAST INTERVAL FAILED: {doc['failing']}"] if doc.get("failing") else []),
         "",
         f"{'node':>4} {'tier':>4} {'total':>11} {'used':>11} {'free':>11}  used",
     ]
