@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
+import json
 import os
 import signal
 import socket
@@ -15,19 +17,26 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from tierd.config import ReloadStatus, parse
-from tierd.daemon import Daemon, IntervalSummary
-from tierd.policy import Plan
+from tierd import cli
+from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
+from tierd.config import Config, ReloadStatus, parse
+from tierd.daemon import Daemon, Evidence, IntervalSummary
+from tierd.heat import HeatModel
+from tierd.policy import NodeFacts, Plan
 from tierd.service import metrics
 from tierd.service.metrics import MetricsServer
 from tierd.service.signals import Signals
 from tierd.state import DaemonState
+from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
 
 # --- 1. the HTTP port ----------------------------------------------------------------------
 
@@ -315,3 +324,313 @@ def test_a_bad_file_on_sighup_is_refused_and_the_old_config_kept(tierd_run: Runn
     assert tierd_run.process.wait(30) == 0
 
 
+
+
+# --- 6. recording -------------------------------------------------------------------------
+
+
+def _interval(npfns: int = 64) -> IntervalRecord:
+    nodes = [NodeFacts(0, 0, ((0, npfns // 2),), 32, 10, 1),
+             NodeFacts(1, 1, ((npfns // 2, npfns),), 32, 20, 1)]
+    return IntervalRecord(npfns, 4096, 1.0, 100, nodes,
+                          idle=[IdleScan(0, np.full(npfns, 3, dtype=np.uint8), 0.0)],
+                          samples=[SampleBatch(np.array([40, 41], dtype=np.uint64), 0, 0, 0.0)],
+                          regions=[RegionBatch(np.array([0], dtype=np.uint64),
+                                               np.array([4], dtype=np.uint64),
+                                               np.array([3], dtype=np.uint32),
+                                               np.array([1], dtype=np.uint32), 20, 0.0)])
+
+
+def test_recording_replaces_a_planted_symlink_and_never_writes_its_target(
+        tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    link = tmp_path / "trace"
+    link.symlink_to(target)
+    with pytest.raises(TraceError, match="not a regular file"):
+        TraceWriter(link)
+    assert target.read_text() == "precious\n" and link.is_symlink()
+
+
+def test_recording_over_another_users_file_makes_a_new_0600_file(tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    trace.write_text("old\n")
+    trace.chmod(0o644)
+    if os.geteuid() == 0:
+        os.chown(trace, 65534, 65534)
+    os.chmod(tmp_path, 0o755)
+    writer = TraceWriter(trace)
+    writer.write(_interval())
+    writer.close()
+    st = trace.stat()
+    assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.geteuid()
+    assert len(list(read_trace(trace))) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace"]  # no temporary left
+
+
+def test_each_interval_is_readable_before_the_trace_is_closed(tmp_path: Path) -> None:
+    """As after a SIGKILL: the file as it is after the third interval, never closed."""
+    writer = TraceWriter(tmp_path / "trace")
+    for _ in range(3):
+        writer.write(_interval())
+    copy = tmp_path / "copy"
+    copy.write_bytes((tmp_path / "trace").read_bytes())
+    writer.close()
+    assert len(list(read_trace(copy))) == 3
+
+
+def test_a_missing_directory_or_a_full_disk_turns_recording_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(TraceError, match="no-such-dir/trace: cannot record"):
+        TraceWriter(tmp_path / "no-such-dir" / "trace")
+    daemon = Daemon(Config())
+    daemon.heat = HeatModel(64)
+    daemon._trace = TraceWriter(tmp_path / "trace")
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("zipfile.ZipFile.writestr", full)
+    daemon._record([], Evidence())
+    assert daemon._trace is None
+    assert "recording off" in daemon.state.snapshot().last_errors[-1].message
+
+
+def test_run_records_to_a_missing_directory_and_keeps_running(tmp_path: Path) -> None:
+    config = tmp_path / "tierd.yaml"
+    config.write_text("interval: 0.2\nmetrics: {enabled: false}\n")
+    done = subprocess.run([sys.executable, "-m", "tierd", "run", "--once", "--dry-run",
+                           "--config", str(config), "--record", str(tmp_path / "x" / "t")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "recording off" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_sigkilled_recording_daemon_leaves_a_readable_trace(tmp_path: Path) -> None:
+    config = tmp_path / "tierd.yaml"
+    config.write_text("interval: 0.2\nmetrics: {enabled: false}\n")
+    log = tmp_path / "log"
+    with log.open("wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--dry-run",
+                                    "--config", str(config), "--record", str(tmp_path / "t")],
+                                   stderr=err, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_text().count("interval ") < 4:
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.1)
+    finally:
+        process.kill()
+        process.wait()
+    assert len(list(read_trace(tmp_path / "t"))) >= 3
+
+
+# --- 7. simulate -----------------------------------------------------------------------------
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _good_meta(npfns: int = 64) -> dict[str, Any]:
+    return {"version": 1, "npfns": npfns, "page_size": 4096, "interval_seconds": 1.0,
+            "budget_pages": 100,
+            "nodes": [{"node": 0, "tier": 0, "ranges": [[0, npfns // 2]], "managed_pages": 32,
+                       "free_pages": 10, "watermark_pages": 1},
+                      {"node": 1, "tier": 1, "ranges": [[npfns // 2, npfns]],
+                       "managed_pages": 32, "free_pages": 20, "watermark_pages": 1}],
+            "idle": [{"pfn_start": 0, "scanned_at": 0.0}],
+            "samples": [{"lost": 0, "unresolved": 0, "collected_at": 0.0}],
+            "regions": [{"max_nr_accesses": 20, "collected_at": 0.0}]}
+
+
+def _good_entries(npfns: int = 64) -> dict[str, bytes]:
+    return {"idle0.npy": _npy_bytes(np.full(npfns, 3, dtype=np.uint8)),
+            "samples0.npy": _npy_bytes(np.array([40, 41], dtype=np.uint64)),
+            "regions0.npz": _npz_bytes(pfn_start=np.array([0], dtype=np.uint64),
+                                       pfn_end=np.array([4], dtype=np.uint64),
+                                       nr_accesses=np.array([3], dtype=np.uint32),
+                                       age=np.array([1], dtype=np.uint32))}
+
+
+def _meta(**changes: Any) -> Callable[[dict[str, Any], dict[str, bytes]], None]:
+    def change(meta: dict[str, Any], _entries: dict[str, bytes]) -> None:
+        meta.update(changes)
+    return change
+
+
+def _node(**changes: Any) -> Callable[[dict[str, Any], dict[str, bytes]], None]:
+    def change(meta: dict[str, Any], _entries: dict[str, bytes]) -> None:
+        meta["nodes"][0].update(changes)
+    return change
+
+
+def _item(key: str, **changes: Any) -> Callable[[dict[str, Any], dict[str, bytes]], None]:
+    def change(meta: dict[str, Any], _entries: dict[str, bytes]) -> None:
+        meta[key][0].update(changes)
+    return change
+
+
+def _entry(name: str, data: bytes) -> Callable[[dict[str, Any], dict[str, bytes]], None]:
+    def change(_meta: dict[str, Any], entries: dict[str, bytes]) -> None:
+        entries[name] = data
+    return change
+
+
+def _drop(name: str) -> Callable[[dict[str, Any], dict[str, bytes]], None]:
+    def change(_meta: dict[str, Any], entries: dict[str, bytes]) -> None:
+        del entries[name]
+    return change
+
+
+def _claiming(elements: int) -> bytes:
+    """A .npy whose header claims `elements` uint8 items, followed by 16 bytes."""
+    header = {"descr": "|u1", "fortran_order": False, "shape": (elements,)}
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + bytes(16)
+
+
+def _regions(n: int, start: int, end: int, **arrays: np.ndarray) -> bytes:
+    base = {"pfn_start": np.full(n, start, dtype=np.uint64),
+            "pfn_end": np.full(n, end, dtype=np.uint64),
+            "nr_accesses": np.full(n, 5, dtype=np.uint32), "age": np.ones(n, dtype=np.uint32)}
+    return _npz_bytes(**{**base, **arrays})
+
+
+HOSTILE_TRACES: list[tuple[str, Callable[[dict[str, Any], dict[str, bytes]], None]]] = [
+    ("npfns negative", _meta(npfns=-5)),
+    ("npfns 2^40", _meta(npfns=1 << 40)),
+    ("npfns a string", _meta(npfns="64")),
+    ("npfns a float", _meta(npfns=64.5)),
+    ("npfns missing", _meta(npfns=None)),
+    ("page_size 0", _meta(page_size=0)),
+    ("page_size negative", _meta(page_size=-4096)),
+    ("page_size not a power of two", _meta(page_size=3000)),
+    ("page_size 2^40", _meta(page_size=1 << 40)),
+    ("interval NaN", _meta(interval_seconds=float("nan"))),
+    ("interval negative", _meta(interval_seconds=-1)),
+    ("budget negative", _meta(budget_pages=-1)),
+    ("version 2", _meta(version=2)),
+    ("nodes not a list", _meta(nodes={"a": 1})),
+    ("node range past npfns", _node(ranges=[[0, 1 << 40]])),
+    ("node range reversed", _node(ranges=[[30, 2]])),
+    ("node range not a pair", _node(ranges=[[1, 2, 3]])),
+    ("node count a string", _node(managed_pages="many")),
+    ("idle pfn_start negative", _item("idle", pfn_start=-1)),
+    ("idle past npfns", _item("idle", pfn_start=10)),
+    ("idle entry missing", _drop("idle0.npy")),
+    ("idle header claims 2^40 elements", _entry("idle0.npy", _claiming(1 << 40))),
+    ("idle header claims more than held", _entry("idle0.npy", _claiming(48))),
+    ("idle two-dimensional", _entry("idle0.npy", _npy_bytes(np.zeros((8, 8), np.uint8)))),
+    ("idle not npy", _entry("idle0.npy", b"\x93NUMPY garbage")),
+    ("idle structured dtype", _entry("idle0.npy", _npy_bytes(
+        np.zeros(64, dtype=[("a", "u1")])))),
+    ("samples past npfns", _entry("samples0.npy", _npy_bytes(np.array([1 << 40])))),
+    ("samples negative", _entry("samples0.npy", _npy_bytes(np.array([-1, 3])))),
+    ("samples NaN", _entry("samples0.npy", _npy_bytes(np.array([np.nan])))),
+    ("samples lost negative", _item("samples", lost=-3)),
+    ("regions mismatched arrays", _entry("regions0.npz", _regions(
+        3, 0, 4, age=np.ones(2, dtype=np.uint32)))),
+    ("regions end before start", _entry("regions0.npz", _regions(1, 10, 2))),
+    ("2000 full-range regions", _entry("regions0.npz", _regions(2000, 0, 64))),
+    ("regions not a zip", _entry("regions0.npz", b"PK\x03\x04 nope")),
+    ("regions key missing", _entry("regions0.npz", _npz_bytes(
+        pfn_start=np.zeros(1, np.uint64)))),
+    ("max_nr_accesses negative", _item("regions", max_nr_accesses=-1)),
+    ("meta without a version", lambda meta, _e: (meta.clear(), meta.update({"not": "meta"}))),
+    ("meta missing", _entry("meta.json", b"")),
+]
+
+
+def _write_trace(path: Path, meta: dict[str, Any] | bytes, entries: dict[str, bytes],
+                 bombs: dict[str, int] | None = None) -> None:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("000001/meta.json", meta if isinstance(meta, bytes) else json.dumps(meta))
+        for name, data in entries.items():
+            zf.writestr(f"000001/{name}", data)
+        for name, size in (bombs or {}).items():
+            with zf.open(f"000001/{name}", "w", force_zip64=True) as f:
+                block = bytes(1 << 20)
+                for _ in range(size >> 20):
+                    f.write(block)
+
+
+def _simulate(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    rc = cli.main(["simulate", str(path)])
+    return rc, capsys.readouterr().err
+
+
+def test_a_good_hand_built_trace_replays(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    _write_trace(tmp_path / "t", _good_meta(), _good_entries())
+    assert _simulate(tmp_path / "t", capsys)[0] == 0
+
+
+@pytest.mark.parametrize("change", [c for _, c in HOSTILE_TRACES],
+                         ids=[name for name, _ in HOSTILE_TRACES])
+def test_a_hostile_trace_is_refused_with_exit_65(
+        change: Callable[[dict[str, Any], dict[str, bytes]], None], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    meta, entries = _good_meta(), _good_entries()
+    change(meta, entries)
+    meta_bytes = json.dumps(meta).encode()
+    if "meta.json" in entries:  # a case replacing or dropping meta.json itself
+        meta_bytes = entries.pop("meta.json")
+    _write_trace(tmp_path / "t", meta_bytes, entries)
+    if not meta_bytes:
+        with zipfile.ZipFile(tmp_path / "t", "w") as zf:
+            zf.writestr("000001/idle0.npy", entries.get("idle0.npy", b""))
+    rc, err = _simulate(tmp_path / "t", capsys)
+    assert rc == 65, err
+    assert err.startswith(f"tierd: {tmp_path / 't'}") and "Traceback" not in err
+    assert len(err) < 1000
+
+
+@pytest.mark.parametrize("meta_bytes", [b"{not json", b"[" * 100_000, b"[1, 2]"],
+                         ids=["invalid", "deep", "a list"])
+def test_a_hostile_meta_json_is_refused(meta_bytes: bytes, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    _write_trace(tmp_path / "t", meta_bytes, _good_entries())
+    assert _simulate(tmp_path / "t", capsys)[0] == 65
+
+
+@pytest.mark.parametrize("entry", ["idle0.npy", "samples0.npy", "regions0.npz"])
+def test_a_zip_bomb_entry_is_refused_before_it_is_inflated(
+        entry: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    entries = _good_entries()
+    del entries[entry]
+    _write_trace(tmp_path / "t", _good_meta(), entries, bombs={entry: 64 << 20})
+    assert (tmp_path / "t").stat().st_size < 1 << 20
+    with pytest.raises(TraceError, match="over the memory budget"):
+        list(read_trace(tmp_path / "t", budget=32 << 20))
+
+
+def test_a_trace_over_the_memory_budget_is_refused(tmp_path: Path) -> None:
+    _write_trace(tmp_path / "t", _good_meta(1 << 20), _good_entries(1 << 20))
+    with pytest.raises(TraceError, match=r"npfns must be an integer in \[0, 65536\]"):
+        list(read_trace(tmp_path / "t", budget=1 << 20))
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir", "empty", "junk"])
+def test_a_trace_that_is_not_a_zip_file_is_refused(
+        special: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(special) if special.startswith("/") else tmp_path / special
+    if special == "fifo":
+        os.mkfifo(path)
+    elif special == "dir":
+        path.mkdir()
+    elif special == "empty":
+        path.write_bytes(b"")
+    elif special == "junk":
+        path.write_bytes(b"PK" + bytes(100))
+    rc, err = _simulate(path, capsys)
+    assert rc == 65 and "not a tierd trace" in err, err

@@ -54,7 +54,7 @@ from tierd.policy import Batch, NodeFacts, Plan, PolicyParams
 from tierd.probe import Health as ProbeHealth
 from tierd.probe import State
 from tierd.state import DaemonState, Direction, Health, NodeUsage
-from tierd.trace import IntervalRecord, TraceWriter
+from tierd.trace import IntervalRecord, TraceError, TraceWriter
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,10 @@ class Daemon:
         self._open_mover()
         self._memcg_inodes = safety.excluded_memcg_inodes(self.settings.exclusions, self.root)
         if self._record_path:
-            self._trace = TraceWriter(self._record_path)
+            try:
+                self._trace = TraceWriter(self._record_path)
+            except TraceError as e:
+                self._stop_recording(e)
         log.info("tierd started: %d nodes in %d tiers, mover %s, %s, interval %.1fs, "
                  "budget %.0f MB/s", len(facts), len({f.tier for f in facts}), self.state.mover,
                  "DRY RUN" if self.settings.dry_run else "moving pages", self.settings.interval,
@@ -550,10 +553,21 @@ class Daemon:
         if self._trace is None:
             return
         assert self.heat is not None
-        self._trace.write(IntervalRecord(
-            npfns=self.heat.npfns, page_size=PAGE_SIZE, interval_seconds=self.settings.interval,
-            budget_pages=self.settings.budget_pages(), nodes=facts, idle=evidence.idle,
-            samples=evidence.samples, regions=evidence.regions))
+        try:
+            self._trace.write(IntervalRecord(
+                npfns=self.heat.npfns, page_size=PAGE_SIZE,
+                interval_seconds=self.settings.interval,
+                budget_pages=self.settings.budget_pages(), nodes=facts, idle=evidence.idle,
+                samples=evidence.samples, regions=evidence.regions))
+        except TraceError as e:
+            self._trace.close()
+            self._trace = None
+            self._stop_recording(e)
+
+    def _stop_recording(self, error: TraceError) -> None:
+        """Recording is an aid: a full disk ends it, not the daemon."""
+        log.error("recording off: %s", error)
+        self.state.record_error("record", f"recording off: {error}")
 
     def publish(self, facts: list[NodeFacts], summary: IntervalSummary) -> None:
         assert self.heat is not None and self.topology is not None
