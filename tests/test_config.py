@@ -44,7 +44,7 @@ def test_shipped_files_are_valid(path: Path, tmp_path: Path,
 
 def test_examples_differ_from_defaults_where_they_say() -> None:
     dry = config.load(REPO / "config" / "examples" / "dry-run.yaml")
-    assert dry.dry_run and dry.collectors.damon.enabled
+    assert dry.dry_run and dry.collectors.damon.enabled is True
     two = config.load(REPO / "config" / "examples" / "two-sockets-two-cxl.yaml")
     assert two.collectors.idle.nodes == (0, 1, 2, 3)
     assert two.kernel_tiering == "refuse"

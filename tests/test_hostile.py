@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zipfile
@@ -35,7 +37,7 @@ from tierd.policy import NodeFacts, Plan
 from tierd.service import metrics
 from tierd.service.metrics import MetricsServer
 from tierd.service.signals import Signals
-from tierd.state import DaemonState
+from tierd.state import DaemonState, Health
 from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
 
 # --- 1. the HTTP port ----------------------------------------------------------------------
@@ -269,7 +271,6 @@ def test_idle_connections_past_the_fd_limit_do_not_stop_the_daemon(tierd_run: Ru
 
 
 def test_signal_handlers_only_note_the_signal_and_bursts_coalesce() -> None:
-    import threading
     stop = threading.Event()
     signals = Signals(stop)
     for _ in range(20):
@@ -634,3 +635,117 @@ def test_a_trace_that_is_not_a_zip_file_is_refused(
         path.write_bytes(b"PK" + bytes(100))
     rc, err = _simulate(path, capsys)
     assert rc == 65 and "not a tierd trace" in err, err
+
+
+# --- 8. the smaller ones ---------------------------------------------------------------------
+
+
+def _caps(status: str, field: str) -> int:
+    line = next(x for x in status.splitlines() if x.startswith(f"{field}:"))
+    return int(line.split()[1], 16)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root's capabilities to drop them")
+def test_tierd_run_keeps_only_the_movers_capabilities_and_http_has_none(
+        tierd_run: Running) -> None:
+    from tierd.kernel.capabilities import KEPT
+    kept = sum(1 << c for c in KEPT) & _caps(Path("/proc/self/status").read_text(), "CapEff")
+    pid = tierd_run.process.pid
+    tasks = Path(f"/proc/{pid}/task")
+    if Path(f"/proc/{pid}/comm").read_text().strip() == "prlimit":
+        pytest.skip("prlimit did not exec")
+    effective = {int(t.name): _caps((t / "status").read_text(), "CapEff")
+                 for t in tasks.iterdir()}
+    bounding = _caps(Path(f"/proc/{pid}/status").read_text(), "CapBnd")
+    assert effective[pid] == kept and bounding & ~kept == 0
+    assert all(e & ~kept == 0 for e in effective.values())
+    assert tierd_run.scrape()  # a connection thread now exists, started by the HTTP thread
+    assert 0 in {_caps((t / "status").read_text(), "CapEff") for t in tasks.iterdir()}
+
+
+def test_damon_enabled_false_means_no_damon_even_without_other_collectors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    started = []
+    monkeypatch.setattr("tierd.daemon.ProcessDamonCollector",
+                        lambda *a: started.append(a) or pytest.fail("DAMON started"))
+    config = parse(b"collectors: {idle: {enabled: false}, perf: {enabled: false},"
+                   b" damon: {enabled: false}}\n")
+    daemon = Daemon(config)
+    daemon.topology = object()  # type: ignore[assignment]
+    daemon._open_collectors([])
+    assert daemon.damon is None and not started
+    assert parse(b"{}").collectors.damon.enabled == "auto"  # the fallback stays the default
+
+
+def test_a_refused_damon_region_write_does_not_show_the_address(tmp_path: Path) -> None:
+    from tierd.kernel.damon_sysfs import DamonError, _write
+    from tierd.kernel.root import HostRoot
+    (tmp_path / "start").symlink_to("/dev/full")  # the write fails with ENOSPC
+    with pytest.raises(DamonError) as refused:
+        _write(HostRoot(tmp_path), "/start", 0x1_2345_6000, secret=True)
+    assert "12345" not in str(refused.value) and str(0x1_2345_6000) not in str(refused.value)
+    assert "refused the value" in str(refused.value)
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_server() -> Iterator[tuple[str, type[_Fake]]]:
+    handler = type("Handler", (_Fake,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("body", [b"<html>hello</html>", b"[1, 2]", b"{\"version\": 1}",
+                                  b"[" * 100_000])
+def test_tierd_status_at_a_server_that_is_not_tierd_is_a_clear_error(
+        body: bytes, fake_server: tuple[str, type[_Fake]],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url, handler = fake_server
+    handler.body = body
+    assert cli.main(["status", "--url", url]) == 3
+    err = capsys.readouterr().err
+    assert "not a" in err and "status document" in err and "Traceback" not in err
+
+
+def test_tierd_status_of_a_document_with_wrong_types_is_a_clear_error(
+        fake_server: tuple[str, type[_Fake]], capsys: pytest.CaptureFixture[str]) -> None:
+    url, handler = fake_server
+    handler.body = json.dumps({k: 1 for k in ("version", "uptime_seconds", "intervals",
+                                              "nodes", "moves", "collectors", "last_errors",
+                                              "config")}).encode()
+    assert cli.main(["status", "--url", url]) == 3
+    assert "not a tierd status document" in capsys.readouterr().err
+
+
+def test_tierd_status_passes_no_terminal_escape_through(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    state = DaemonState()
+    state.set_collector("idle", Health.DEGRADED, "\x1b]0;owned\x07\x1b[2J\x9b31m bad")
+    state.record_error("config", "\x1b[31mred\x1b[0m")
+    srv = MetricsServer(state, ok_reload, lambda: 5.0, port=0).start()
+    try:
+        for extra in ([], ["--json"]):
+            assert cli.main(["status", "--url", srv.url, *extra]) == 0
+            out = capsys.readouterr().out
+            assert "bad" in out or "\\u" in out
+            assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    finally:
+        srv.stop()

@@ -16,7 +16,7 @@ The tree (every key is optional; defaults below; durations in seconds):
         events: []                 # perf event names; [] = the best the CPU offers
         sample_period: 10007       # events per sample
       damon:                       # DAMON access monitoring
-        enabled: false
+        enabled: auto              # auto (when nothing else is usable) | true | false
         operations: vaddr          # vaddr (largest processes) | paddr (physical ranges)
         sampling_interval: 0.005
         aggregation_interval: 0.1
@@ -103,7 +103,7 @@ class PerfCollectorConfig:
 
 @dataclass(frozen=True)
 class DamonCollectorConfig:
-    enabled: bool = False
+    enabled: bool | str = "auto"  # auto: only when no other collector is usable
     operations: str = "vaddr"
     sampling_interval: float = 0.005
     aggregation_interval: float = 0.1

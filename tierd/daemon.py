@@ -221,8 +221,9 @@ class Daemon:
                 self.idle = None
         if cfg.perf.enabled:
             self._open_perf(cfg.perf)
-        if cfg.damon.enabled or (self.idle is None and self.perf is None):
-            if not cfg.damon.enabled:
+        alone = self.idle is None and self.perf is None
+        if cfg.damon.enabled is True or (cfg.damon.enabled == "auto" and alone):
+            if alone:
                 log.info("no idle-page tracking and no memory-sampling PMU: using DAMON")
             sample_us = int(cfg.damon.sampling_interval * 1e6)
             aggr_us = int(cfg.damon.aggregation_interval * 1e6)
@@ -235,7 +236,7 @@ class Daemon:
             if not self.damon.start():
                 self._set_health("damon", self.damon.health)
                 self.damon = None
-        if self.idle is None and self.perf is None and self.damon is None:
+        if alone and self.damon is None:
             log.warning("no collector is usable: tierd can only observe")
 
     def _open_perf(self, cfg: PerfCollectorConfig) -> None:

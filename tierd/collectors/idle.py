@@ -322,9 +322,17 @@ class IdleCollector:
             return False
         return True
 
-    def _problem(self, message: str) -> None:
+    def _problem(self, message: str, where: str = "") -> None:
+        """A problem for the log and health; `where` (an offset: a physical position) is
+        only logged at debug level, as it says where the host's memory lies."""
         log.warning("idle collector: %s", message)
+        if where:
+            log.debug("idle collector: %s at %s", message, where)
         self._problems.append(message)
+
+    def _file_problem(self, e: KernelFileError, node: int) -> None:
+        self._problem(f"{e.path}: {e.reason}; node {node} partly untracked this scan",
+                      e.key or "")
 
     def _finish(self) -> None:
         self.health = (Health(State.DEGRADED, "; ".join(self._problems))
@@ -355,7 +363,7 @@ class IdleCollector:
                     self._check_end(r)
             except KernelFileError as e:
                 self._lost_track |= e.reason != PAST_END
-                self._problem(f"{e}; node {r.node} partly untracked this scan")
+                self._file_problem(e, r.node)
         self._finish()
 
     def _discover_range(self, r: _Range, pacer: Pacer) -> None:
@@ -367,7 +375,7 @@ class IdleCollector:
                     pacer.advance(ce - cs)
         except KernelFileError as e:
             self._lost_track = True
-            self._problem(f"{e}; node {r.node} partly untracked this scan")
+            self._file_problem(e, r.node)
 
     def _discover_chunk(self, r: _Range, cs: int, ce: int) -> None:
         bs, be = _block_extent(cs, ce)
@@ -421,8 +429,8 @@ class IdleCollector:
         """The bitmap ends at PFN `end`: trim a slight overrun, raise on more."""
         if r.end - end >= self._slack_pfns:
             raise KernelFileError(self.bitmap.path, PAST_END, key=f"offset {end // 8:#x}")
-        log.debug("idle collector: node %d's range ends %d PFNs past the bitmap; trimmed to %#x",
-                  r.node, r.end - end, end)
+        log.debug("idle collector: node %d's range ends %d PFNs past the bitmap; trimmed",
+                  r.node, r.end - end)
         r.trim(end)
 
     # --- pass 2: read back, update ages ---------------------------------------------------
@@ -448,7 +456,7 @@ class IdleCollector:
                 r.ages[cs - r.start:] = UNTRACKED
                 r.live[cs // BLOCK_PFNS - r.first_block:] = False
                 self._lost_track = True
-                self._problem(f"{e}; node {r.node} partly untracked this scan")
+                self._file_problem(e, r.node)
             r.spans = []  # a collect without a mark reads nothing
         self._count_down()
         self._finish()
@@ -514,8 +522,8 @@ class IdleCollector:
         got = self.bitmap.read_words(first, self._words[first + at:last + at])
         bitmap_end = (first + got) * PFNS_PER_WORD
         if bitmap_end < sp.end:
-            self._problem(f"{self.bitmap.path}: offset {bitmap_end // 8:#x}: "
-                          f"bitmap ends inside node {r.node}; the rest is untracked")
+            self._problem(f"{self.bitmap.path}: bitmap ends inside node {r.node}; the rest is"
+                          " untracked", f"offset {bitmap_end // 8:#x}")
         self.flags_file.read_into(sp.start, self._flags[sp.start + sp.shift:sp.end + sp.shift])
         return min(r.marked_until, bitmap_end)
 

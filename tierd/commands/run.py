@@ -18,6 +18,7 @@ from tierd.commands.check_config import EX_CONFIG
 from tierd.config import DEFAULT_PATH, Config, ConfigError, ConfigStore, ReloadStatus
 from tierd.daemon import Daemon, IntervalSummary, describe
 from tierd.errors import HostMismatch, Interrupted
+from tierd.kernel import capabilities
 from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.service.allocator import keep_freed_memory
 from tierd.service.metrics import MetricsServer
@@ -62,6 +63,14 @@ def summary_line(snap: StateSnapshot) -> str:
         top = ", ".join(f"{k}={v}" for k, v in snap.failures.most_common(4))
         line += f", {failures} not moved ({top})"
     return line
+
+
+def _drop_capabilities() -> None:
+    """Start-up is done: keep only what the loop uses (tierd.kernel.capabilities)."""
+    try:
+        capabilities.keep_only()
+    except OSError as e:
+        log.warning("could not drop capabilities: %s", e)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         except Interrupted:
             handle_signals()
             return 0
+        _drop_capabilities()
         if config.metrics.enabled:
             server = MetricsServer(daemon.state, reload_status, lambda: daemon.settings.interval,
                                    config.metrics.address, config.metrics.port).start()

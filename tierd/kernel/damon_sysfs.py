@@ -67,9 +67,12 @@ class Regions:
     age: npt.NDArray[np.uint32]
 
 
-def _write(root: HostRoot, path: str, value: str | int) -> None:
-    """One write(2) per value, as sysfs expects; errors name the file and the value."""
+def _write(root: HostRoot, path: str, value: str | int, secret: bool = False) -> None:
+    """One write(2) per value, as sysfs expects; errors name the file and the value,
+    unless `secret` (an address: errors reach the status page)."""
     full = root(path)
+    shown = "the value" if secret else repr(value)
+    key = None if secret else str(value)
     try:
         fd = os.open(full, os.O_WRONLY | os.O_TRUNC)  # O_TRUNC: harmless on sysfs
     except FileNotFoundError:
@@ -82,8 +85,8 @@ def _write(root: HostRoot, path: str, value: str | int) -> None:
         os.write(fd, str(value).encode())
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise DamonBusyError(full, "busy (a kdamond is running)", key=str(value)) from None
-        raise DamonError(full, f"kernel refused {value!r}: {e.strerror}", key=str(value)) from None
+            raise DamonBusyError(full, "busy (a kdamond is running)", key=key) from None
+        raise DamonError(full, f"kernel refused {shown}: {e.strerror}", key=key) from None
     finally:
         os.close(fd)
 
@@ -179,8 +182,8 @@ class Kdamond:
         _write(self.root, f"{targets}/nr_targets", 1)
         _write(self.root, f"{targets}/0/regions/nr_regions", len(ranges))
         for i, (start, end) in enumerate(ranges):
-            _write(self.root, f"{targets}/0/regions/{i}/start", start)
-            _write(self.root, f"{targets}/0/regions/{i}/end", end)
+            _write(self.root, f"{targets}/0/regions/{i}/start", start, secret=True)
+            _write(self.root, f"{targets}/0/regions/{i}/end", end, secret=True)
 
     def _write_stat_scheme(self) -> None:
         _write(self.root, f"{self.ctx}/schemes/nr_schemes", 1)

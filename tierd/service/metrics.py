@@ -18,6 +18,7 @@ import errno
 import http.client
 import io
 import ipaddress
+import logging
 import platform
 import socket
 import threading
@@ -40,10 +41,12 @@ from prometheus_client.registry import Collector
 from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
+from tierd.kernel import capabilities
 from tierd.service import status
 from tierd.state import DURATION_BUCKETS, DaemonState, Direction, Health, MoveKey, StateSnapshot
 
 MOVE_LABELS = ["source_node", "target_node"]
+log = logging.getLogger(__name__)
 
 
 class TierdCollector(Collector):
@@ -419,8 +422,15 @@ class MetricsServer:
         except OSError as e:
             raise TierdError(f"metrics: cannot listen on {address} port {port}:"
                              f" {e.strerror or e}") from None
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="tierd-metrics", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="tierd-metrics", daemon=True)
+
+    def _serve(self) -> None:
+        # The parser of whatever any local user sends runs with no capability.
+        try:
+            capabilities.drop_all()
+        except OSError as e:
+            log.warning("metrics: could not drop capabilities: %s", e)
+        self._server.serve_forever()
 
     @property
     def port(self) -> int:
