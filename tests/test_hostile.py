@@ -6,12 +6,14 @@ files, recording, simulate, and the smaller ones) on the host.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import http.server
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,11 +31,15 @@ import numpy as np
 import pytest
 
 from tierd import cli
+from tierd.collectors.damon import DamonCollector
 from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
 from tierd.config import Config, ReloadStatus, parse
 from tierd.daemon import Daemon, Evidence, IntervalSummary
 from tierd.heat import HeatModel
+from tierd.kernel import damon_sysfs
+from tierd.kernel.root import HostRoot
 from tierd.policy import NodeFacts, Plan
+from tierd.probe import State
 from tierd.service import metrics
 from tierd.service.metrics import MetricsServer
 from tierd.service.signals import Signals
@@ -679,7 +685,6 @@ def test_damon_enabled_false_means_no_damon_even_without_other_collectors(
 
 def test_a_refused_damon_region_write_does_not_show_the_address(tmp_path: Path) -> None:
     from tierd.kernel.damon_sysfs import DamonError, _write
-    from tierd.kernel.root import HostRoot
     (tmp_path / "start").symlink_to("/dev/full")  # the write fails with ENOSPC
     with pytest.raises(DamonError) as refused:
         _write(HostRoot(tmp_path), "/start", 0x1_2345_6000, secret=True)
@@ -749,3 +754,131 @@ def test_tierd_status_passes_no_terminal_escape_through(
             assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
     finally:
         srv.stop()
+
+
+# --- 5. a kdamond left running by a killed tierd ----------------------------------------------
+
+DAMON_FIXTURES = Path(__file__).parent / "fixtures" / "damon"
+RANGES = [(0x100, 1 << 18), (1 << 18, 1 << 19)]
+
+
+def _damon_tree(tmp_path: Path, name: str) -> HostRoot:
+    shutil.copytree(DAMON_FIXTURES / name, tmp_path / name)
+    return HostRoot(tmp_path / name)
+
+
+def _kdamond(root: HostRoot, leaf: str) -> Path:
+    return root(f"{damon_sysfs.KDAMONDS}/0/{leaf}")
+
+
+def test_a_restarted_tierd_stops_the_kdamond_a_killed_one_left(tmp_path: Path) -> None:
+    root = _damon_tree(tmp_path, "two-nodes")
+    killed = DamonCollector(RANGES, root=root)
+    _kdamond(root, "pid").write_text("4242\n")  # what the kernel shows once it is on
+    assert killed.start()
+    atexit.unregister(killed.stop)  # SIGKILL: no stop, no atexit
+    assert root(damon_sysfs.LEDGER).read_text() == "4242\n"
+    assert damon_sysfs.availability(root) is not None  # busy, as the issue found it
+    restarted = DamonCollector(RANGES, root=root)
+    assert restarted.start(), restarted.health.reason
+    assert restarted.health.state is State.OK
+    restarted.stop()
+    assert not root(damon_sysfs.LEDGER).exists()
+
+
+def test_someone_elses_kdamond_is_not_reclaimed(tmp_path: Path) -> None:
+    root = _damon_tree(tmp_path, "busy")
+    root(damon_sysfs.LEDGER).parent.mkdir(parents=True)
+    root(damon_sysfs.LEDGER).write_text("4242\n")  # tierd's noted pid; this one is 77
+    collector = DamonCollector(RANGES, root=root)
+    assert not collector.start() and "busy" in collector.health.reason
+    assert _kdamond(root, "state").read_text().strip() == "on"
+
+
+# --- 4. long work feeds the watchdog and stops at a SIGTERM (host side; the lab test is in
+# test_systemd.py) --------------------------------------------------------------------------
+
+
+def test_a_paced_scan_checks_in_between_chunks_and_a_stop_ends_it(tmp_path: Path) -> None:
+    from test_idle import LRU_ANON, FakeKernel
+
+    from tierd.errors import Interrupted
+    k = FakeKernel(tmp_path)
+    k.set_flags(200, 300, LRU_ANON)
+    k.set_flags(2048, 2100, LRU_ANON)
+    beats = []
+    stop_after = 3
+
+    def checkpoint() -> None:
+        beats.append(1)
+        if len(beats) >= stop_after:
+            raise Interrupted("stopping")
+
+    c = k.collector(chunk_pfns=512, checkpoint=checkpoint)
+    with pytest.raises(Interrupted):
+        c.mark()  # a full scan: many chunks, each checked in
+    assert len(beats) == stop_after
+
+
+def test_the_daemons_pacing_sleep_feeds_the_watchdog_and_ends_at_a_stop() -> None:
+    from tierd.errors import Interrupted
+    daemon = Daemon(Config())
+    beats: list[float] = []
+    daemon.heartbeat = lambda: beats.append(time.monotonic())
+    daemon._pause(2.5)
+    assert len(beats) >= 2  # about one a second, however long the sleep
+    threading.Timer(0.5, daemon.stop_event.set).start()
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        daemon._pause(3600)
+    assert time.monotonic() - started < 60
+
+
+def test_keepalive_extends_the_start_then_feeds_the_watchdog(tmp_path: Path) -> None:
+    from tierd.service.systemd import Notifier
+    sent: list[str] = []
+    notifier = Notifier(lambda m: sent.append(m) or True, {"WATCHDOG_USEC": "8000000"})
+    assert notifier.keepalive() and sent[-1].startswith("EXTEND_TIMEOUT_USEC=")
+    assert not notifier.keepalive()  # throttled: at most one per few seconds
+    notifier.ready("up")
+    notifier._last_keepalive -= 10
+    assert notifier.keepalive() and sent[-1] == "WATCHDOG=1"
+
+
+@pytest.mark.vm(kernels=["stock"])
+def test_a_restarted_tierd_reclaims_the_kdamond_a_sigkilled_one_left(tmp_path: Path) -> None:
+    """On the stock kernel DAMON is the only collector: a restart must not come back blind."""
+    config = tmp_path / "tierd.yaml"
+    config.write_text("interval: 1\nmetrics: {enabled: false}\ncollectors: {idle: "
+                      "{enabled: false}, perf: {enabled: false}, damon: {enabled: true,"
+                      " operations: paddr}}\n")
+
+    def start(log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as err:
+            process = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--dry-run",
+                                        "--config", str(config)], stderr=err)
+        deadline = time.monotonic() + 300
+        while "interval 1:" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        return process
+
+    first = start(tmp_path / "first.log")
+    try:
+        running = damon_sysfs.running_kdamonds()
+        assert running, (tmp_path / "first.log").read_text()
+        left = [damon_sysfs.pid_of(index=i) for i in running]
+        first.kill()
+        first.wait()
+        assert damon_sysfs.running_kdamonds() == running  # what the issue found
+        second = start(tmp_path / "second.log")
+        text = (tmp_path / "second.log").read_text()
+        assert "busy" not in text and "stopped 1 kdamond(s) a previous tierd left" in text
+        now = [damon_sysfs.pid_of(index=i) for i in damon_sysfs.running_kdamonds()]
+        assert now and not set(now) & set(left)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(120) == 0
+        assert damon_sysfs.running_kdamonds() == []
+    finally:
+        if damon_sysfs.running_kdamonds():
+            damon_sysfs.Kdamond().release()

@@ -302,9 +302,12 @@ class Daemon:
             raise Interrupted("stopping")
 
     def _pause(self, seconds: float) -> None:
-        """A pacing sleep that a stop cuts short."""
-        if self.stop_event.wait(seconds):
-            raise Interrupted("stopping")
+        """A pacing sleep that a stop cuts short, feeding the watchdog meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.stop_event.wait(min(left, 1.0)):
+                raise Interrupted("stopping")
+            self.heartbeat()
 
     # --- reload -------------------------------------------------------------------------
 
