@@ -13,6 +13,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ from tierd.config import Config, ReloadStatus, parse
 from tierd.daemon import Daemon, Evidence, IntervalSummary
 from tierd.heat import HeatModel
 from tierd.kernel import damon_sysfs
+from tierd.kernel.pagemap import PAGE_SIZE
 from tierd.kernel.root import HostRoot
 from tierd.policy import NodeFacts, Plan
 from tierd.probe import State
@@ -882,3 +884,48 @@ def test_a_restarted_tierd_reclaims_the_kdamond_a_sigkilled_one_left(tmp_path: P
     finally:
         if damon_sysfs.running_kdamonds():
             damon_sysfs.Kdamond().release()
+
+
+# --- 8. no physical address in metrics, status or the default log (a lab run) ---------------
+
+HEX = re.compile(r"0x[0-9a-fA-F]{5,}")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+@pytest.mark.vm
+def test_no_physical_address_in_metrics_status_or_log(tmp_path: Path) -> None:
+    from tierd.collectors.topology import read_topology
+    port = _free_port()
+    config = tmp_path / "tierd.yaml"
+    config.write_text(f"interval: 1\nmetrics: {{port: {port}}}\n"
+                      "collectors: {idle: {interval: 2}}\n")
+    log = tmp_path / "log"
+    with log.open("wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--config",
+                                    str(config)], stderr=err, stdout=subprocess.DEVNULL)
+    running = Running(process, log, port, config)
+    try:
+        running.wait_for("interval 6:", timeout=600)
+        labels = [line.split("{", 1)[1].rsplit("}", 1)[0]
+                  for line in running.scrape().decode().splitlines()
+                  if "{" in line and not line.startswith("#")]
+        status = list(_strings(json.loads(running.scrape("/status.json"))))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(120)
+    texts = [*labels, *status, *log.read_text().splitlines()]
+    boundaries = {b for start, end, _ in read_topology().pfn_ranges(None) for b in (start, end)}
+    secrets = {str(n) for b in boundaries if b > 1 << 16 for n in (b, b * PAGE_SIZE)}
+    leaks = [t for t in texts if HEX.search(t) or set(re.findall(r"\d+", t)) & secrets]
+    assert not leaks, leaks[:5]
