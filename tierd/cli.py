@@ -56,3 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     except TierdError as e:
         print(f"tierd: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # what no interval boundary can absorb (start-up, a full fd table)
+        print(f"tierd: {e}", file=sys.stderr)
+        return 1

@@ -67,7 +67,8 @@ class TraceWriter:
     `path` and renamed onto it: a symlink or another user's file at `path` is
     replaced, never followed or reused. After each interval the zip's central
     directory is rewritten, so a killed daemon leaves a trace readable up to
-    its last complete interval.
+    its last complete interval (unless killed inside the write of the next,
+    which overwrites the directory: a window of the write's length).
     """
 
     def __init__(self, path: Path | str) -> None:
