@@ -7,7 +7,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST    ?= $(PY) -m pytest
 
-.PHONY: all deps venv kernels test test-unit lint docs demo bench clean
+.PHONY: all deps venv kernels test test-unit lint docs demo bench soak clean
 
 all: test
 
@@ -50,6 +50,12 @@ demo: venv kernels
 
 bench: venv kernels
 	$(PY) benchmarks/run.py
+
+# The movers' soak at full length: 1000 round trips of 256 MiB per mover and
+# THP setting (hours under TCG; `make test` runs two of each). Figures:
+# docs/benchmarks.md.
+soak: venv kernels
+	TIERD_SOAK_ROUND_TRIPS=1000 nice $(PYTEST) -s tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

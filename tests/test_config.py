@@ -44,7 +44,7 @@ def test_shipped_files_are_valid(path: Path, tmp_path: Path,
 
 def test_examples_differ_from_defaults_where_they_say() -> None:
     dry = config.load(REPO / "config" / "examples" / "dry-run.yaml")
-    assert dry.dry_run and dry.collectors.damon.enabled
+    assert dry.dry_run and dry.collectors.damon.enabled is True
     two = config.load(REPO / "config" / "examples" / "two-sockets-two-cxl.yaml")
     assert two.collectors.idle.nodes == (0, 1, 2, 3)
     assert two.kernel_tiering == "refuse"
@@ -108,8 +108,10 @@ BAD_CONFIGS: list[tuple[str, str | bytes, str, int | None]] = [
      "collectors.idle.enable: unknown key", 3),
     ("unknown collector", "collectors:\n  ebpf: {}\n", "collectors.ebpf: unknown key", 2),
     ("unknown split key", "policy: {budget_split: {keep: 1}}", "budget_split.keep", 1),
-    ("integer key", "1: 2\n", "1: unknown key", 1),
-    ("boolean key", "metrics:\n  yes: 1\n", "metrics.True: unknown key", 2),
+    ("integer key", "1: 2\n", "1: keys are names, got integer 1", 1),
+    ("integer and name keys", "1: 2\nfoo: 3\n", "1: keys are names, got integer 1", 1),
+    ("boolean key", "policy: {true: 1}\n", "policy: keys are names, got boolean True", 1),
+    ("yes as key", "metrics:\n  yes: 1\n", "metrics: keys are names, got boolean True", 2),
     # wrong types
     ("interval string", "interval: fast\n", "interval: expected a number", 1),
     ("interval bool", "interval: true\n", "interval: expected a number", 1),
@@ -217,7 +219,7 @@ BAD_CONFIGS: list[tuple[str, str | bytes, str, int | None]] = [
     ("bad indentation", "policy:\n  hot_threshold: 5\n bad: 1\n", "not valid YAML", 3),
     ("tab indentation", "policy:\n\thot_threshold: 5\n", "policy: not valid YAML", 2),
     ("two documents", "interval: 5\n---\ninterval: 6\n", "not valid YAML", 2),
-    ("unhashable key", "? [a, b]\n: 1\n", "not valid YAML", 1),
+    ("unhashable key", "? [a, b]\n: 1\n", "keys are names, got a list or mapping", 1),
     ("deep nesting", "policy: " + "[" * 200 + "]" * 200 + "\n", "nested too deeply", 1),
     ("invalid utf-8", b"interval: 5\n# caf\xe9\n", "not valid UTF-8", None),
     ("utf-16 without bom", "interval: 5\n".encode("utf-16-le"), "not valid UTF-8", None),

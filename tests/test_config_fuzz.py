@@ -126,7 +126,9 @@ def wrong_type_for(default: Any) -> st.SearchStrategy[Any]:
 @st.composite
 def wrongly_typed_config(draw: st.DrawFn) -> tuple[tuple[str, ...], bytes]:
     path, default = draw(st.sampled_from(LEAVES))
-    value = draw(wrong_type_for(default))
+    # collectors.damon.enabled takes true, false or auto: no boolean is wrong there.
+    value = draw(wrong_type_for(default).filter(
+        lambda v: not (path[-2:] == ("damon", "enabled") and isinstance(v, bool))))
     return path, yaml.safe_dump(with_leaf(path, value)).encode()
 
 
@@ -153,3 +155,54 @@ def test_unknown_key_anywhere_is_named(leaf: tuple[tuple[str, ...], Any], extra:
     result = outcome(yaml.safe_dump(tree).encode())
     assert isinstance(result, config.ConfigError)
     assert (*parent, extra) in [p.path for p in result.problems]
+
+
+# --- hostile shapes: non-string keys, deep nesting, long lists ----------------------------
+
+# Per case: a refusal (or a config) in bounded time and memory, however the file is built.
+# The bounds are an order of magnitude above what a linear parse of 64 KiB needs and far
+# below what the quadratic and re-parsing paths took (tens of seconds, hundreds of MB).
+CASE_SECONDS = 10.0
+CASE_BYTES = 64 << 20
+
+keys = st.one_of(st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False),
+                 st.text(max_size=8), st.sampled_from([k[-1] for k, _ in LEAVES]))
+list_items = st.one_of(st.integers(), st.text(max_size=6))
+
+
+@st.composite
+def hostile_yaml(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["keys", "flow_depth", "block_depth", "list", "mixed"]))
+    if kind == "keys":
+        tree = draw(st.dictionaries(keys, st.integers() | st.text(max_size=4), max_size=40))
+        return yaml.safe_dump(tree).encode()
+    if kind == "flow_depth":
+        depth = draw(st.integers(0, 30_000))
+        return (draw(st.sampled_from(["", "policy: ", "exclusions: {pids: "])) + "[" * depth
+                + "]" * draw(st.integers(0, depth))).encode()
+    if kind == "block_depth":
+        depth = draw(st.integers(0, 200))
+        return "".join(" " * i + f"k{i}:\n" for i in range(depth)).encode()
+    items = draw(st.lists(list_items, max_size=50)) * draw(st.integers(1, 800))
+    if kind == "mixed":
+        return ("exclusions:\n  comms: " + yaml.safe_dump(items, default_flow_style=True)).encode()
+    return yaml.safe_dump({"exclusions": {"pids": items}}).encode()
+
+
+@settings(deadline=None, max_examples=60)
+@given(hostile_yaml())
+def test_hostile_shapes_are_refused_in_bounded_time_and_memory(data: bytes) -> None:
+    import time
+    import tracemalloc
+    tracemalloc.start()
+    started = time.process_time()
+    try:
+        result = outcome(data)
+        seconds = time.process_time() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, config.Config | config.ConfigError)
+    assert seconds < CASE_SECONDS and peak < CASE_BYTES, (len(data), seconds, peak)
+    if isinstance(result, config.ConfigError):
+        assert len(str(result)) <= (config.MAX_PROBLEMS_SHOWN + 1) * (config.MAX_LINE_CHARS + 1)

@@ -446,7 +446,7 @@ def test_a_full_scan_finds_mapped_pages_and_leaves_unmapped_page_cache_alone(
     assert (_ages(scans, [*range(2600, 2610), *range(2700, 2710)]) == 1).all()
 
 
-def test_a_write_error_degrades_and_names_file_and_offset(tmp_path: Path) -> None:
+def test_a_write_error_degrades_and_names_file_not_offset(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
     k.set_flags(200, 300, LRU_ANON)
     k.set_flags(2048, 2100, LRU_ANON)
@@ -456,8 +456,9 @@ def test_a_write_error_degrades_and_names_file_and_offset(tmp_path: Path) -> Non
     c.mark()
     scans = c.collect()
     assert c.health.state is State.DEGRADED
-    assert "page_idle/bitmap: offset 0x8: No space left on device" in c.health.reason
-    assert "offset 0x100: No space left on device" in c.health.reason  # node 1, too
+    assert "page_idle/bitmap: No space left on device; node 0" in c.health.reason
+    assert "No space left on device; node 1" in c.health.reason  # node 1, too
+    assert "0x" not in c.health.reason  # offsets say where memory lies: debug log only
     assert (_ages(scans, range(2048, 2100)) == UNTRACKED).all()  # never marked: unknown
     assert c.full_scan  # the next scan looks everywhere again
 
@@ -472,7 +473,7 @@ def test_a_bitmap_that_ends_mid_scan_degrades_and_leaves_the_rest_untracked(
         f.truncate(2560 // 8)  # the kernel's memory now ends at PFN 2560
     scans = c.collect()
     assert c.health.state is State.DEGRADED
-    assert "offset 0x140: bitmap ends inside node 1" in c.health.reason
+    assert "bitmap: bitmap ends inside node 1" in c.health.reason and "0x" not in c.health.reason
     assert (_ages(scans, range(2048, 2560)) == 1).all()
     assert (_ages(scans, range(2560, 3072)) == UNTRACKED).all()
     assert not c.full_scan  # no page past the kernel's end: no reason to look everywhere
@@ -526,8 +527,8 @@ def test_a_range_past_the_bitmap_by_more_degrades(
     scans = c.scan(1.0)
     end = max_pfn // PFNS_PER_WORD * PFNS_PER_WORD
     assert c.health.state is State.DEGRADED
-    assert (f"page_idle/bitmap: offset {end // 8:#x}: past the kernel's last PFN; "
-            "node 1 partly untracked") in c.health.reason
+    assert ("page_idle/bitmap: past the kernel's last PFN; "
+            "node 1 partly untracked") in c.health.reason and "0x" not in c.health.reason
     assert (_ages(scans, range(2048, 2100)) == 1).all()
     assert (_ages(scans, range(end, 3072)) == UNTRACKED).all()
     c.scan(1.0)
@@ -545,7 +546,7 @@ def test_a_kpageflags_read_error_degrades_that_range_only(tmp_path: Path) -> Non
     c.flags_file.close()
     scans = c.scan(1.0)
     assert c.health.state is State.DEGRADED
-    assert "kpageflags: offset 0x320: Is a directory; node 0" in c.health.reason
+    assert "kpageflags: Is a directory; node 0" in c.health.reason
     assert (_ages(scans, range(200, 300)) == UNTRACKED).all()
     assert c.full_scan  # the next scan looks everywhere again
 

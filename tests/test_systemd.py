@@ -526,3 +526,40 @@ def test_config_error_at_start_fails_at_once_without_a_restart_loop(installed: P
     sh("systemctl", "start", "tierd")
     assert unit("ActiveState") == "active"
     sh("systemctl", "stop", "tierd")
+
+
+LONG_SCAN_DROP_IN = Path("/run/systemd/system/tierd.service.d/lab-long-scan.conf")
+
+
+@in_systemd_guest
+def test_a_long_scan_feeds_the_watchdog_and_a_stop_cuts_it_short(installed: Path) -> None:
+    """A full idle scan paced to a minute, against a 20 s start timeout and a 10 s
+    watchdog and stop timeout: start-up extends its timeout, the scan feeds the
+    watchdog between chunks, and SIGTERM ends it within the stop timeout."""
+    good = CONFIG.read_text()
+    pages = int(Path("/proc/meminfo").read_text().split()[1]) * 1024 // os.sysconf("SC_PAGESIZE")
+    rate = max(1000, pages // 60)
+    paced, replaced = re.subn(r"pfns_per_second: \d+", f"pfns_per_second: {rate}", good, count=1)
+    assert replaced == 1
+    sh("systemctl", "stop", "tierd")
+    sh("systemctl", "reset-failed", "tierd", check=False)
+    LONG_SCAN_DROP_IN.parent.mkdir(parents=True, exist_ok=True)
+    LONG_SCAN_DROP_IN.write_text("[Service]\nTimeoutStartSec=20s\nWatchdogSec=10s\n"
+                                 "TimeoutStopSec=10s\nRestart=no\n")
+    CONFIG.write_text(paced)
+    try:
+        sh("systemctl", "daemon-reload")
+        cursor = journal_cursor()
+        started = sh("systemctl", "start", "tierd", check=False)
+        assert started.returncode == 0, journal_since(cursor)
+        pid = unit("MainPID")
+        time.sleep(30)  # steady scans, each longer than the watchdog
+        assert unit("ActiveState") == "active" and unit("MainPID") == pid, journal_since(cursor)
+        assert "Watchdog timeout" not in journal_since(cursor)
+        sh("systemctl", "stop", "tierd")
+        assert unit("Result") == "success", journal_since(cursor)  # "timeout" if SIGKILLed
+    finally:
+        CONFIG.write_text(good)
+        LONG_SCAN_DROP_IN.unlink()
+        sh("systemctl", "daemon-reload")
+        sh("systemctl", "reset-failed", "tierd", check=False)

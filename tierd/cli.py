@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from tierd import __version__
@@ -74,6 +75,9 @@ CLI_REFERENCE_HEADER = """# Command-line reference
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before numpy loads: OpenBLAS's thread pool would start with every capability and
+    # keep them after `tierd run` drops its own; tierd does no BLAS work.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -87,5 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.run(args)
         return code
     except TierdError as e:
+        print(f"tierd: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # what no interval boundary can absorb (start-up, a full fd table)
         print(f"tierd: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ The tree (every key is optional; defaults below; durations in seconds):
         events: []                 # perf event names; [] = the best the CPU offers
         sample_period: 10007       # events per sample
       damon:                       # DAMON access monitoring
-        enabled: false
+        enabled: auto              # auto (when nothing else is usable) | true | false
         operations: vaddr          # vaddr (largest processes) | paddr (physical ranges)
         sampling_interval: 0.005
         aggregation_interval: 0.1
@@ -60,6 +60,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -74,8 +76,13 @@ from tierd.config_schema import SCHEMA
 from tierd.errors import TierdError
 
 DEFAULT_PATH = Path("/etc/tierd/tierd.yaml")
-MAX_FILE_BYTES = 1 << 20  # a config is a few KiB; refuse anything that could be a mistake
+# Limits checked before any parsing, so every file is refused in time linear in its size.
+MAX_FILE_BYTES = 64 << 10  # a config is a few KiB; refuse anything that could be a mistake
 MAX_DEPTH = 32  # the tree is 4 deep; deeper nesting is hostile or broken
+MAX_LIST_ITEMS = 1024  # as the schema says; its uniqueness check is quadratic
+# The error message is logged and served on the status page: it stays short.
+MAX_PROBLEMS_SHOWN = 20
+MAX_LINE_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ class PerfCollectorConfig:
 
 @dataclass(frozen=True)
 class DamonCollectorConfig:
-    enabled: bool = False
+    enabled: bool | str = "auto"  # auto: only when no other collector is usable
     operations: str = "vaddr"
     sampling_interval: float = 0.005
     aggregation_interval: float = 0.1
@@ -183,7 +190,15 @@ class ConfigError(TierdError):
     def __init__(self, file: Path | str, problems: list[Problem]) -> None:
         self.file = Path(file)
         self.problems = problems
-        super().__init__("\n".join(p.render(file) for p in problems))
+        lines = [_clip(p.render(file), MAX_LINE_CHARS) for p in problems[:MAX_PROBLEMS_SHOWN]]
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            lines.append(f"{_clip(str(file), MAX_LINE_CHARS)}: "
+                         f"and {len(problems) - MAX_PROBLEMS_SHOWN} more problems")
+        super().__init__("\n".join(lines))
+
+
+def _clip(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[:chars - 3] + "..."
 
 
 def dotted(path: KeyPath) -> str:
@@ -198,9 +213,10 @@ def dotted(path: KeyPath) -> str:
 
 
 class _YamlProblem(Exception):
-    def __init__(self, reason: str, mark: yaml.Mark | None) -> None:
+    def __init__(self, reason: str, mark: yaml.Mark | None, path: KeyPath = ()) -> None:
         self.reason = reason
         self.mark = mark
+        self.path = path  # where it is, when known better than by the mark
         super().__init__(reason)
 
 
@@ -279,8 +295,12 @@ class _Document:
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for key_node, value_node in node.value:
-                key = str(loader.construct_object(key_node)) if isinstance(
-                    key_node, yaml.ScalarNode) else repr(key_node.value)
+                key = loader.construct_object(key_node) if isinstance(
+                    key_node, yaml.ScalarNode) else None
+                if not isinstance(key, str):
+                    what = _describe(key) if key is not None else "a list or mapping"
+                    raise _YamlProblem(f"keys are names, got {what}: quote it or remove it",
+                                       key_node.start_mark, path)
                 if key in seen:
                     raise _YamlProblem(f"duplicate key {dotted((*path, key))!r}",
                                        key_node.start_mark)
@@ -288,6 +308,9 @@ class _Document:
                 self.lines[(*path, key)] = key_node.start_mark.line + 1
                 self._index(loader, value_node, (*path, key))
         elif isinstance(node, yaml.SequenceNode):
+            if len(node.value) > MAX_LIST_ITEMS:
+                raise _YamlProblem(f"a list of {len(node.value)} items; at most "
+                                   f"{MAX_LIST_ITEMS} are allowed", node.start_mark, path)
             for i, item in enumerate(node.value):
                 self._index(loader, item, (*path, i))
 
@@ -460,13 +483,14 @@ def _parse_yaml(data: bytes, file: Path | str) -> _Document:
         reason = f"not valid UTF-8 or UTF-16 text at byte {e.position}: {e.reason}"
         raise ConfigError(file, [Problem((), reason, None)]) from None
     except (_YamlProblem, yaml.YAMLError) as e:
+        known: KeyPath = ()
         if isinstance(e, _YamlProblem):
-            mark, reason = e.mark, e.reason
+            mark, reason, known = e.mark, e.reason, e.path
         else:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             words = [str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None))]
             reason = "not valid YAML: " + " ".join(w for w in words if w != "None")
-        path = doc.path_at(mark) or _open_path(data)
+        path = known or doc.path_at(mark) or _open_path(data)
         raise ConfigError(file, [Problem(path, reason, mark.line + 1 if mark else None)]) from None
 
 
@@ -481,6 +505,8 @@ def _open_path(data: bytes) -> KeyPath:
     try:
         for event in yaml.parse(data, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+                if len(stack) >= MAX_DEPTH:
+                    break  # the parser slows with depth; the error is at a key already open
                 _value_seen(stack, None)
                 stack.append([isinstance(event, yaml.MappingStartEvent), -1, True])
             elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
@@ -511,11 +537,25 @@ def load(path: Path | str) -> Config:
     """Read and validate the config file at `path`."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        data = _read_regular(path)
     except OSError as e:
         raise ConfigError(path, [Problem((), f"cannot read: {e.strerror or e}", None)]) from None
+    except ValueError as e:
+        raise ConfigError(path, [Problem((), str(e), None)]) from None
     return parse(data, path)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The file's bytes; ValueError for a FIFO, device or directory, or an oversized file."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+        return f.read(MAX_FILE_BYTES + 1)
 
 
 # --- the running config -----------------------------------------------------------

@@ -76,7 +76,10 @@ SCHEMA: dict[str, Any] = {
             damon=_obj(
                 "DAMON access monitoring; used on its own when neither the idle bitmap nor"
                 " a memory-sampling PMU is available.",
-                enabled=_bool("Run DAMON even when another collector is available."),
+                enabled={"type": ["boolean", "string"], "enum": [True, False, "auto"],
+                         "description": "`auto`: DAMON only when neither the idle bitmap nor"
+                                        " a memory-sampling PMU is usable; `true`: also"
+                                        " beside them; `false`: never."},
                 operations=_enum("`vaddr`: the 8 largest processes (one kdamond each), their"
                                  " regions translated to PFNs through pagemap: hot and cold"
                                  " data stay apart in virtual memory however pages move."
@@ -200,6 +203,8 @@ def _rows(schema: dict[str, Any], defaults: dict[str, Any], prefix: str) -> list
 
 
 def _type_name(schema: dict[str, Any]) -> str:
+    if isinstance(schema["type"], list):
+        return " or ".join(schema["type"])
     if schema["type"] == "array":
         return f"list of {schema['items']['type']}"
     return str(schema["type"])
@@ -207,7 +212,7 @@ def _type_name(schema: dict[str, Any]) -> str:
 
 def _allowed(schema: dict[str, Any]) -> str:
     if "enum" in schema:
-        return ", ".join(f"`{v}`" for v in schema["enum"])
+        return ", ".join(f"`{_yaml_value(v)}`" for v in schema["enum"])
     if schema["type"] == "array":
         return _allowed(schema["items"]) or "any"
     bounds = [f"{sign} {schema[word]}" for word, sign in _BOUND_SIGNS if word in schema]

@@ -36,7 +36,7 @@ from tierd.collectors.evidence import Evidence
 from tierd.collectors.processes import ProcessFilter
 from tierd.collectors.topology import Topology, node_facts, read_topology
 from tierd.config import Config
-from tierd.errors import KernelFileError
+from tierd.errors import Interrupted, KernelFileError
 from tierd.heat import HEAT_SCALE, HeatModel
 from tierd.kernel.kernel_tiering import read_kernel_tiering
 from tierd.kernel.root import HOST, HostRoot
@@ -47,7 +47,7 @@ from tierd.movers.dry_run import WouldMoveLedger
 from tierd.pipeline import Pipeline, Settings, build_pipeline
 from tierd.policy import Plan
 from tierd.telemetry import DaemonState, NodeUsage
-from tierd.trace import IntervalRecord, TraceWriter
+from tierd.trace import IntervalRecord, TraceError, TraceWriter
 from tierd.vocabulary import PAGE_SIZE, Batch, Direction, NodeFacts
 
 __all__ = ["Daemon", "IntervalSummary", "Settings", "describe", "node_facts"]
@@ -59,7 +59,8 @@ HEAT_STRIP_BINS = 64
 # pages may have been unlocked, freed or their owner may have exited.
 UNPIN_EVERY_INTERVALS = 30
 
-Builder = Callable[[Config, HostRoot], Pipeline]
+# (config, root, pause, checkpoint): tierd.pipeline.build_pipeline, or a test's own.
+Builder = Callable[[Config, HostRoot, Callable[[float], None], Callable[[], None]], Pipeline]
 
 
 @dataclass
@@ -88,12 +89,16 @@ class Daemon:
         self.state = state or DaemonState(page_size=PAGE_SIZE)
         self.state.dry_run = self.settings.dry_run
         self.stop_event = threading.Event()
+        # Called between chunks of long work (scans, move batches): `tierd run` feeds
+        # systemd's watchdog with it.
+        self.heartbeat: Callable[[], None] = lambda: None
+        self._stage_name = "start"
         self._pending: Config | None = None
         self._reload_lock = threading.Lock()
         self._record_path = record
         self._build = build
         self._resources = ExitStack()  # the pipeline and the trace: closed by close()
-        self._trace_write: Callable[[IntervalRecord], None] = lambda record: None
+        self._trace: TraceWriter | None = None
         self._memcg_inodes: frozenset[int] = frozenset()
         self._excluded_pfns = np.zeros(0, dtype=np.uint64)
         self._keep_free: dict[int, int] = {}  # node -> pages the policy keeps free
@@ -110,7 +115,7 @@ class Daemon:
         tiering = read_kernel_tiering(self.root)
         self.state.kernel_tiering = safety.check_kernel_tiering(tiering,
                                                                 self.settings.kernel_tiering)
-        self.pipeline = self._build(self.config, self.root)
+        self.pipeline = self._build(self.config, self.root, self._pause, self.checkpoint)
         self._resources.callback(self.pipeline.close)
         self.topology = self.pipeline.topology
         self._process_filter = self.pipeline.process_filter
@@ -121,9 +126,11 @@ class Daemon:
         self.state.mover = self.pipeline.mover.name
         self._memcg_inodes = safety.excluded_memcg_inodes(self.settings.exclusions, self.root)
         if self._record_path:
-            writer = TraceWriter(self._record_path)
-            self._resources.callback(writer.close)
-            self._trace_write = writer.write
+            try:
+                self._trace = TraceWriter(self._record_path)
+            except TraceError as e:
+                self._stop_recording(e)
+            self._resources.callback(self._close_trace)
         facts = node_facts(self.topology)
         log.info("tierd started: %d nodes in %d tiers, mover %s, %s, interval %.1fs, "
                  "budget %.0f MB/s", len(facts), len({f.tier for f in facts}), self.state.mover,
@@ -132,6 +139,20 @@ class Daemon:
 
     def close(self) -> None:
         self._resources.close()
+
+    def checkpoint(self) -> None:
+        """Between chunks of long work: feed the watchdog; raise Interrupted when stopping."""
+        self.heartbeat()
+        if self.stop_event.is_set():
+            raise Interrupted("stopping")
+
+    def _pause(self, seconds: float) -> None:
+        """A pacing sleep that a stop cuts short, feeding the watchdog meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.stop_event.wait(min(left, 1.0)):
+                raise Interrupted("stopping")
+            self.heartbeat()
 
     # --- reload -------------------------------------------------------------------------
 
@@ -173,24 +194,41 @@ class Daemon:
         # move) counts against the wait, or every interval would stretch by it.
         while not wait(max(0.0, self.settings.interval - took)):
             started = time.monotonic()
-            summary = self.step()
+            try:
+                summary = self.step()
+            except Interrupted:
+                break
+            except Exception as e:  # the interval's error boundary: the next one runs
+                summary = self._failed(e)
             took = time.monotonic() - started
             if on_interval is not None:
                 on_interval(summary)
             if once:
                 break
 
+    def _failed(self, error: Exception) -> IntervalSummary:
+        """Log and count an interval cut short; health shows it until one completes."""
+        message = " ".join(f"{type(error).__name__}: {error}".split())
+        self.state.record_stage_failure(self._stage_name, message)
+        log.error("interval failed in stage %s, the next one will run: %s", self._stage_name,
+                  message[:500])
+        log.debug("interval failure", exc_info=error)
+        return IntervalSummary()
+
     @contextmanager
-    def _stage(self, name: str) -> Iterator[None]:
+    def _stage(self, name: str, timed: bool = True) -> Iterator[None]:
+        self._stage_name = name
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.state.record_duration(name, time.perf_counter() - started)
+            if timed:
+                self.state.record_duration(name, time.perf_counter() - started)
 
     def step(self) -> IntervalSummary:
         """One interval: collect, heat, rmap, policy, move, publish."""
-        self._apply_pending()
+        with self._stage("reload", timed=False):
+            self._apply_pending()
         if self.state.intervals % UNPIN_EVERY_INTERVALS == UNPIN_EVERY_INTERVALS - 1:
             self.heat.unpin_all()
         with self._stage("collect"):
@@ -203,10 +241,12 @@ class Daemon:
         facts = node_facts(self.topology)
         with self._stage("policy"):
             plan = self.decide(facts)
-        self._record(facts, evidence)
+        with self._stage("record", timed=False):
+            self._record(facts, evidence)
         with self._stage("move"):
             summary = self.move(plan)
-        self.publish(facts, summary)
+        with self._stage("publish", timed=False):
+            self.publish(facts, summary)
         return summary
 
     def collect(self) -> Evidence:
@@ -258,6 +298,7 @@ class Daemon:
         # then: a failed demotion the node did not need costs no promotion.
         room: dict[int, int] | None = None
         for index, batch in enumerate(plan.batches):
+            self.heartbeat()
             if self.stop_event.is_set():
                 log.info("stopping: %d batches of this interval not started",
                          len(plan.batches) - index)
@@ -332,10 +373,27 @@ class Daemon:
     # --- outputs ----------------------------------------------------------------------
 
     def _record(self, facts: list[NodeFacts], evidence: Evidence) -> None:
-        self._trace_write(IntervalRecord(
-            npfns=self.heat.npfns, page_size=PAGE_SIZE, interval_seconds=self.settings.interval,
-            budget_pages=self.settings.budget_pages(), nodes=facts, idle=evidence.idle,
-            samples=evidence.samples, regions=evidence.regions))
+        if self._trace is None:
+            return
+        try:
+            self._trace.write(IntervalRecord(
+                npfns=self.heat.npfns, page_size=PAGE_SIZE,
+                interval_seconds=self.settings.interval,
+                budget_pages=self.settings.budget_pages(), nodes=facts, idle=evidence.idle,
+                samples=evidence.samples, regions=evidence.regions))
+        except TraceError as e:
+            self._close_trace()
+            self._stop_recording(e)
+
+    def _close_trace(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+
+    def _stop_recording(self, error: TraceError) -> None:
+        """Recording is an aid: a full disk ends it, not the daemon."""
+        log.error("recording off: %s", error)
+        self.state.record_error("record", f"recording off: {error}")
 
     def publish(self, facts: list[NodeFacts], summary: IntervalSummary) -> None:
         tier_ids = {t.rank: t.id for t in self.topology.tiers}

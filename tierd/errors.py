@@ -35,3 +35,7 @@ class Unusable(TierdError):
     def __init__(self, health: Health) -> None:
         self.health = health
         super().__init__(health.reason)
+
+
+class Interrupted(TierdError):
+    """Long work (a paced scan) cut short because the daemon is stopping."""

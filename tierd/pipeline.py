@@ -10,12 +10,14 @@ failure while building closes what was opened before it.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 from tierd.collectors.collector import Collector, Setup
 from tierd.collectors.processes import Exclusions, ProcessFilter
-from tierd.collectors.registry import COLLECTORS, FALLBACK
+from tierd.collectors.registry import COLLECTORS
 from tierd.collectors.topology import Topology, node_facts, read_topology
 from tierd.config import Config
 from tierd.errors import HostMismatch, Unusable
@@ -85,8 +87,13 @@ class Pipeline:
         self.resources.close()
 
 
-def build_pipeline(config: Config, root: HostRoot = HOST) -> Pipeline:
-    """Read the topology and open the collectors and the mover the config asks for."""
+def build_pipeline(config: Config, root: HostRoot = HOST,
+                   pause: Callable[[float], None] = time.sleep,
+                   checkpoint: Callable[[], None] = lambda: None) -> Pipeline:
+    """Read the topology and open the collectors and the mover the config asks for.
+
+    `pause` and `checkpoint` pace long work while opening and collecting (Setup).
+    """
     settings = Settings.from_config(config)
     topology = read_topology(root)
     facts = node_facts(topology)
@@ -95,7 +102,7 @@ def build_pipeline(config: Config, root: HostRoot = HOST) -> Pipeline:
                     ", ".join(f"node {f.node}" for f in facts))
     npfns = max((e for f in facts for _, e in f.ranges), default=0)
     process_filter = ProcessFilter(settings.exclusions, root)
-    setup = Setup(root, topology, process_filter, config.interval)
+    setup = Setup(root, topology, process_filter, config.interval, pause, checkpoint)
     stack = ExitStack()
     try:
         collectors, unusable = _open_collectors(config, setup, stack)
@@ -113,7 +120,7 @@ def _open_collectors(config: Config, setup: Setup, stack: ExitStack
     unusable: dict[str, Health] = {}
     for name, entry in COLLECTORS.items():
         if not entry.enabled(config):
-            if name != FALLBACK or opened:
+            if opened or not entry.fallback(config):
                 continue
             log.info("no enabled collector is usable: using %s", name)
         try:

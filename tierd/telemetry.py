@@ -19,6 +19,7 @@ from tierd.vocabulary import Direction, Health, State
 # Stages whose durations are recorded each interval.
 STAGES = ("collect", "heat", "policy", "rmap", "move")
 LAST_ERRORS_KEPT = 20
+MESSAGE_CHARS = 500  # an error kept for the status page; a hostile file must not fill it
 # Upper bounds (seconds) of the stage-duration histogram buckets; +Inf is implicit.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -88,6 +89,8 @@ class StateSnapshot:
     rmap_pages: int
     rmap_bytes: int
     last_errors: list[ErrorRecord]
+    stage_errors: Counter[str]
+    failing: str | None
     nodes: dict[int, NodeUsage]
     heat_strips: dict[int, tuple[float, ...]]
 
@@ -131,6 +134,10 @@ class DaemonState:
     rmap_bytes: int = 0
     last_errors: deque[ErrorRecord] = field(
         default_factory=lambda: deque(maxlen=LAST_ERRORS_KEPT))
+    # Intervals cut short by an error, by the stage that raised it.
+    stage_errors: Counter[str] = field(default_factory=Counter)
+    # Why the last interval failed ("stage: error"), None once one completes.
+    failing: str | None = None
     nodes: dict[int, NodeUsage] = field(default_factory=dict)  # node -> usage
     # node -> mean heat in equal-width bins across the node's PFN range, low
     # PFNs first (a picture for the status page: positions, never addresses).
@@ -192,7 +199,14 @@ class DaemonState:
 
     def record_error(self, source: str, message: str) -> None:
         with self._lock:
-            self.last_errors.append(ErrorRecord(time.time(), source, message))
+            self.last_errors.append(ErrorRecord(time.time(), source, _bounded(message)))
+
+    def record_stage_failure(self, stage: str, message: str) -> None:
+        with self._lock:
+            self.stage_errors[stage] += 1
+            self.failing = _bounded(f"{stage}: {message}")
+            self.last_errors.append(ErrorRecord(time.time(), f"stage:{stage}",
+                                                _bounded(message)))
 
     def set_sizes(self, tracked_pages: int, rmap_pages: int, rmap_bytes: int) -> None:
         with self._lock:
@@ -212,6 +226,7 @@ class DaemonState:
         with self._lock:
             self.intervals += 1
             self.last_interval_at = time.time()
+            self.failing = None
 
     def snapshot(self) -> StateSnapshot:
         with self._lock:
@@ -231,5 +246,10 @@ class DaemonState:
                 collectors=copy.deepcopy(self.collectors),
                 tracked_pages=self.tracked_pages, rmap_pages=self.rmap_pages,
                 rmap_bytes=self.rmap_bytes, last_errors=list(self.last_errors),
+                stage_errors=Counter(self.stage_errors), failing=self.failing,
                 nodes=dict(self.nodes), heat_strips=dict(self.heat_strips),
             )
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS - 3] + "..."

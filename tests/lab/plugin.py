@@ -164,7 +164,9 @@ class HostLab:
         result = vm.boot(
             vm.lab_kernel(kernel), command, echo=False,
             env={"TIERD_LAB_GUEST": kernel, RESULTS_ENV: results,
-                 "PYTHONDONTWRITEBYTECODE": "1"},
+                 "PYTHONDONTWRITEBYTECODE": "1",
+                 # Test knobs the guest reads (e.g. `make soak`'s round trips).
+                 **{k: v for k, v in os.environ.items() if k.startswith("TIERD_SOAK_")}},
             cwd=self.config.rootpath, init=init, **log,
         )
         if reporter is not None:

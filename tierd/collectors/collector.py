@@ -7,6 +7,7 @@ tierd/collectors/registry.py. The daemon only ever calls the protocol below.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,6 +51,10 @@ class Setup:
     topology: Topology
     process_filter: ProcessFilter
     interval: float  # seconds between two collects
+    # Long work (a paced scan) sleeps with `pause` and calls `checkpoint` between
+    # chunks: both feed the watchdog, and raise Interrupted when the daemon stops.
+    pause: Callable[[float], None] = time.sleep
+    checkpoint: Callable[[], None] = lambda: None
 
 
 # Opens the collector for `config` (whose section it reads) on `setup`'s host. It

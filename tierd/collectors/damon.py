@@ -7,7 +7,8 @@ tierd reads the regions with a `stat` scheme (see tierd.kernel.damon_sysfs).
 
 The kdamond is tierd's only long-lived kernel-side state, so it never
 outlives tierd: `stop()` runs from the context manager, from atexit, and
-from the daemon's shutdown path, and is idempotent.
+from the daemon's shutdown path, and is idempotent. A killed tierd cannot
+stop it; the next one does, before starting its own (damon_sysfs.reclaim).
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def paddr_attrs(sample_us: int = 5_000, aggr_us: int = 100_000) -> MonitoringAtt
                            min_nr_regions=PADDR_MIN_NR_REGIONS)
 
 
+def _reclaim_then_check(root: HostRoot) -> str | None:
+    """Stop what a killed tierd left running, then: None if DAMON is free, else why not."""
+    try:
+        damon_sysfs.reclaim(root)
+    except DamonError as e:
+        log.error("DAMON: cannot stop the kdamonds a previous tierd left running: %s", e)
+    return damon_sysfs.availability(root)
+
+
 def _unusable(reason: str) -> Health:
     log.warning("DAMON collector unusable: %s", reason)
     return Health(State.DISABLED, reason)
@@ -89,7 +99,7 @@ class DamonCollector:
 
     def start(self) -> bool:
         """Configure and start the kdamond; False (health says why) when DAMON is unusable."""
-        why_not = damon_sysfs.availability(self.root)
+        why_not = _reclaim_then_check(self.root)
         if why_not:
             self.health = _unusable(why_not)
             return False
@@ -99,6 +109,7 @@ class DamonCollector:
             atexit.register(self.stop)  # before `on`: no window where it could outlive us
             self._running = True
             self.kdamond.start()
+            damon_sysfs.note_started(self.root)
         except DamonError as e:
             self.stop()
             self.health = _unusable(str(e))
@@ -142,6 +153,7 @@ class DamonCollector:
             log.error("could not stop tierd's kdamond: %s", e)
             self.health = Health(State.DEGRADED, f"stop failed: {e}")
             return
+        damon_sysfs.forget_started(self.root)
         self.health = Health(State.DISABLED, "stopped")
 
 
@@ -186,7 +198,7 @@ class ProcessDamonCollector:
 
     def start(self) -> bool:
         """Monitor the largest processes; False (health says why) when DAMON is unusable."""
-        why_not = damon_sysfs.availability(self.root)
+        why_not = _reclaim_then_check(self.root)
         if why_not:
             self.health = _unusable(why_not)
             return False
@@ -230,6 +242,7 @@ class ProcessDamonCollector:
                 log.info("DAMON: not monitoring pid %d: %s", pid, e.reason)
                 continue
             self._targets.append((pid, kdamond))
+        damon_sysfs.note_started(self.root)
 
     def collect(self) -> RegionBatch | None:
         """The targets' regions as per-PFN access counts; None (health degraded) on failure."""
@@ -282,6 +295,7 @@ class ProcessDamonCollector:
             log.error("could not stop tierd's kdamonds: %s", e)
             self.health = Health(State.DEGRADED, f"stop failed: {e}")
             return
+        damon_sysfs.forget_started(self.root)
         self._targets = []
         self.health = Health(State.DISABLED, "stopped")
 

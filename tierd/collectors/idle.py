@@ -113,14 +113,18 @@ class Pacer:
     """Sleeps so that work proceeds at no more than `rate` PFNs per second."""
 
     def __init__(self, rate: float | None, clock: Callable[[], float],
-                 sleep: Callable[[float], None]) -> None:
+                 sleep: Callable[[float], None],
+                 checkpoint: Callable[[], None] = lambda: None) -> None:
         self.rate = rate
         self.clock = clock
         self.sleep = sleep
+        self.checkpoint = checkpoint
         self.started = clock()
         self.done = 0
 
     def advance(self, pfns: int) -> None:
+        # Between chunks: a scan of a large host outlasts the watchdog and the stop timeout.
+        self.checkpoint()
         self.done += pfns
         if not self.rate:
             return
@@ -262,6 +266,7 @@ class IdleCollector:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         full_every: int = DEFAULT_FULL_EVERY,
+        checkpoint: Callable[[], None] = lambda: None,
     ) -> None:
         if chunk_pfns <= 0 or chunk_pfns % BLOCK_PFNS:
             raise ValueError(f"chunk_pfns {chunk_pfns} must be a positive multiple of "
@@ -283,6 +288,7 @@ class IdleCollector:
         self._lost_track = False  # an error left user pages untracked: next scan is full
         self.clock = clock
         self.sleep = sleep
+        self.checkpoint = checkpoint  # called between chunks; raises to abandon the scan
         self.bitmap = IdleBitmap(root)
         self.flags_file = kpf.kpageflags(root)
         self.count_file = kpf.kpagecount(root)
@@ -318,9 +324,17 @@ class IdleCollector:
             return False
         return True
 
-    def _problem(self, message: str) -> None:
+    def _problem(self, message: str, where: str = "") -> None:
+        """A problem for the log and health; `where` (an offset: a physical position) is
+        only logged at debug level, as it says where the host's memory lies."""
         log.warning("idle collector: %s", message)
+        if where:
+            log.debug("idle collector: %s at %s", message, where)
         self._problems.append(message)
+
+    def _file_problem(self, e: KernelFileError, node: int) -> None:
+        self._problem(f"{e.path}: {e.reason}; node {node} partly untracked this scan",
+                      e.key or "")
 
     def _finish(self) -> None:
         self.health = (Health(State.DEGRADED, "; ".join(self._problems))
@@ -339,7 +353,7 @@ class IdleCollector:
             return
         self._problems = []
         self._scan_is_full = self.full_scan
-        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
+        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep, self.checkpoint)
         for r in self.ranges:
             if self._scan_is_full:
                 self._discover_range(r, pacer)
@@ -351,7 +365,7 @@ class IdleCollector:
                     self._check_end(r)
             except KernelFileError as e:
                 self._lost_track |= e.reason != PAST_END
-                self._problem(f"{e}; node {r.node} partly untracked this scan")
+                self._file_problem(e, r.node)
         self._finish()
 
     def _discover_range(self, r: _Range, pacer: Pacer) -> None:
@@ -363,7 +377,7 @@ class IdleCollector:
                     pacer.advance(ce - cs)
         except KernelFileError as e:
             self._lost_track = True
-            self._problem(f"{e}; node {r.node} partly untracked this scan")
+            self._file_problem(e, r.node)
 
     def _discover_chunk(self, r: _Range, cs: int, ce: int) -> None:
         bs, be = _block_extent(cs, ce)
@@ -417,8 +431,8 @@ class IdleCollector:
         """The bitmap ends at PFN `end`: trim a slight overrun, raise on more."""
         if r.end - end >= self._slack_pfns:
             raise KernelFileError(self.bitmap.path, PAST_END, key=f"offset {end // 8:#x}")
-        log.debug("idle collector: node %d's range ends %d PFNs past the bitmap; trimmed to %#x",
-                  r.node, r.end - end, end)
+        log.debug("idle collector: node %d's range ends %d PFNs past the bitmap; trimmed",
+                  r.node, r.end - end)
         r.trim(end)
 
     # --- pass 2: read back, update ages ---------------------------------------------------
@@ -431,7 +445,7 @@ class IdleCollector:
         """
         if not self._usable():
             return []
-        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep)
+        pacer = Pacer(self.pfns_per_second, self.clock, self.sleep, self.checkpoint)
         self.stats = {n: NodeIdleStats() for n in self.nodes}
         for r in self.ranges:
             cs = r.start
@@ -444,7 +458,7 @@ class IdleCollector:
                 r.ages[cs - r.start:] = UNTRACKED
                 r.live[cs // BLOCK_PFNS - r.first_block:] = False
                 self._lost_track = True
-                self._problem(f"{e}; node {r.node} partly untracked this scan")
+                self._file_problem(e, r.node)
             r.spans = []  # a collect without a mark reads nothing
         self._count_down()
         self._finish()
@@ -510,8 +524,8 @@ class IdleCollector:
         got = self.bitmap.read_words(first, self._words[first + at:last + at])
         bitmap_end = (first + got) * PFNS_PER_WORD
         if bitmap_end < sp.end:
-            self._problem(f"{self.bitmap.path}: offset {bitmap_end // 8:#x}: "
-                          f"bitmap ends inside node {r.node}; the rest is untracked")
+            self._problem(f"{self.bitmap.path}: bitmap ends inside node {r.node}; the rest is"
+                          " untracked", f"offset {bitmap_end // 8:#x}")
         self.flags_file.read_into(sp.start, self._flags[sp.start + sp.shift:sp.end + sp.shift])
         return min(r.marked_until, bitmap_end)
 
@@ -597,7 +611,7 @@ class IdleFeed:
 def open_collector(config: Config, setup: Setup) -> IdleFeed:
     cfg = config.collectors.idle
     scanner = IdleCollector(setup.topology, list(cfg.nodes) or None, cfg.pfns_per_second,
-                            setup.root)
+                            setup.root, sleep=setup.pause, checkpoint=setup.checkpoint)
     feed = IdleFeed(scanner, setup.interval, cfg.interval)
     if scanner.health.state is State.DISABLED:
         scanner.close()

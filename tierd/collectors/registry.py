@@ -19,13 +19,15 @@ from tierd.config import Config
 class Entry:
     open: Opener
     enabled: Callable[[Config], bool]
+    # Opened, though not enabled, when no collector before it is usable.
+    fallback: Callable[[Config], bool] = lambda config: False
 
 
 COLLECTORS: dict[str, Entry] = {
     "idle": Entry(idle.open_collector, lambda c: c.collectors.idle.enabled),
     "perf": Entry(perf.open_collector, lambda c: c.collectors.perf.enabled),
-    "damon": Entry(damon.open_collector, lambda c: c.collectors.damon.enabled),
+    # DAMON needs neither idle-page tracking nor a memory-sampling PMU: `auto` makes
+    # it the fallback, `false` keeps it off even then.
+    "damon": Entry(damon.open_collector, lambda c: c.collectors.damon.enabled is True,
+                   lambda c: c.collectors.damon.enabled == "auto"),
 }
-# Opened even when not enabled if no other collector is usable: it needs neither
-# idle-page tracking nor a memory-sampling PMU.
-FALLBACK = "damon"

@@ -1,26 +1,27 @@
 """Run the tiering daemon: collect, decide and move pages every interval.
 
-SIGTERM or SIGINT stops it after the batch in flight; SIGHUP reloads the
-config file (a bad file is reported and the running config kept). On exit
-it prints one summary line of what it moved.
+SIGTERM or SIGINT stops it after the batch or scan chunk in flight; SIGHUP
+reloads the config file between intervals (a bad file is reported and the
+running config kept); SIGUSR1 and SIGUSR2 are logged and ignored. On exit it
+prints one summary line of what it moved.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from types import FrameType
 
 from tierd.commands.check_config import EX_CONFIG
 from tierd.config import DEFAULT_PATH, Config, ConfigError, ConfigStore, ReloadStatus
 from tierd.daemon import Daemon, IntervalSummary, describe
-from tierd.errors import HostMismatch
+from tierd.errors import HostMismatch, Interrupted
+from tierd.kernel import capabilities
 from tierd.service.metrics import MetricsServer
+from tierd.service.signals import IGNORED, RELOAD, STOP, Signals
 from tierd.service.systemd import Notifier, log_to_journal
 from tierd.telemetry import MoveKey, StateSnapshot
 from tierd.vocabulary import PAGE_SIZE, Direction
@@ -64,6 +65,14 @@ def summary_line(snap: StateSnapshot) -> str:
     return line
 
 
+def _drop_capabilities() -> None:
+    """Start-up is done: keep only what the loop uses (tierd.kernel.capabilities)."""
+    try:
+        capabilities.keep_only()
+    except OSError as e:
+        log.warning("could not drop capabilities: %s", e)
+
+
 def run(args: argparse.Namespace) -> int:
     # systemd: READY=1, STATUS=, RELOADING=1, WATCHDOG=1 (no-ops outside a service).
     notifier = Notifier()
@@ -79,11 +88,7 @@ def run(args: argparse.Namespace) -> int:
     def reload_status() -> ReloadStatus:
         return store.status if store else ReloadStatus(True, started, None)
 
-    def on_stop(signum: int, _: FrameType | None) -> None:
-        log.info("%s: stopping after the batch in flight", signal.Signals(signum).name)
-        daemon.stop_event.set()
-
-    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+    def reload() -> None:
         if store is None:
             log.warning("SIGHUP: no config file to reload")
             return
@@ -98,12 +103,32 @@ def run(args: argparse.Namespace) -> int:
             notifier.reloaded(f"config reload failed, running the previous one: "
                               f"{store.status.error}")
 
+    signals = Signals(daemon.stop_event)
+
+    def handle_signals() -> None:
+        received = signals.take()
+        for signum in sorted(received & STOP):
+            log.info("%s: stopping after the batch in flight", signum.name)
+        for signum in sorted(received & IGNORED):
+            log.info("%s ignored: it has no meaning for tierd", signum.name)
+        if RELOAD in received and not daemon.stop_event.is_set():
+            reload()
+
+    def wait(seconds: float) -> bool:
+        """Wait between intervals, feeding the watchdog and acting on signals."""
+        deadline = time.monotonic() + seconds
+        while True:
+            handle_signals()
+            left = deadline - time.monotonic()
+            if daemon.stop_event.is_set() or left <= 0:
+                return daemon.stop_event.is_set()
+            notifier.wait(signals.wake, left)
+
     def on_interval(summary: IntervalSummary) -> None:
         notifier.status(f"interval {daemon.state.intervals}: {describe(summary, PAGE_SIZE)}")
 
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    signals.install()
+    daemon.heartbeat = notifier.keepalive
     server = None
     try:
         try:
@@ -111,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
         except HostMismatch as e:
             print(f"tierd: {e}", file=sys.stderr)
             return EX_CONFIG  # as for a bad file: restarting cannot fix it
+        except Interrupted:
+            handle_signals()
+            return 0
+        _drop_capabilities()
         if config.metrics.enabled:
             server = MetricsServer(daemon.state, reload_status, lambda: daemon.settings.interval,
                                    config.metrics.address, config.metrics.port).start()
@@ -118,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
         notifier.ready(f"mover {daemon.state.mover}, "
                        f"{'dry run' if daemon.settings.dry_run else 'moving pages'}, "
                        f"metrics {server.url if server else 'off'}")
-        daemon.run(once=args.once, on_interval=on_interval,
-                   wait=lambda seconds: notifier.wait(daemon.stop_event, seconds))
+        daemon.run(once=args.once, on_interval=on_interval, wait=wait)
+        handle_signals()
     finally:
         notifier.stopping()
         daemon.close()

@@ -3,21 +3,27 @@
 Prints, per interval, what the policy would move under the given config,
 then a total: for tuning policy settings without touching a host. The
 simulation has no kernel: a page it "moves" only starts its cooldown, and
-node capacities are those recorded (what the real run saw).
+node capacities are those recorded (what the real run saw). A trace that
+is not one, or whose sizes do not fit the file or the memory budget, is
+refused with exit 65 (EX_DATAERR) before anything is allocated for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 
 from tierd import policy
-from tierd.config import Config, load
+from tierd.commands.check_config import EX_CONFIG
+from tierd.config import Config, ConfigError, load
 from tierd.heat import HeatModel
 from tierd.pipeline import Settings
-from tierd.trace import read_trace
+from tierd.trace import TraceError, read_trace
 from tierd.vocabulary import Direction
+
+EX_DATAERR = 65  # sysexits.h: the input data was incorrect
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +39,19 @@ def _line(moves: Counter[tuple[Direction, int, int]], page_size: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load(args.config) if args.config else Config()
-    settings = Settings.from_config(config)
+    try:
+        config = load(args.config) if args.config else Config()
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EX_CONFIG
+    try:
+        return _replay(args, Settings.from_config(config))
+    except TraceError as e:
+        print(f"tierd: {e}", file=sys.stderr)
+        return EX_DATAERR
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
     heat: HeatModel | None = None
     total: Counter[tuple[Direction, int, int]] = Counter()
     page_size = 4096

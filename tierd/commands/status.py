@@ -45,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
     except TierdError as e:
         print(f"tierd: {e}", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    text = json.dumps(doc, indent=1) + "\n" if args.json else status_page.render_text(doc)
+    try:
+        text = json.dumps(doc, indent=1) + "\n" if args.json else status_page.render_text(doc)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        print(f"tierd: {url}/status.json: not a tierd status document ({type(e).__name__}:"
+              f" {e})", file=sys.stderr)
+        return EXIT_NOT_RUNNING
     sys.stdout.write(text)
     return 0

@@ -17,7 +17,9 @@ running kdamond that someone else started (DamonBusyError).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 from dataclasses import dataclass
 
@@ -26,6 +28,8 @@ import numpy.typing as npt
 
 from tierd.errors import KernelFileError
 from tierd.kernel.root import HOST, HostRoot
+
+log = logging.getLogger(__name__)
 
 ADMIN = "/sys/kernel/mm/damon/admin"
 KDAMONDS = f"{ADMIN}/kdamonds"
@@ -67,9 +71,12 @@ class Regions:
     age: npt.NDArray[np.uint32]
 
 
-def _write(root: HostRoot, path: str, value: str | int) -> None:
-    """One write(2) per value, as sysfs expects; errors name the file and the value."""
+def _write(root: HostRoot, path: str, value: str | int, secret: bool = False) -> None:
+    """One write(2) per value, as sysfs expects; errors name the file and the value,
+    unless `secret` (an address: errors reach the status page)."""
     full = root(path)
+    shown = "the value" if secret else repr(value)
+    key = None if secret else str(value)
     try:
         fd = os.open(full, os.O_WRONLY | os.O_TRUNC)  # O_TRUNC: harmless on sysfs
     except FileNotFoundError:
@@ -82,8 +89,8 @@ def _write(root: HostRoot, path: str, value: str | int) -> None:
         os.write(fd, str(value).encode())
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise DamonBusyError(full, "busy (a kdamond is running)", key=str(value)) from None
-        raise DamonError(full, f"kernel refused {value!r}: {e.strerror}", key=str(value)) from None
+            raise DamonBusyError(full, "busy (a kdamond is running)", key=key) from None
+        raise DamonError(full, f"kernel refused {shown}: {e.strerror}", key=key) from None
     finally:
         os.close(fd)
 
@@ -179,8 +186,8 @@ class Kdamond:
         _write(self.root, f"{targets}/nr_targets", 1)
         _write(self.root, f"{targets}/0/regions/nr_regions", len(ranges))
         for i, (start, end) in enumerate(ranges):
-            _write(self.root, f"{targets}/0/regions/{i}/start", start)
-            _write(self.root, f"{targets}/0/regions/{i}/end", end)
+            _write(self.root, f"{targets}/0/regions/{i}/start", start, secret=True)
+            _write(self.root, f"{targets}/0/regions/{i}/end", end, secret=True)
 
     def _write_stat_scheme(self) -> None:
         _write(self.root, f"{self.ctx}/schemes/nr_schemes", 1)
@@ -257,3 +264,53 @@ def pid_of(root: HostRoot = HOST, index: int = 0) -> int | None:
     text = _read(root, f"{KDAMONDS}/{index}/pid")
     pid = int(text) if text.lstrip("-").isdigit() else -1
     return pid if pid > 0 else None
+
+
+# --- kdamonds a killed tierd left running ---------------------------------------------
+#
+# DAMON's sysfs has no owner field, so tierd notes the kthread pid of every
+# kdamond it turns on in LEDGER (under /run: kdamonds do not outlive a boot,
+# nor does the note). A restarted tierd stops the running kdamonds whose pid
+# is noted there, and only those: another DAMON user's are left alone.
+
+LEDGER = "/run/tierd/kdamonds"
+
+
+def note_started(root: HostRoot = HOST) -> None:
+    """Note the pids of the kdamonds running now (all tierd's: it starts only when none runs)."""
+    pids = [pid for i in running_kdamonds(root) if (pid := pid_of(root, i)) is not None]
+    path = root(LEDGER)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text("".join(f"{pid}\n" for pid in pids))
+        os.replace(temporary, path)
+    except OSError as e:
+        log.warning("DAMON: cannot note tierd's kdamonds in %s (a crash would leave them"
+                    " running): %s", path, e.strerror or e)
+
+
+def forget_started(root: HostRoot = HOST) -> None:
+    """tierd's kdamonds are stopped: nothing to reclaim."""
+    with contextlib.suppress(FileNotFoundError):
+        root(LEDGER).unlink()
+
+
+def reclaim(root: HostRoot = HOST) -> int:
+    """Stop the kdamonds a previous tierd noted and left running; how many were stopped."""
+    try:
+        noted = {int(w) for w in root(LEDGER).read_text().split() if w.isdigit()}
+    except (OSError, ValueError):
+        return 0
+    if not root(ADMIN).is_dir():
+        return 0
+    running = running_kdamonds(root)
+    ours = [i for i in running if pid_of(root, i) in noted]
+    for i in ours:
+        Kdamond(root, i).stop()
+    if ours and len(ours) == len(running):
+        _write(root, f"{KDAMONDS}/nr_kdamonds", 0)  # as tierd's release() would have
+    forget_started(root)
+    if ours:
+        log.warning("DAMON: stopped %d kdamond(s) a previous tierd left running", len(ours))
+    return len(ours)

@@ -13,9 +13,16 @@ one port, bound to 127.0.0.1 unless the config says otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import http.client
+import io
+import ipaddress
+import logging
 import platform
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import TCPServer, ThreadingMixIn
@@ -34,11 +41,13 @@ from prometheus_client.registry import Collector
 from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
+from tierd.kernel import capabilities
 from tierd.service import status_page
 from tierd.telemetry import DURATION_BUCKETS, DaemonState, MoveKey, StateSnapshot
 from tierd.vocabulary import Direction, State
 
 MOVE_LABELS = ["source_node", "target_node"]
+log = logging.getLogger(__name__)
 
 
 class TierdCollector(Collector):
@@ -150,6 +159,9 @@ def _moves(snap: StateSnapshot) -> Iterator[Metric]:
     yield _labelled(CounterMetricFamily(
         "tierd_excluded_pages", "Candidate pages skipped by a safety rule or an exclusion.",
         labels=["reason"]), snap.pages_excluded)
+    yield _labelled(CounterMetricFamily(
+        "tierd_errors", "Intervals cut short by an error, by the stage that raised it.",
+        labels=["stage"]), snap.stage_errors)
     yield _counter("tierd_rate_limit_hits",
                    "Intervals in which the migration budget cut the plan.", snap.rate_limit_hits)
     yield _counter("tierd_rate_limited_pages", "Pages held back by the migration budget.",
@@ -223,15 +235,70 @@ def build_registry(state: DaemonState, reload_status: Callable[[], ReloadStatus]
 
 
 # --- the HTTP endpoint ------------------------------------------------------------
+#
+# The port is open to every local user, so no client may hold the daemon:
+# each connection has a deadline, their number is capped, a request is a
+# few KiB at most, and only GET and HEAD are answered. Bound to loopback,
+# the Host header must name a loopback host, so a web page whose name was
+# re-pointed at 127.0.0.1 (DNS rebinding) cannot read the status.
+
+MAX_CONNECTIONS = 16  # Prometheus and a browser or two; more is a client hoarding sockets
+REQUEST_SECONDS = 10.0  # to read a request and send the answer, whatever the client does
+MAX_REQUEST_BYTES = 8192  # request line and headers together
+ACCEPT_BACKOFF_SECONDS = 0.1  # after accept() fails for want of an fd
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _Limited(io.RawIOBase):
+    """The request stream, refusing to read past MAX_REQUEST_BYTES."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self._raw = raw
+        self._left = MAX_REQUEST_BYTES
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            raise http.client.LineTooLong(f"request over {MAX_REQUEST_BYTES} bytes")
+        view = memoryview(buffer)[:self._left]
+        n = self._raw.readinto1(view) if hasattr(self._raw, "readinto1") else \
+            self._raw.readinto(view)
+        self._left -= n
+        return n
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = REQUEST_SECONDS  # per socket operation; the deadline below bounds the total
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = io.BufferedReader(_Limited(self.rfile), 1024)
+        # A client trickling a byte every few seconds: the deadline ends it.
+        self._deadline = threading.Timer(REQUEST_SECONDS, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(OSError):  # the client may be gone; nothing to tell it
+            super().finish()
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds would flood the journal."""
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host name (getfqdn): a DNS wait
@@ -241,6 +308,34 @@ class _Server(ThreadingMixIn, WSGIServer):
         self.server_name = str(host)
         self.setup_environ()
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(ACCEPT_BACKOFF_SECONDS)  # the listener stays readable: do not spin
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Over the cap, close the connection at once rather than queue it."""
+        return self._slots.acquire(blocking=False)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread could be started: answer nobody, keep serving
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that broke its connection is not the daemon's error."""
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
@@ -249,25 +344,62 @@ class _Server6(_Server):
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-def _app(registry: CollectorRegistry, page: Callable[[], str],
-         document: Callable[[], bytes]) -> WsgiApp:
-    metrics = make_wsgi_app(registry)
+def _host_check(address: str) -> Callable[[str | None], bool]:
+    """Bound to loopback: accept only Host headers naming a loopback host (or none)."""
+    if not ipaddress.ip_address(address).is_loopback:
+        return lambda _host: True  # reachable from the network anyway: nothing to rebind
+    def allowed(host: str | None) -> bool:
+        if not host:
+            return True  # HTTP/1.0 without Host: no browser sends that
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") \
+            else host
+        name = name.strip("[]").lower()
+        if name == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+    return allowed
+
+
+def _plain(start_response: Callable[..., Any], status: str, text: str,
+           headers: tuple[tuple[str, str], ...] = ()) -> Iterable[bytes]:
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))), *headers])
+    return [body]
+
+
+def _app(routes: dict[str, WsgiApp], host_allowed: Callable[[str | None], bool]) -> WsgiApp:
+    """Dispatch GET and HEAD by path; everything else is refused."""
+    names = ", ".join(routes)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
-            scrape: Iterable[bytes] = metrics(environ, start_response)
-            return scrape
-        if path == "/":
-            body, kind = page().encode(), "text/html; charset=utf-8"
-        elif path == "/status.json":
-            body, kind = document(), "application/json"
-        else:
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: try /, /metrics or /status.json\n"]
+        method = environ.get("REQUEST_METHOD", "")
+        if method not in ("GET", "HEAD"):
+            return _plain(start_response, "405 Method Not Allowed", "only GET and HEAD\n",
+                          (("Allow", "GET, HEAD"),))
+        if not host_allowed(environ.get("HTTP_HOST")):
+            return _plain(start_response, "421 Misdirected Request",
+                          "Host must name this host's loopback address\n")
+        route = routes.get(environ.get("PATH_INFO", "/"))
+        if route is None:
+            return _plain(start_response, "404 Not Found", f"not found: try {names}\n")
+        body = route(environ, start_response)
+        if method == "HEAD":
+            b"".join(body)  # the headers carry the length; the body is not sent
+            return []
+        return body
+
+    return app
+
+
+def _page(render: Callable[[], bytes], kind: str) -> WsgiApp:
+    def app(_environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        body = render()
         start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body)))])
         return [body]
-
     return app
 
 
@@ -280,15 +412,27 @@ class MetricsServer:
         self.address = address
         self._registry = build_registry(state, reload_status, interval)
         self._report = status_page.StatusReport(state, reload_status, interval)
-        app = _app(self._registry, self._report.html, self._report.json)
+        routes = {
+            "/": _page(lambda: self._report.html().encode(), "text/html; charset=utf-8"),
+            "/metrics": make_wsgi_app(self._registry),
+            "/status.json": _page(self._report.json, "application/json"),
+        }
+        app = _app(routes, _host_check(address))
         server_class = _Server6 if ":" in address else _Server
         try:
-            self._server = make_server(address, port, app, server_class, _QuietHandler)
+            self._server = make_server(address, port, app, server_class, _Handler)
         except OSError as e:
             raise TierdError(f"metrics: cannot listen on {address} port {port}:"
                              f" {e.strerror or e}") from None
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="tierd-metrics", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="tierd-metrics", daemon=True)
+
+    def _serve(self) -> None:
+        # The parser of whatever any local user sends runs with no capability.
+        try:
+            capabilities.drop_all()
+        except OSError as e:
+            log.warning("metrics: could not drop capabilities: %s", e)
+        self._server.serve_forever()
 
     @property
     def port(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import time
 import urllib.error
 import urllib.request
@@ -58,6 +59,7 @@ def build_document(snap: StateSnapshot, reload: ReloadStatus, interval: float,
         "kernel_tiering": snap.kernel_tiering,
         "interval_seconds": interval,
         "intervals": snap.intervals,
+        "failing": snap.failing,
         "last_interval_age_seconds": (None if snap.last_interval_at is None
                                       else round(now - snap.last_interval_at, 3)),
         "config": {"last_reload_successful": reload.successful,
@@ -115,6 +117,7 @@ def render_text(doc: Document) -> str:
         f"mover: {doc['mover']}   kernel tiering: {doc['kernel_tiering']}   "
         f"last interval: {_age(doc['last_interval_age_seconds'])}",
         _config_line(doc["config"]),
+        *([f"LAST INTERVAL FAILED: {doc['failing']}"] if doc.get("failing") else []),
         "",
         f"{'node':>4} {'tier':>4} {'total':>11} {'used':>11} {'free':>11}  used",
     ]
@@ -165,16 +168,53 @@ def _clock(timestamp: float) -> str:
 
 
 def fetch(url: str, timeout: float = 5.0) -> Document:
-    """The running daemon's status document from its metrics port."""
+    """The running daemon's status document from its metrics port.
+
+    Whatever answers there is untrusted: the reply is size-limited, must be a
+    tierd status document, and its strings lose control characters (a terminal
+    escape in a reason would otherwise reach the user's terminal).
+    """
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/status.json", timeout=timeout) as r:
-            document: Document = json.load(r)
-            return document
-    except (urllib.error.URLError, OSError) as e:
+            body = r.read(MAX_DOCUMENT_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise TierdError(f"cannot reach tierd at {url}: {reason} (is tierd running?)") from None
-    except ValueError as e:
-        raise TierdError(f"{url}/status.json: not a status document: {e}") from None
+        raise TierdError(f"cannot reach tierd at {_printable(url)}: {_printable(str(reason))}"
+                         " (is tierd running?)") from None
+    if len(body) > MAX_DOCUMENT_BYTES:
+        raise TierdError(f"{_printable(url)}/status.json: over {MAX_DOCUMENT_BYTES} bytes:"
+                         " not tierd")
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise TierdError(f"{_printable(url)}/status.json: not a status document:"
+                         f" {_printable(str(e))}") from None
+    if not isinstance(doc, dict) or not doc.keys() >= _REQUIRED:
+        raise TierdError(f"{_printable(url)}/status.json: not a tierd status document"
+                         " (is this tierd's metrics port?)")
+    cleaned: Document = _clean(doc)
+    return cleaned
+
+
+MAX_DOCUMENT_BYTES = 16 << 20
+_REQUIRED = {"version", "uptime_seconds", "intervals", "nodes", "moves", "collectors",
+             "last_errors", "config"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub("?", text)
+
+
+def _clean(value: Any) -> Any:
+    """The document with control characters in every string replaced by '?'."""
+    if isinstance(value, str):
+        return _printable(value)
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
 
 
 # --- HTML ---------------------------------------------------------------------------

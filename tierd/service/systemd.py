@@ -3,8 +3,9 @@
 tierd runs as a `Type=notify` service. The daemon says READY=1 once its
 collectors are open and its metrics port is bound, a one-line STATUS= every
 interval, RELOADING=1 ... READY=1 around a config reload, WATCHDOG=1 every
-loop iteration (a loop that stops feeding it is killed and restarted by
-systemd), and STOPPING=1 on the way out.
+loop iteration and between chunks of long work (a loop that stops feeding it
+is killed and restarted by systemd), EXTEND_TIMEOUT_USEC= while a long
+start-up makes progress, and STOPPING=1 on the way out.
 
 systemd-python (Debian's python3-systemd) is used where installed; without it
 a few lines write the same datagrams to $NOTIFY_SOCKET. Outside systemd every
@@ -24,6 +25,11 @@ import time
 from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
+
+# Long work sends a keep-alive at most this often; each start-up one grants the
+# start this much more time (several keep-alives' worth, so one late chunk is not fatal).
+KEEPALIVE_SECONDS = 5.0
+START_EXTENSION_SECONDS = 60.0
 
 try:
     from systemd import daemon as _sd_daemon
@@ -89,9 +95,23 @@ class Notifier:
         self._send = send or default_sender()
         interval = watchdog_interval(environ)
         self._ping_every = interval / 2 if interval else math.inf
+        self._ready = False
+        self._last_keepalive = -math.inf
+
+    def keepalive(self) -> bool:
+        """Long work is progressing: before READY extend the start timeout, after it feed
+        the watchdog; sent at most every KEEPALIVE_SECONDS, however often called."""
+        now = time.monotonic()
+        if now - self._last_keepalive < min(KEEPALIVE_SECONDS, self._ping_every):
+            return False
+        self._last_keepalive = now
+        if self._ready:
+            return self.watchdog()
+        return self._send(f"EXTEND_TIMEOUT_USEC={int(START_EXTENSION_SECONDS * 1e6)}")
 
     def ready(self, status: str) -> bool:
         """Startup is done: collectors open, metrics port bound."""
+        self._ready = True
         return self._send(f"READY=1\nSTATUS={_one_line(status)}")
 
     def status(self, summary: str) -> bool:
