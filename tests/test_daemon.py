@@ -17,6 +17,7 @@ import pytest
 from lab.workload import Workload
 from tierd import cli
 from tierd.collectors import perf
+from tierd.collectors.collector import Pace
 from tierd.collectors.evidence import Evidence, IdleScan, RegionBatch, SampleBatch
 from tierd.collectors.idle import IdleFeed
 from tierd.collectors.processes import ProcessFilter
@@ -222,7 +223,7 @@ class _FixtureHost:
         bits[pfns.astype(np.intp)] = 0
         self.bitmap.write_bytes(np.packbits(bits, bitorder="little").tobytes())
 
-    def build(self, config: Config, root: HostRoot) -> Pipeline:
+    def build(self, config: Config, root: HostRoot, _pace: Pace) -> Pipeline:
         return replace(build_pipeline(config, root), mover=self.mover)
 
     def daemon(self) -> Daemon:

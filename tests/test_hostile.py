@@ -33,25 +33,24 @@ import numpy as np
 import pytest
 
 from tierd import cli
-from tierd.collectors.damon import DamonCollector
-from tierd.collectors.evidence import IdleScan, RegionBatch, SampleBatch
-from tierd.config import Config, ReloadStatus, parse
 from tierd.collectors import registry
 from tierd.collectors.collector import Collector, Setup
-from tierd.collectors.evidence import Evidence
+from tierd.collectors.damon import DamonCollector
+from tierd.collectors.evidence import Evidence, IdleScan, RegionBatch, SampleBatch
+from tierd.config import Config, ReloadStatus, parse
 from tierd.daemon import Daemon, IntervalSummary
+from tierd.errors import Unusable
 from tierd.heat import HeatModel
 from tierd.kernel import damon_sysfs
 from tierd.kernel.root import HostRoot
-from tierd.errors import Unusable
 from tierd.pipeline import _open_collectors
 from tierd.policy import Plan
 from tierd.service import metrics
 from tierd.service.metrics import MetricsServer
 from tierd.service.signals import Signals
 from tierd.telemetry import DaemonState
-from tierd.vocabulary import PAGE_SIZE, Health, NodeFacts, State
 from tierd.trace import IntervalRecord, TraceError, TraceWriter, read_trace
+from tierd.vocabulary import PAGE_SIZE, Health, NodeFacts, State
 
 # --- 1. the HTTP port ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierd.collectors.collector import Pace
 from tierd.collectors.processes import Exclusions, ProcessFilter
 from tierd.collectors.topology import Topology
 from tierd.config import Config
@@ -501,7 +502,7 @@ def test_the_daemon_reads_a_batchs_kpageflags_once_for_the_safety_check_and_the_
         rmap.refresh()
         mover = PidMover(rmap, MoverParams(busy_backoff=0), root, pid)
 
-    def build(config: Config, r: HostRoot) -> Pipeline:
+    def build(config: Config, r: HostRoot, _pace: Pace) -> Pipeline:
         return Pipeline(Topology({}, ()), HeatModel(64), [], {}, mover,
                         ProcessFilter(Exclusions(), r), ExitStack())
 

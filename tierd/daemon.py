@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd import policy
+from tierd.collectors.collector import Pace
 from tierd.collectors.evidence import Evidence
 from tierd.collectors.processes import ProcessFilter
 from tierd.collectors.topology import Topology, node_facts, read_topology
@@ -59,8 +60,7 @@ HEAT_STRIP_BINS = 64
 # pages may have been unlocked, freed or their owner may have exited.
 UNPIN_EVERY_INTERVALS = 30
 
-# (config, root, pause, checkpoint): tierd.pipeline.build_pipeline, or a test's own.
-Builder = Callable[[Config, HostRoot, Callable[[float], None], Callable[[], None]], Pipeline]
+Builder = Callable[[Config, HostRoot, Pace], Pipeline]
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Daemon:
         self.stop_event = threading.Event()
         # Called between chunks of long work (scans, move batches): `tierd run` feeds
         # systemd's watchdog with it.
-        self.heartbeat: Callable[[], None] = lambda: None
+        self.heartbeat: Callable[[], object] = lambda: None
         self._stage_name = "start"
         self._pending: Config | None = None
         self._reload_lock = threading.Lock()
@@ -115,7 +115,7 @@ class Daemon:
         tiering = read_kernel_tiering(self.root)
         self.state.kernel_tiering = safety.check_kernel_tiering(tiering,
                                                                 self.settings.kernel_tiering)
-        self.pipeline = self._build(self.config, self.root, self._pause, self.checkpoint)
+        self.pipeline = self._build(self.config, self.root, Pace(self._pause, self.checkpoint))
         self._resources.callback(self.pipeline.close)
         self.topology = self.pipeline.topology
         self._process_filter = self.pipeline.process_filter

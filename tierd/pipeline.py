@@ -10,12 +10,10 @@ failure while building closes what was opened before it.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from tierd.collectors.collector import Collector, Setup
+from tierd.collectors.collector import Collector, Pace, Setup
 from tierd.collectors.processes import Exclusions, ProcessFilter
 from tierd.collectors.registry import COLLECTORS
 from tierd.collectors.topology import Topology, node_facts, read_topology
@@ -87,12 +85,11 @@ class Pipeline:
         self.resources.close()
 
 
-def build_pipeline(config: Config, root: HostRoot = HOST,
-                   pause: Callable[[float], None] = time.sleep,
-                   checkpoint: Callable[[], None] = lambda: None) -> Pipeline:
+def build_pipeline(config: Config, root: HostRoot = HOST, pace: Pace | None = None
+                   ) -> Pipeline:
     """Read the topology and open the collectors and the mover the config asks for.
 
-    `pause` and `checkpoint` pace long work while opening and collecting (Setup).
+    `pace` paces the long work of opening and collecting (see Pace).
     """
     settings = Settings.from_config(config)
     topology = read_topology(root)
@@ -102,7 +99,7 @@ def build_pipeline(config: Config, root: HostRoot = HOST,
                     ", ".join(f"node {f.node}" for f in facts))
     npfns = max((e for f in facts for _, e in f.ranges), default=0)
     process_filter = ProcessFilter(settings.exclusions, root)
-    setup = Setup(root, topology, process_filter, config.interval, pause, checkpoint)
+    setup = Setup(root, topology, process_filter, config.interval, pace or Pace())
     stack = ExitStack()
     try:
         collectors, unusable = _open_collectors(config, setup, stack)

@@ -162,7 +162,8 @@ def _int(meta: dict[str, Any], key: str, low: int, high: int) -> int:
 
 def _number(meta: dict[str, Any], key: str) -> float:
     value = meta.get(key)
-    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+    if not isinstance(value, int | float) or isinstance(value, bool) or \
+            not math.isfinite(value) or value < 0:
         raise _Bad(f"{key} must be a finite number >= 0, got {_short(value)}")
     return float(value)
 
@@ -180,7 +181,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _load(zf: zipfile.ZipFile, name: str, budget: int) -> np.ndarray:
+def _load(zf: zipfile.ZipFile, name: str, budget: int) -> npt.NDArray[Any]:
     """The .npy entry `name`, its header checked against its size and `budget` first."""
     try:
         info = zf.getinfo(name)
@@ -192,12 +193,12 @@ def _load(zf: zipfile.ZipFile, name: str, budget: int) -> np.ndarray:
         data = f.read()
     buffer = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(buffer)
+        version = np.lib.format.read_magic(buffer)  # type: ignore[no-untyped-call]
         header = {(1, 0): np.lib.format.read_array_header_1_0,
                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if header is None:
             raise ValueError(f".npy version {version}")
-        shape, _, dtype = header(buffer)
+        shape, _, dtype = header(buffer)  # type: ignore[no-untyped-call]
     except (ValueError, SyntaxError, TypeError) as e:
         raise _Bad(f"{name}: not a .npy array: {e}") from None
     if dtype.hasobject or dtype.kind not in "iu" or len(shape) != 1:
@@ -208,7 +209,7 @@ def _load(zf: zipfile.ZipFile, name: str, budget: int) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=buffer.tell())
 
 
-def _pfns(array: np.ndarray, name: str, npfns: int) -> np.ndarray:
+def _pfns(array: npt.NDArray[Any], name: str, npfns: int) -> npt.NDArray[np.uint64]:
     if array.size and (array.min() < 0 or array.max() > npfns):
         raise _Bad(f"{name}: PFNs outside [0, npfns={npfns}]")
     return array.astype(np.uint64)

@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 from workload import parse_size, set_preferred_node
 
+from tierd.collectors.processes import Exclusions, ProcessFilter
 from tierd.kernel import move_phys, pagemap
+from tierd.movers.batches import MoverParams
 from tierd.movers.phys import PhysMover
 from tierd.movers.pid import PidMover
 from tierd.movers.rmap import ReverseMap
-from tierd.collectors.processes import Exclusions, ProcessFilter
-from tierd.movers.batches import MoverParams
 from tierd.vocabulary import Batch, Direction
 
 PAGE = mmap.PAGESIZE

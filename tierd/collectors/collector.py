@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from tierd.collectors.evidence import Evidence
@@ -44,6 +44,15 @@ class Collector(Protocol):
 
 
 @dataclass(frozen=True)
+class Pace:
+    """How long work (a paced scan) waits and checks in: `pause` sleeps, `checkpoint`
+    runs between chunks; the daemon's feed the watchdog and raise Interrupted on stop."""
+
+    pause: Callable[[float], None] = time.sleep
+    checkpoint: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True)
 class Setup:
     """What a collector may need to open: the host, its nodes, who is excluded, the pace."""
 
@@ -51,10 +60,7 @@ class Setup:
     topology: Topology
     process_filter: ProcessFilter
     interval: float  # seconds between two collects
-    # Long work (a paced scan) sleeps with `pause` and calls `checkpoint` between
-    # chunks: both feed the watchdog, and raise Interrupted when the daemon stops.
-    pause: Callable[[float], None] = time.sleep
-    checkpoint: Callable[[], None] = lambda: None
+    pace: Pace = field(default_factory=lambda: Pace())
 
 
 # Opens the collector for `config` (whose section it reads) on `setup`'s host. It

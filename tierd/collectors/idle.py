@@ -611,7 +611,8 @@ class IdleFeed:
 def open_collector(config: Config, setup: Setup) -> IdleFeed:
     cfg = config.collectors.idle
     scanner = IdleCollector(setup.topology, list(cfg.nodes) or None, cfg.pfns_per_second,
-                            setup.root, sleep=setup.pause, checkpoint=setup.checkpoint)
+                            setup.root, sleep=setup.pace.pause,
+                            checkpoint=setup.pace.checkpoint)
     feed = IdleFeed(scanner, setup.interval, cfg.interval)
     if scanner.health.state is State.DISABLED:
         scanner.close()

@@ -71,7 +71,7 @@ def _set(header: _Header, data: ctypes.Array[_Data]) -> None:
 def effective() -> int:
     """The calling thread's effective set as a bit mask."""
     _, data = _get()
-    return data[0].effective | data[1].effective << 32
+    return int(data[0].effective) | int(data[1].effective) << 32
 
 
 def _last_cap() -> int:
