@@ -222,9 +222,12 @@ def test_simulate_replays_a_trace_and_prints_what_would_move(
     assert cli.main(["simulate", str(tmp_path / "trace"), "--config", str(config)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6
-    assert lines[0] == "interval 1: nothing"  # new pages start warm, with a cooldown
-    assert any("promote 1->0 3 pages (0.0 MiB)" in line for line in lines[1:5])
-    assert lines[-1].startswith("total over 5 intervals: demote 0->1 ")  # idle pages go down
+    # One round of evidence is enough to take free room; idle pages stay where the
+    # fast node has room for them.
+    assert lines[0] == "interval 1: promote 1->0 3 pages (0.0 MiB)"
+    assert lines[1] == "interval 2: nothing"  # the cooldown of a (simulated) move
+    assert lines[-1].startswith("total over 5 intervals: promote 1->0 ")
+    assert "demote" not in lines[-1]
 
 
 
@@ -253,6 +256,8 @@ LAB = Path(__file__).parent / "lab"
 INTERVAL = 2.0
 HOT, COLD = "384M", "576M"
 FAST_FREE_TARGET = 900 << 20  # left on node 0: H + C exceed it, either set fits
+# Node 0 is full when no more than this is free: its headroom (2% here) plus 5% of it.
+FAST_FULL = (2048 << 20) * 7 // 100
 EXCLUDED_COMM = "tierd-excl-hog"
 EXCLUDED_CGROUP = "/tierd-test-excluded"
 
@@ -304,11 +309,11 @@ class Hog:
         self.proc.wait()
 
 
-def _node0_free() -> int:
+def _node0_meminfo(key: str) -> int:
     for line in Path("/sys/devices/system/node/node0/meminfo").read_text().splitlines():
-        if "MemFree:" in line:
+        if f" {key}:" in line:
             return int(line.split()[-2]) * 1024
-    raise AssertionError("no MemFree in node0/meminfo")
+    raise AssertionError(f"no {key} in node0/meminfo")
 
 
 def _config(mover: str, policy: str = "{hysteresis_intervals: 1, headroom_percent: 2.0}"
@@ -353,7 +358,11 @@ class Moves:
 
 
 def _converge(daemon: Daemon, workload: Workload, moves: Moves, limit: int = 10) -> int:
-    """Step the daemon until >= 95% of H is on node 0 and of C on node 1; the steps it took."""
+    """Step the daemon until >= 95% of H is on node 0 and node 0 is full; the steps it took.
+
+    Cold pages leave node 0 only for the room the hot ones need (the default policy), so
+    node 0 stays full: H and the part of C that fits beside it.
+    """
     for step in range(1, limit + 1):
         time.sleep(INTERVAL)
         summary = daemon.step()
@@ -368,7 +377,7 @@ def _converge(daemon: Daemon, workload: Workload, moves: Moves, limit: int = 10)
               f"{ {k: (v.health.value, v.reason) for k, v in snap.collectors.items()} }, "
               f"classes {np.bincount(classes(daemon.heat.mark), minlength=4).tolist()}",
               flush=True)
-        if placement.hot_on_fast >= 0.95 and placement.cold_on_slow >= 0.95:
+        if placement.hot_on_fast >= 0.95 and _node0_meminfo("MemFree") <= FAST_FULL:
             return step
     raise AssertionError(f"not converged in {limit} intervals: {workload.placement()}")
 
@@ -383,7 +392,7 @@ def _protected_hogs(mlocked_size: int) -> list[Hog]:
 
 
 def _scenario(lab_kernel: str, mover: str, start_node: int, swap: bool) -> None:
-    hogs = _protected_hogs(max(64 << 20, _node0_free() - FAST_FREE_TARGET))
+    hogs = _protected_hogs(max(64 << 20, _node0_meminfo("MemFree") - FAST_FREE_TARGET))
     before = [hog.nodes() for hog in hogs]
     assert all((b == 0).mean() > 0.9 for b in before), "hogs did not start on node 0"
     workload = Workload.start(HOT, COLD, start_node=start_node, state_dir=Path("/tmp"))

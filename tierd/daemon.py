@@ -37,6 +37,7 @@ from tierd.collectors.topology import Topology, read_topology
 from tierd.config import Config, PerfCollectorConfig
 from tierd.errors import HostMismatch, KernelFileError, TierdError
 from tierd.heat import HEAT_SCALE, HeatModel, HeatParams
+from tierd.history import MoveHistory
 from tierd.kernel import move_phys, pmu
 from tierd.kernel.damon_sysfs import MonitoringAttrs
 from tierd.kernel.kernel_tiering import read_kernel_tiering
@@ -62,6 +63,10 @@ HEAT_STRIP_BINS = 64
 # Pinned frames (mlocked, unevictable, excluded) are reconsidered this often: their
 # pages may have been unlocked, freed or their owner may have exited.
 UNPIN_EVERY_INTERVALS = 30
+# Rounds a moved page is remembered; within them, moving it back needs its class to
+# have held this many times the hysteresis (tierd.history).
+HISTORY_ROUNDS = 8
+HISTORY_EVIDENCE_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class Settings:
                             # never moved back on one round's evidence.
                             cooldown_intervals=p.hysteresis_intervals + 1),
             policy=PolicyParams(hysteresis_intervals=p.hysteresis_intervals,
-                                promote_share=p.budget_split.promote),
+                                promote_share=p.budget_split.promote,
+                                demote_cold=p.demote_cold),
             headroom_percent=p.headroom_percent,
             rate_mb_per_s=m.rate_mb_per_s,
             mover_kind=m.kind,
@@ -171,6 +177,7 @@ class Daemon:
         self._idle_due_at: float | None = None
         self._keep_free: dict[int, int] = {}  # node -> pages the policy keeps free
         self._would_move = WouldMoveLedger()
+        self.history = MoveHistory(HISTORY_ROUNDS)
 
     # --- start and stop ------------------------------------------------------------
 
@@ -396,6 +403,8 @@ class Daemon:
     def update_heat(self, evidence: Evidence) -> None:
         assert self.heat is not None
         self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
+        if evidence.new_round:
+            self.history.advance()
         self._pin_unmovable(self.heat.fold(evidence.idle, evidence.samples, evidence.regions,
                                            new_round=evidence.new_round))
 
@@ -424,8 +433,10 @@ class Daemon:
         assert self.heat is not None
         targets = policy.targets(facts, self.settings.headroom_percent)
         self._keep_free = {t.node: t.keep_free_pages for t in targets}
+        rounds = HISTORY_EVIDENCE_FACTOR * self.settings.policy.hysteresis_intervals
         plan = policy.decide(self.heat.heat, self.heat.mark, targets,
-                             self.settings.budget_pages(), self.settings.policy)
+                             self.settings.budget_pages(), self.settings.policy,
+                             held=self.history.held(self.heat.mark, rounds))
         self.state.record_rate_limited(plan.deferred_pages)
         return plan
 
@@ -494,6 +505,8 @@ class Daemon:
                       pfns.size, batch.source, batch.target)
             return None
         self.state.record_attempted(*key, int(pfns.size))
+        self.state.record_pingpong(batch.direction,
+                                   self.history.reversals(pfns, batch.direction))
         result = self.mover.move(Batch(batch.direction, batch.source, batch.target, pfns),
                                  flags)
         self.state.record_moved(*key, int(result.moved.size))
@@ -501,6 +514,8 @@ class Daemon:
         summary.failures.update(result.failures)
         known = result.new_pfns != 0
         self.heat.transfer(result.moved[known], result.new_pfns[known])
+        self.history.forget(result.moved)
+        self.history.record(result.new_pfns[known], batch.direction)
         self.heat.vacate(result.moved[~known])
         # A frame whose page vanished or is not where tierd thought: forget it (the next
         # scan or refresh finds what lives there now) instead of retrying it forever.

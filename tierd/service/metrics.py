@@ -149,6 +149,10 @@ def _moves(snap: StateSnapshot) -> Iterator[Metric]:
     yield _labelled(CounterMetricFamily(
         "tierd_excluded_pages", "Candidate pages skipped by a safety rule or an exclusion.",
         labels=["reason"]), snap.pages_excluded)
+    yield _labelled(CounterMetricFamily(
+        "tierd_pingpong_pages", "Pages moved back the other way within the move history's"
+        " window (pages the PID mover followed to their new frame).",
+        labels=["direction"]), snap.pages_pingpong)
     yield _counter("tierd_rate_limit_hits",
                    "Intervals in which the migration budget cut the plan.", snap.rate_limit_hits)
     yield _counter("tierd_rate_limited_pages", "Pages held back by the migration budget.",
