@@ -68,6 +68,8 @@ def test_decay_cools_an_idle_page_to_cold_and_streaks_count_intervals() -> None:
 def test_streak_saturates_and_cooldown_counts_down_to_zero() -> None:
     model = h.HeatModel(1, PARAMS)
     model.track(np.array([0], dtype=np.uint64))
+    assert h.cooldowns(model.mark)[0] == h.NEW_PAGE_COOLDOWN
+    model.cool_down(np.array([0], dtype=np.uint64))
     assert h.cooldowns(model.mark)[0] == 2
     cooldowns = []
     for _ in range(10):

@@ -10,8 +10,9 @@ from tierd import policy
 from tierd.policy import NodeTarget, PolicyParams
 from tierd.vocabulary import Direction
 
-# Pressure and exchange alone, without proactive demotion of every settled-cold page.
+# Pressure and exchange alone (the default), without proactive demotion of cold pages.
 PRESSURE_ONLY = PolicyParams(demote_cold=False)
+DEMOTE_COLD = PolicyParams(demote_cold=True)
 N0 = (0, 100)  # node 0: PFNs 0-99 (fast), node 1: PFNs 100-199 (slow)
 N1 = (100, 200)
 
@@ -108,16 +109,62 @@ def test_budget_is_split_between_directions_and_the_rest_is_deferred() -> None:
     assert plan.deferred_pages == 100 - 20
 
 
-def test_settled_cold_pages_go_down_even_with_room_as_far_as_the_node_below_allows() -> None:
+def test_with_demote_cold_settled_cold_pages_go_down_as_far_as_the_node_below_allows() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 30), 0, mark(h.COLD))
     put(heat, marks, range(30, 40), 0, mark(h.COLD, streak=1))  # not settled yet
     put(heat, marks, range(40, 60), 40, mark(h.WARM))
-    plan = policy.decide(heat, marks, two_nodes(free0=500, free1=35, keep1=10), budget_pages=100)
+    plan = policy.decide(heat, marks, two_nodes(free0=500, free1=35, keep1=10), budget_pages=100,
+                         params=DEMOTE_COLD)
     assert plan.pages(Direction.DEMOTE) == 25 and plan.batches[0].pfns.max() < 30
-    plan = policy.decide(heat, marks, two_nodes(free0=500), budget_pages=100,
-                         params=PolicyParams(demote_cold=False))
-    assert plan.batches == ()
+
+
+def test_by_default_cold_pages_stay_while_the_fast_node_has_room() -> None:
+    """Demote for a reason: a cold page leaves only when its room is needed."""
+    heat, marks = arrays()
+    put(heat, marks, range(0, 30), 0, mark(h.COLD))
+    put(heat, marks, range(40, 60), 40, mark(h.WARM))
+    assert policy.decide(heat, marks, two_nodes(free0=500), budget_pages=100).batches == ()
+    # Room needed (free 5 below a headroom of 10): exactly that much goes down.
+    plan = policy.decide(heat, marks, two_nodes(free0=5, keep0=10), budget_pages=100)
+    assert plan.pages(Direction.DEMOTE) == 5 and plan.pages(Direction.PROMOTE) == 0
+
+
+def test_a_page_hot_for_one_round_takes_free_room_but_displaces_nothing() -> None:
+    heat, marks = arrays()
+    put(heat, marks, range(0, 50), 0, mark(h.COLD))
+    put(heat, marks, range(100, 110), 64, mark(h.HOT, streak=1))  # hot for one round
+    plan = policy.decide(heat, marks, two_nodes(free0=14, keep0=10), budget_pages=100)
+    assert [(b.direction, b.pfns.size) for b in plan.batches] == [(Direction.PROMOTE, 4)]
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100)
+    assert plan.batches == ()  # no room: an exchange waits for the hysteresis
+    put(heat, marks, range(100, 110), 64, mark(h.HOT, streak=2))
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100)
+    assert [(b.direction, b.pfns.size) for b in plan.batches] == [
+        (Direction.DEMOTE, 10), (Direction.PROMOTE, 10)]
+
+
+def test_lukewarm_pages_of_a_long_tail_stay_below() -> None:
+    """Warm pages never displace anything, and never move up on their own."""
+    heat, marks = arrays()
+    put(heat, marks, range(0, 100), 0, mark(h.COLD))
+    put(heat, marks, range(100, 200), 40, mark(h.WARM))
+    for free0 in (10, 60):
+        assert policy.decide(heat, marks, two_nodes(free0=free0, keep0=10),
+                             budget_pages=100).batches == ()
+
+
+def test_held_pages_are_not_candidates() -> None:
+    """Ping-pong: pages moved recently are held out of both directions."""
+    heat, marks = arrays()
+    put(heat, marks, range(0, 20), 0, mark(h.COLD))
+    put(heat, marks, range(100, 110), 200, mark(h.HOT))
+    held = np.array([105, 2, 101, 0], dtype=np.uint64)
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100,
+                         held=held)
+    demote, promote = plan.batches
+    assert demote.pfns.tolist() == [1, 3, 4, 5, 6, 7, 8, 9]
+    assert promote.pfns.tolist() == [100, 102, 103, 104, 106, 107, 108, 109]
 
 
 def test_a_direction_without_work_leaves_its_budget_to_the_other() -> None:

@@ -26,6 +26,7 @@ The tree (every key is optional; defaults below; durations in seconds):
       cold_threshold: 0.5          # heat at or below which a fast-tier page is cold
       hysteresis_intervals: 2      # consecutive hot (cold) rounds before a move
       headroom_percent: 2.0        # fast-node memory kept free above the promo/high watermark
+      demote_cold: false           # true: demote every settled-cold page, room needed or not
       budget_split:                # the interval's move budget (movers.rate_mb_per_s x interval)
         promote: 0.5
         demote: 0.5                # promote + demote == 1
@@ -129,6 +130,7 @@ class PolicyConfig:
     cold_threshold: float = 0.5
     hysteresis_intervals: int = 2
     headroom_percent: float = 2.0
+    demote_cold: bool = False
     budget_split: BudgetSplit = field(default_factory=BudgetSplit)
 
 

@@ -39,6 +39,7 @@ from tierd.collectors.topology import Topology, node_facts, read_topology
 from tierd.config import Config
 from tierd.errors import Interrupted, KernelFileError
 from tierd.heat import HEAT_SCALE, HeatModel
+from tierd.history import MoveHistory
 from tierd.kernel.kernel_tiering import read_kernel_tiering
 from tierd.kernel.root import HOST, HostRoot
 from tierd.kernel.zoneinfo import read_zoneinfo
@@ -59,6 +60,10 @@ HEAT_STRIP_BINS = 64
 # Pinned frames (mlocked, unevictable, excluded) are reconsidered this often: their
 # pages may have been unlocked, freed or their owner may have exited.
 UNPIN_EVERY_INTERVALS = 30
+# Rounds a moved page is remembered; within them, moving it back needs its class to
+# have held this many times the hysteresis (tierd.history).
+HISTORY_ROUNDS = 8
+HISTORY_EVIDENCE_FACTOR = 2
 
 Builder = Callable[[Config, HostRoot, Pace], Pipeline]
 
@@ -103,6 +108,7 @@ class Daemon:
         self._excluded_pfns = np.zeros(0, dtype=np.uint64)
         self._keep_free: dict[int, int] = {}  # node -> pages the policy keeps free
         self._would_move = WouldMoveLedger()
+        self.history = MoveHistory(HISTORY_ROUNDS)
 
     @property
     def heat(self) -> HeatModel:
@@ -260,6 +266,8 @@ class Daemon:
 
     def update_heat(self, evidence: Evidence) -> None:
         self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
+        if evidence.new_round:
+            self.history.advance()
         self._pin_unmovable(self.heat.fold(evidence.idle, evidence.samples, evidence.regions,
                                            new_round=evidence.new_round))
 
@@ -286,8 +294,10 @@ class Daemon:
     def decide(self, facts: list[NodeFacts]) -> Plan:
         targets = policy.targets(facts, self.settings.headroom_percent)
         self._keep_free = {t.node: t.keep_free_pages for t in targets}
+        rounds = HISTORY_EVIDENCE_FACTOR * self.settings.policy.hysteresis_rounds
         plan = policy.decide(self.heat.heat, self.heat.mark, targets,
-                             self.settings.budget_pages(), self.settings.policy)
+                             self.settings.budget_pages(), self.settings.policy,
+                             held=self.history.held(self.heat.mark, rounds))
         self.state.record_rate_limited(plan.deferred_pages)
         return plan
 
@@ -356,6 +366,8 @@ class Daemon:
                       pfns.size, batch.source, batch.target)
             return None
         self.state.record_attempted(*key, int(pfns.size))
+        self.state.record_pingpong(batch.direction,
+                                   self.history.reversals(pfns, batch.direction))
         result = self.pipeline.mover.move(Batch(batch.direction, batch.source, batch.target, pfns),
                                  flags)
         self.state.record_moved(*key, int(result.moved.size))
@@ -363,6 +375,8 @@ class Daemon:
         summary.failures.update(result.failures)
         known = result.new_pfns != 0
         self.heat.transfer(result.moved[known], result.new_pfns[known])
+        self.history.forget(result.moved)
+        self.history.record(result.new_pfns[known], batch.direction)
         self.heat.vacate(result.moved[~known])
         # A frame whose page vanished or is not where tierd thought: forget it (the next
         # scan or refresh finds what lives there now) instead of retrying it forever.

@@ -56,7 +56,8 @@ class Settings:
                             # never moved back on one round's evidence.
                             cooldown_rounds=p.hysteresis_intervals + 1),
             policy=PolicyParams(hysteresis_rounds=p.hysteresis_intervals,
-                                promote_share=p.budget_split.promote),
+                                promote_share=p.budget_split.promote,
+                                demote_cold=p.demote_cold),
             headroom_percent=p.headroom_percent,
             rate_mb_per_s=config.movers.rate_mb_per_s,
             mover=mover_params(config),

@@ -9,13 +9,21 @@ memory above `keep_free_pages` (its high/promo watermark plus a headroom):
   down, as far as the room allows;
 - when hot pages are waiting below and the node has no room, exchange:
   demote one settled-cold page for every page promoted;
-- with `demote_cold` (the default), settled-cold pages go down anyway, as far
-  as the node below has room: the fast tier is for pages that are used.
+- with `demote_cold` (off by default), settled-cold pages go down anyway, as
+  far as the node below has room. Off, a cold page leaves only when its room
+  is needed: a demotion the node does not need is traffic for nothing, and a
+  fast tier is worth most when it is full.
 
 "Settled" is the hysteresis: a page must have been in its class for
-`hysteresis_rounds` consecutive rounds and be out of its cooldown
-(see tierd.heat). The interval's budget (pages) is split between promotion
-and demotion; a direction that needs less leaves the rest to the other.
+`hysteresis_rounds` consecutive rounds and be out of its cooldown (see
+tierd.heat). A move into free room displaces nothing, so a page hot in one
+round may take it; an exchange displaces a page, so only settled-hot pages
+take part. The interval's budget (pages) is split between promotion and
+demotion; a direction that needs less leaves the rest to the other.
+
+`held` PFNs (pages moved recently, see tierd.history) are no candidates at
+all this interval: a page is not sent back the way it came on the evidence
+that would have moved any other page.
 
 One pass costs a few whole-array numpy operations per chunk and no sort:
 each PFN's (category, heat) pair is a 10-bit key, one bincount per chunk
@@ -44,10 +52,11 @@ class Category(IntEnum):
     NONE = 0  # not a candidate: untracked, pinned, or in its cooldown
     COLD_SETTLED = 1  # cold for the hysteresis: demoted first
     NOT_HOT = 2  # any other movable page that is not hot: demoted when needed
-    HOT_SETTLED = 3  # hot for the hysteresis: promoted
+    HOT_SETTLED = 3  # hot for the hysteresis: promoted, also in exchange for a cold page
+    HOT_FRESH = 4  # hot, settled or not (includes HOT_SETTLED): promoted into free room
 
 
-NONE, COLD_SETTLED, NOT_HOT, HOT_SETTLED = Category
+NONE, COLD_SETTLED, NOT_HOT, HOT_SETTLED, HOT_FRESH = Category
 NCAT = len(Category)
 # Above this many PFNs per node, heat histograms are estimated from an evenly
 # strided sample (counts stay exact); selection then trims to the exact k.
@@ -58,7 +67,7 @@ EXACT_HISTOGRAM_PFNS = 1 << 22
 class PolicyParams:
     hysteresis_rounds: int = 2  # consecutive rounds in a class before a move
     promote_share: float = 0.5  # of the interval's budget, when both directions want it
-    demote_cold: bool = True  # demote settled-cold pages even above the headroom
+    demote_cold: bool = False  # demote settled-cold pages even above the headroom
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class _Counts:
 
     demote: int = 0
     promote_from: dict[int, int] = field(default_factory=dict)  # source node -> pages
+    promote_category: Category = HOT_SETTLED  # HOT_FRESH when every promotion fits the room
 
 
 def mark_ranges(category: Category, hysteresis: int) -> tuple[tuple[int, int], ...]:
@@ -121,17 +131,24 @@ def mark_ranges(category: Category, hysteresis: int) -> tuple[tuple[int, int], .
         return ((cold + hyst, cold + h.STREAK_MAX),)
     if category == HOT_SETTLED:
         return ((hot + hyst, hot + h.STREAK_MAX),)
+    if category == HOT_FRESH:
+        return ((hot, hot + h.STREAK_MAX),)
     if category == NOT_HOT:  # every movable non-hot page that is not settled cold
         return ((cold, cold + hyst - 1), (warm, warm + h.STREAK_MAX))
     raise ValueError(f"no mark ranges for category {category}")
 
 
-def _in_category(mark: npt.NDArray[np.uint8], ranges: tuple[tuple[int, int], ...]
+def _in_category(mark: npt.NDArray[np.uint8], ranges: tuple[tuple[int, int], ...],
+                 start: int = 0, held: npt.NDArray[np.uint64] | None = None
                  ) -> npt.NDArray[np.bool_]:
+    """Which of mark (the PFNs from `start`) fall in the ranges, `held` PFNs (sorted) never."""
     inside = np.zeros(mark.shape, dtype=np.bool_)
     for low, high in ranges:
         if low <= high:
             inside |= (mark >= np.uint8(low)) & (mark <= np.uint8(high))
+    if held is not None and held.size:
+        lo, hi = np.searchsorted(held, (start, start + mark.size))
+        inside[(held[lo:hi] - np.uint64(start)).astype(np.intp)] = False
     return inside
 
 
@@ -148,15 +165,16 @@ def _span(ranges: tuple[tuple[int, int], ...], npfns: int) -> int:
 
 
 def histograms(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
-               ranges: tuple[tuple[int, int], ...], hysteresis: int) -> npt.NDArray[np.int64]:
+               ranges: tuple[tuple[int, int], ...], hysteresis: int,
+               held: npt.NDArray[np.uint64] | None = None) -> npt.NDArray[np.int64]:
     """[category, heat] -> pages of these PFN ranges (estimated beyond EXACT_HISTOGRAM_PFNS)."""
     stride = max(1, -(-_span(ranges, heat.size) // EXACT_HISTOGRAM_PFNS))
     hist = np.zeros((NCAT, 256), dtype=np.int64)
-    for cat in (COLD_SETTLED, NOT_HOT, HOT_SETTLED):
+    for cat in (COLD_SETTLED, NOT_HOT, HOT_SETTLED, HOT_FRESH):
         cranges = mark_ranges(cat, hysteresis)
         exact, sampled = 0, np.zeros(256, dtype=np.int64)
         for s, e in _chunks(ranges, heat.size):
-            inside = _in_category(mark[s:e], cranges)
+            inside = _in_category(mark[s:e], cranges, s, held)
             exact += int(np.count_nonzero(inside))
             sample = inside[::stride]
             sampled += np.bincount(heat[s:e][::stride][sample], minlength=256)
@@ -169,22 +187,42 @@ def histograms(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     return hist
 
 
+def _waiting(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64]],
+             category: Category) -> dict[int, dict[int, int]]:
+    """receiver -> source -> pages of `category` waiting one tier below the receiver."""
+    waiting: dict[int, dict[int, int]] = defaultdict(dict)
+    for n, t in nodes.items():
+        if t.promote_to in nodes:
+            waiting[t.promote_to][n] = int(hist[n][category].sum())
+    return waiting
+
+
+def _promotions(settled: int, fresh: int, room: int, exchange: int, left: int
+                ) -> tuple[int, Category]:
+    """(pages, category) to promote into one node: settled-hot pages may displace
+    cold ones (room + exchange), any hot page may take free room alone."""
+    by_settled = min(settled, left, room + exchange)
+    by_fresh = min(fresh, left, room)
+    if by_fresh > by_settled:
+        return by_fresh, HOT_FRESH
+    return by_settled, HOT_SETTLED
+
+
 def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64]],
               budget: int, params: PolicyParams) -> dict[int, _Counts]:
     """Page counts per node: what to demote from it and promote into it, within budget."""
     free = {n: t.free_pages for n, t in nodes.items()}
-    waiting: dict[int, dict[int, int]] = defaultdict(dict)  # receiver -> source -> hot pages
-    for n, t in nodes.items():
-        if t.promote_to in nodes:
-            waiting[t.promote_to][n] = int(hist[n][HOT_SETTLED].sum())
+    settled = _waiting(nodes, hist, HOT_SETTLED)
+    fresh = _waiting(nodes, hist, HOT_FRESH)
     promote_demand, demote_demand = 0, 0
     for n, t in nodes.items():
         if t.demote_to not in nodes:
             continue
         room = t.free_pages - t.keep_free_pages
         cold = int(hist[n][COLD_SETTLED].sum())
-        hot_below = sum(waiting[n].values())
-        promote_demand += min(hot_below, max(0, room) + cold)
+        hot_below = sum(settled[n].values())
+        promote_demand += max(min(hot_below, max(0, room) + cold),
+                              min(sum(fresh[n].values()), max(0, room)))
         # Demotions needed: to get back above the headroom, and one per promoted
         # page that does not fit into the room.
         needed = max(0, -room) + max(0, min(hot_below, cold) - max(0, room))
@@ -206,17 +244,20 @@ def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64
             demote_cap = min(demote_left, target_room, n_any)
         need = min(max(0, -room), demote_cap)
         exchange = max(0, min(n_cold - min(n_cold, need), demote_cap - need))
-        promote = min(sum(waiting[n].values()), promote_left, max(0, room) + exchange)
+        promote, category = _promotions(sum(settled[n].values()), sum(fresh[n].values()),
+                                        max(0, room), exchange, promote_left)
         demote = need + max(0, promote - max(0, room))
         if params.demote_cold:
             demote = max(demote, min(n_cold, demote_cap))
         counts.demote = demote
+        counts.promote_category = category
         promote_left -= promote
         demote_left -= demote
         free[n] += demote - promote
         if target is not None:
             free[target] -= demote
-        for source, pages in sorted(waiting[n].items()):
+        waiting = settled[n] if category == HOT_SETTLED else fresh[n]
+        for source, pages in sorted(waiting.items()):
             take = min(pages, promote)
             if take:
                 counts.promote_from[source] = take
@@ -235,7 +276,8 @@ def _cut(hist: npt.NDArray[np.int64], k: int, coldest: bool) -> int:
 
 def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
             ranges: tuple[tuple[int, int], ...], hysteresis: int, category: Category,
-            hist: npt.NDArray[np.int64], k: int, coldest: bool) -> npt.NDArray[np.uint64]:
+            hist: npt.NDArray[np.int64], k: int, coldest: bool,
+            held: npt.NDArray[np.uint64] | None = None) -> npt.NDArray[np.uint64]:
     """The k coldest (or hottest) PFNs of `category` in `ranges`, ascending.
 
     Pages strictly beyond the cut-off are all taken (their number is below k
@@ -249,7 +291,7 @@ def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     beyond, at_cut = [], []
     remaining = k
     for s, e in _chunks(ranges, heat.size):
-        inside = _in_category(mark[s:e], cranges)
+        inside = _in_category(mark[s:e], cranges, s, held)
         chunk_heat = heat[s:e]
         strict = inside & ((chunk_heat < t) if coldest else (chunk_heat > t))
         beyond.append(np.flatnonzero(strict).astype(np.uint64) + np.uint64(s))
@@ -267,27 +309,28 @@ def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
 
 
 def _demotions(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8], t: NodeTarget,
-               hysteresis: int, hist: npt.NDArray[np.int64], k: int
-               ) -> npt.NDArray[np.uint64]:
+               hysteresis: int, hist: npt.NDArray[np.int64], k: int,
+               held: npt.NDArray[np.uint64] | None = None) -> npt.NDArray[np.uint64]:
     """The k coldest movable pages of node t: settled-cold ones first."""
     cold = int(hist[COLD_SETTLED].sum())
     from_cold = min(k, cold)
     pfns = [_select(heat, mark, t.ranges, hysteresis, COLD_SETTLED, hist[COLD_SETTLED],
-                    from_cold, coldest=True)]
+                    from_cold, coldest=True, held=held)]
     if k > from_cold:
         pfns.append(_select(heat, mark, t.ranges, hysteresis, NOT_HOT, hist[NOT_HOT],
-                            k - from_cold, coldest=True))
+                            k - from_cold, coldest=True, held=held))
     return np.sort(np.concatenate(pfns))
 
 
 def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
-           nodes: list[NodeTarget], budget_pages: int, params: PolicyParams | None = None
-           ) -> Plan:
-    """One decision pass: which PFNs move where this interval."""
+           nodes: list[NodeTarget], budget_pages: int, params: PolicyParams | None = None,
+           held: npt.NDArray[np.uint64] | None = None) -> Plan:
+    """One decision pass: which PFNs move where this interval (never a `held` PFN)."""
     params = params or PolicyParams()
+    held = np.sort(held) if held is not None else np.zeros(0, dtype=np.uint64)
     hyst = params.hysteresis_rounds
     by_id = {t.node: t for t in nodes}
-    hist = {n: histograms(heat, mark, t.ranges, hyst) for n, t in by_id.items()}
+    hist = {n: histograms(heat, mark, t.ranges, hyst, held) for n, t in by_id.items()}
     counts = _allocate(by_id, hist, budget_pages, params)
     unlimited = _allocate(by_id, hist, heat.size, params)
     wanted = sum(c.demote + sum(c.promote_from.values()) for c in unlimited.values())
@@ -295,12 +338,13 @@ def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     for n, c in counts.items():
         t = by_id[n]
         if c.demote and t.demote_to is not None:
-            pfns = _demotions(heat, mark, t, hyst, hist[n], c.demote)
+            pfns = _demotions(heat, mark, t, hyst, hist[n], c.demote, held)
             demotions.append(Batch(Direction.DEMOTE, n, t.demote_to, pfns))
         for source, k in c.promote_from.items():
             s = by_id[source]
-            pfns = _select(heat, mark, s.ranges, hyst, HOT_SETTLED, hist[source][HOT_SETTLED],
-                           k, coldest=False)
+            cat = c.promote_category
+            pfns = _select(heat, mark, s.ranges, hyst, cat, hist[source][cat], k,
+                           coldest=False, held=held)
             promotions.append(Batch(Direction.PROMOTE, source, n, pfns))
     batches = sorted(demotions, key=lambda b: b.target) + sorted(promotions, key=lambda b: b.target)
     planned = sum(b.pfns.size for b in batches)

@@ -83,6 +83,7 @@ class StateSnapshot:
     rate_limit_hits: int
     pages_deferred_by_rate_limit: int
     pages_excluded: Counter[str]
+    pages_pingpong: Counter[str]
     durations: dict[str, StageDuration]
     collectors: dict[str, CollectorHealth]
     tracked_pages: int
@@ -126,6 +127,8 @@ class DaemonState:
     # Candidate pages skipped by a safety rule: "mlocked", "unevictable",
     # "excluded_process", "node_not_allowed".
     pages_excluded: Counter[str] = field(default_factory=Counter)
+    # Pages moved back within the move history's window, by the direction of the move back.
+    pages_pingpong: Counter[str] = field(default_factory=Counter)
     durations: dict[str, StageDuration] = field(
         default_factory=lambda: {s: StageDuration() for s in STAGES})
     collectors: dict[str, CollectorHealth] = field(default_factory=dict)
@@ -166,6 +169,11 @@ class DaemonState:
         if pages:
             with self._lock:
                 self.pages_excluded[reason] += pages
+
+    def record_pingpong(self, direction: Direction, pages: int) -> None:
+        if pages:
+            with self._lock:
+                self.pages_pingpong[direction.value] += pages
 
     def record_samples(self, taken: int, lost: int, unresolved: int) -> None:
         with self._lock:
@@ -242,6 +250,7 @@ class DaemonState:
                 rate_limit_hits=self.rate_limit_hits,
                 pages_deferred_by_rate_limit=self.pages_deferred_by_rate_limit,
                 pages_excluded=Counter(self.pages_excluded),
+                pages_pingpong=Counter(self.pages_pingpong),
                 durations=copy.deepcopy(self.durations),
                 collectors=copy.deepcopy(self.collectors),
                 tracked_pages=self.tracked_pages, rmap_pages=self.rmap_pages,

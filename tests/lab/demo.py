@@ -9,7 +9,11 @@ node 0's free memory. It runs tierd with config/tierd.yaml, prints a line per
 interval with per-node usage and the hot set's share of the fast tier, swaps
 the hot and cold sets halfway, and ends with
 
-    demo: hot_on_fast=F cold_on_slow=F promoted_pages=N demoted_pages=N
+    demo: hot_on_fast=F cold_on_slow=F fast_free_mib=N promoted_pages=N demoted_pages=N
+
+It fails when the memory changed, tierd did not exit cleanly, or the fast node
+ended with more free memory than the headroom tierd keeps plus 5% of the node:
+ballast + workload exceed the fast node, so it should end full.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ REPO = LAB.parent.parent
 NODES = Path("/sys/devices/system/node")
 CONFIG = REPO / "config" / "tierd.yaml"
 METRICS = "http://127.0.0.1:9748/metrics"  # config/tierd.yaml's metrics address
+# Free memory the fast node may end with beyond the headroom tierd keeps: 5% of the node.
+SLACK_PERCENT = 5.0
 
 
 def node_meminfo(node: int) -> dict[str, int]:
@@ -83,6 +89,17 @@ def usage_line(elapsed: float, placement: object, moves: tuple[int, int]) -> str
             f"promoted={moves[0]} demoted={moves[1]}")
 
 
+def fast_free_limit() -> int:
+    """Bytes node 0 may have free at the end: tierd's keep-free target plus the slack."""
+    from tierd.collectors.topology import read_topology
+    from tierd.config import load
+
+    node = read_topology().nodes[0]
+    keep = max(node.watermark_high, node.watermark_promo or 0)
+    percent = load(CONFIG).policy.headroom_percent + SLACK_PERCENT
+    return (keep + int(node.managed_pages * percent / 100)) * 4096
+
+
 def in_guest(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(LAB))
     from workload import Workload
@@ -110,6 +127,7 @@ def in_guest(args: argparse.Namespace) -> int:
             if i < args.intervals:
                 time.sleep(args.interval)
         final, (promoted, demoted) = workload.placement(), tierd_moves()
+        fast_free, limit = node_meminfo(0)["MemFree"], fast_free_limit()
     finally:
         tierd.send_signal(signal.SIGTERM)
         tierd_rc = tierd.wait(120)
@@ -118,9 +136,14 @@ def in_guest(args: argparse.Namespace) -> int:
           flush=True)
     if tierd_rc != 0:
         print(log.read_text()[-4000:], flush=True)
+    full = fast_free <= limit
+    if not full:
+        print(f"demo: the fast node ended with {fast_free >> 20} MiB free, more than the "
+              f"{limit >> 20} MiB of headroom and slack", flush=True)
     print(f"demo: hot_on_fast={final.hot_on_fast:.2f} cold_on_slow={final.cold_on_slow:.2f} "
-          f"promoted_pages={promoted} demoted_pages={demoted}", flush=True)
-    return 0 if intact and tierd_rc == 0 else 1
+          f"fast_free_mib={fast_free >> 20} promoted_pages={promoted} demoted_pages={demoted}",
+          flush=True)
+    return 0 if intact and tierd_rc == 0 and full else 1
 
 
 def on_host(args: argparse.Namespace) -> int:

@@ -162,6 +162,10 @@ def _moves(snap: StateSnapshot) -> Iterator[Metric]:
     yield _labelled(CounterMetricFamily(
         "tierd_errors", "Intervals cut short by an error, by the stage that raised it.",
         labels=["stage"]), snap.stage_errors)
+    yield _labelled(CounterMetricFamily(
+        "tierd_pingpong_pages", "Pages moved back the other way within the move history's"
+        " window (pages the PID mover followed to their new frame).",
+        labels=["direction"]), snap.pages_pingpong)
     yield _counter("tierd_rate_limit_hits",
                    "Intervals in which the migration budget cut the plan.", snap.rate_limit_hits)
     yield _counter("tierd_rate_limited_pages", "Pages held back by the migration budget.",
