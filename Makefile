@@ -52,10 +52,12 @@ bench: venv kernels
 	$(PY) benchmarks/run.py
 
 # The movers' soak at full length: 1000 round trips of 256 MiB per mover and
-# THP setting (hours under TCG; `make test` runs two of each). Figures:
-# docs/benchmarks.md.
+# THP setting on both lab kernels (hours under TCG; `make test` runs two of
+# each). Prints one JSON line per soak; figures: docs/benchmarks.md.
+SOAK_ROUND_TRIPS ?= 1000
 soak: venv kernels
-	TIERD_SOAK_ROUND_TRIPS=1000 nice $(PYTEST) -s tests/test_soak.py
+	for kernel in stock tierd; do nice $(PY) tests/lab/vm.py run --kernel $$kernel -- \
+		$(PY) tests/lab/soak.py --all --round-trips $(SOAK_ROUND_TRIPS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

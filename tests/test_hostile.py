@@ -287,12 +287,12 @@ def test_signal_handlers_only_note_the_signal_and_bursts_coalesce() -> None:
     stop = threading.Event()
     signals = Signals(stop)
     for _ in range(20):
-        signals._on_signal(signal.SIGHUP, None)
-    signals._on_signal(signal.SIGUSR1, None)
+        signals.note(signal.SIGHUP)
+    signals.note(signal.SIGUSR1)
     assert signals.wake.is_set() and not stop.is_set()
     assert signals.take() == {signal.SIGHUP, signal.SIGUSR1}
     assert signals.take() == set() and not signals.wake.is_set()
-    signals._on_signal(signal.SIGTERM, None)
+    signals.note(signal.SIGTERM)
     assert stop.is_set() and signals.take() == {signal.SIGTERM}
 
 
@@ -305,7 +305,7 @@ def test_a_burst_of_sighups_reloads_and_the_loop_keeps_going(tierd_run: Running)
     before = tierd_run.intervals()
     deadline = time.monotonic() + 30
     while tierd_run.intervals() < before + 4:
-        assert time.monotonic() < deadline, "the loop stopped after the SIGHUPs"
+        assert time.monotonic() < deadline, tierd_run.text()[-3000:]
         time.sleep(0.1)
     assert tierd_run.text().count("config reloaded") <= 20
     tierd_run.process.send_signal(signal.SIGTERM)

@@ -1,14 +1,13 @@
 """The movers' soak (tests/lab/soak.py): round trips of 256 MiB under concurrent writers.
 
-`make test` runs a short soak (a few round trips per mover and THP setting);
-`make soak` runs 1000 round trips each (TIERD_SOAK_ROUND_TRIPS), whose
+`make test` runs a short soak (two round trips per mover and THP setting);
+`make soak` runs 1000 of each (soak.py --all through tests/lab/vm.py run), whose
 figures are in docs/benchmarks.md. The phys mover needs the tierd kernel.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SOAK = Path(__file__).parent / "lab" / "soak.py"
-ROUND_TRIPS = int(os.environ.get("TIERD_SOAK_ROUND_TRIPS", "2"))
+ROUND_TRIPS = 2
 
 
 def _soak(mover: str, thp: str) -> dict[str, object]:

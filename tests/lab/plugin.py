@@ -164,9 +164,7 @@ class HostLab:
         result = vm.boot(
             vm.lab_kernel(kernel), command, echo=False,
             env={"TIERD_LAB_GUEST": kernel, RESULTS_ENV: results,
-                 "PYTHONDONTWRITEBYTECODE": "1",
-                 # Test knobs the guest reads (e.g. `make soak`'s round trips).
-                 **{k: v for k, v in os.environ.items() if k.startswith("TIERD_SOAK_")}},
+                 "PYTHONDONTWRITEBYTECODE": "1"},
             cwd=self.config.rootpath, init=init, **log,
         )
         if reporter is not None:

@@ -11,9 +11,11 @@ the end the victim checks that every word of every page holds its page's
 last generation: a byte lost or torn by a move is a failure.
 
     soak.py --mover pid --thp off --round-trips 1000 --size 256M
+    soak.py --all --round-trips 1000    # every mover this kernel has, THP off and on
 
-Prints one JSON line of figures; exits 0 only if no byte changed, every
-round completed and the victim is still alive at the end.
+Prints one JSON line of figures per soak; exits 0 only if no byte changed,
+every round completed and the victim was still alive at the end of each.
+`make soak` runs --all on both lab kernels (figures: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -144,24 +147,42 @@ def soak(kind: str, thp: bool, round_trips: int, size: int) -> dict[str, object]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mover", choices=["pid", "phys"], required=True)
-    parser.add_argument("--thp", choices=["on", "off"], required=True)
+    parser.add_argument("--mover", choices=["pid", "phys"])
+    parser.add_argument("--thp", choices=["on", "off"])
+    parser.add_argument("--all", action="store_true",
+                        help="every mover this kernel has, THP off and on")
     parser.add_argument("--round-trips", type=int, default=2)
     parser.add_argument("--size", default="256M")
     args = parser.parse_args()
-    thp = args.thp == "on"
+    if args.all:
+        movers = ["pid", "phys"] if move_phys.probe().usable else ["pid"]
+        runs = [(m, thp) for m in movers for thp in (False, True)]
+    elif args.mover and args.thp:
+        runs = [(args.mover, args.thp == "on")]
+    else:
+        parser.error("--mover and --thp, or --all")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    failed = 0
+    for kind, thp in runs:
+        figures = _with_thp(thp, lambda k=kind, t=thp: soak(k, t, args.round_trips,
+                                                             parse_size(args.size)))
+        print(json.dumps(figures), flush=True)
+        ok = figures["victim_status"] == 0 and figures["victim_alive"] and \
+            figures["pages_moved"]
+        failed += not ok
+    return 1 if failed else 0
+
+
+def _with_thp(thp: bool, run: Callable[[], dict[str, object]]) -> dict[str, object]:
+    """run() with THP available to madvise when `thp` (the guest may boot with it off)."""
     before = THP_ENABLED.read_text()
     if thp and "[never]" in before:
         THP_ENABLED.write_text("madvise")
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        figures = soak(args.mover, thp, args.round_trips, parse_size(args.size))
+        return run()
     finally:
         if thp and "[never]" in before:
             THP_ENABLED.write_text("never")
-    print(json.dumps(figures), flush=True)
-    ok = figures["victim_status"] == 0 and figures["victim_alive"] and figures["pages_moved"]
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":
