@@ -29,7 +29,9 @@ from tierd.service import systemd as sd
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "tierd.service"
+# The virtualenv's console script; in a package build, the one on PATH.
 TIERD = Path(sys.executable).parent / "tierd"
+TIERD = TIERD if TIERD.exists() else Path(shutil.which("tierd") or TIERD)
 
 
 class NotifySocket:
