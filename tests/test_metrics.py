@@ -16,8 +16,17 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixture import DEMOTED_PAGES, GIB, PROMOTED_PAGES, failed_reload, populated_state
+from service_fixture import (
+    DEMOTED_PAGES,
+    GIB,
+    HOT_ON_FAST,
+    HOT_ON_SLOW,
+    PROMOTED_PAGES,
+    failed_reload,
+    populated_state,
+)
 
+import tierd
 from tierd import config
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
@@ -25,7 +34,8 @@ from tierd.service.metrics import MetricsServer
 from tierd.state import DaemonState
 
 ALLOWED_LABELS = {"node", "tier", "source_node", "target_node", "direction", "reason", "stage",
-                  "collector", "state", "mover", "version", "pythonversion", "le"}
+                  "collector", "state", "mover", "version", "revision", "pythonversion", "le",
+                  "heat", "source"}
 
 
 def ok_reload() -> ReloadStatus:
@@ -58,11 +68,11 @@ def value(text: str, name: str, **labels: str) -> float:
 
 def test_moves_by_direction_and_node_pair(server: MetricsServer) -> None:
     text = get(server.url + "/metrics")
-    assert value(text, "tierd_promoted_pages_total", source_node="1",
+    assert value(text, "tierd_moved_pages_total", direction="promote", source_node="1",
                  target_node="0") == PROMOTED_PAGES
-    assert value(text, "tierd_promoted_bytes_total", source_node="1",
+    assert value(text, "tierd_moved_bytes_total", direction="promote", source_node="1",
                  target_node="0") == PROMOTED_PAGES * 4096
-    assert value(text, "tierd_demoted_pages_total", source_node="0",
+    assert value(text, "tierd_moved_pages_total", direction="demote", source_node="0",
                  target_node="1") == DEMOTED_PAGES
     assert value(text, "tierd_migration_attempts_total", direction="promote", source_node="1",
                  target_node="0") == PROMOTED_PAGES + 25
@@ -80,6 +90,39 @@ def test_memory_per_node_and_per_tier(server: MetricsServer) -> None:
     assert value(text, "tierd_node_memory_used_bytes", node="0", tier="4") == 1.5 * GIB
     assert value(text, "tierd_node_memory_free_bytes", node="1", tier="54") == 1.5 * GIB
     assert value(text, "tierd_tier_memory_used_bytes", tier="54") == 0.5 * GIB
+    assert value(text, "tierd_node_memory_keep_free_bytes", node="0", tier="4") == GIB / 4
+    assert value(text, "tierd_tier_memory_keep_free_bytes", tier="54") == GIB / 8
+    assert value(text, "tierd_node_tier_rank", node="0", tier="4") == 0
+    assert value(text, "tierd_node_tier_rank", node="1", tier="54") == 1
+
+
+def test_placement_bytes_per_heat_class_and_node(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_placement_bytes", node="0", tier="4", heat="hot") == HOT_ON_FAST
+    assert value(text, "tierd_placement_bytes", node="1", tier="54", heat="hot") == HOT_ON_SLOW
+    assert value(text, "tierd_placement_bytes", node="1", tier="54", heat="cold") == GIB / 4
+    assert value(text, "tierd_placement_bytes", node="1", tier="54", heat="warm") == 0
+
+
+def test_errors_by_source_count_every_error(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_errors_total", source="rmap") == 10
+    assert value(text, "tierd_errors_total", source="mover:pid") == 1
+
+
+def test_build_info_names_the_revision(server: MetricsServer) -> None:
+    from tierd.build import git_revision
+
+    (labels,) = [dict(labels) for name, labels in samples(get(server.url + "/metrics"))
+                 if name == "tierd_build_info"]
+    assert labels["version"] == tierd.__version__
+    assert labels["revision"] == (git_revision(REPO) or "unknown")
+    assert labels["revision"] != "unknown" or not (REPO / ".git").exists()
+
+
+def test_one_direction_label_instead_of_per_direction_names(server: MetricsServer) -> None:
+    names = {name for name, _ in samples(get(server.url + "/metrics"))}
+    assert not {n for n in names if "promoted" in n or "demoted" in n}
 
 
 def test_durations_are_cumulative_histograms(server: MetricsServer) -> None:
@@ -123,8 +166,8 @@ def test_dry_run_counts_what_would_move() -> None:
     assert value(text, "tierd_dry_run") == 1
     assert value(text, "tierd_dry_run_pages_total", direction="promote", source_node="1",
                  target_node="0") == PROMOTED_PAGES
-    assert ("tierd_promoted_pages_total", frozenset({("source_node", "1"),
-                                                     ("target_node", "0")})) not in samples(text)
+    assert ("tierd_moved_pages_total", frozenset({("direction", "promote"), ("source_node", "1"),
+                                                  ("target_node", "0")})) not in samples(text)
 
 
 def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
@@ -227,7 +270,8 @@ def test_a_real_prometheus_scrapes_tierd(server: MetricsServer, tmp_path: Path) 
             stdout=subprocess.DEVNULL, stderr=log)  # the child keeps its own descriptor
     try:
         result = wait_for_series(f"http://127.0.0.1:{port}",
-                                 'tierd_promoted_pages_total{source_node="1",target_node="0"}',
+                                 'tierd_moved_pages_total{direction="promote",source_node="1",'
+                                 'target_node="0"}',
                                  prometheus)
         assert float(result[0]["value"][1]) == PROMOTED_PAGES
         assert result[0]["metric"]["job"] == "tierd"
@@ -301,7 +345,22 @@ def test_every_alert_has_a_test_that_fires_it() -> None:
     names = {r["alert"] for r in alert_rules()}
     assert names == fired
     assert {"TierdDown", "TierdConfigReloadFailed", "TierdScanLag", "TierdTierFull",
-            "TierdMigrationFailureRatio", "TierdMigrationChurn"} <= names
+            "TierdMigrationFailureRatio", "TierdMigrationChurn", "TierdNoCollector",
+            "TierdHotMemoryOnSlowTier"} <= names
+
+
+def test_every_alert_stays_silent_on_a_healthy_host() -> None:
+    """The healthy case (a well-placed host: fast tier filled to what the policy keeps
+    free, trims for lack of room) runs every alert past its `for:` and expects none."""
+    import yaml
+    tests = {t["name"]: t for t in yaml.safe_load(ALERTS_TEST.read_text())["tests"]}
+    healthy = tests["healthy steady state"]
+    silent = {case["alertname"] for case in healthy["alert_rule_test"]
+              if case["exp_alerts"] == []}
+    assert silent == {r["alert"] for r in alert_rules()}
+    longest = max(int(r.get("for", "0m").removesuffix("m")) for r in alert_rules())
+    assert all(int(case["eval_time"].removesuffix("m")) > longest + 15
+               for case in healthy["alert_rule_test"])
 
 
 def test_alerts_use_only_exported_metrics() -> None:
@@ -341,16 +400,37 @@ def test_dashboard_layout_is_sound() -> None:
     assert dashboard["uid"] and dashboard["schemaVersion"] >= 30
 
 
+def test_dashboard_units_placement_kernel_context_and_restarts() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in dashboard_panels()}
+    assert "pps" not in units.values(), "pps is packets per second"
+    page_rates = [p for p in dashboard_panels()
+                  if any("_pages_total" in t["expr"] and "rate(" in t["expr"]
+                         for t in p["targets"]) and "/" not in p["targets"][0]["expr"]]
+    assert page_rates and all(units[p["title"]] == "suffix: pages/s" for p in page_rates)
+    exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dashboard_panels()}
+    assert any("tierd_placement_bytes" in e and "heat" in e for e in exprs.values())
+    assert any("node_vmstat_pgpromote" in e and "node_vmstat_pgdemote" in e
+               for e in exprs.values())
+    annotations = [a["expr"] for a in dashboard["annotations"]["list"]]
+    assert any("changes(tierd_start_time_seconds" in a for a in annotations)
+
+
 def test_dashboard_queries_use_exported_metrics_and_parse(tmp_path: Path) -> None:
     exported = exported_names()
+    dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard_panels() for t in p["targets"]]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
     for expr in exprs:
         assert tierd_names(expr) <= exported, expr
-        assert 'instance=~"$instance"' in expr, expr
+        # node_exporter's instance (its own port) is a variable of its own
+        assert 'instance=~"$instance"' in expr or (
+            "node_vmstat" in expr and 'instance=~"$node_instance"' in expr), expr
     # promtool parses PromQL when checking rules: one recording rule per query
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"dashboard:query{i}",
-         "expr": e.replace("$__rate_interval", "5m").replace("$instance", ".*")}
+         "expr": e.replace("$__rate_interval", "5m").replace("$instance", ".*")
+         .replace("$node_instance", ".*")}
         for i, e in enumerate(exprs)]}]}
     (tmp_path / "rules.yml").write_text(json.dumps(rules))
     result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")],

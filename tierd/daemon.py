@@ -415,6 +415,7 @@ class Daemon:
         stats = self.rmap.refresh()
         for error in stats.errors[:3]:
             self.state.record_error("rmap", error)
+        self.state.count_errors("rmap", max(0, len(stats.errors) - 3))
         if self.idle is None:
             # Without the idle bitmap, the reverse map is what says which PFNs are user pages.
             assert self.heat is not None
@@ -522,9 +523,7 @@ class Daemon:
     def publish(self, facts: list[NodeFacts], summary: IntervalSummary) -> None:
         assert self.heat is not None and self.topology is not None
         tier_ids = {t.rank: t.id for t in self.topology.tiers}
-        self.state.set_nodes([NodeUsage(f.node, tier_ids.get(f.tier, f.tier),
-                                        f.managed_pages * PAGE_SIZE, f.free_pages * PAGE_SIZE)
-                              for f in facts])
+        self.state.set_nodes([self._usage(f, tier_ids.get(f.tier, f.tier)) for f in facts])
         for f in facts:
             self.state.set_heat_strip(f.node, self._strip(f))
         self.state.set_sizes(self.heat.tracked_count(),
@@ -532,6 +531,16 @@ class Daemon:
                              self.rmap.nbytes if self.rmap else 0)
         self.state.finish_interval()
         log.info("interval %d: %s", self.state.intervals, describe(summary, PAGE_SIZE))
+
+    def _usage(self, f: NodeFacts, tier_id: int) -> NodeUsage:
+        """The node's memory, its policy floor and where its tracked pages' heat sits."""
+        assert self.heat is not None
+        counts = [self.heat.class_counts(start, end) for start, end in f.ranges]
+        cold, warm, hot = (sum(c[i] for c in counts) for i in range(3))
+        return NodeUsage(f.node, tier_id, f.managed_pages * PAGE_SIZE, f.free_pages * PAGE_SIZE,
+                         tier_rank=f.tier, keep_free_bytes=self._keep_free.get(f.node, 0) *
+                         PAGE_SIZE, hot_bytes=hot * PAGE_SIZE, warm_bytes=warm * PAGE_SIZE,
+                         cold_bytes=cold * PAGE_SIZE)
 
     def _strip(self, f: NodeFacts) -> list[float]:
         """Mean heat (in accesses) of HEAT_STRIP_BINS equal slices of the node's PFNs."""

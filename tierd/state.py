@@ -64,6 +64,12 @@ class NodeUsage:
     tier: int  # N of /sys/devices/virtual/memory_tiering/memory_tierN (lower is faster)
     total_bytes: int
     free_bytes: int
+    tier_rank: int = 0  # the tier's place in the hierarchy: 0 is the fastest
+    keep_free_bytes: int = 0  # what the policy keeps free: watermark + headroom
+    # Tracked pages on the node by heat class: is the hot memory on the fast tier?
+    hot_bytes: int = 0
+    warm_bytes: int = 0
+    cold_bytes: int = 0
 
 
 # Key of the move counters: (direction, source node, target node).
@@ -98,6 +104,7 @@ class StateSnapshot:
     rmap_pages: int
     rmap_bytes: int
     last_errors: list[ErrorRecord]
+    errors: Counter[str]
     nodes: dict[int, NodeUsage]
     heat_strips: dict[int, tuple[float, ...]]
 
@@ -141,6 +148,8 @@ class DaemonState:
     rmap_bytes: int = 0
     last_errors: deque[ErrorRecord] = field(
         default_factory=lambda: deque(maxlen=LAST_ERRORS_KEPT))
+    # Every error recorded, by source (the last few are in last_errors).
+    errors: Counter[str] = field(default_factory=Counter)
     nodes: dict[int, NodeUsage] = field(default_factory=dict)  # node -> usage
     # node -> mean heat in equal-width bins across the node's PFN range, low
     # PFNs first (a picture for the status page: positions, never addresses).
@@ -203,6 +212,12 @@ class DaemonState:
     def record_error(self, source: str, message: str) -> None:
         with self._lock:
             self.last_errors.append(ErrorRecord(time.time(), source, message))
+            self.errors[source] += 1
+
+    def count_errors(self, source: str, count: int) -> None:
+        """Errors counted but not kept (a burst's first few went through record_error)."""
+        with self._lock:
+            self.errors[source] += count
 
     def set_sizes(self, tracked_pages: int, rmap_pages: int, rmap_bytes: int) -> None:
         with self._lock:
@@ -241,5 +256,6 @@ class DaemonState:
                 collectors=copy.deepcopy(self.collectors),
                 tracked_pages=self.tracked_pages, rmap_pages=self.rmap_pages,
                 rmap_bytes=self.rmap_bytes, last_errors=list(self.last_errors),
+                errors=Counter(self.errors),
                 nodes=dict(self.nodes), heat_strips=dict(self.heat_strips),
             )

@@ -32,10 +32,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from tierd import __version__
+from tierd.build import revision
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
 from tierd.service import status
-from tierd.state import DURATION_BUCKETS, DaemonState, Direction, Health, MoveKey, StateSnapshot
+from tierd.state import DURATION_BUCKETS, DaemonState, Health, StateSnapshot
 
 MOVE_LABELS = ["source_node", "target_node"]
 
@@ -57,6 +58,9 @@ class TierdCollector(Collector):
         yield from _samples(snap)
         yield from _durations(snap)
         yield from _collectors(snap)
+        yield _labelled(CounterMetricFamily(
+            "tierd_errors", "Errors the daemon recorded, by where they arose.",
+            labels=["source"]), snap.errors)
         yield from _reload(self._reload_status())
 
 
@@ -69,9 +73,10 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 
 def _daemon(snap: StateSnapshot, interval: float) -> Iterator[Metric]:
-    info = GaugeMetricFamily("tierd_build_info", "tierd's version; always 1.",
-                             labels=["version", "pythonversion"])
-    info.add_metric([__version__, platform.python_version()], 1)
+    info = GaugeMetricFamily("tierd_build_info",
+                             "tierd's version and source revision; always 1.",
+                             labels=["version", "revision", "pythonversion"])
+    info.add_metric([__version__, revision(), platform.python_version()], 1)
     yield info
     yield _gauge("tierd_start_time_seconds", "When the daemon started (Unix time).",
                  snap.started_at)
@@ -97,50 +102,65 @@ def _daemon(snap: StateSnapshot, interval: float) -> Iterator[Metric]:
 
 
 def _memory(snap: StateSnapshot) -> Iterator[Metric]:
-    kinds = ("total", "free", "used")
-    per_node = {k: GaugeMetricFamily(f"tierd_node_memory_{k}_bytes",
-                                     f"{k.capitalize()} memory of a NUMA node.",
-                                     labels=["node", "tier"]) for k in kinds}
+    kinds = ("total", "free", "used", "keep_free")
+    per_node = {k: GaugeMetricFamily(f"tierd_node_memory_{k}_bytes", doc,
+                                     labels=["node", "tier"]) for k, doc in _MEMORY_DOCS.items()}
     per_tier = {k: GaugeMetricFamily(f"tierd_tier_memory_{k}_bytes",
-                                     f"{k.capitalize()} memory of a memory tier (all its nodes).",
-                                     labels=["tier"]) for k in kinds}
+                                     doc.replace("a NUMA node", "a memory tier (all its nodes)"),
+                                     labels=["tier"]) for k, doc in _MEMORY_DOCS.items()}
+    rank = GaugeMetricFamily("tierd_node_tier_rank",
+                             "Place of the node's memory tier, fastest first: 0 is the top tier.",
+                             labels=["node", "tier"])
+    placement = GaugeMetricFamily("tierd_placement_bytes",
+                                  "Tracked memory on a node by heat class (hot, warm, cold).",
+                                  labels=["node", "tier", "heat"])
     tiers: dict[int, Counter[str]] = {}
     for usage in sorted(snap.nodes.values(), key=lambda u: u.node):
+        labels = [str(usage.node), str(usage.tier)]
         values = {"total": usage.total_bytes, "free": usage.free_bytes,
-                  "used": usage.total_bytes - usage.free_bytes}
+                  "used": usage.total_bytes - usage.free_bytes,
+                  "keep_free": usage.keep_free_bytes}
         for kind, value in values.items():
-            per_node[kind].add_metric([str(usage.node), str(usage.tier)], value)
+            per_node[kind].add_metric(labels, value)
         tiers.setdefault(usage.tier, Counter()).update(values)
+        rank.add_metric(labels, usage.tier_rank)
+        for heat, held in (("hot", usage.hot_bytes), ("warm", usage.warm_bytes),
+                           ("cold", usage.cold_bytes)):
+            placement.add_metric([*labels, heat], held)
     for tier, values in sorted(tiers.items()):
         for kind in kinds:
             per_tier[kind].add_metric([str(tier)], values[kind])
     yield from per_node.values()
     yield from per_tier.values()
+    yield rank
+    yield placement
 
 
-def _by_node_pair(name: str, doc: str, counts: Counter[MoveKey], direction: Direction,
-                  scale: int = 1) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=MOVE_LABELS)
-    for (d, source, target), n in sorted(counts.items()):
-        if d == direction:
-            family.add_metric([str(source), str(target)], n * scale)
-    return family
+_MEMORY_DOCS = {
+    "total": "Total memory of a NUMA node.",
+    "free": "Free memory of a NUMA node.",
+    "used": "Used memory of a NUMA node.",
+    "keep_free": "Memory the policy keeps free on a NUMA node (watermark + headroom).",
+}
 
 
 def _moves(snap: StateSnapshot) -> Iterator[Metric]:
-    for direction, verb in ((Direction.PROMOTE, "promoted"), (Direction.DEMOTE, "demoted")):
-        yield _by_node_pair(f"tierd_{verb}_pages", f"Pages {verb} (reached the target node).",
-                            snap.pages_moved, direction)
-        yield _by_node_pair(f"tierd_{verb}_bytes", f"Bytes {verb}.", snap.bytes_moved, direction)
+    moved = CounterMetricFamily("tierd_moved_pages", "Pages that reached their target node.",
+                                labels=["direction", *MOVE_LABELS])
+    moved_bytes = CounterMetricFamily("tierd_moved_bytes", "Bytes that reached their target node.",
+                                      labels=["direction", *MOVE_LABELS])
     would = CounterMetricFamily("tierd_dry_run_pages",
                                 "Pages a dry run decided to move, each once per target node.",
                                 labels=["direction", *MOVE_LABELS])
     attempts = CounterMetricFamily("tierd_migration_attempts",
                                    "Pages handed to a mover, moved or not.",
                                    labels=["direction", *MOVE_LABELS])
-    for family, counts in ((would, snap.pages_would_move), (attempts, snap.pages_attempted)):
+    for family, counts in ((moved, snap.pages_moved), (moved_bytes, snap.bytes_moved),
+                           (would, snap.pages_would_move), (attempts, snap.pages_attempted)):
         for (d, source, target), n in sorted(counts.items()):
             family.add_metric([str(d), str(source), str(target)], n)
+    yield moved
+    yield moved_bytes
     yield would
     yield attempts
     yield _labelled(CounterMetricFamily(
