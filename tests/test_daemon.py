@@ -198,7 +198,7 @@ def test_interval_and_exit_summaries_name_pages_nodes_and_reasons_not_addresses(
     state.record_failures({"EBUSY": 2})
     state.finish_interval()
     assert summary_line(state.snapshot()) == (
-        "tierd: 1 intervals, mover pid, promoted 0 pages (0.0 MiB), demoted 512 pages "
+        "tierd: 1 interval, mover pid, promoted 0 pages (0.0 MiB), demoted 512 pages "
         "(2.0 MiB), 2 not moved (EBUSY=2)")
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -232,6 +235,42 @@ def test_reload_status_follows_the_config_store(tmp_path: Path) -> None:
         assert value(text, "tierd_interval_seconds") == 5
     finally:
         srv.stop()
+
+
+def healthz(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read().decode()
+
+
+def test_healthz_fails_when_the_last_interval_is_stale() -> None:
+    from tierd.service.status import STALE_INTERVALS
+
+    state = populated_state()  # its one interval just finished
+    srv = MetricsServer(state, ok_reload, lambda: 5.0, port=0).start()
+    try:
+        code, body = healthz(srv.url)
+        assert code == 200 and body.startswith("ok: last interval"), body
+        state.last_interval_at = time.time() - STALE_INTERVALS * 5.0 + 3
+        assert healthz(srv.url)[0] == 200  # within a few slow intervals
+        state.last_interval_at = time.time() - STALE_INTERVALS * 5.0 - 1
+        code, body = healthz(srv.url)
+        assert code == 503 and body.startswith("stale: last interval"), body
+        assert "tierd_intervals_total" in get(srv.url + "/metrics")  # /metrics still answers
+    finally:
+        srv.stop()
+
+
+def test_healthz_counts_from_the_start_until_the_first_interval() -> None:
+    from tierd.service.status import liveness
+
+    snap = DaemonState().snapshot()
+    assert liveness(snap, 5.0, now=1000.0, since=990.0)[0]
+    alive, why = liveness(snap, 5.0, now=1000.0, since=970.0)
+    assert not alive and "no interval yet" in why
 
 
 def test_unknown_path_is_404(server: MetricsServer) -> None:
@@ -501,6 +540,59 @@ def test_tierd_run_in_the_lab_exports_the_real_topology(tmp_path: Path) -> None:
         _, err = daemon.communicate(timeout=120)
     assert daemon.returncode == 0, err[-3000:]
     assert "Traceback" not in err
+
+
+def wait_for_healthz(url: str, code: int, process: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "tierd exited"
+        got, body = healthz(url)
+        if got == code:
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"/healthz never answered {code}")
+
+
+@pytest.mark.vm(kernels=["tierd"])
+def test_healthz_fails_while_the_main_loop_hangs_and_recovers(tmp_path: Path) -> None:
+    """A main loop stuck in a write (a trace into a pipe nobody reads) fails /healthz
+    while /metrics, served from another thread, still answers; draining the pipe
+    lets the loop, and /healthz, recover."""
+    port = free_port()
+    cfg = tmp_path / "tierd.yaml"
+    cfg.write_text(f"interval: 1\ndry_run: true\nmetrics: {{port: {port}}}\n"
+                   "collectors: {perf: {enabled: false}, idle: {interval: 1}}\n")
+    trace = tmp_path / "trace"
+    os.mkfifo(trace)
+    reader = os.open(trace, os.O_RDONLY | os.O_NONBLOCK)  # tierd's open for writing returns
+    fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, 4096)  # a page of trace fills it
+    log = (tmp_path / "tierd.log").open("w")
+    daemon = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--config", str(cfg),
+                               "--record", str(trace)], stdout=log, stderr=log, text=True)
+    url = f"http://127.0.0.1:{port}"
+    drained = threading.Thread(target=drain, args=(reader,), daemon=True)
+    try:
+        wait_for(url + "/metrics", first_interval_done, daemon)
+        body = wait_for_healthz(url, 503, daemon)
+        assert body.startswith("stale: last interval"), body
+        assert first_interval_done(get(url + "/metrics"))  # what the old liveness probe read
+        drained.start()
+        wait_for_healthz(url, 200, daemon)
+    finally:
+        if not drained.is_alive():
+            drained.start()
+        daemon.terminate()
+        daemon.wait(timeout=300)
+        log.close()
+    assert daemon.returncode == 0, (tmp_path / "tierd.log").read_text()[-3000:]
+
+
+def drain(fd: int) -> None:
+    """Read the pipe until its writer closes it."""
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as pipe:
+        while pipe.read(65536):
+            pass
 
 
 def test_every_metric_is_documented() -> None:

@@ -7,6 +7,7 @@ lab guest by tests/test_systemd.py (which uses build_deb from this module).
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -292,7 +293,10 @@ def test_daemonset_is_privileged_in_the_host_pid_namespace() -> None:
     assert pod["hostPID"] is True
     (container,) = pod["containers"]
     assert container["securityContext"]["privileged"] is True
-    assert container["command"][:2] == ["/usr/bin/tierd", "run"]
+    assert container["command"][0] == "/usr/bin/tierd"
+    from tierd import cli
+    args = cli.build_parser().parse_args(container["command"][1:])
+    assert (args.command, args.log_format) == ("run", "json")  # no journald in a pod
     assert container["image"]
 
 
@@ -305,13 +309,54 @@ def test_daemonset_mounts_sys_proc_and_the_config() -> None:
     assert all(m["name"] in volumes for m in mounts.values())
     assert volumes[mounts["/sys"]["name"]]["hostPath"]["path"] == "/sys"
     assert not mounts["/sys"].get("readOnly"), "the idle bitmap is written"
-    assert volumes[mounts["/host/proc"]["name"]]["hostPath"]["path"] == "/proc"
+    # The host's lock directory: one tierd per host, pod or service.
+    assert volumes[mounts["/run/tierd"]["name"]]["hostPath"]["path"] == "/run/tierd"
+    assert all(v.get("hostPath", {}).get("path") != "/proc" for v in volumes.values()), \
+        "tierd reads the pod's /proc (hostPID); a host /proc mount is unused"
+    assert set(volumes) == {m["name"] for m in mounts.values()}, "a volume nothing mounts"
     config_volume = volumes[mounts["/etc/tierd"]["name"]]
     config_map = everything["ConfigMap"]
     assert config_volume["configMap"]["name"] == config_map["metadata"]["name"]
     assert config_map["metadata"]["namespace"] == everything["DaemonSet"]["metadata"]["namespace"]
     port = container["ports"][0]
     assert container["livenessProbe"]["httpGet"]["port"] == port["name"]
+    # /metrics is served from another thread: only /healthz sees a hung main loop.
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_daemonset_runs_on_tiered_nodes_as_a_critical_node_agent() -> None:
+    pod = manifests()["DaemonSet"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["tierd/tiered-memory"] == "true"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_pod_monitor_scrapes_the_daemonset_metrics_port_as_job_tierd() -> None:
+    monitor = yaml.safe_load((REPO / "packaging/k8s/podmonitor.yaml").read_text())
+    ds = manifests()["DaemonSet"]
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        ds["spec"]["template"]["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    assert endpoint["port"] == container["ports"][0]["name"]
+    assert {"targetLabel": "job", "replacement": "tierd"} in endpoint["relabelings"]
+
+
+def test_containerfile_installs_the_deb_on_its_debian_and_runs_the_daemonset_command() -> None:
+    text = (REPO / "packaging/k8s/Containerfile").read_text()
+    instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert instructions[0] == "FROM debian:bookworm-slim"
+    assert Path("/etc/debian_version").read_text().startswith("12"), "the .deb's Debian"
+    assert "COPY tierd_*.deb /tmp/" in instructions
+    assert "apt-get install -y --no-install-recommends /tmp/tierd_*.deb" in text
+    entrypoint = json.loads(text.split("ENTRYPOINT ", 1)[1].splitlines()[0])
+    cmd = json.loads(text.split("CMD ", 1)[1].splitlines()[0])
+    (container,) = manifests()["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    assert entrypoint + cmd == container["command"]
+    assert container["image"] == f"tierd:{tierd.__version__}"
 
 
 def test_daemonset_config_is_a_valid_tierd_config(tmp_path: Path) -> None:

@@ -192,7 +192,7 @@ class Daemon:
         if self._record_path:
             self._trace = TraceWriter(self._record_path)
         log.info("tierd started: %d nodes in %d tiers, mover %s, %s, interval %.1fs, "
-                 "budget %.0f MB/s", len(facts), len({f.tier for f in facts}), self.state.mover,
+                 "budget %.0f MiB/s", len(facts), len({f.tier for f in facts}), self.state.mover,
                  "DRY RUN" if self.settings.dry_run else "moving pages", self.settings.interval,
                  self.settings.rate_mb_per_s)
 
@@ -298,9 +298,6 @@ class Daemon:
             config, self._pending = self._pending, None
         if config is None:
             return
-        if config.collectors != self.config.collectors or config.movers.kind != \
-                self.config.movers.kind:
-            log.warning("config reload: collector and mover changes take effect at restart")
         self.config = config
         self.settings = Settings.from_config(config, self._dry_run_flag)
         self.state.dry_run = self.settings.dry_run
@@ -530,7 +527,6 @@ class Daemon:
                              self.rmap.pages if self.rmap else 0,
                              self.rmap.nbytes if self.rmap else 0)
         self.state.finish_interval()
-        log.info("interval %d: %s", self.state.intervals, describe(summary, PAGE_SIZE))
 
     def _usage(self, f: NodeFacts, tier_id: int) -> NodeUsage:
         """The node's memory, its policy floor and where its tracked pages' heat sits."""

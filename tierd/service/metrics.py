@@ -7,8 +7,9 @@ scrape sees one consistent interval. Names follow the Prometheus conventions
 tiers, directions, stages, collectors and failure reasons, all bounded sets,
 never a pid or an address. docs/metrics.md lists every family.
 
-`MetricsServer` serves `/metrics`, the status page `/` and `/status.json` on
-one port, bound to 127.0.0.1 unless the config says otherwise.
+`MetricsServer` serves `/metrics`, the status page `/`, `/status.json` and
+`/healthz` (503 once the main loop is stale) on one port, bound to 127.0.0.1
+unless the config says otherwise.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def _app(registry: CollectorRegistry, page: Callable[[], str],
-         document: Callable[[], bytes]) -> WsgiApp:
+         document: Callable[[], bytes], liveness: Callable[[], tuple[bool, str]]) -> WsgiApp:
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -279,9 +280,15 @@ def _app(registry: CollectorRegistry, page: Callable[[], str],
             body, kind = page().encode(), "text/html; charset=utf-8"
         elif path == "/status.json":
             body, kind = document(), "application/json"
+        elif path == "/healthz":
+            alive, why = liveness()
+            body = f"{why}\n".encode()
+            start_response("200 OK" if alive else "503 Service Unavailable",
+                           [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            return [body]
         else:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: try /, /metrics or /status.json\n"]
+            return [b"not found: try /, /metrics, /status.json or /healthz\n"]
         start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body)))])
         return [body]
 
@@ -289,7 +296,7 @@ def _app(registry: CollectorRegistry, page: Callable[[], str],
 
 
 class MetricsServer:
-    """/metrics, / and /status.json on one port, served from a background thread."""
+    """/metrics, /, /status.json and /healthz on one port, served from a background thread."""
 
     def __init__(self, state: DaemonState, reload_status: Callable[[], ReloadStatus],
                  interval: Callable[[], float], address: str = "127.0.0.1",
@@ -297,7 +304,7 @@ class MetricsServer:
         self.address = address
         self._registry = build_registry(state, reload_status, interval)
         self._report = status.StatusReport(state, reload_status, interval)
-        app = _app(self._registry, self._report.html, self._report.json)
+        app = _app(self._registry, self._report.html, self._report.json, self._report.liveness)
         server_class = _Server6 if ":" in address else _Server
         try:
             self._server = make_server(address, port, app, server_class, _QuietHandler)

@@ -22,8 +22,13 @@ from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
 from tierd.state import DaemonState, Direction, StateSnapshot
+from tierd.units import plural
 
 Document = dict[str, Any]
+
+# /healthz fails when no interval completed for this many periods: one slow
+# interval (a paced idle scan on a large host) passes, a hung main loop does not.
+STALE_INTERVALS = 5
 
 
 class StatusReport:
@@ -34,6 +39,7 @@ class StatusReport:
         self._state = state
         self._reload_status = reload_status
         self._interval = interval
+        self._since = time.time()
 
     def document(self) -> Document:
         return build_document(self._state.snapshot(), self._reload_status(), self._interval(),
@@ -44,6 +50,20 @@ class StatusReport:
 
     def html(self) -> str:
         return render_html(self.document())
+
+    def liveness(self) -> tuple[bool, str]:
+        return liveness(self._state.snapshot(), self._interval(), time.time(), self._since)
+
+
+def liveness(snap: StateSnapshot, interval: float, now: float, since: float) -> tuple[bool, str]:
+    """(alive, why): has the main loop completed an interval lately (since: serving began)?"""
+    last = snap.last_interval_at if snap.last_interval_at is not None else since
+    age, limit = now - last, STALE_INTERVALS * interval
+    what = "last interval" if snap.last_interval_at is not None else "no interval yet, started"
+    if age > limit:
+        return False, f"stale: {what} {age:.1f} s ago, over {STALE_INTERVALS} intervals" \
+                      f" ({limit:g} s)"
+    return True, f"ok: {what} {age:.1f} s ago"
 
 
 def build_document(snap: StateSnapshot, reload: ReloadStatus, interval: float,
@@ -109,7 +129,7 @@ def size(n: float) -> str:
 def render_text(doc: Document) -> str:
     lines = [
         f"tierd {doc['version']}, up {_duration(doc['uptime_seconds'])},"
-        f" {doc['intervals']} intervals of {doc['interval_seconds']:g} s"
+        f" {plural(doc['intervals'], 'interval')} of {doc['interval_seconds']:g} s"
         f"{', DRY RUN' if doc['dry_run'] else ''}",
         f"mover: {doc['mover']}   kernel tiering: {doc['kernel_tiering']}   "
         f"last interval: {_age(doc['last_interval_age_seconds'])}",
