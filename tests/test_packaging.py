@@ -7,12 +7,14 @@ lab guest by tests/test_systemd.py (which uses build_deb from this module).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import tarfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,13 +55,18 @@ def copy_source(dest: Path) -> Path:
     return dest
 
 
-def build_deb(workdir: Path) -> Path:
-    """dpkg-buildpackage -us -uc -b on a copy of the sources; the .deb's path."""
+def build_deb(workdir: Path, check: bool = False) -> Path:
+    """dpkg-buildpackage -us -uc -b on a copy of the sources; the .deb's path.
+
+    check: run the host tests during the build, as a real build does (the lab
+    guests skip them: they pass on the host, and take long under TCG)."""
     source = copy_source(workdir / "tierd")
     shutil.copytree(REPO / "packaging" / "debian", source / "debian")
+    options = {} if check else {"DEB_BUILD_OPTIONS": "nocheck"}
     done = subprocess.run(
         ["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source,
-        env={**os.environ, "PATH": SYSTEM_PATH}, capture_output=True, text=True, check=False)
+        env={**os.environ, "PATH": SYSTEM_PATH, **options}, capture_output=True, text=True,
+        check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (workdir / "build.log").write_text(done.stdout + done.stderr)
     (deb,) = workdir.glob(f"tierd_{tierd.__version__}_*.deb")
@@ -79,7 +86,17 @@ def relation_names(value: str) -> set[str]:
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("dpkg-buildpackage") is None or shutil.which("dh_python3") is None:
         pytest.skip("needs dpkg-dev, debhelper, dh-python (tests/lab/debian-packages.txt)")
-    return build_deb(tmp_path_factory.mktemp("deb"))
+    return build_deb(tmp_path_factory.mktemp("deb"), check=True)
+
+
+_lab_debs: list[Path] = []
+
+
+def lab_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb built once per lab guest, for every systemd-guest test that installs it."""
+    if not _lab_debs:
+        _lab_debs.append(build_deb(tmp_path_factory.mktemp("deb")))
+    return _lab_debs[0]
 
 
 def test_changelog_version_is_the_package_version() -> None:
@@ -400,3 +417,66 @@ def test_rpm_restarts_after_upgrade_and_stops_on_erase(rpm: Path, tmp_path: Path
     assert run_scriptlet(preun, 0, tmp_path) == [
         "systemctl --no-reload disable --now tierd.service"]
     assert run_scriptlet(postun, 0, tmp_path) == []
+
+
+# --- the package's lifecycle on a systemd host (the lab guest) ------------------------
+
+
+def repack(deb: Path, version: str, out: Path) -> Path:
+    """The same package as `version`, whose tierd reports that version: a dpkg upgrade
+    from deb to it runs both packages' maintainer scripts, and the metrics say which
+    code is running."""
+    tree = out / "tree"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    control.write_text(re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(),
+                              flags=re.MULTILINE))
+    init = tree / "usr/lib/python3/dist-packages/tierd/__init__.py"
+    init.write_text(init.read_text().replace(f'"{tierd.__version__}"', f'"{version}"'))
+    sums = tree / "DEBIAN" / "md5sums"
+    digest = hashlib.md5(init.read_bytes()).hexdigest()
+    sums.write_text(re.sub(r"^\w+(  usr/lib/python3/dist-packages/tierd/__init__\.py)$",
+                           rf"{digest}\1", sums.read_text(), flags=re.MULTILINE))
+    built = out / f"tierd_{version}.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(built)], check=True,
+                   capture_output=True)
+    return built
+
+
+def running_version() -> str:
+    """tierd_build_info's version label, from the running daemon's metrics."""
+    with urllib.request.urlopen("http://127.0.0.1:9748/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found = re.search(r'^tierd_build_info\{[^}]*version="([^"]+)"', text, re.MULTILINE)
+    assert found, text[:2000]
+    return found.group(1)
+
+
+@pytest.mark.vm(kernels=["tierd"], init="systemd")
+def test_deb_upgrade_restarts_tierd_and_remove_stops_it(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    from test_systemd import sh, unit, wait_for
+
+    def journal() -> str:
+        return sh("journalctl", "-u", "tierd", "--no-pager", "-n", "40").stdout
+
+    deb = lab_deb(tmp_path_factory)
+    newer = repack(deb, f"{tierd.__version__}+lab1", tmp_path_factory.mktemp("newer"))
+    sh("dpkg", "-i", str(deb))
+    assert unit("ActiveState") == "inactive", "a fresh install must not start tierd"
+    started = sh("systemctl", "start", "tierd", check=False)
+    assert started.returncode == 0, journal()
+    first_pid = unit("MainPID")
+    assert running_version() == tierd.__version__
+
+    upgraded = sh("dpkg", "-i", str(newer), check=False)
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    wait_for("tierd active again", lambda: unit("ActiveState") == "active", 300)
+    assert unit("MainPID") not in (first_pid, "0"), "the upgrade did not restart tierd"
+    assert running_version() == f"{tierd.__version__}+lab1", "the old code is still running"
+
+    removed = sh("dpkg", "-r", "tierd", check=False)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert unit("ActiveState") in ("inactive", ""), journal()
+    assert sh("pgrep", "-f", "/usr/bin/tierd run", check=False).returncode == 1, \
+        "tierd still runs after its package was removed"

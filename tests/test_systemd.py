@@ -392,9 +392,9 @@ def metric(name: str) -> float:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tierd's .deb, built and installed with dpkg in this guest (a throwaway root)."""
-    from test_packaging import build_deb
+    from test_packaging import lab_deb
 
-    deb = build_deb(tmp_path_factory.mktemp("deb"))
+    deb = lab_deb(tmp_path_factory)
     sh("dpkg", "-i", str(deb))
     return deb
 

@@ -97,8 +97,11 @@ def build_document(snap: StateSnapshot, reload: ReloadStatus, interval: float,
 
 def _node(snap: StateSnapshot, node: int) -> Document:
     usage = snap.nodes[node]
-    return {"node": node, "tier": usage.tier, "total_bytes": usage.total_bytes,
-            "free_bytes": usage.free_bytes, "used_bytes": usage.total_bytes - usage.free_bytes,
+    return {"node": node, "tier": usage.tier, "tier_rank": usage.tier_rank,
+            "total_bytes": usage.total_bytes, "free_bytes": usage.free_bytes,
+            "used_bytes": usage.total_bytes - usage.free_bytes,
+            "keep_free_bytes": usage.keep_free_bytes, "hot_bytes": usage.hot_bytes,
+            "warm_bytes": usage.warm_bytes, "cold_bytes": usage.cold_bytes,
             "heat": list(snap.heat_strips.get(node, ()))}
 
 
@@ -135,12 +138,14 @@ def render_text(doc: Document) -> str:
         f"last interval: {_age(doc['last_interval_age_seconds'])}",
         _config_line(doc["config"]),
         "",
-        f"{'node':>4} {'tier':>4} {'total':>11} {'used':>11} {'free':>11}  used",
+        f"{'node':>4} {'tier':>4} {'total':>11} {'used':>11} {'free':>11}  used "
+        f"{'hot':>11} {'cold':>11}",
     ]
     for n in doc["nodes"]:
         share = n["used_bytes"] / n["total_bytes"] if n["total_bytes"] else 0.0
         lines.append(f"{n['node']:>4} {n['tier']:>4} {size(n['total_bytes']):>11}"
-                     f" {size(n['used_bytes']):>11} {size(n['free_bytes']):>11}  {share:5.1%}")
+                     f" {size(n['used_bytes']):>11} {size(n['free_bytes']):>11}  {share:5.1%}"
+                     f" {size(n['hot_bytes']):>11} {size(n['cold_bytes']):>11}")
     lines.append("")
     for verb, m in doc["moves"].items():
         extra = f", would move {m['would_move_pages']} pages" if doc["dry_run"] else ""
@@ -190,7 +195,8 @@ def fetch(url: str, timeout: float = 5.0) -> Document:
             return json.load(r)
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise TierdError(f"cannot reach tierd at {url}: {reason} (is tierd running?)") from None
+        raise TierdError(f"cannot reach tierd at {url}: {reason} (is tierd running? A reload"
+                         " that changed metrics.* applies only after a restart)") from None
     except ValueError as e:
         raise TierdError(f"{url}/status.json: not a status document: {e}") from None
 
