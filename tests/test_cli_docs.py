@@ -90,3 +90,18 @@ COMP_WORDS=(tierd run --); COMP_CWORD=2; _shtab_tierd; echo "${{COMPREPLY[@]}}"
     first, second = done.stdout.splitlines()
     assert set(first.split()) >= set(cli.COMMANDS)
     assert "--dry-run" in second.split() and "--once" in second.split()
+
+
+def test_readme_opens_for_an_operator_with_the_lab_under_development() -> None:
+    readme = (REPO / "README.md").read_text()
+    first_screen = "\n".join(readme.splitlines()[:80])
+    for needed in ("## Requirements", "apt-get install ./tierd_", "tierd status", "DRY RUN",
+                   "dry_run: false", "numa_balancing=2"):
+        assert needed in first_screen, needed
+    development = readme.split("## Development", 1)
+    assert "make demo" not in development[0] and "make test" not in development[0]
+    assert "make demo" in development[1] and "make test" in development[1]
+    # The switch it shows is the one the shipped config documents.
+    (switch,) = {line.strip() for line in readme.splitlines() if line.startswith("sed -i")}
+    shipped = (REPO / "config" / "tierd.yaml").read_text()
+    assert switch.split(" && ")[0] in shipped
