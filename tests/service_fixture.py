@@ -13,11 +13,17 @@ GIB = 1 << 30
 PROMOTED_PAGES = 300  # node 1 -> node 0
 DEMOTED_PAGES = 120  # node 0 -> node 1
 HEAT_BINS = 64
+HOT_ON_FAST = 600 << 20
+HOT_ON_SLOW = 24 << 20
 
 
 def populated_state(dry_run: bool = False) -> DaemonState:
     state = DaemonState(dry_run=dry_run, mover="pid", kernel_tiering="off")
-    state.set_nodes([NodeUsage(0, 4, 2 * GIB, GIB // 2), NodeUsage(1, 54, 2 * GIB, 3 * GIB // 2)])
+    state.set_nodes([
+        NodeUsage(0, 4, 2 * GIB, GIB // 2, tier_rank=0, keep_free_bytes=GIB // 4,
+                  hot_bytes=HOT_ON_FAST, warm_bytes=GIB // 4, cold_bytes=GIB // 8),
+        NodeUsage(1, 54, 2 * GIB, 3 * GIB // 2, tier_rank=1, keep_free_bytes=GIB // 8,
+                  hot_bytes=HOT_ON_SLOW, cold_bytes=GIB // 4)])
     state.set_heat_strip(0, [float(i % 8) for i in range(HEAT_BINS)])
     state.set_heat_strip(1, [0.0] * (HEAT_BINS - 4) + [9.0, 7.0, 0.5, 0.0])
     state.record_attempted(Direction.PROMOTE, 1, 0, PROMOTED_PAGES + 25)
@@ -35,6 +41,8 @@ def populated_state(dry_run: bool = False) -> DaemonState:
     state.set_collector("perf", Health(State.DISABLED, "no IBS or PEBS on this CPU"))
     state.record_error("mover:pid", "a process exited during the move")
     state.record_stage_failure("rmap", "OSError: [Errno 24] Too many open files")
+    state.record_error("rmap", "pid 4242: pagemap unreadable")
+    state.count_errors("rmap", 9)
     state.set_sizes(tracked_pages=1000, rmap_pages=800, rmap_bytes=64000)
     state.finish_interval()
     return state

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -31,8 +33,20 @@ def test_empty_file_is_all_defaults() -> None:
     assert config.parse(b"# only a comment\n") == config.Config()
 
 
-def test_shipped_default_file_spells_out_the_defaults() -> None:
-    assert config.load(REPO / "config" / "tierd.yaml") == config.Config()
+def test_shipped_default_file_spells_out_the_defaults_in_a_dry_run() -> None:
+    shipped = config.load(REPO / "config" / "tierd.yaml")
+    assert shipped.dry_run, "a fresh install must not move pages before a review"
+    assert shipped == dataclasses.replace(config.Config(), dry_run=True)
+
+
+def test_shipped_file_documents_a_one_line_switch_that_works(tmp_path: Path) -> None:
+    """The sed line in the shipped file's comment turns the dry run off, and only that."""
+    text = (REPO / "config" / "tierd.yaml").read_text()
+    (command,) = re.findall(r"^#\s+(sed -i .*?) /etc/tierd/tierd.yaml", text, re.MULTILINE)
+    path = tmp_path / "tierd.yaml"
+    path.write_text(text)
+    subprocess.run([*shlex.split(command), str(path)], check=True)
+    assert config.load(path) == config.Config()
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -327,3 +341,12 @@ def test_tree_in_the_module_docstring_is_the_defaults() -> None:
     doc = config.__doc__
     tree = doc[doc.index("\n\n", doc.index("The tree")) + 2:doc.index("`load(path)`")]
     assert config.parse(textwrap.dedent(tree).encode()) == config.Config()
+
+
+def test_shipped_comments_name_only_exported_metrics() -> None:
+    """A metric named in a shipped file's comment is one tierd exports."""
+    exported = (REPO / "docs" / "metrics.md").read_text()
+    for path in SHIPPED:
+        for name in set(re.findall(r"\btierd_[a-z_]+", path.read_text())):
+            assert f"`{name}" in exported or f"`{name.removesuffix('_total')}" in exported, \
+                (path.name, name)

@@ -287,6 +287,29 @@ def test_promotions_take_the_room_the_kernel_reports_after_the_demotions(
     daemon.close()
 
 
+def test_node_usage_reports_the_policy_floor_and_placement_by_heat() -> None:
+    """What tierd_placement_bytes and keep_free are built from: per node, its own PFNs."""
+    from tierd.heat import COLD, HOT, WARM, HeatModel, _pack
+
+    daemon = Daemon(Config())
+    daemon.heat = HeatModel(2000)
+    daemon.heat.mark[0:100] = _pack(HOT, 0, 0)
+    daemon.heat.mark[100:400] = _pack(COLD, 0, 0)
+    daemon.heat.mark[1000:1010] = _pack(HOT, 0, 0)
+    daemon.heat.mark[1010:1060] = _pack(WARM, 0, 0)
+    daemon._keep_free = {0: 64, 1: 32}
+    fast = NodeFacts(node=0, tier=0, ranges=((0, 1000),), managed_pages=1000, free_pages=70,
+                     watermark_pages=40)
+    slow = NodeFacts(node=1, tier=1, ranges=((1000, 1500), (1800, 2000)), managed_pages=700,
+                     free_pages=500, watermark_pages=20)
+    page = pagemap.PAGE_SIZE
+    first, second = daemon._usage(fast, 4), daemon._usage(slow, 54)
+    assert (first.tier, first.tier_rank, first.keep_free_bytes) == (4, 0, 64 * page)
+    assert (first.hot_bytes, first.warm_bytes, first.cold_bytes) == (100 * page, 0, 300 * page)
+    assert (second.tier, second.tier_rank) == (54, 1)
+    assert (second.hot_bytes, second.warm_bytes, second.cold_bytes) == (10 * page, 50 * page, 0)
+
+
 def test_interval_and_exit_summaries_name_pages_nodes_and_reasons_not_addresses() -> None:
     summary = IntervalSummary(moved=Counter({(Direction.PROMOTE, 1, 0): 256,
                                              (Direction.DEMOTE, 0, 1): 512}),
@@ -299,7 +322,7 @@ def test_interval_and_exit_summaries_name_pages_nodes_and_reasons_not_addresses(
     state.record_failures({"EBUSY": 2})
     state.finish_interval()
     assert summary_line(state.snapshot()) == (
-        "tierd: 1 intervals, mover pid, promoted 0 pages (0.0 MiB), demoted 512 pages "
+        "tierd: 1 interval, mover pid, promoted 0 pages (0.0 MiB), demoted 512 pages "
         "(2.0 MiB), 2 not moved (EBUSY=2)")
 
 

@@ -30,6 +30,18 @@ def _interval(model: h.HeatModel, *evidence: object) -> None:
     model.classify()
 
 
+def test_class_counts_cover_a_range_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h, "CHUNK", 7)  # ranges that span several chunks
+    model = h.HeatModel(40, PARAMS)
+    model.mark[3:10] = h._pack(h.HOT, 1, 0)
+    model.mark[10:12] = h._pack(h.WARM, 0, 2)
+    model.mark[12:30] = h._pack(h.COLD, 7, 0)
+    model.mark[30] = h.PINNED
+    assert model.class_counts(0, 40) == (18, 2, 7)
+    assert model.class_counts(5, 13) == (1, 2, 5)
+    assert model.class_counts(30, 100) == (0, 0, 0)  # pinned is not tracked; past the end
+
+
 def test_two_bytes_per_pfn() -> None:
     assert h.HeatModel(1000).nbytes == 2000
 

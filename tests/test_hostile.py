@@ -195,7 +195,7 @@ def test_a_failing_stage_is_counted_and_the_next_interval_runs(
     assert seen[0] == "collect: OSError: [Errno 24] Too many open files: '/proc/zoneinfo'"
     assert seen[1] is None  # the next interval ran and completed
     snap = daemon.state.snapshot()
-    assert snap.stage_errors == {"collect": 1} and snap.intervals == 1
+    assert snap.errors == {"collect": 1} and snap.intervals == 1
     assert snap.last_errors[-1].source == "stage:collect"
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -16,8 +19,17 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixture import DEMOTED_PAGES, GIB, PROMOTED_PAGES, failed_reload, populated_state
+from service_fixture import (
+    DEMOTED_PAGES,
+    GIB,
+    HOT_ON_FAST,
+    HOT_ON_SLOW,
+    PROMOTED_PAGES,
+    failed_reload,
+    populated_state,
+)
 
+import tierd
 from tierd import config
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
@@ -25,7 +37,8 @@ from tierd.service.metrics import MetricsServer
 from tierd.telemetry import DaemonState
 
 ALLOWED_LABELS = {"node", "tier", "source_node", "target_node", "direction", "reason", "stage",
-                  "collector", "state", "mover", "version", "pythonversion", "le"}
+                  "collector", "state", "mover", "version", "revision", "pythonversion", "le",
+                  "heat", "source"}
 
 
 def ok_reload() -> ReloadStatus:
@@ -58,11 +71,11 @@ def value(text: str, name: str, **labels: str) -> float:
 
 def test_moves_by_direction_and_node_pair(server: MetricsServer) -> None:
     text = get(server.url + "/metrics")
-    assert value(text, "tierd_promoted_pages_total", source_node="1",
+    assert value(text, "tierd_moved_pages_total", direction="promote", source_node="1",
                  target_node="0") == PROMOTED_PAGES
-    assert value(text, "tierd_promoted_bytes_total", source_node="1",
+    assert value(text, "tierd_moved_bytes_total", direction="promote", source_node="1",
                  target_node="0") == PROMOTED_PAGES * 4096
-    assert value(text, "tierd_demoted_pages_total", source_node="0",
+    assert value(text, "tierd_moved_pages_total", direction="demote", source_node="0",
                  target_node="1") == DEMOTED_PAGES
     assert value(text, "tierd_migration_attempts_total", direction="promote", source_node="1",
                  target_node="0") == PROMOTED_PAGES + 25
@@ -80,6 +93,39 @@ def test_memory_per_node_and_per_tier(server: MetricsServer) -> None:
     assert value(text, "tierd_node_memory_used_bytes", node="0", tier="4") == 1.5 * GIB
     assert value(text, "tierd_node_memory_free_bytes", node="1", tier="54") == 1.5 * GIB
     assert value(text, "tierd_tier_memory_used_bytes", tier="54") == 0.5 * GIB
+    assert value(text, "tierd_node_memory_keep_free_bytes", node="0", tier="4") == GIB / 4
+    assert value(text, "tierd_tier_memory_keep_free_bytes", tier="54") == GIB / 8
+    assert value(text, "tierd_node_tier_rank", node="0", tier="4") == 0
+    assert value(text, "tierd_node_tier_rank", node="1", tier="54") == 1
+
+
+def test_placement_bytes_per_heat_class_and_node(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_placement_bytes", node="0", tier="4", heat="hot") == HOT_ON_FAST
+    assert value(text, "tierd_placement_bytes", node="1", tier="54", heat="hot") == HOT_ON_SLOW
+    assert value(text, "tierd_placement_bytes", node="1", tier="54", heat="cold") == GIB / 4
+    assert value(text, "tierd_placement_bytes", node="1", tier="54", heat="warm") == 0
+
+
+def test_errors_by_source_count_every_error(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_errors_total", source="rmap") == 10
+    assert value(text, "tierd_errors_total", source="mover:pid") == 1
+
+
+def test_build_info_names_the_revision(server: MetricsServer) -> None:
+    from tierd.build import git_revision
+
+    (labels,) = [dict(labels) for name, labels in samples(get(server.url + "/metrics"))
+                 if name == "tierd_build_info"]
+    assert labels["version"] == tierd.__version__
+    assert labels["revision"] == (git_revision(REPO) or "unknown")
+    assert labels["revision"] != "unknown" or not (REPO / ".git").exists()
+
+
+def test_one_direction_label_instead_of_per_direction_names(server: MetricsServer) -> None:
+    names = {name for name, _ in samples(get(server.url + "/metrics"))}
+    assert not {n for n in names if "promoted" in n or "demoted" in n}
 
 
 def test_durations_are_cumulative_histograms(server: MetricsServer) -> None:
@@ -123,8 +169,8 @@ def test_dry_run_counts_what_would_move() -> None:
     assert value(text, "tierd_dry_run") == 1
     assert value(text, "tierd_dry_run_pages_total", direction="promote", source_node="1",
                  target_node="0") == PROMOTED_PAGES
-    assert ("tierd_promoted_pages_total", frozenset({("source_node", "1"),
-                                                     ("target_node", "0")})) not in samples(text)
+    assert ("tierd_moved_pages_total", frozenset({("direction", "promote"), ("source_node", "1"),
+                                                  ("target_node", "0")})) not in samples(text)
 
 
 def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
@@ -191,6 +237,42 @@ def test_reload_status_follows_the_config_store(tmp_path: Path) -> None:
         srv.stop()
 
 
+def healthz(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read().decode()
+
+
+def test_healthz_fails_when_the_last_interval_is_stale() -> None:
+    from tierd.service.status import STALE_INTERVALS
+
+    state = populated_state()  # its one interval just finished
+    srv = MetricsServer(state, ok_reload, lambda: 5.0, port=0).start()
+    try:
+        code, body = healthz(srv.url)
+        assert code == 200 and body.startswith("ok: last interval"), body
+        state.last_interval_at = time.time() - STALE_INTERVALS * 5.0 + 3
+        assert healthz(srv.url)[0] == 200  # within a few slow intervals
+        state.last_interval_at = time.time() - STALE_INTERVALS * 5.0 - 1
+        code, body = healthz(srv.url)
+        assert code == 503 and body.startswith("stale: last interval"), body
+        assert "tierd_intervals_total" in get(srv.url + "/metrics")  # /metrics still answers
+    finally:
+        srv.stop()
+
+
+def test_healthz_counts_from_the_start_until_the_first_interval() -> None:
+    from tierd.service.status import liveness
+
+    snap = DaemonState().snapshot()
+    assert liveness(snap, 5.0, now=1000.0, since=990.0)[0]
+    alive, why = liveness(snap, 5.0, now=1000.0, since=970.0)
+    assert not alive and "no interval yet" in why
+
+
 def test_unknown_path_is_404(server: MetricsServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as e:
         get(server.url + "/debug")
@@ -227,7 +309,8 @@ def test_a_real_prometheus_scrapes_tierd(server: MetricsServer, tmp_path: Path) 
             stdout=subprocess.DEVNULL, stderr=log)  # the child keeps its own descriptor
     try:
         result = wait_for_series(f"http://127.0.0.1:{port}",
-                                 'tierd_promoted_pages_total{source_node="1",target_node="0"}',
+                                 'tierd_moved_pages_total{direction="promote",source_node="1",'
+                                 'target_node="0"}',
                                  prometheus)
         assert float(result[0]["value"][1]) == PROMOTED_PAGES
         assert result[0]["metric"]["job"] == "tierd"
@@ -301,7 +384,22 @@ def test_every_alert_has_a_test_that_fires_it() -> None:
     names = {r["alert"] for r in alert_rules()}
     assert names == fired
     assert {"TierdDown", "TierdConfigReloadFailed", "TierdScanLag", "TierdTierFull",
-            "TierdMigrationFailureRatio", "TierdMigrationChurn"} <= names
+            "TierdMigrationFailureRatio", "TierdMigrationChurn", "TierdNoCollector",
+            "TierdHotMemoryOnSlowTier"} <= names
+
+
+def test_every_alert_stays_silent_on_a_healthy_host() -> None:
+    """The healthy case (a well-placed host: fast tier filled to what the policy keeps
+    free, trims for lack of room) runs every alert past its `for:` and expects none."""
+    import yaml
+    tests = {t["name"]: t for t in yaml.safe_load(ALERTS_TEST.read_text())["tests"]}
+    healthy = tests["healthy steady state"]
+    silent = {case["alertname"] for case in healthy["alert_rule_test"]
+              if case["exp_alerts"] == []}
+    assert silent == {r["alert"] for r in alert_rules()}
+    longest = max(int(r.get("for", "0m").removesuffix("m")) for r in alert_rules())
+    assert all(int(case["eval_time"].removesuffix("m")) > longest + 15
+               for case in healthy["alert_rule_test"])
 
 
 def test_alerts_use_only_exported_metrics() -> None:
@@ -341,16 +439,37 @@ def test_dashboard_layout_is_sound() -> None:
     assert dashboard["uid"] and dashboard["schemaVersion"] >= 30
 
 
+def test_dashboard_units_placement_kernel_context_and_restarts() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in dashboard_panels()}
+    assert "pps" not in units.values(), "pps is packets per second"
+    page_rates = [p for p in dashboard_panels()
+                  if any("_pages_total" in t["expr"] and "rate(" in t["expr"]
+                         for t in p["targets"]) and "/" not in p["targets"][0]["expr"]]
+    assert page_rates and all(units[p["title"]] == "suffix: pages/s" for p in page_rates)
+    exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dashboard_panels()}
+    assert any("tierd_placement_bytes" in e and "heat" in e for e in exprs.values())
+    assert any("node_vmstat_pgpromote" in e and "node_vmstat_pgdemote" in e
+               for e in exprs.values())
+    annotations = [a["expr"] for a in dashboard["annotations"]["list"]]
+    assert any("changes(tierd_start_time_seconds" in a for a in annotations)
+
+
 def test_dashboard_queries_use_exported_metrics_and_parse(tmp_path: Path) -> None:
     exported = exported_names()
+    dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard_panels() for t in p["targets"]]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
     for expr in exprs:
         assert tierd_names(expr) <= exported, expr
-        assert 'instance=~"$instance"' in expr, expr
+        # node_exporter's instance (its own port) is a variable of its own
+        assert 'instance=~"$instance"' in expr or (
+            "node_vmstat" in expr and 'instance=~"$node_instance"' in expr), expr
     # promtool parses PromQL when checking rules: one recording rule per query
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"dashboard:query{i}",
-         "expr": e.replace("$__rate_interval", "5m").replace("$instance", ".*")}
+         "expr": e.replace("$__rate_interval", "5m").replace("$instance", ".*")
+         .replace("$node_instance", ".*")}
         for i, e in enumerate(exprs)]}]}
     (tmp_path / "rules.yml").write_text(json.dumps(rules))
     result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")],
@@ -421,6 +540,60 @@ def test_tierd_run_in_the_lab_exports_the_real_topology(tmp_path: Path) -> None:
         _, err = daemon.communicate(timeout=120)
     assert daemon.returncode == 0, err[-3000:]
     assert "Traceback" not in err
+
+
+def wait_for_healthz(url: str, code: int, process: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "tierd exited"
+        got, body = healthz(url)
+        if got == code:
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"/healthz never answered {code}")
+
+
+@pytest.mark.vm(kernels=["tierd"])
+def test_healthz_fails_while_the_main_loop_hangs_and_recovers(tmp_path: Path) -> None:
+    """A main loop stuck in a write (its trace, into a pipe nobody reads: the first
+    interval's trace fills it) fails /healthz while /metrics, served from another
+    thread, still answers; draining the pipe lets the loop, and /healthz, recover."""
+    port = free_port()
+    cfg = tmp_path / "tierd.yaml"
+    cfg.write_text(f"interval: 1\ndry_run: true\nmetrics: {{port: {port}}}\n"
+                   "collectors: {perf: {enabled: false}, idle: {interval: 1}}\n")
+    trace = tmp_path / "trace"
+    os.mkfifo(trace)
+    reader = os.open(trace, os.O_RDONLY | os.O_NONBLOCK)  # tierd's open for writing returns
+    fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, 4096)  # a page of trace fills it
+    log = (tmp_path / "tierd.log").open("w")
+    daemon = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--config", str(cfg),
+                               "--record", str(trace)], stdout=log, stderr=log, text=True)
+    url = f"http://127.0.0.1:{port}"
+    drained = threading.Thread(target=drain, args=(reader,), daemon=True)
+    try:
+        wait_for(url + "/metrics", lambda text: "tierd_intervals_total" in text, daemon)
+        body = wait_for_healthz(url, 503, daemon)
+        assert body.startswith("stale: "), body
+        assert "tierd_intervals_total" in get(url + "/metrics")  # what the old probe read
+        drained.start()
+        wait_for_healthz(url, 200, daemon)
+        assert first_interval_done(get(url + "/metrics"))
+    finally:
+        if drained.ident is None:  # not started: tierd must not block on its way out
+            drained.start()
+        daemon.terminate()
+        daemon.wait(timeout=300)
+        log.close()
+    assert daemon.returncode == 0, (tmp_path / "tierd.log").read_text()[-3000:]
+
+
+def drain(fd: int) -> None:
+    """Read the pipe until its writer closes it."""
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as pipe:
+        while pipe.read(65536):
+            pass
 
 
 def test_every_metric_is_documented() -> None:

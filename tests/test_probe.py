@@ -49,7 +49,7 @@ def test_table_aligns_names_and_says_why() -> None:
 
 
 def test_probe_command_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["probe", "--json"]) == 0
+    assert main(["probe", "--json"]) in (0, 4)  # 4: this host could not tier (test_cli.py)
     caps = json.loads(capsys.readouterr().out)
     assert all({"name", "usable", "reason"} <= set(c) for c in caps)  # probes may add fields
     assert [c["name"] for c in caps][:2] == ["topology", "idle_page_tracking"]

@@ -81,8 +81,11 @@ def test_tierd_status_prints_the_daemon_state(server: MetricsServer) -> None:
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert re.search(r"^\s+0\s+4\s+2\.0 GiB\s+1\.5 GiB\s+512\.0 MiB\s+75\.0%$", out, re.M), out
-    assert re.search(r"^\s+1\s+54\s+2\.0 GiB\s+512\.0 MiB\s+1\.5 GiB\s+25\.0%$", out, re.M), out
+    # node, tier, total, used, free, used share, then hot and cold memory on the node
+    assert re.search(r"^\s+0\s+4\s+2\.0 GiB\s+1\.5 GiB\s+512\.0 MiB\s+75\.0%"
+                     r"\s+600\.0 MiB\s+128\.0 MiB$", out, re.M), out
+    assert re.search(r"^\s+1\s+54\s+2\.0 GiB\s+512\.0 MiB\s+1\.5 GiB\s+25\.0%"
+                     r"\s+24\.0 MiB\s+256\.0 MiB$", out, re.M), out
     assert f"promoted: {PROMOTED_PAGES} pages" in out
     assert "failures: EBUSY 20, ENOENT 5" in out
     assert "config: LAST RELOAD FAILED" in out

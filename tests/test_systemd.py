@@ -29,7 +29,9 @@ from tierd.service import systemd as sd
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "tierd.service"
+# The virtualenv's console script; in a package build, the one on PATH.
 TIERD = Path(sys.executable).parent / "tierd"
+TIERD = TIERD if TIERD.exists() else Path(shutil.which("tierd") or TIERD)
 
 
 class NotifySocket:
@@ -390,9 +392,9 @@ def metric(name: str) -> float:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tierd's .deb, built and installed with dpkg in this guest (a throwaway root)."""
-    from test_packaging import build_deb
+    from test_packaging import lab_deb
 
-    deb = build_deb(tmp_path_factory.mktemp("deb"))
+    deb = lab_deb(tmp_path_factory)
     sh("dpkg", "-i", str(deb))
     return deb
 

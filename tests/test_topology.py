@@ -272,7 +272,8 @@ def _tierd(*args: str) -> subprocess.CompletedProcess[str]:
 def test_lab_topology_and_probe_commands(lab_kernel: str) -> None:
     table = _tierd("topology")
     assert table.returncode == 0, table.stderr
-    assert "tiers, fast to slow: 0: nodes 0; 1: nodes 1" in table.stdout
+    assert "tiers, fast to slow: tier 4 (rank 0, from memory_tiering): nodes 0; tier 54 " \
+        "(rank 1, from memory_tiering): nodes 1" in table.stdout
     data = json.loads(_tierd("topology", "--json").stdout)
     assert [n["id"] for n in data["nodes"]] == [0, 1]
     probe_text = _tierd("probe")

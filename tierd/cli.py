@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from tierd import __version__
 from tierd.errors import TierdError
+from tierd.service import logs
 
 # Subcommand name -> module in tierd.commands exposing add_arguments(parser)
 # and run(args) -> int.
@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "run": "run",
     "simulate": "simulate",
 }
+# What a shell reports for a process killed by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 Formatter = type[argparse.HelpFormatter]
@@ -38,7 +40,13 @@ def _build(formatter: Formatter
         formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"tierd {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-level", choices=logs.LEVELS, default="info",
+                        help="least severe log level shown (default info)")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                        help="text (the journal's, under systemd), or json or logfmt for log"
+                             " collectors without journald (default text)")
+    parser.add_argument("-v", "--verbose", dest="log_level", action="store_const",
+                        const="debug", help="same as --log-level debug")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = {}
     for name, module_name in COMMANDS.items():
@@ -80,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
@@ -93,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     except TierdError as e:
         print(f"tierd: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`tierd probe | head -1`): no traceback, and no second
+        # error when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as e:  # what no interval boundary can absorb (start-up, a full fd table)
         print(f"tierd: {e}", file=sys.stderr)
         return 1

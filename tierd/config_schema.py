@@ -8,6 +8,7 @@ drift from either.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -234,3 +235,75 @@ def _yaml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(map(str, value)) + "]"
     return str(value)
+
+
+# --- tierd.yaml(5) ------------------------------------------------------------------
+
+
+def render_manpage(defaults: dict[str, Any], version: str, date: str) -> str:
+    """tierd.yaml(5) in roff: the same keys, defaults and rules as the reference."""
+    lines = [
+        f'.TH TIERD.YAML 5 "{date}" "tierd {version}" "File Formats"',
+        ".SH NAME",
+        r"tierd.yaml \- configuration file of the tierd memory\-tiering daemon",
+        ".SH SYNOPSIS",
+        "/etc/tierd/tierd.yaml",
+        ".SH DESCRIPTION",
+        _roff(SCHEMA["description"]),
+        ".PP",
+        _roff("Every key is optional and takes the default shown; unknown keys, wrong types,"
+              " values out of range and contradictory settings are errors naming the file,"
+              " line and key. `tierd check-config FILE` reports them (exit status 78)."
+              " `systemctl reload tierd` applies a good file from the next interval; a bad"
+              " one is refused and the running configuration stays in force."),
+        ".SH KEYS",
+        *_man_keys(SCHEMA, defaults, ""),
+        ".SH RULES ACROSS KEYS",
+        *(f".IP \\(bu 2\n{_roff(rule)}" for rule in CROSS_FIELD_RULES),
+        ".SH EXAMPLES",
+        _roff("The packaged file starts in a dry run: tierd decides and counts"
+              " (tierd_dry_run_pages_total) but moves nothing. After reviewing"
+              " `tierd status`, switch to moving pages with one line:"),
+        ".PP",
+        ".nf",
+        r".RS 4",
+        r"sed \-i 's/^dry_run: true/dry_run: false/' /etc/tierd/tierd.yaml",
+        r"tierd check\-config /etc/tierd/tierd.yaml && systemctl reload tierd",
+        ".RE",
+        ".fi",
+        ".SH FILES",
+        ".TP",
+        "/etc/tierd/tierd.yaml",
+        "The configuration file.",
+        ".TP",
+        "/usr/share/doc/tierd/examples/",
+        "Example configurations, Prometheus alerts and a Grafana dashboard.",
+        ".SH SEE ALSO",
+        r"\fBtierd\fR(8), \fBsystemctl\fR(1)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _man_keys(schema: dict[str, Any], defaults: dict[str, Any], prefix: str) -> list[str]:
+    lines = []
+    for name, sub in schema["properties"].items():
+        key = f"{prefix}{name}"
+        if sub["type"] == "object":
+            lines += [".SS " + _roff(key), _roff(sub["description"])]
+            lines += _man_keys(sub, defaults[name], f"{key}.")
+            continue
+        allowed = _allowed(sub)
+        facts = f"{_type_name(sub)}{', ' + allowed if allowed else ''};"
+        lines += [".TP", f"\\fB{_roff(key)}\\fR", _roff(
+            f"{sub['description']} ({facts} default `{_yaml_value(defaults[name])}`)")]
+    return lines
+
+
+def _roff(markdown: str) -> str:
+    """Markdown-ish text as a roff paragraph: `code` bold, *word* italic, escaped."""
+    text = markdown.replace("\\", "\\e").replace("-", "\\-")
+    text = re.sub(r"`([^`]*)`", r"\\fB\1\\fR", text)
+    text = re.sub(r"\*([^*\s][^*]*)\*", r"\\fI\1\\fR", text)
+    text = text.replace("≥", "\\(>=").replace("≤", "\\(<=")
+    # A line starting with . or ' would be read as a request.
+    return re.sub(r"^([.'])", r"\\&\1", text, flags=re.MULTILINE)

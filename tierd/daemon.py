@@ -139,7 +139,7 @@ class Daemon:
             self._resources.callback(self._close_trace)
         facts = node_facts(self.topology)
         log.info("tierd started: %d nodes in %d tiers, mover %s, %s, interval %.1fs, "
-                 "budget %.0f MB/s", len(facts), len({f.tier for f in facts}), self.state.mover,
+                 "budget %.0f MiB/s", len(facts), len({f.tier for f in facts}), self.state.mover,
                  "DRY RUN" if self.settings.dry_run else "moving pages", self.settings.interval,
                  self.settings.rate_mb_per_s)
 
@@ -172,9 +172,6 @@ class Daemon:
             config, self._pending = self._pending, None
         if config is None:
             return
-        if config.collectors != self.config.collectors or config.movers.kind != \
-                self.config.movers.kind:
-            log.warning("config reload: collector and mover changes take effect at restart")
         self.config = config
         self.settings = Settings.from_config(config, self._dry_run_flag)
         self.state.dry_run = self.settings.dry_run
@@ -282,8 +279,10 @@ class Daemon:
 
     def refresh_mover(self) -> None:
         mover = self.pipeline.mover
-        for error in mover.refresh()[:3]:
+        errors = mover.refresh()
+        for error in errors[:3]:
             self.state.record_error("rmap", error)
+        self.state.count_errors("rmap", max(0, len(errors) - 3))
         if any(c.tracks_all_pages for c in self.pipeline.collectors):
             return
         # No collector finds every user page: the mover's own list says which PFNs are.
@@ -411,14 +410,21 @@ class Daemon:
 
     def publish(self, facts: list[NodeFacts], summary: IntervalSummary) -> None:
         tier_ids = {t.rank: t.id for t in self.topology.tiers}
-        self.state.set_nodes([NodeUsage(f.node, tier_ids.get(f.tier, f.tier),
-                                        f.managed_pages * PAGE_SIZE, f.free_pages * PAGE_SIZE)
-                              for f in facts])
+        self.state.set_nodes([self._usage(f, tier_ids.get(f.tier, f.tier)) for f in facts])
         for f in facts:
             self.state.set_heat_strip(f.node, self._strip(f))
         self.state.set_sizes(self.heat.tracked_count(), *self.pipeline.mover.footprint())
         self.state.finish_interval()
-        log.info("interval %d: %s", self.state.intervals, describe(summary, PAGE_SIZE))
+
+    def _usage(self, f: NodeFacts, tier_id: int) -> NodeUsage:
+        """The node's memory, its policy floor and where its tracked pages' heat sits."""
+        assert self.heat is not None
+        counts = [self.heat.class_counts(start, end) for start, end in f.ranges]
+        cold, warm, hot = (sum(c[i] for c in counts) for i in range(3))
+        return NodeUsage(f.node, tier_id, f.managed_pages * PAGE_SIZE, f.free_pages * PAGE_SIZE,
+                         tier_rank=f.tier, keep_free_bytes=self._keep_free.get(f.node, 0) *
+                         PAGE_SIZE, hot_bytes=hot * PAGE_SIZE, warm_bytes=warm * PAGE_SIZE,
+                         cold_bytes=cold * PAGE_SIZE)
 
     def _strip(self, f: NodeFacts) -> list[float]:
         """Mean heat (in accesses) of HEAT_STRIP_BINS equal slices of the node's PFNs."""

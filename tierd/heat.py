@@ -258,6 +258,15 @@ class HeatModel:
         self.heat[index] = 0
         self.mark[index] = PINNED
 
+    def class_counts(self, start: int, end: int) -> tuple[int, int, int]:
+        """Tracked PFNs in [start, end) by class: (cold, warm, hot)."""
+        counts = np.zeros(HOT + 1, dtype=np.int64)
+        end = min(end, self.npfns)
+        for low in range(start, end, CHUNK):
+            chunk = classes(self.mark[low:min(low + CHUNK, end)])
+            counts += np.bincount(chunk, minlength=HOT + 1)
+        return int(counts[COLD]), int(counts[WARM]), int(counts[HOT])
+
     def unpin_all(self) -> None:
         """Let pinned frames be tracked again (their pages may have been freed or unlocked)."""
         for start in range(0, self.npfns, CHUNK):

@@ -55,6 +55,12 @@ class NodeUsage:
     tier: int  # N of /sys/devices/virtual/memory_tiering/memory_tierN (lower is faster)
     total_bytes: int
     free_bytes: int
+    tier_rank: int = 0  # the tier's place in the hierarchy: 0 is the fastest
+    keep_free_bytes: int = 0  # what the policy keeps free: watermark + headroom
+    # Tracked pages on the node by heat class: is the hot memory on the fast tier?
+    hot_bytes: int = 0
+    warm_bytes: int = 0
+    cold_bytes: int = 0
 
 
 # Key of the move counters: (direction, source node, target node).
@@ -90,7 +96,7 @@ class StateSnapshot:
     rmap_pages: int
     rmap_bytes: int
     last_errors: list[ErrorRecord]
-    stage_errors: Counter[str]
+    errors: Counter[str]
     failing: str | None
     nodes: dict[int, NodeUsage]
     heat_strips: dict[int, tuple[float, ...]]
@@ -137,8 +143,9 @@ class DaemonState:
     rmap_bytes: int = 0
     last_errors: deque[ErrorRecord] = field(
         default_factory=lambda: deque(maxlen=LAST_ERRORS_KEPT))
-    # Intervals cut short by an error, by the stage that raised it.
-    stage_errors: Counter[str] = field(default_factory=Counter)
+    # Every error recorded, by source (the last few are in last_errors); an interval
+    # cut short counts under the stage that raised it.
+    errors: Counter[str] = field(default_factory=Counter)
     # Why the last interval failed ("stage: error"), None once one completes.
     failing: str | None = None
     nodes: dict[int, NodeUsage] = field(default_factory=dict)  # node -> usage
@@ -208,10 +215,16 @@ class DaemonState:
     def record_error(self, source: str, message: str) -> None:
         with self._lock:
             self.last_errors.append(ErrorRecord(time.time(), source, _bounded(message)))
+            self.errors[source] += 1
+
+    def count_errors(self, source: str, count: int) -> None:
+        """Errors counted but not kept (a burst's first few went through record_error)."""
+        with self._lock:
+            self.errors[source] += count
 
     def record_stage_failure(self, stage: str, message: str) -> None:
         with self._lock:
-            self.stage_errors[stage] += 1
+            self.errors[stage] += 1
             self.failing = _bounded(f"{stage}: {message}")
             self.last_errors.append(ErrorRecord(time.time(), f"stage:{stage}",
                                                 _bounded(message)))
@@ -255,7 +268,7 @@ class DaemonState:
                 collectors=copy.deepcopy(self.collectors),
                 tracked_pages=self.tracked_pages, rmap_pages=self.rmap_pages,
                 rmap_bytes=self.rmap_bytes, last_errors=list(self.last_errors),
-                stage_errors=Counter(self.stage_errors), failing=self.failing,
+                errors=Counter(self.errors), failing=self.failing,
                 nodes=dict(self.nodes), heat_strips=dict(self.heat_strips),
             )
 

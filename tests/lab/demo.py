@@ -5,7 +5,8 @@ On the host this boots the lab with the tierd kernel and runs itself inside
 with --in-guest. In the guest a ballast process fills most of node 0 with
 memory it never touches (another program's idle memory), and a workload
 starts its hot and cold sets on the slow node: ballast + hot + cold exceed
-node 0's free memory. It runs tierd with config/tierd.yaml, prints a line per
+node 0's free memory. It runs tierd with config/tierd.yaml switched out of its
+dry run (the one-line switch the file documents), prints a line per
 interval with per-node usage and the hot set's share of the fast tier, swaps
 the hot and cold sets halfway, and ends with
 
@@ -51,18 +52,26 @@ def tierd_moves() -> tuple[int, int]:
     """Pages tierd has promoted and demoted so far, from its metrics endpoint."""
     with urllib.request.urlopen(METRICS, timeout=10) as response:
         text = response.read().decode()
-    totals = {"tierd_promoted_pages": 0, "tierd_demoted_pages": 0}
+    totals = {"promote": 0, "demote": 0}
     for family in text_string_to_metric_families(text):
-        if family.name in totals:
-            totals[family.name] = int(sum(sample.value for sample in family.samples
-                                          if sample.name.endswith("_total")))
-    return totals["tierd_promoted_pages"], totals["tierd_demoted_pages"]
+        if family.name == "tierd_moved_pages":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    totals[sample.labels["direction"]] += int(sample.value)
+    return totals["promote"], totals["demote"]
+
+
+def moving_config(path: Path) -> Path:
+    """config/tierd.yaml with `dry_run: false`: the demo moves pages."""
+    path.write_text(CONFIG.read_text().replace("\ndry_run: true\n", "\ndry_run: false\n", 1))
+    return path
 
 
 def start_tierd(log: Path, timeout: float = 300) -> subprocess.Popen[bytes]:
-    """Start `tierd run` with the default config; return once it serves metrics."""
+    """Start `tierd run` with the shipped config, moving pages; return once it serves metrics."""
+    config = moving_config(log.with_suffix(".yaml"))
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--config", str(CONFIG)],
+        proc = subprocess.Popen([sys.executable, "-m", "tierd", "run", "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,7 +1,9 @@
 """Show NUMA nodes, memory tiers, zone capacity, watermarks and PFN ranges.
 
 Capacity figures are in MiB of managed memory (free, and the sum of the
-zones' min/low/high/promo watermarks); PFN ranges are [start, end).
+zones' min/low/high/promo watermarks); PFN ranges are [start, end). `tier` is
+N of the kernel's memory_tierN, as in `tierd status` and the metrics; `rank`
+is its place, 0 the fastest.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from tierd.collectors.topology import Node, Topology, read_topology
 from tierd.kernel.root import HostRoot
 from tierd.vocabulary import PAGE_SIZE
 
-COLUMNS = ("node", "cpus", "tier", "managed", "free", "min", "low", "high", "promo", "pfn ranges")
+COLUMNS = ("node", "cpus", "tier", "rank", "managed MiB", "free MiB", "min MiB", "low MiB",
+           "high MiB", "promo MiB", "pfn ranges")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +52,7 @@ def _row(node: Node, topo: Topology) -> tuple[str, ...]:
     ranges = " ".join(f"{s:#x}-{e:#x}" for s, e in node.pfn_ranges)
     return (
         str(node.id), compact_list(node.cpus),
-        "-" if tier is None else f"{tier.rank} ({tier.source} {tier.id})",
+        "-" if tier is None else str(tier.id), "-" if tier is None else str(tier.rank),
         _mib(node.managed_pages), _mib(node.free_pages), _mib(node.watermark_min),
         _mib(node.watermark_low), _mib(node.watermark_high), _mib(node.watermark_promo),
         ranges or "-",
@@ -62,7 +65,8 @@ def format_table(topo: Topology) -> str:
     lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths, strict=False)) + "  " + r[-1]
              for r in rows]
     lines.append("tiers, fast to slow: " + "; ".join(
-        f"{t.rank}: nodes {compact_list(t.nodes)}" for t in topo.tiers))
+        f"tier {t.id} (rank {t.rank}, from {t.source}): nodes {compact_list(t.nodes)}"
+        for t in topo.tiers))
     lines += [f"problem: {p}" for p in topo.problems]
     return "\n".join(lines)
 

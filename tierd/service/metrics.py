@@ -7,8 +7,9 @@ scrape sees one consistent interval. Names follow the Prometheus conventions
 tiers, directions, stages, collectors and failure reasons, all bounded sets,
 never a pid or an address. docs/metrics.md lists every family.
 
-`MetricsServer` serves `/metrics`, the status page `/` and `/status.json` on
-one port, bound to 127.0.0.1 unless the config says otherwise.
+`MetricsServer` serves `/metrics`, the status page `/`, `/status.json` and
+`/healthz` (503 once the main loop is stale) on one port, bound to 127.0.0.1
+unless the config says otherwise.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from tierd import __version__
+from tierd.build import revision
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
 from tierd.kernel import capabilities
 from tierd.service import status_page
-from tierd.telemetry import DURATION_BUCKETS, DaemonState, MoveKey, StateSnapshot
-from tierd.vocabulary import Direction, State
+from tierd.telemetry import DURATION_BUCKETS, DaemonState, StateSnapshot
+from tierd.vocabulary import State
 
 MOVE_LABELS = ["source_node", "target_node"]
 log = logging.getLogger(__name__)
@@ -67,6 +69,9 @@ class TierdCollector(Collector):
         yield from _samples(snap)
         yield from _durations(snap)
         yield from _collectors(snap)
+        yield _labelled(CounterMetricFamily(
+            "tierd_errors", "Errors the daemon recorded, by where they arose.",
+            labels=["source"]), snap.errors)
         yield from _reload(self._reload_status())
 
 
@@ -79,9 +84,10 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 
 def _daemon(snap: StateSnapshot, interval: float) -> Iterator[Metric]:
-    info = GaugeMetricFamily("tierd_build_info", "tierd's version; always 1.",
-                             labels=["version", "pythonversion"])
-    info.add_metric([__version__, platform.python_version()], 1)
+    info = GaugeMetricFamily("tierd_build_info",
+                             "tierd's version and source revision; always 1.",
+                             labels=["version", "revision", "pythonversion"])
+    info.add_metric([__version__, revision(), platform.python_version()], 1)
     yield info
     yield _gauge("tierd_start_time_seconds", "When the daemon started (Unix time).",
                  snap.started_at)
@@ -107,50 +113,65 @@ def _daemon(snap: StateSnapshot, interval: float) -> Iterator[Metric]:
 
 
 def _memory(snap: StateSnapshot) -> Iterator[Metric]:
-    kinds = ("total", "free", "used")
-    per_node = {k: GaugeMetricFamily(f"tierd_node_memory_{k}_bytes",
-                                     f"{k.capitalize()} memory of a NUMA node.",
-                                     labels=["node", "tier"]) for k in kinds}
+    kinds = ("total", "free", "used", "keep_free")
+    per_node = {k: GaugeMetricFamily(f"tierd_node_memory_{k}_bytes", doc,
+                                     labels=["node", "tier"]) for k, doc in _MEMORY_DOCS.items()}
     per_tier = {k: GaugeMetricFamily(f"tierd_tier_memory_{k}_bytes",
-                                     f"{k.capitalize()} memory of a memory tier (all its nodes).",
-                                     labels=["tier"]) for k in kinds}
+                                     doc.replace("a NUMA node", "a memory tier (all its nodes)"),
+                                     labels=["tier"]) for k, doc in _MEMORY_DOCS.items()}
+    rank = GaugeMetricFamily("tierd_node_tier_rank",
+                             "Place of the node's memory tier, fastest first: 0 is the top tier.",
+                             labels=["node", "tier"])
+    placement = GaugeMetricFamily("tierd_placement_bytes",
+                                  "Tracked memory on a node by heat class (hot, warm, cold).",
+                                  labels=["node", "tier", "heat"])
     tiers: dict[int, Counter[str]] = {}
     for usage in sorted(snap.nodes.values(), key=lambda u: u.node):
+        labels = [str(usage.node), str(usage.tier)]
         values = {"total": usage.total_bytes, "free": usage.free_bytes,
-                  "used": usage.total_bytes - usage.free_bytes}
+                  "used": usage.total_bytes - usage.free_bytes,
+                  "keep_free": usage.keep_free_bytes}
         for kind, value in values.items():
-            per_node[kind].add_metric([str(usage.node), str(usage.tier)], value)
+            per_node[kind].add_metric(labels, value)
         tiers.setdefault(usage.tier, Counter()).update(values)
+        rank.add_metric(labels, usage.tier_rank)
+        for heat, held in (("hot", usage.hot_bytes), ("warm", usage.warm_bytes),
+                           ("cold", usage.cold_bytes)):
+            placement.add_metric([*labels, heat], held)
     for tier, values in sorted(tiers.items()):
         for kind in kinds:
             per_tier[kind].add_metric([str(tier)], values[kind])
     yield from per_node.values()
     yield from per_tier.values()
+    yield rank
+    yield placement
 
 
-def _by_node_pair(name: str, doc: str, counts: Counter[MoveKey], direction: Direction,
-                  scale: int = 1) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=MOVE_LABELS)
-    for (d, source, target), n in sorted(counts.items()):
-        if d == direction:
-            family.add_metric([str(source), str(target)], n * scale)
-    return family
+_MEMORY_DOCS = {
+    "total": "Total memory of a NUMA node.",
+    "free": "Free memory of a NUMA node.",
+    "used": "Used memory of a NUMA node.",
+    "keep_free": "Memory the policy keeps free on a NUMA node (watermark + headroom).",
+}
 
 
 def _moves(snap: StateSnapshot) -> Iterator[Metric]:
-    for direction, verb in ((Direction.PROMOTE, "promoted"), (Direction.DEMOTE, "demoted")):
-        yield _by_node_pair(f"tierd_{verb}_pages", f"Pages {verb} (reached the target node).",
-                            snap.pages_moved, direction)
-        yield _by_node_pair(f"tierd_{verb}_bytes", f"Bytes {verb}.", snap.bytes_moved, direction)
+    moved = CounterMetricFamily("tierd_moved_pages", "Pages that reached their target node.",
+                                labels=["direction", *MOVE_LABELS])
+    moved_bytes = CounterMetricFamily("tierd_moved_bytes", "Bytes that reached their target node.",
+                                      labels=["direction", *MOVE_LABELS])
     would = CounterMetricFamily("tierd_dry_run_pages",
                                 "Pages a dry run decided to move, each once per target node.",
                                 labels=["direction", *MOVE_LABELS])
     attempts = CounterMetricFamily("tierd_migration_attempts",
                                    "Pages handed to a mover, moved or not.",
                                    labels=["direction", *MOVE_LABELS])
-    for family, counts in ((would, snap.pages_would_move), (attempts, snap.pages_attempted)):
+    for family, counts in ((moved, snap.pages_moved), (moved_bytes, snap.bytes_moved),
+                           (would, snap.pages_would_move), (attempts, snap.pages_attempted)):
         for (d, source, target), n in sorted(counts.items()):
             family.add_metric([str(d), str(source), str(target)], n)
+    yield moved
+    yield moved_bytes
     yield would
     yield attempts
     yield _labelled(CounterMetricFamily(
@@ -159,9 +180,6 @@ def _moves(snap: StateSnapshot) -> Iterator[Metric]:
     yield _labelled(CounterMetricFamily(
         "tierd_excluded_pages", "Candidate pages skipped by a safety rule or an exclusion.",
         labels=["reason"]), snap.pages_excluded)
-    yield _labelled(CounterMetricFamily(
-        "tierd_errors", "Intervals cut short by an error, by the stage that raised it.",
-        labels=["stage"]), snap.stage_errors)
     yield _labelled(CounterMetricFamily(
         "tierd_pingpong_pages", "Pages moved back the other way within the move history's"
         " window (pages the PID mover followed to their new frame).",
@@ -399,6 +417,15 @@ def _app(routes: dict[str, WsgiApp], host_allowed: Callable[[str | None], bool])
     return app
 
 
+def _health(liveness: Callable[[], tuple[bool, str]]) -> WsgiApp:
+    """200 while the main loop completes intervals, 503 (and why) once it stops."""
+    def app(_environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        alive, why = liveness()
+        return _plain(start_response, "200 OK" if alive else "503 Service Unavailable",
+                      f"{why}\n")
+    return app
+
+
 def _page(render: Callable[[], bytes], kind: str) -> WsgiApp:
     def app(_environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         body = render()
@@ -408,7 +435,7 @@ def _page(render: Callable[[], bytes], kind: str) -> WsgiApp:
 
 
 class MetricsServer:
-    """/metrics, / and /status.json on one port, served from a background thread."""
+    """/metrics, /, /status.json and /healthz on one port, served from a background thread."""
 
     def __init__(self, state: DaemonState, reload_status: Callable[[], ReloadStatus],
                  interval: Callable[[], float], address: str = "127.0.0.1",
@@ -420,6 +447,7 @@ class MetricsServer:
             "/": _page(lambda: self._report.html().encode(), "text/html; charset=utf-8"),
             "/metrics": make_wsgi_app(self._registry),
             "/status.json": _page(self._report.json, "application/json"),
+            "/healthz": _health(self._report.liveness),
         }
         app = _app(routes, _host_check(address))
         server_class = _Server6 if ":" in address else _Server

@@ -23,9 +23,14 @@ from tierd import __version__
 from tierd.config import ReloadStatus
 from tierd.errors import TierdError
 from tierd.telemetry import DaemonState, StateSnapshot
+from tierd.units import plural
 from tierd.vocabulary import Direction
 
 Document = dict[str, Any]
+
+# /healthz fails when no interval completed for this many periods: one slow
+# interval (a paced idle scan on a large host) passes, a hung main loop does not.
+STALE_INTERVALS = 5
 
 
 class StatusReport:
@@ -36,6 +41,7 @@ class StatusReport:
         self._state = state
         self._reload_status = reload_status
         self._interval = interval
+        self._since = time.time()
 
     def document(self) -> Document:
         return build_document(self._state.snapshot(), self._reload_status(), self._interval(),
@@ -46,6 +52,20 @@ class StatusReport:
 
     def html(self) -> str:
         return render_html(self.document())
+
+    def liveness(self) -> tuple[bool, str]:
+        return liveness(self._state.snapshot(), self._interval(), time.time(), self._since)
+
+
+def liveness(snap: StateSnapshot, interval: float, now: float, since: float) -> tuple[bool, str]:
+    """(alive, why): has the main loop completed an interval lately (since: serving began)?"""
+    last = snap.last_interval_at if snap.last_interval_at is not None else since
+    age, limit = now - last, STALE_INTERVALS * interval
+    what = "last interval" if snap.last_interval_at is not None else "no interval yet, started"
+    if age > limit:
+        return False, f"stale: {what} {age:.1f} s ago, over {STALE_INTERVALS} intervals" \
+                      f" ({limit:g} s)"
+    return True, f"ok: {what} {age:.1f} s ago"
 
 
 def build_document(snap: StateSnapshot, reload: ReloadStatus, interval: float,
@@ -80,8 +100,11 @@ def build_document(snap: StateSnapshot, reload: ReloadStatus, interval: float,
 
 def _node(snap: StateSnapshot, node: int) -> Document:
     usage = snap.nodes[node]
-    return {"node": node, "tier": usage.tier, "total_bytes": usage.total_bytes,
-            "free_bytes": usage.free_bytes, "used_bytes": usage.total_bytes - usage.free_bytes,
+    return {"node": node, "tier": usage.tier, "tier_rank": usage.tier_rank,
+            "total_bytes": usage.total_bytes, "free_bytes": usage.free_bytes,
+            "used_bytes": usage.total_bytes - usage.free_bytes,
+            "keep_free_bytes": usage.keep_free_bytes, "hot_bytes": usage.hot_bytes,
+            "warm_bytes": usage.warm_bytes, "cold_bytes": usage.cold_bytes,
             "heat": list(snap.heat_strips.get(node, ()))}
 
 
@@ -112,19 +135,21 @@ def size(n: float) -> str:
 def render_text(doc: Document) -> str:
     lines = [
         f"tierd {doc['version']}, up {_duration(doc['uptime_seconds'])},"
-        f" {doc['intervals']} intervals of {doc['interval_seconds']:g} s"
+        f" {plural(doc['intervals'], 'interval')} of {doc['interval_seconds']:g} s"
         f"{', DRY RUN' if doc['dry_run'] else ''}",
         f"mover: {doc['mover']}   kernel tiering: {doc['kernel_tiering']}   "
         f"last interval: {_age(doc['last_interval_age_seconds'])}",
         _config_line(doc["config"]),
         *([f"LAST INTERVAL FAILED: {doc['failing']}"] if doc.get("failing") else []),
         "",
-        f"{'node':>4} {'tier':>4} {'total':>11} {'used':>11} {'free':>11}  used",
+        f"{'node':>4} {'tier':>4} {'total':>11} {'used':>11} {'free':>11}  used "
+        f"{'hot':>11} {'cold':>11}",
     ]
     for n in doc["nodes"]:
         share = n["used_bytes"] / n["total_bytes"] if n["total_bytes"] else 0.0
         lines.append(f"{n['node']:>4} {n['tier']:>4} {size(n['total_bytes']):>11}"
-                     f" {size(n['used_bytes']):>11} {size(n['free_bytes']):>11}  {share:5.1%}")
+                     f" {size(n['used_bytes']):>11} {size(n['free_bytes']):>11}  {share:5.1%}"
+                     f" {size(n['hot_bytes']):>11} {size(n['cold_bytes']):>11}")
     lines.append("")
     for verb, m in doc["moves"].items():
         extra = f", would move {m['would_move_pages']} pages" if doc["dry_run"] else ""
@@ -180,7 +205,8 @@ def fetch(url: str, timeout: float = 5.0) -> Document:
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise TierdError(f"cannot reach tierd at {_printable(url)}: {_printable(str(reason))}"
-                         " (is tierd running?)") from None
+                         " (is tierd running? A reload that changed metrics.* applies only after a"
+                         " restart)") from None
     if len(body) > MAX_DOCUMENT_BYTES:
         raise TierdError(f"{_printable(url)}/status.json: over {MAX_DOCUMENT_BYTES} bytes:"
                          " not tierd")
