@@ -263,7 +263,7 @@ class Daemon:
         if kind == "phys" and syscall is None:
             raise HostMismatch(f"movers.kind is 'phys' but move_phys_pages is unusable: {why_not}")
         if syscall is not None:
-            self.mover = PhysMover(syscall, self.settings.mover, self.root)
+            self.mover = PhysMover(syscall, self.settings.mover)
         else:
             log.info("PID mover (move_pages through the reverse map): %s", why_not)
             self.rmap = ReverseMap(self._process_filter, self.root)
