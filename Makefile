@@ -7,7 +7,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST    ?= $(PY) -m pytest
 
-.PHONY: all deps venv kernels test test-unit lint docs demo bench soak clean
+.PHONY: all deps venv kernels kernels-debug test test-debug test-unit lint docs demo bench soak judge clean
 
 all: test
 
@@ -30,6 +30,14 @@ kernels: venv
 
 test: venv kernels
 	$(PYTEST)
+
+# The debug kernel (tierd + DEBUG_VM, lockdep, KASAN) is a from-scratch build of
+# its own, too long for `make test`'s budget: its tests run here.
+kernels-debug: venv
+	$(PY) tests/lab/vm.py kernels debug
+
+test-debug: venv kernels-debug
+	TIERD_LAB_KERNELS=debug $(PYTEST) -m vm
 
 test-unit: venv
 	$(PYTEST) -m "not vm"

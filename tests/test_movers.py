@@ -276,8 +276,8 @@ def test_move_all_shared_uses_mpol_mf_move_all() -> None:
 
 def test_phys_mover_sends_mpol_mf_move_all_only_when_configured() -> None:
     kernel = FakePhys()
-    PhysMover(kernel, MoverParams(), ROOT).move(_batch([1]))
-    mover = PhysMover(kernel, MoverParams(move_all_shared=True), ROOT)
+    PhysMover(kernel, MoverParams()).move(_batch([1]))
+    mover = PhysMover(kernel, MoverParams(move_all_shared=True))
     mover.move(_batch([2]))
     assert kernel.flags == [numa.MPOL_MF_MOVE, numa.MPOL_MF_MOVE_ALL]
 
@@ -369,7 +369,7 @@ class FakePhys:
 
 def test_phys_mover_passes_physical_addresses_in_chunks_and_counts_statuses() -> None:
     kernel = FakePhys({3: [-errno.ENOENT], 4: [-errno.EBUSY, 1], 5: [-errno.EACCES]})
-    mover = PhysMover(kernel, MoverParams(batch_pages=4, busy_backoff=0), ROOT)
+    mover = PhysMover(kernel, MoverParams(batch_pages=4, busy_backoff=0))
     result = mover.move(_batch([1, 2, 3, 4, 5, 6]))
     assert kernel.calls[0] == ([1, 2, 3, 4], [1, 1, 1, 1])
     assert sorted(result.moved.tolist()) == [1, 2, 4, 6]
@@ -378,10 +378,10 @@ def test_phys_mover_passes_physical_addresses_in_chunks_and_counts_statuses() ->
 
 
 def test_phys_mover_enomem_and_call_errors() -> None:
-    mover = PhysMover(FakePhys({2: [-errno.ENOMEM]}), MoverParams(batch_pages=2), ROOT)
+    mover = PhysMover(FakePhys({2: [-errno.ENOMEM]}), MoverParams(batch_pages=2))
     result = mover.move(_batch([1, 2, 3, 4]))
     assert result.target_full and result.failures == {"ENOMEM": 1, "target_full": 2}
-    result = PhysMover(FakePhys(call_error=errno.EPERM), root=ROOT).move(_batch([1, 2]))
+    result = PhysMover(FakePhys(call_error=errno.EPERM)).move(_batch([1, 2]))
     assert result.failures == {"call_EPERM": 2} and result.moved.size == 0
 
 
@@ -405,69 +405,58 @@ def _folio_root(tmp_path: Path, folios: list[tuple[int, int]], npfns: int = 64,
 
 
 class FolioPhys:
-    """move_phys_pages_into as the kernel does it: any PFN moves its whole folio; a PFN of a
-    folio already queued in the call is -ENOENT, and so is a free (already moved) one."""
+    """move_phys_pages_into as the kernel does it: a PFN moves its whole folio, and every
+    later PFN of a folio handled in the same call (or the same PFN again) gets that folio's
+    status; in a later call a moved folio is on its target already. `outcomes` scripts a
+    folio's failures, one per call that handles it."""
 
-    def __init__(self, folios: list[tuple[int, int]]) -> None:
+    def __init__(self, folios: list[tuple[int, int]],
+                 outcomes: dict[int, list[int]] | None = None) -> None:
         self.folio_of = {pfn: head for head, pages in folios for pfn in range(head, head + pages)}
-        self.moved: set[int] = set()
+        self.outcomes = outcomes or {}
+        self.node_of: dict[int, int] = {}  # folio head -> the node it moved to
         self.calls: list[list[int]] = []
 
     def __call__(self, addrs: np.ndarray, nodes: np.ndarray, status: np.ndarray,
                  flags: int) -> int:
         pfns = (addrs // PAGE).tolist()
         self.calls.append(pfns)
-        out = []
+        handled: dict[int, int] = {}  # this call's folios and their statuses
         for pfn, node in zip(pfns, nodes.tolist(), strict=True):
             folio = self.folio_of.get(pfn, pfn)
-            out.append(-errno.ENOENT if folio in self.moved else node)
-            self.moved.add(folio)
-        return _answer(out, nodes, status)
+            if folio not in handled:
+                scripted = self.outcomes.get(folio)
+                moved = self.node_of.get(folio) == node or not scripted
+                handled[folio] = node if moved else scripted.pop(0)
+                if moved:
+                    self.node_of[folio] = node
+        return _answer([handled[self.folio_of.get(p, p)] for p in pfns], nodes, status)
 
 
 @pytest.mark.parametrize(("folios", "batch_pages", "calls"), [
-    # one THP (head and tails) amid 4K pages: one PFN for the THP, each 4K page its own
-    ([(8, 8)], 64, [[4, 5, 6, 7, 8, 16, 17]]),
-    # two adjacent THPs: the second head starts a new folio
-    ([(8, 8), (16, 8)], 64, [[4, 5, 6, 7, 8, 16]]),
-    # chunks of 8 pages: the THP at 8-15 would straddle 4..11 | 12..; it goes whole
-    ([(8, 8)], 8, [[4, 5, 6, 7], [8], [16, 17]]),
-    # a THP larger than a chunk goes alone
-    ([(8, 16)], 4, [[4, 5, 6, 7], [8]]),
-    # 4K pages only: one PFN each, chunks of batch_pages
+    # one THP amid 4K pages: every PFN goes, the THP's too, in chunks of batch_pages
+    ([(8, 8)], 64, [[*range(4, 18)]]),
+    # a chunk may cut a THP: its PFNs in the next call find it on the target already
+    ([(8, 8)], 8, [[*range(4, 12)], [*range(12, 18)]]),
+    # 4K pages only
     ([], 4, [[4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17]]),
 ])
-def test_phys_mover_sends_one_pfn_per_folio_and_every_pfn_shares_its_status(
-        tmp_path: Path, folios: list[tuple[int, int]], batch_pages: int,
-        calls: list[list[int]]) -> None:
-    pfns = [*range(4, 18)] if folios != [(8, 16)] else [*range(4, 24)]
+def test_phys_mover_sends_every_pfn_and_each_reports_its_folios_move(
+        folios: list[tuple[int, int]], batch_pages: int, calls: list[list[int]]) -> None:
+    pfns = [*range(4, 18)]
     kernel = FolioPhys(folios)
-    mover = PhysMover(kernel, MoverParams(batch_pages=batch_pages),
-                      _folio_root(tmp_path, folios))
-    result = mover.move(_batch(pfns[::-1]))  # any order in, sorted out
+    result = PhysMover(kernel, MoverParams(batch_pages=batch_pages)).move(_batch(pfns))
     assert kernel.calls == calls
     assert sorted(result.moved.tolist()) == pfns
     assert not result.failures and result.not_moved.size == 0
 
 
-def test_tails_without_their_head_in_the_batch_still_go_as_one_folio(tmp_path: Path) -> None:
-    kernel = FolioPhys([(8, 8)])
-    mover = PhysMover(kernel, MoverParams(), _folio_root(tmp_path, [(8, 8)]))
-    result = mover.move(_batch([11, 12, 13, 20]))
-    assert kernel.calls == [[11, 20]]
-    assert sorted(result.moved.tolist()) == [11, 12, 13, 20]
-
-
-def test_a_folio_status_reaches_every_pfn_of_it_and_busy_folios_retry_whole(
-        tmp_path: Path) -> None:
-    kernel = FakePhys({8: [-errno.EBUSY, 1], 16: [-errno.EACCES]})
-    mover = PhysMover(kernel, MoverParams(busy_backoff=0),
-                      _folio_root(tmp_path, [(8, 8), (16, 4)]))
-    result = mover.move(_batch([*range(8, 20)]))
-    assert [pfns for pfns, _ in kernel.calls] == [[8, 16], [8]]
+def test_a_folio_status_is_counted_once_per_page_and_busy_folios_retry() -> None:
+    kernel = FolioPhys([(8, 8), (16, 4)], {8: [-errno.EBUSY], 16: [-errno.EACCES] * 2})
+    result = PhysMover(kernel, MoverParams(busy_backoff=0)).move(_batch([*range(8, 20)]))
+    assert kernel.calls == [[*range(8, 20)], [*range(8, 16)]]  # only the busy THP again
     assert sorted(result.moved.tolist()) == [*range(8, 16)]
-    assert result.failures == {"EACCES": 4}
-
+    assert result.failures == {"EACCES": 4}  # the 4 pages of the refused folio
 
 
 def test_pid_mover_sends_one_address_per_folio_and_retries_a_busy_folio_whole(
@@ -495,7 +484,7 @@ def test_the_daemon_reads_a_batchs_kpageflags_once_for_the_safety_check_and_the_
     mover: Mover
     if kind == "phys":
         phys = FolioPhys([(16, 4)])
-        mover = PhysMover(phys, MoverParams(busy_backoff=0), root)
+        mover = PhysMover(phys, MoverParams(busy_backoff=0))
     else:
         pid = FakeKernel()
         rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
@@ -515,7 +504,7 @@ def test_the_daemon_reads_a_batchs_kpageflags_once_for_the_safety_check_and_the_
     assert opens == [root]
     assert summary.moved[(Direction.DEMOTE, 0, 1)] == 5 and not summary.failures
     if kind == "phys":
-        assert phys.calls == [[16, 32]]
+        assert phys.calls == [[16, 17, 18, 19, 32]]  # the kernel resolves the folio
     else:
         assert [(p, pages) for p, pages, _, _ in pid.calls] == [(4242, [16, 22])]
 

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Build (or reuse) the tierd lab kernel: Debian's linux-source-6.12 plus
+# Build (or reuse) a lab kernel: Debian's linux-source-6.12 plus
 # packaging/kernel/tierd.config plus packaging/kernel/patches/*.patch.
 #
-# The result lands in $CACHE/kernels/tierd-<key>/ where <key> hashes the
-# source package version, the fragment, the patches and this script, so a
+#   build-kernel.sh [tierd|debug]
+#
+# Flavour "tierd" (the default) is that; "debug" adds
+# packaging/kernel/debug.config (DEBUG_VM, lockdep, KASAN) on top, in a build
+# tree of its own, so neither flavour's objects are rebuilt for the other.
+#
+# The result lands in $CACHE/kernels/<flavour>-<key>/ where <key> hashes the
+# source package version, the fragments, the patches and this script, so a
 # second run with nothing changed is a no-op. The build tree is kept in
 # $CACHE/src and patched in place (old series reverted, new one applied), so a
-# changed patch recompiles only the files it touches.
+# changed patch recompiles only the files it touches. The series' selftest
+# sources are copied next to the kernel (selftest/), so a test compiles the
+# selftest of the kernel it boots, whatever series the build tree holds now.
 #
 # Prints the output directory on stdout; progress goes to stderr.
 set -euo pipefail
@@ -14,16 +22,25 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${TIERD_LAB_CACHE:-/var/cache/tierd-lab}
-fragment=$repo/packaging/kernel/tierd.config
+flavour=${1:-tierd}
+fragments=("$repo/packaging/kernel/tierd.config")
+case "$flavour" in
+    tierd) ;;
+    debug) fragments+=("$repo/packaging/kernel/debug.config") ;;
+    *) echo "build-kernel: unknown flavour '$flavour' (tierd or debug)" >&2; exit 2 ;;
+esac
 patchdir=$repo/packaging/kernel/patches
 tarball=/usr/src/linux-source-6.12.tar.xz
 jobs=${TIERD_LAB_JOBS:-$(nproc)}
 
 log() { echo "build-kernel: $*" >&2; }
 
-# One build at a time: concurrent test sessions wait here for the first one.
+# One build per tree at a time: concurrent test sessions wait here for the first
+# one (the debug flavour's tree has a lock of its own).
 mkdir -p "$cache"
-exec 9>"$cache/build.lock"
+lock=$cache/build.lock
+[ "$flavour" = tierd ] || lock=$cache/build-$flavour.lock
+exec 9>"$lock"
 flock 9
 
 [ -f "$tarball" ] || { log "missing $tarball (apt-get install linux-source-6.12)"; exit 1; }
@@ -37,9 +54,9 @@ for p in "$patchdir"/*.patch; do
 done
 shopt -u nullglob
 
-key=$( { echo "$srcver"; cat "$fragment" "$0"; for p in "${patches[@]}"; do basename "$p"; cat "$p"; done; } \
+key=$( { echo "$srcver"; cat "${fragments[@]}" "$0"; for p in "${patches[@]}"; do basename "$p"; cat "$p"; done; } \
        | sha256sum | cut -c1-16)
-out=$cache/kernels/tierd-$key
+out=$cache/kernels/$flavour-$key
 if [ -f "$out/bzImage" ]; then
     log "cached: $out"
     echo "$out"
@@ -47,6 +64,7 @@ if [ -f "$out/bzImage" ]; then
 fi
 
 tree=$cache/src/linux-$srcver
+[ "$flavour" = tierd ] || tree=$tree-$flavour
 if [ ! -f "$tree/Makefile" ]; then
     log "unpacking $tarball ($srcver)"
     rm -rf "$tree" && mkdir -p "$tree"
@@ -88,7 +106,7 @@ done < "$before"
 log "configuring"
 make -C "$tree" -s x86_64_defconfig >&2
 make -C "$tree" -s kvm_guest.config >&2
-(cd "$tree" && scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null)
+(cd "$tree" && scripts/kconfig/merge_config.sh -m .config "${fragments[@]}" >/dev/null)
 make -C "$tree" -s olddefconfig >&2
 
 # merge_config warns but does not fail when a dependency drops an option.
@@ -100,7 +118,7 @@ while IFS= read -r line; do
             sym=${line#\# }; sym=${sym%% *}
             ! grep -q "^$sym=" "$tree/.config" || { log "not unset: $sym"; missing=1; } ;;
     esac
-done < "$fragment"
+done < <(cat "${fragments[@]}")
 [ "$missing" = 0 ] || { log "config fragment did not apply cleanly"; exit 1; }
 
 log "building bzImage with $jobs jobs (about 15 minutes on 2 cores from scratch)"
@@ -112,6 +130,13 @@ tmp=$out.tmp.$$
 rm -rf "$tmp" && mkdir -p "$tmp"
 cp "$tree/arch/x86/boot/bzImage" "$tree/.config" "$tmp/"
 make -C "$tree" -s kernelrelease > "$tmp/kernelrelease"
+# The selftest and the headers it includes, as this series has them.
+selftests=tools/testing/selftests
+for f in $selftests/mm/move_phys_pages.c $selftests/mm/vm_util.h \
+         $selftests/kselftest_harness.h $selftests/kselftest.h; do
+    mkdir -p "$tmp/selftest/$(dirname "$f")"
+    cp "$tree/$f" "$tmp/selftest/$f"
+done
 echo "$srcver" > "$tmp/source-version"
 rm -rf "$out" && mv "$tmp" "$out"
 echo "$out"

@@ -10,7 +10,9 @@ here. A test that failed in the guest carries the tail of the guest's dmesg.
 Tests marked `@pytest.mark.vm(init="systemd")` get a guest of their own per
 kernel, with systemd as PID 1.
 
-`pytest -m "not vm"` never starts QEMU.
+`pytest -m "not vm"` never starts QEMU. Only the kernels named in
+TIERD_LAB_KERNELS (default "stock,tierd") are booted: the "debug" kernel's
+tests run with TIERD_LAB_KERNELS=debug (`make test-debug`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import pytest
 GUEST_KERNEL = os.environ.get("TIERD_LAB_GUEST")  # set inside the guest only
 GUEST_INIT = os.environ.get("TIERD_LAB_INIT", "shell")  # the guest's PID 1 (vm.INITS)
 RESULTS_ENV = "TIERD_LAB_RESULTS"
+# The kernels the host boots for the vm tests that name them; the others are deselected.
+LAB_KERNELS = tuple(os.environ.get("TIERD_LAB_KERNELS", "stock,tierd").split(","))
 DMESG_TAIL = 80
 
 
@@ -53,7 +57,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def lab_kernel(request: pytest.FixtureRequest) -> str:
-    """The lab kernel this vm test runs on: "stock" or "tierd"."""
+    """The lab kernel this vm test runs on: "stock", "tierd" or "debug"."""
     return request.param
 
 
@@ -114,11 +118,16 @@ class HostLab:
         self.console: dict[tuple[str, str], str] = {}
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        """Run host tests first, then each guest's tests together.
+        """Drop vm tests of kernels not in LAB_KERNELS; run host tests first, then each
+        guest's tests together.
 
         A replayed vm test skips pytest's setup and teardown, so a host test
         that came after one could find another module's fixtures still set up.
         """
+        other = [i for i in items if _kernel_of(i) not in (None, *LAB_KERNELS)]
+        if other:
+            self.config.hook.pytest_deselected(items=other)
+            items[:] = [i for i in items if i not in other]
         order = {None: 0}
         for item in items:
             order.setdefault(_guest_of(item), len(order))

@@ -32,7 +32,10 @@ from pathlib import Path
 LAB_DIR = Path(__file__).resolve().parent
 REPO = LAB_DIR.parent.parent
 CACHE = Path(os.environ.get("TIERD_LAB_CACHE", "/var/cache/tierd-lab"))
-KERNELS = ("stock", "tierd")
+KERNELS = ("stock", "tierd", "debug")
+# What `make kernels` builds: the debug kernel (tierd + DEBUG_VM, lockdep, KASAN)
+# is a from-scratch build of its own, made by `make kernels-debug` only.
+DEFAULT_KERNELS = ("stock", "tierd")
 # PID 1 after the initramfs: guest-init.sh itself, or the host's systemd
 # (guest-init.sh sets up and execs it; the command runs as a unit).
 INITS = ("shell", "systemd")
@@ -94,15 +97,16 @@ def early_panic(result: GuestResult) -> str | None:
 
 def lab_kernel(name: str) -> LabKernel:
     """Build or fetch a lab kernel (cached; a no-op when nothing changed)."""
-    script = {"tierd": "build-kernel.sh", "stock": "fetch-stock-kernel.sh"}[name]
+    script = "fetch-stock-kernel.sh" if name == "stock" else "build-kernel.sh"
+    args = [] if name == "stock" else [name]  # build-kernel.sh's flavour
     done = subprocess.run(
-        [str(LAB_DIR / script)], stdout=subprocess.PIPE, text=True, check=False
+        [str(LAB_DIR / script), *args], stdout=subprocess.PIPE, text=True, check=False
     )
     if done.returncode != 0:
         raise LabError(f"{script} failed with exit code {done.returncode}")
     out = Path(done.stdout.strip().splitlines()[-1])
     release = (out / "kernelrelease").read_text().strip()
-    if name == "tierd":
+    if name != "stock":
         return LabKernel(name, out / "bzImage", release, None)
     return LabKernel(name, out / "vmlinuz", release, out / "lib" / "modules")
 
@@ -281,7 +285,9 @@ def _boot_once(
     """One boot, in a fresh results directory (no marker left from a previous one)."""
     outdir = Path(tempfile.mkdtemp(prefix=f"tierd-lab-{kernel.name}-"))
     guest_env = {"TIERD_LAB_KERNEL": kernel.name, "TIERD_LAB_CWD": str(cwd),
-                 "TIERD_LAB_INIT": init}
+                 "TIERD_LAB_INIT": init,
+                 # Where the kernel's build output is (its selftest sources among it).
+                 "TIERD_LAB_KERNEL_DIR": str(kernel.image.parent)}
     if kernel.modules:
         guest_env["TIERD_LAB_MODULES"] = str(kernel.modules)
     guest_env.update(env or {})
@@ -356,10 +362,15 @@ def _main() -> int:
     run.add_argument("--init", choices=INITS, default="shell",
                      help="PID 1: guest-init.sh (default) or systemd")
     run.add_argument("command", nargs=argparse.REMAINDER)
-    sub.add_parser("kernels", help="build or fetch both kernels, print where they are")
+    kernels = sub.add_parser("kernels", help="build or fetch kernels, print where they are")
+    kernels.add_argument("names", nargs="*", metavar="KERNEL",
+                         help=f"any of {', '.join(KERNELS)} (default: {' '.join(DEFAULT_KERNELS)})")
     args = parser.parse_args()
     if args.cmd == "kernels":
-        for name in KERNELS:
+        unknown = set(args.names) - set(KERNELS)
+        if unknown:
+            parser.error(f"unknown kernel(s) {', '.join(sorted(unknown))}: choose from {KERNELS}")
+        for name in args.names or DEFAULT_KERNELS:
             k = lab_kernel(name)
             print(f"{name}: {k.release} {k.image}")
         return 0

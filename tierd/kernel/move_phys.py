@@ -11,8 +11,8 @@ or x32 uses is refused even when the file names it.
 probe() is this module's entry in tierd.probe (a Capability that also carries
 the number). move_phys_pages() works like tierd.kernel.numa.move_pages:
 physical addresses are a uint64 array, nodes an int32 array, the per-page
-status comes back as an int32 array, one syscall a batch; it calls the number
-probe() proved unless given one.
+status comes back as an int32 array, one syscall per MAX_PAGES entries; it
+calls the number probe() proved unless given one.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ SYSCALL_NR_FILE = "/sys/kernel/mm/move_phys_pages/syscall_nr"
 # a kernel naming one of these for move_phys_pages is not to be believed.
 MAINLINE_LAST_NR = 469
 X32_RANGE = range(512, 548)
-# Pages the kernel never got to (it stopped at a failed batch) keep this.
-NOT_ATTEMPTED = -errno.EAGAIN
+# Entries one call may carry (the kernel's cap; more is E2BIG): longer arrays are split.
+MAX_PAGES = 65536
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -124,14 +124,16 @@ def move_phys_pages(
     """Move (or with nodes=None, query) the pages at physical addresses `phys_addrs`.
 
     `nr` is the syscall number, by default the one the running kernel proves
-    in sysfs (proven_number()). Returns the per-page status: the
-    node the page is on after the call, or a negative errno (-ENOENT offline,
-    free, kernel or isolated; -EFAULT zero page or unmigratable mapping;
-    -EACCES shared without MPOL_MF_MOVE_ALL or outside a mapping task's
-    cpuset; -EBUSY; -ENOMEM; ...). Pages after a batch the kernel failed to
-    migrate keep NOT_ATTEMPTED. Raises MovePhysPagesError when the call as a
-    whole fails (ENOSYS when the kernel proves no number), ValueError for a
-    number that must not be called.
+    in sysfs (proven_number()). Returns the per-page status: the node the page
+    is on after the call (with nodes=None: where it is, if it could move), or
+    a negative errno: -ENOENT not user memory (offline, free, kernel,
+    unmapped); -EFAULT zero page or unmigratable mapping; -EACCES shared
+    without MPOL_MF_MOVE_ALL; -EPERM target outside a mapping task's cpuset or
+    a mapping's MPOL_BIND policy; -EBUSY busy for now (isolated, locked,
+    pinned, failed to migrate); -ENOMEM target full. Every address of a large
+    folio, and an address given twice, reports the folio's one status.
+    Raises MovePhysPagesError when the call as a whole fails (ENOSYS when the
+    kernel proves no number), ValueError for a number that must not be called.
     """
     addrs = np.ascontiguousarray(phys_addrs, dtype=np.uint64)
     node_array = None if nodes is None else np.ascontiguousarray(nodes, dtype=np.int32)
@@ -146,9 +148,9 @@ def move_phys_pages_into(phys_addrs: npt.NDArray[np.uint64], nodes: npt.NDArray[
     """move_phys_pages() into a caller's status array: the phys mover's per-call path.
 
     All three arrays must be contiguous, of these dtypes and one length.
-    Returns the call's result: 0, or how many pages the kernel failed to
-    migrate (as move_pages(2), it stops at the first failed migration; the
-    pages after it keep NOT_ATTEMPTED).
+    Returns how many pages got an error status (0: every page reached its
+    node), over one call per MAX_PAGES entries; a failed call raises, its
+    pages' statuses unset.
     """
     if nr is None:
         nr = proven_number()
@@ -156,9 +158,16 @@ def move_phys_pages_into(phys_addrs: npt.NDArray[np.uint64], nodes: npt.NDArray[
     if refused:
         raise ValueError(f"refusing to call {refused}")
     check_lengths(phys_addrs, nodes, status)
-    status.fill(NOT_ATTEMPTED)
-    if phys_addrs.size == 0:
-        return 0
+    failed = 0
+    for start in range(0, phys_addrs.size, MAX_PAGES):
+        end = min(start + MAX_PAGES, phys_addrs.size)
+        failed += _call(nr, phys_addrs[start:end], None if nodes is None else nodes[start:end],
+                        status[start:end], flags)
+    return failed
+
+
+def _call(nr: int, phys_addrs: npt.NDArray[np.uint64], nodes: npt.NDArray[np.int32] | None,
+          status: npt.NDArray[np.int32], flags: int) -> int:
     rc: int = _libc.syscall(
         ctypes.c_long(nr), ctypes.c_ulong(phys_addrs.size),
         _ptr(phys_addrs), _ptr(nodes), _ptr(status), ctypes.c_int(flags),
@@ -167,4 +176,4 @@ def move_phys_pages_into(phys_addrs: npt.NDArray[np.uint64], nodes: npt.NDArray[
         err = ctypes.get_errno()
         raise MovePhysPagesError(
             err, f"move_phys_pages({phys_addrs.size} pages): {os.strerror(err)}")
-    return rc
+    return int(rc)

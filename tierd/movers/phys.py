@@ -1,16 +1,21 @@
 """The phys mover: move pages by physical address with move_phys_pages (the tierd kernel).
 
 Used only when the probe of tierd.kernel.move_phys proved the running kernel
-implements the syscall. A batch's PFNs are grouped by folio
-(tierd.movers.folios): one PFN per large folio goes to the kernel, which
-moves the whole folio, and every PFN of the folio shares its status (sent
-alone, the folio's other PFNs would report -ENOENT: isolated, then free).
-Calls carry at most `batch_pages` pages, all to the batch's one target node,
-and never split a folio. Per-page statuses follow move_pages(2): the node
-reached or a negative errno; in the RFC -ENOENT means no longer an LRU page,
--EFAULT not migratable, -EACCES the target is outside an owner's cpuset.
-Busy pages are retried (bounded, with backoff); -ENOMEM ends the batch. A
-call-level error fails the chunk and the mover goes on.
+implements the syscall. Every PFN of a batch goes to the kernel as it is,
+large folios included: the kernel moves the whole folio for the first PFN
+naming it, and every later PFN of that folio in the same call (or the same
+PFN twice) gets the folio's status without a new lookup; in a later call the
+folio is already on the target. So each PFN's status is the truth about that
+PFN, and the counts by reason are counts of pages. Calls carry at most
+`batch_pages` pages, all to the batch's one target node.
+
+Per-page statuses (docs/move_phys_pages.md): the node reached, or -ENOENT not
+user memory (free, kernel, unmapped), -EFAULT not migratable, -EACCES shared
+without MPOL_MF_MOVE_ALL, -EPERM the target is outside a mapper's cpuset or
+MPOL_BIND policy, -EBUSY busy for now (retried, bounded, with backoff),
+-ENOMEM target full (ends the batch). The kernel reports every page, even
+after a failed migration; a call-level error fails the chunk and the mover
+goes on.
 
 The kernel does not report where a moved page went, so its heat cannot
 follow it: the idle scan finds it again at its new PFN.
@@ -28,14 +33,12 @@ from tierd.collectors.processes import ProcessFilter
 from tierd.config import Config
 from tierd.errors import Unusable
 from tierd.kernel import move_phys
-from tierd.kernel.root import HOST, HostRoot
-from tierd.movers import _native, folios
 from tierd.movers.batches import BatchResult, MoverParams, move_groups
 from tierd.movers.mover import mover_params
 from tierd.vocabulary import PAGE_SHIFT, Batch, Health, State
 
-# (physical addresses, target nodes, statuses to fill, flags) -> the call's result (0, or
-# pages it failed to migrate); raises OSError for the call (move_phys_pages_into's signature).
+# (physical addresses, target nodes, statuses to fill, flags) -> the call's result (how many
+# pages got an error status); raises OSError for the call (move_phys_pages_into's signature).
 MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32],
                           npt.NDArray[np.int32], int], int]
 
@@ -43,30 +46,25 @@ MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32],
 class PhysMover:
     name = "phys"
 
-    def __init__(self, move_phys_pages: MovePhysPages, params: MoverParams | None = None,
-                 root: HostRoot = HOST) -> None:
+    def __init__(self, move_phys_pages: MovePhysPages, params: MoverParams | None = None
+                 ) -> None:
         self._move = move_phys_pages
         self.params = params or MoverParams()
-        self.root = root
 
     def move(self, batch: Batch, flags: npt.NDArray[np.uint64] | None = None) -> BatchResult:
-        """Move the batch; `flags`: its PFNs' kpageflags when the caller read them already
-        (the daemon's safety check), else they are read here."""
+        """Move the batch. `flags` (its PFNs' kpageflags, which the PID mover uses to group
+        folios) is not needed: the kernel resolves each PFN's folio itself."""
         result = BatchResult()
         pfns = batch.pfns
-        if not _native.ascends(pfns, False):  # a Batch's do; a caller's may not
-            order = np.argsort(pfns)
-            pfns, flags = pfns[order], None if flags is None else flags[order]
-        first = (folios.read_group_starts(pfns, self.root) if flags is None
-                 else folios.group_starts(pfns, flags))
-        sent = pfns[first] << np.uint64(PAGE_SHIFT)  # one PFN per folio
-        nodes = np.full(min(sent.size, self.params.batch_pages), batch.target, dtype=np.int32)
+        addrs = pfns << np.uint64(PAGE_SHIFT)
+        nodes = np.full(min(addrs.size, self.params.batch_pages), batch.target, dtype=np.int32)
 
-        def send(groups: slice | npt.NDArray[np.intp], statuses: npt.NDArray[np.int32]) -> int:
-            addrs = sent[groups]
-            return self._move(addrs, nodes[:addrs.size], statuses, self.params.flags)
+        def send(pages: slice | npt.NDArray[np.intp], statuses: npt.NDArray[np.int32]) -> int:
+            sent = addrs[pages]
+            return self._move(sent, nodes[:sent.size], statuses, self.params.flags)
 
-        moved = move_groups(send, pfns, first, batch.target, result, self.params)
+        every_page = np.ones(pfns.size, dtype=np.bool_)  # each PFN its own entry
+        moved = move_groups(send, pfns, every_page, batch.target, result, self.params)
         result.succeed(pfns if moved.all() else pfns[moved])
         return result
 
@@ -88,4 +86,4 @@ def open_mover(config: Config, setup: Setup) -> PhysMover:
     support = move_phys.probe(setup.root)
     if not support.usable:
         raise Unusable(Health(State.DISABLED, f"move_phys_pages is unusable: {support.reason}"))
-    return PhysMover(move_phys.move_phys_pages_into, mover_params(config), setup.root)
+    return PhysMover(move_phys.move_phys_pages_into, mover_params(config))
