@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -70,6 +72,60 @@ class GuestResult:
     started: bool = False  # the guest reached its command (STARTED_MARKER)
     # Panic lines of earlier boots of this run that died before the command.
     early_panics: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A TCG plugin for QEMU's -plugin option; "{outdir}" in a value is the results share."""
+
+    path: Path
+    args: tuple[tuple[str, str], ...] = ()
+
+    def option(self, outdir: Path) -> str:
+        return ",".join([str(self.path), *(f"{k}={v.format(outdir=outdir)}" for k, v in self.args)])
+
+
+# "  node   1: [mem 0x0000000030000000-0x000000008fffffff]" under "Early memory node ranges".
+NODE_RANGE = re.compile(r"node\s+(\d+): \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\]")
+
+
+NodeRanges = dict[int, list[tuple[int, int]]]
+
+
+def node_ranges_from_dmesg(dmesg: str) -> NodeRanges:
+    """Each node's guest-physical RAM ranges [start, end) in bytes, from the boot log.
+
+    The kernel prints them from the firmware's map, so they hold wherever
+    QEMU put the RAM (above 4 GiB past the PCI hole of a large guest).
+    """
+    lines = dmesg.split("Early memory node ranges", 1)
+    if len(lines) < 2:
+        raise LabError("the guest's kernel log has no \"Early memory node ranges\"")
+    ranges: NodeRanges = {}
+    for line in lines[1].splitlines()[1:]:
+        match = NODE_RANGE.search(line)
+        if not match:
+            break
+        node, first, last = int(match[1]), int(match[2], 16), int(match[3], 16)
+        ranges.setdefault(node, []).append((first, last + 1))
+    return ranges
+
+
+def node_ranges(kernel: LabKernel, fast_mem: str, slow_mem: str) -> NodeRanges:
+    """The lab's node ranges for these sizes, read from a guest once and cached.
+
+    QEMU's firmware map depends on the sizes only, not on the kernel booted.
+    """
+    path = CACHE / "node-ranges" / f"{fast_mem}-{slow_mem}.json"
+    if not path.exists():
+        result = boot(kernel, "true", fast_mem=fast_mem, slow_mem=slow_mem, echo=False,
+                      timeout=900)
+        if result.rc != 0:
+            raise LabError(f"the guest that reports its node ranges exited with {result.rc}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(node_ranges_from_dmesg(result.dmesg)))
+    return {int(node): [(a, b) for a, b in spans]
+            for node, spans in json.loads(path.read_text()).items()}
 
 
 def panic_line(console: str) -> str | None:
@@ -169,7 +225,7 @@ def topology_args(fast_mem: str, slow_mem: str) -> list[str]:
     args = [
         "-machine", "pc,hmat=on",
         "-smp", "2,sockets=2,maxcpus=2",
-        "-m", _sum_sizes(fast_mem, slow_mem),
+        "-m", sum_sizes(fast_mem, slow_mem),
         "-object", f"memory-backend-ram,id=m0,size={fast_mem}",
         "-object", f"memory-backend-ram,id=m1,size={slow_mem}",
         "-numa", "node,nodeid=0,memdev=m0",
@@ -184,7 +240,7 @@ def topology_args(fast_mem: str, slow_mem: str) -> list[str]:
     return args
 
 
-def _sum_sizes(*sizes: str) -> str:
+def sum_sizes(*sizes: str) -> str:
     units = {"M": 1, "G": 1024}
     total = sum(int(s[:-1]) * units[s[-1].upper()] for s in sizes)
     return f"{total}M"
@@ -244,6 +300,7 @@ def boot(
     init: str = "shell",
     attempts: int = BOOT_ATTEMPTS,
     log: Callable[[str], None] = _log_stderr,
+    plugin: Plugin | None = None,
 ) -> GuestResult:
     """Boot the lab with `kernel`, run the shell `command` inside, power off.
 
@@ -251,13 +308,15 @@ def boot(
     a service once basic.target is reached. A boot whose kernel panicked
     before the command started is booted again, up to `attempts` boots in
     all, each retry announced through `log`; the command runs at most once.
+    `plugin` is loaded into QEMU (TCG only).
     """
     if init not in INITS:
         raise LabError(f"unknown init {init!r} (one of {', '.join(INITS)})")
     panics: list[str] = []
     while True:
         result = _boot_once(kernel, command, fast_mem=fast_mem, slow_mem=slow_mem,
-                            timeout=timeout, echo=echo, env=env, cwd=cwd, init=init)
+                            timeout=timeout, echo=echo, env=env, cwd=cwd, init=init,
+                            plugin=plugin)
         panic = early_panic(result)
         if panic is None or len(panics) + 1 >= attempts:
             return replace(result, early_panics=tuple(panics))
@@ -277,6 +336,7 @@ def _boot_once(
     env: dict[str, str] | None,
     cwd: Path,
     init: str,
+    plugin: Plugin | None = None,
 ) -> GuestResult:
     """One boot, in a fresh results directory (no marker left from a previous one)."""
     outdir = Path(tempfile.mkdtemp(prefix=f"tierd-lab-{kernel.name}-"))
@@ -305,6 +365,10 @@ def _boot_once(
         "-display", "none", "-serial", "stdio", "-monitor", "none",
         "-no-reboot", "-nodefaults",
     ]
+    if plugin is not None:
+        if cpu != "max":
+            raise LabError(f"TCG plugin {plugin.path} needs TCG, the lab runs {accelerator()}")
+        qemu += ["-plugin", plugin.option(outdir)]
     console = _run_console(qemu, timeout, echo)
     rc_file, dmesg_file = outdir / "rc", outdir / "dmesg"
     rc = int(rc_file.read_text()) if rc_file.exists() else None
