@@ -59,35 +59,38 @@ class Counts:
 
     def __init__(self, path: Path = GUEST_COUNTS) -> None:
         self.path = path
-        self.lines_seen = 0
+        self.offset = 0  # bytes of complete lines read so far
+        self.last: Reading | None = None
 
-    @staticmethod
-    def available(path: Path = GUEST_COUNTS) -> bool:
-        return path.exists()
-
-    def _lines(self) -> list[str]:
-        text = self.path.read_text()
-        # A line is complete once its newline is there.
-        return text[:text.rfind("\n") + 1].splitlines()
+    def _new_lines(self) -> list[str]:
+        with open(self.path, "rb") as counts:
+            counts.seek(self.offset)
+            data = counts.read()
+        complete = data[:data.rfind(b"\n") + 1]  # a line is complete once its newline is there
+        self.offset += len(complete)
+        lines = complete.decode().splitlines()
+        if lines:
+            self.last = parse_line(lines[-1])
+        return lines
 
     def latest(self) -> Reading:
         """The newest reading, published up to a second ago."""
-        lines = self._lines()
-        if not lines:
+        self._new_lines()
+        if self.last is None:
             raise RuntimeError(f"{self.path}: the judge plugin has published nothing")
-        self.lines_seen = len(lines)
-        return parse_line(lines[-1])
+        return self.last
 
     def fresh(self, timeout: float = 60) -> Reading:
         """A reading summed after this call began (waits for FRESH_LINES new lines)."""
-        start = len(self._lines())
+        self._new_lines()
+        seen = 0
         deadline = time.monotonic() + timeout
-        while len(lines := self._lines()) < start + FRESH_LINES:
+        while (seen := seen + len(self._new_lines())) < FRESH_LINES:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.path}: no new line in {timeout:.0f} s")
             time.sleep(0.2)
-        self.lines_seen = len(lines)
-        return parse_line(lines[-1])
+        assert self.last is not None
+        return self.last
 
 
 def pin_harness() -> None:

@@ -44,6 +44,8 @@ from workloads import Variant  # noqa: E402
 from tierd.kernel.numa import move_pages  # noqa: E402
 
 SYSTEMS = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
+# Also runnable (--systems): tierd with the benchmark's intervals, a labelled variant.
+TUNED_SYSTEMS = ("tierd_phys_tuned", "tierd_pid_tuned")
 # Sizes for the lab's 768 MiB fast node, about 620 MiB of it free for the
 # benchmark. Before each workload a ballast process fills BALLAST of it with
 # pages it never touches (cold memory of another process), leaving about
@@ -70,7 +72,8 @@ MIGRATION_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "pgpromote_success"
 
 def make_system(name: str, scratch: Path) -> systems.System:
     if name.startswith("tierd_"):
-        return systems.Tierd(name.removeprefix("tierd_"), scratch)
+        mover, _, tuned = name.removeprefix("tierd_").partition("_")
+        return systems.Tierd(mover, scratch, tuned=tuned == "tuned")
     return {"none": systems.System, "numa_balancing": systems.NumaBalancing,
             "damon": systems.DamonTiering}[name]()
 

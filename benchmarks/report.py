@@ -11,7 +11,8 @@ from pathlib import Path
 
 from metrics import PAGE_SIZE, per_gib
 
-SYSTEM_ORDER = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
+SYSTEM_ORDER = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid", "tierd_phys_tuned",
+                "tierd_pid_tuned", "all_fast")
 # The limit row: no tiering, the fast node big enough to hold everything.
 LIMIT = "all_fast"
 # What each run's record keeps in latest.json besides the headline metrics.
