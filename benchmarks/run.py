@@ -90,7 +90,7 @@ def run_guest(args: argparse.Namespace, command: str, *, judge: bool,
     fast_mem, slow_mem = sizes or (args.fast_mem, args.slow_mem)
     plugin = None
     if judge:
-        ranges = vm.node_ranges(kernel, fast_mem, slow_mem)
+        ranges = vm.plugin_ram_ranges(fast_mem, slow_mem)
         plugin = vm.Plugin(access.PLUGIN, access.plugin_args(ranges))
     result = vm.boot(kernel, command, fast_mem=fast_mem, slow_mem=slow_mem,
                      timeout=args.timeout, echo=True, plugin=plugin)

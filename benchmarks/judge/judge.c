@@ -1,6 +1,6 @@
 /*
  * judge: a QEMU TCG plugin that counts the guest's memory accesses per
- * guest-physical 4 KiB page and publishes cumulative totals per NUMA node.
+ * 4 KiB page of guest RAM and publishes cumulative totals per NUMA node.
  *
  * tierbench judges placement with it: which node served the accesses, as
  * the emulator saw them, with no trust in any tiering system's own evidence.
@@ -8,7 +8,9 @@
  *   -plugin judge.so,out=FILE,node0=0x0-0x30000000,node1=0x30000000-0x90000000
  *           [,user=on][,vcpu=1][,interval_ms=1000]
  *
- * nodeN=START-END[:START-END...]  guest-physical byte ranges [START, END) of node N
+ * nodeN=START-END[:START-END...]  byte ranges [START, END) of node N in the
+ *               addresses qemu_plugin_hwaddr_phys_addr() reports (in QEMU 7.2
+ *               not guest-physical: see plugin_ram_ranges in tests/lab/vm.py)
  * user=on       count only accesses whose virtual address is in the canonical
  *               lower half (user space): the kernel's page copies during
  *               migration and its scans are not the application's traffic
@@ -48,7 +50,7 @@ struct range {
 
 static struct range ranges[MAX_RANGES];
 static int nr_ranges, nr_nodes;
-static uint64_t *pages; /* accesses per page frame, index = physical address >> 12 */
+static uint64_t *pages; /* accesses per 4 KiB page, index = reported address >> 12 */
 static uint64_t nr_pages;
 static uint64_t other;
 static bool user_only;

@@ -61,6 +61,11 @@ int main(int argc, char **argv)
         perror("known_reads: move_pages");
         return 1;
     }
+    /* Ask again: a huge page's tails sent after its head report -EBUSY though they moved. */
+    if (syscall(SYS_move_pages, 0, pages, addrs, NULL, status, 0) < 0) {
+        perror("known_reads: move_pages (query)");
+        return 1;
+    }
     for (long i = 0; i < pages; i++) {
         if (status[i] != node) {
             fprintf(stderr, "known_reads: page %ld is on node %d, not %ld\n", i, status[i],

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -83,49 +81,6 @@ class Plugin:
 
     def option(self, outdir: Path) -> str:
         return ",".join([str(self.path), *(f"{k}={v.format(outdir=outdir)}" for k, v in self.args)])
-
-
-# "  node   1: [mem 0x0000000030000000-0x000000008fffffff]" under "Early memory node ranges".
-NODE_RANGE = re.compile(r"node\s+(\d+): \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\]")
-
-
-NodeRanges = dict[int, list[tuple[int, int]]]
-
-
-def node_ranges_from_dmesg(dmesg: str) -> NodeRanges:
-    """Each node's guest-physical RAM ranges [start, end) in bytes, from the boot log.
-
-    The kernel prints them from the firmware's map, so they hold wherever
-    QEMU put the RAM (above 4 GiB past the PCI hole of a large guest).
-    """
-    lines = dmesg.split("Early memory node ranges", 1)
-    if len(lines) < 2:
-        raise LabError("the guest's kernel log has no \"Early memory node ranges\"")
-    ranges: NodeRanges = {}
-    for line in lines[1].splitlines()[1:]:
-        match = NODE_RANGE.search(line)
-        if not match:
-            break
-        node, first, last = int(match[1]), int(match[2], 16), int(match[3], 16)
-        ranges.setdefault(node, []).append((first, last + 1))
-    return ranges
-
-
-def node_ranges(kernel: LabKernel, fast_mem: str, slow_mem: str) -> NodeRanges:
-    """The lab's node ranges for these sizes, read from a guest once and cached.
-
-    QEMU's firmware map depends on the sizes only, not on the kernel booted.
-    """
-    path = CACHE / "node-ranges" / f"{fast_mem}-{slow_mem}.json"
-    if not path.exists():
-        result = boot(kernel, "true", fast_mem=fast_mem, slow_mem=slow_mem, echo=False,
-                      timeout=900)
-        if result.rc != 0:
-            raise LabError(f"the guest that reports its node ranges exited with {result.rc}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(node_ranges_from_dmesg(result.dmesg)))
-    return {int(node): [(a, b) for a, b in spans]
-            for node, spans in json.loads(path.read_text()).items()}
 
 
 def panic_line(console: str) -> str | None:
@@ -240,10 +195,36 @@ def topology_args(fast_mem: str, slow_mem: str) -> list[str]:
     return args
 
 
+def mib(size: str) -> int:
+    return int(size[:-1]) * {"M": 1, "G": 1024}[size[-1].upper()]
+
+
 def sum_sizes(*sizes: str) -> str:
-    units = {"M": 1, "G": 1024}
-    total = sum(int(s[:-1]) * units[s[-1].upper()] for s in sizes)
-    return f"{total}M"
+    return f"{sum(map(mib, sizes))}M"
+
+
+NodeRanges = dict[int, list[tuple[int, int]]]
+
+
+def plugin_ram_ranges(fast_mem: str, slow_mem: str) -> NodeRanges:
+    """Each node's range in the addresses QEMU 7.2's TCG plugins see for RAM.
+
+    qemu_plugin_hwaddr_phys_addr() returns, for RAM, the access's ram_addr
+    (its RAM block's offset among all blocks plus the offset inside) plus
+    the block's offset in the machine's RAM container: not the guest-physical
+    address. Node i's memory backend is both the i-th RAM block (created
+    before the board's ROMs, back to back from 0, each start 256 KiB aligned,
+    which sizes in MiB are) and the i-th piece of the container, so its
+    accesses report 2 * start_i + offset, wherever the guest sees them (the
+    PCI hole plays no part). tests/test_judge.py checks both nodes.
+    """
+    ranges: NodeRanges = {}
+    start = 0
+    for node, size in enumerate((fast_mem, slow_mem)):
+        end = start + (mib(size) << 20)
+        ranges[node] = [(2 * start, start + end)]
+        start = end
+    return ranges
 
 
 def accelerator() -> str:
