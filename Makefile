@@ -7,7 +7,13 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST    ?= $(PY) -m pytest
 
-.PHONY: all deps venv kernels kernels-debug test test-debug test-unit lint docs demo bench soak judge clean
+# benchmarks/judge: the TCG plugin that counts the guest's memory accesses
+# per node, against the plugin API header of the installed QEMU (fetched into
+# the lab cache by `make deps`), and its known-answer workload.
+LAB_CACHE ?= $(or $(TIERD_LAB_CACHE),/var/cache/tierd-lab)
+JUDGE     := build/judge/judge.so build/judge/known_reads
+
+.PHONY: all deps venv kernels kernels-debug judge test test-debug test-unit lint docs demo bench soak clean
 
 all: test
 
@@ -25,10 +31,21 @@ $(STAMP): pyproject.toml setup.py tierd/_buffers.h $(wildcard tierd/*/_*.c) test
 
 venv: deps $(STAMP)
 
+judge: $(JUDGE)
+
+build/judge/judge.so: benchmarks/judge/judge.c | deps
+	mkdir -p $(@D)
+	gcc -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC \
+		-I$(LAB_CACHE)/qemu-plugin/current -o $@ $< -lpthread
+
+build/judge/known_reads: benchmarks/judge/known_reads.c
+	mkdir -p $(@D)
+	gcc -O2 -Wall -Wextra -o $@ $<
+
 kernels: venv
 	$(PY) tests/lab/vm.py kernels
 
-test: venv kernels
+test: venv kernels judge
 	$(PYTEST)
 
 # The debug kernel (tierd + DEBUG_VM, lockdep, KASAN) is a from-scratch build of
@@ -56,7 +73,7 @@ docs: venv
 demo: venv kernels
 	$(PY) tests/lab/demo.py
 
-bench: venv kernels
+bench: venv kernels judge
 	$(PY) benchmarks/run.py
 
 # The movers' soak at full length: 1000 round trips of 256 MiB per mover and

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """tierbench's driver inside the lab guest: every (workload, system) run, then the micros.
 
-Per run: start the workload (its hot set lands on the slow node, its cold
-set fills the fast node), start the tiering system, sample where the hot set
-is every --sample-seconds with move_pages(2) in query mode, shift the hot set
-every --phase-seconds, stop everything and write the run's record. The
-summary arithmetic lives in metrics.py; the host (run.py) turns the records
-into the report.
+Per run of a synthetic workload: start the workload (its hot set lands on
+the slow node, its cold set fills the fast node), start the tiering system,
+sample where the hot set is every --sample-seconds with move_pages(2) in
+query mode, shift the hot set every --phase-seconds, stop everything and
+write the run's record. Per run of an application (apps.py): start and load
+it beside the ballast, start the tiering system, drive the application's
+client for the same window. With --judge, every run also samples the judge
+plugin's count of the workload's accesses per node (access.py). The summary
+arithmetic lives in metrics.py; the host (run.py) turns the records into the
+report.
 
-    guest.py --out /lab-out/guest.json [--systems none,damon] [--workloads shift]
+    guest.py --out /lab-out/guest.json [--systems none,damon] [--workloads shift,redis]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict
@@ -27,6 +32,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests" / "lab")]
 
+import access  # noqa: E402
+import apps  # noqa: E402
 import kstat  # noqa: E402
 import metrics  # noqa: E402
 import micro  # noqa: E402
@@ -37,6 +44,8 @@ from workloads import Variant  # noqa: E402
 from tierd.kernel.numa import move_pages  # noqa: E402
 
 SYSTEMS = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
+# Also runnable (--systems): tierd with the benchmark's intervals, a labelled variant.
+TUNED_SYSTEMS = ("tierd_phys_tuned", "tierd_pid_tuned")
 # Sizes for the lab's 768 MiB fast node, about 620 MiB of it free for the
 # benchmark. Before each workload a ballast process fills BALLAST of it with
 # pages it never touches (cold memory of another process), leaving about
@@ -52,6 +61,10 @@ WORKLOADS = {
     # As shift, but the hot half is mapped by 4 processes at once.
     "shared": {"hot": "128M", "cold": "128M", "start_node": 1, "procs": 4},
 }
+# The applications' data sets are kept small enough to load in minutes under
+# TCG with the judge loaded, so their ballast is larger: about 60 MiB of the
+# fast node stays free, and each application's data set is over twice that.
+APP_BALLAST = "560M"
 MIGRATION_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "pgpromote_success",
                       "pgdemote_kswapd", "pgdemote_direct", "pgdemote_khugepaged",
                       "numa_hint_faults", "numa_pages_migrated")
@@ -59,17 +72,49 @@ MIGRATION_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "pgpromote_success"
 
 def make_system(name: str, scratch: Path) -> systems.System:
     if name.startswith("tierd_"):
-        return systems.Tierd(name.removeprefix("tierd_"), scratch)
+        mover, _, tuned = name.removeprefix("tierd_").partition("_")
+        return systems.Tierd(mover, scratch, tuned=tuned == "tuned")
     return {"none": systems.System, "numa_balancing": systems.NumaBalancing,
             "damon": systems.DamonTiering}[name]()
 
 
-def start_workload(name: str) -> Workload | Variant:
+def start_workload(name: str, all_fast: bool) -> Workload | Variant:
+    """Start a synthetic workload; `all_fast` (the limit run) starts it on the fast node."""
     spec = WORKLOADS[name]
+    start_node = systems.FAST_NODE if all_fast else spec["start_node"]
     if name == "shift":
-        return Workload.start(spec["hot"], spec["cold"], start_node=spec["start_node"])
-    return Variant.start(name, spec["hot"], spec["cold"], start_node=spec["start_node"],
-                         procs=spec.get("procs", 1))
+        workload: Workload | Variant = Workload.start(spec["hot"], spec["cold"],
+                                                      start_node=start_node)
+    else:
+        workload = Variant.start(name, spec["hot"], spec["cold"], start_node=start_node,
+                                 procs=spec.get("procs", 1))
+    pin_to_workload_cpu(workload_pids(workload))
+    return workload
+
+
+def pin_to_workload_cpu(pids: list[int]) -> None:
+    """Move every thread of `pids` to the vCPU whose accesses the judge counts."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {access.WORKLOAD_CPU})
+
+
+class AccessLog:
+    """The judge's counts of the workload's accesses, sampled during a run."""
+
+    def __init__(self, judge: bool) -> None:
+        self.counts = access.Counts() if judge else None
+        self.samples: list[metrics.AccessSample] = []
+
+    def sample(self, t0: float, *, fresh: bool = False) -> None:
+        """Record the counts now; `fresh`: wait for ones summed after this call."""
+        if self.counts is None:
+            return
+        reading = self.counts.fresh() if fresh else self.counts.latest()
+        self.samples.append(metrics.AccessSample(time.monotonic() - t0, reading.nodes))
+
+    def summary(self) -> dict:
+        return metrics.summarize_accesses(self.samples) if len(self.samples) > 1 else {}
 
 
 def workload_pids(workload: Workload | Variant) -> list[int]:
@@ -109,7 +154,7 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
     reset_memory()
     ballast = Workload.start("4M", BALLAST, start_node=systems.FAST_NODE, pause=1.0)
     try:
-        workload = start_workload(workload_name)
+        workload = start_workload(workload_name, args.all_fast)
     except BaseException:
         ballast.stop()
         raise
@@ -120,7 +165,10 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
         phases = [phase_start(workload, ballast, 0.0)]
         system.start()  # returns once the system runs (tierd: after its start-up)
         t0 = time.monotonic()
-        samples = sample_run(workload, ballast, system, phases, t0, args)
+        accesses = AccessLog(args.judge)
+        accesses.sample(t0, fresh=True)
+        samples = sample_run(workload, ballast, system, phases, t0, args, accesses)
+        accesses.sample(t0, fresh=True)
         system.stop()
         elapsed = time.monotonic() - t0
         after = kstat.vmstat()
@@ -135,13 +183,78 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
         vmstat=counters, agent_cpu_seconds=system.agent_cpu_seconds(),
         migration_failures=counters["pgmigrate_fail"], **system.report(),
         **metrics.summarize_quality(samples, phases, elapsed, counters["pgmigrate_success"]),
+        **accesses.summary(),
     )
     return record
 
 
+def run_app(app_name: str, system_name: str, args: argparse.Namespace) -> dict:
+    """One (application, system) run; returns its record (see docs/benchmarks.md)."""
+    record: dict = {"workload": app_name, "system": system_name}
+    system = make_system(system_name, Path("/tmp"))
+    if reason := system.unavailable():
+        record["status"] = f"not available: {reason}"
+        return record
+    reset_memory()
+    ballast = Workload.start("4M", APP_BALLAST, start_node=systems.FAST_NODE, pause=1.0)
+    app = apps.APPS[app_name]()
+    try:
+        loading = time.monotonic()
+        app.start()
+        app.load()
+        record["load_seconds"] = time.monotonic() - loading
+        before = kstat.vmstat()
+        stime_before = system_seconds(app.pids())
+        system.start()
+        t0 = time.monotonic()
+        accesses = AccessLog(args.judge)
+        accesses.sample(t0, fresh=True)
+        throughput = serve_sampled(app, system, accesses, t0, args)
+        accesses.sample(t0, fresh=True)
+        system.stop()
+        elapsed = time.monotonic() - t0
+        after = kstat.vmstat()
+        record["workload_system_seconds"] = system_seconds(app.pids()) - stime_before
+    finally:
+        app.stop()
+        record["intact"] = ballast.stop()
+    counters = {k: after.get(k, 0) - before.get(k, 0) for k in MIGRATION_COUNTERS}
+    record.update(
+        status="ok", seconds=elapsed, throughput=throughput, throughput_unit=app.unit,
+        shifts_at=[], samples=[], vmstat=counters, agent_cpu_seconds=system.agent_cpu_seconds(),
+        migration_failures=counters["pgmigrate_fail"],
+        pages_migrated=counters["pgmigrate_success"], **system.report(), **accesses.summary(),
+    )
+    return record
+
+
+def serve_sampled(app: apps.App, system: systems.System, accesses: AccessLog, t0: float,
+                  args: argparse.Namespace) -> float:
+    """Run the application's client for the measured window, sampling as it runs."""
+    outcome: dict[str, float | BaseException] = {}
+
+    def client() -> None:
+        try:
+            outcome["throughput"] = app.serve(args.phase_seconds * (args.shifts + 1))
+        except BaseException as e:  # re-raised in the harness's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    tick = 0
+    while thread.is_alive():
+        tick += 1
+        thread.join(max(0.0, t0 + tick * args.sample_seconds - time.monotonic()))
+        accesses.sample(t0)
+        system.sample()
+    if isinstance(error := outcome.get("error"), BaseException):
+        raise error
+    return float(outcome["throughput"])  # type: ignore[arg-type]
+
+
 def sample_run(workload: Workload | Variant, ballast: Workload, system: systems.System,
                phases: list[metrics.PhaseStart], t0: float,
-               args: argparse.Namespace) -> list[metrics.Sample]:
+               args: argparse.Namespace, accesses: AccessLog) -> list[metrics.Sample]:
     """Sample the hot set's placement until the last phase ends, shifting on schedule."""
     samples: list[metrics.Sample] = []
     hot = workload.region_addresses("hot")
@@ -154,6 +267,7 @@ def sample_run(workload: Workload | Variant, ballast: Workload, system: systems.
             hot = workload.region_addresses("hot")
         status = move_pages(workload.pid, hot)
         samples.append(metrics.Sample(time.monotonic() - t0, share_on(status, systems.FAST_NODE)))
+        accesses.sample(t0)
         system.sample()
         tick += 1
         time.sleep(max(0.0, t0 + tick * args.sample_seconds - time.monotonic()))
@@ -176,16 +290,23 @@ def main() -> int:
     parser.add_argument("--sample-seconds", type=float, default=1.0)
     parser.add_argument("--micro", default=",".join(micro.GUEST_MICROS),
                         help="guest micro-benchmarks to run ('' for none)")
+    parser.add_argument("--judge", action="store_true",
+                        help=f"sample the judge plugin's counts ({access.GUEST_COUNTS})")
+    parser.add_argument("--all-fast", action="store_true",
+                        help="the limit run: synthetic workloads start on the fast node")
     args = parser.parse_args()
+    # The judge counts one vCPU: the workload's. Everything else stays off it.
+    access.pin_harness()
     result: dict = {"kernel": os.uname().release, "config": {
         **{k: v for k, v in vars(args).items() if k != "out"}, "workload_specs": WORKLOADS,
-        "ballast": BALLAST},
+        "ballast": BALLAST, "app_ballast": APP_BALLAST},
         "runs": [], "micro": {}}
     for workload_name in filter(None, args.workloads.split(",")):
         for system_name in filter(None, args.systems.split(",")):
             print(f"tierbench: {workload_name} under {system_name}", flush=True)
             try:
-                record = run_one(workload_name, system_name, args)
+                run = run_app if workload_name in apps.APPS else run_one
+                record = run(workload_name, system_name, args)
             except Exception as e:  # one broken run must not lose the others
                 traceback.print_exc()
                 record = {"workload": workload_name, "system": system_name,
@@ -204,6 +325,10 @@ def summary_line(record: dict) -> str:
     head = f"{record['workload']}/{record['system']}: {record['status']}"
     if record["status"] != "ok":
         return head
+    head += f", access share fast {record.get('access_share_fast')}"
+    if "throughput" in record:
+        return (f"{head}, {record['throughput']:.0f} {record['throughput_unit']}, "
+                f"agent cpu {record['agent_cpu_seconds']:.2f} s")
     return (f"{head}, hot on fast {record['hot_on_fast_steady']}, "
             f"to 90% {record['seconds_to_90pct']}, churn {record['churn']}, "
             f"agent cpu {record['agent_cpu_seconds']:.2f} s, intact {record['intact']}")

@@ -115,3 +115,62 @@ def summarize_quality(
         "pages_migrated": pages_migrated,
         "churn": churn(pages_migrated, phases),
     }
+
+
+# The lab's HMAT access latencies (tests/lab/vm.py), node 0 fast, node 1 slow.
+NODE_LATENCY_NS = (100.0, 300.0)
+FAST_NODE = 0
+
+
+@dataclass(frozen=True)
+class AccessSample:
+    """The judge plugin's cumulative count of the workload's accesses per node."""
+
+    t: float  # seconds since the run (phase 0) started
+    nodes: tuple[int, ...]
+
+
+def served(before: AccessSample, after: AccessSample) -> tuple[int, ...]:
+    """Accesses each node served between two samples."""
+    return tuple(b - a for a, b in zip(before.nodes, after.nodes, strict=True))
+
+
+def access_share_fast(counts: Sequence[int]) -> float | None:
+    """Share of the accesses the fast node served (None with no access)."""
+    total = sum(counts)
+    return counts[FAST_NODE] / total if total else None
+
+
+def modeled_memory_time(counts: Sequence[int]) -> float | None:
+    """Sum of each access's node latency over the same with all on the fast node.
+
+    1.00 is all-DRAM speed. A model of memory latency alone: no caches, no
+    bandwidth limits, no queueing under load.
+    """
+    total = sum(counts)
+    if not total:
+        return None
+    spent = sum(n * NODE_LATENCY_NS[i] for i, n in enumerate(counts))
+    return spent / (total * NODE_LATENCY_NS[FAST_NODE])
+
+
+def access_series(samples: Sequence[AccessSample]) -> dict[str, list]:
+    """access_share_fast between consecutive samples that saw a new count."""
+    t: list[float] = []
+    share: list[float | None] = []
+    for before, after in itertools.pairwise(samples):
+        if after.nodes != before.nodes:
+            t.append(after.t)
+            share.append(access_share_fast(served(before, after)))
+    return {"t": t, "access_share_fast": share}
+
+
+def summarize_accesses(samples: Sequence[AccessSample]) -> dict[str, object]:
+    """The judge's block of one run's result: the window is the first to the last sample."""
+    counts = served(samples[0], samples[-1])
+    return {
+        "access_share_fast": access_share_fast(counts),
+        "modeled_memory_time": modeled_memory_time(counts),
+        "accesses": list(counts),
+        "access_series": access_series(samples),
+    }

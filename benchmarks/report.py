@@ -6,25 +6,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from metrics import PAGE_SIZE, per_gib
 
-SYSTEM_ORDER = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
+SYSTEM_ORDER = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid", "tierd_phys_tuned",
+                "tierd_pid_tuned", "all_fast")
+# The limit row: no tiering, the fast node big enough to hold everything.
+LIMIT = "all_fast"
 # What each run's record keeps in latest.json besides the headline metrics.
 KEPT_FIELDS = ("status", "hot_on_fast_steady", "hot_on_fast_steady_per_phase",
                "seconds_to_90pct", "churn", "pages_had_to_move", "pages_migrated",
                "migration_failures", "agent_cpu_seconds", "workload_system_seconds",
                "seconds", "shifts_at", "intact", "vmstat", "tierd_exit_code", "tierd_summary",
-               "tierd_log_tail")
+               "tierd_log_tail", "access_share_fast", "modeled_memory_time", "accesses",
+               "access_series", "throughput", "throughput_unit", "load_seconds")
 
 
-def summarize(records: list[dict]) -> dict[str, dict[str, dict]]:
+def summarize(records: list[dict], *, limit: Sequence[dict] = (),
+              unjudged: Sequence[dict] = ()) -> dict[str, dict[str, dict]]:
     """results[workload][system]: headline metrics, costs and the placement series.
 
     NUMA balancing's hinting faults and page-table scans run in the
     workload's own context, so its agent CPU is kswapd/kcompactd plus the
     workload's system time above the same workload's no-tiering run.
+    `limit` (the all-fast guest's runs) become each workload's LIMIT row;
+    `unjudged` (no-tiering runs without the judge) give the judge's overhead
+    on the no-tiering row: throughput without it over throughput with it.
     """
     baseline = {r["workload"]: r.get("workload_system_seconds")
                 for r in records if r["system"] == "none" and r["status"] == "ok"}
@@ -36,7 +45,22 @@ def summarize(records: list[dict]) -> dict[str, dict[str, dict]]:
             out["series"] = {"t": [s["t"] for s in record["samples"]],
                              "hot_on_fast": [s["hot_on_fast"] for s in record["samples"]]}
         results.setdefault(record["workload"], {})[record["system"]] = out
+    for record in limit:
+        if record["workload"] in results:
+            results[record["workload"]][LIMIT] = {k: record[k] for k in KEPT_FIELDS
+                                                  if k in record}
+    for record in unjudged:
+        judged = results.get(record["workload"], {}).get("none")
+        if judged and record["status"] == "ok":
+            judged["judge_overhead"] = judge_overhead(judged, record)
     return results
+
+
+def judge_overhead(judged: dict, unjudged: dict) -> dict:
+    """The application's throughput without the judge over with it (1.0: no cost)."""
+    without, with_judge = unjudged.get("throughput"), judged.get("throughput")
+    return {"throughput_without": without, "throughput_with": with_judge,
+            "slowdown": without / with_judge if without and with_judge else None}
 
 
 def _costs(record: dict, none_system_seconds: float | None) -> dict:
@@ -82,6 +106,8 @@ def markdown(results: dict) -> str:
     for workload, by_system in results["results"].items():
         for system in _systems(by_system):
             r = by_system[system]
+            if system == LIMIT or "throughput" in r:
+                continue  # no hot set of ours: the access table has these
             if r["status"] != "ok":
                 lines.append(f"| {workload} | {system} | {r['status']} |||||||| |")
                 continue
@@ -91,6 +117,7 @@ def markdown(results: dict) -> str:
                 f"| {_fmt(r['gib_migrated'])} | {r['migration_failures']} "
                 f"| {_fmt(r['agent_cpu_seconds'])} "
                 f"| {_fmt(r['agent_cpu_seconds_per_gib_migrated'])} | {_fmt(r['intact'])} |")
+    lines += ["", *access_table(results)]
     lines += ["", "| micro-benchmark | tierd | raw | ratio | target | meets | status |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in results["micro"].items():
@@ -102,6 +129,29 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def access_table(results: dict) -> list[str]:
+    """The judge's table: where the workload's accesses were served, per system."""
+    lines = [
+        "| workload | system | access share fast | modeled memory time | hot on fast "
+        "| throughput | judge slowdown |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for workload, by_system in results["results"].items():
+        for system in _systems(by_system):
+            r = by_system[system]
+            if r["status"] != "ok":
+                lines.append(f"| {workload} | {system} | {r['status']} |||||")
+                continue
+            rate = r.get("throughput")
+            throughput = "—" if rate is None else f"{rate:.0f} {r['throughput_unit']}"
+            slowdown = r.get("judge_overhead", {}).get("slowdown")
+            lines.append(
+                f"| {workload} | {system} | {_fmt(r.get('access_share_fast'), 3)} "
+                f"| {_fmt(r.get('modeled_memory_time'))} | {_fmt(r.get('hot_on_fast_steady'))} "
+                f"| {throughput} | {_fmt(slowdown)} |")
+    return lines
+
+
 def plot(results: dict, out: Path) -> list[Path]:
     """One placement-over-time PNG per workload, and one agent-CPU bar chart."""
     import matplotlib
@@ -109,13 +159,15 @@ def plot(results: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written = [*plot_accesses(results, out)]
     for workload, by_system in results["results"].items():
+        if not any(r.get("series", {}).get("t") for r in by_system.values()):
+            continue
         fig, ax = plt.subplots(figsize=(8, 4))
         shifts: list[float] = []
         for system in _systems(by_system):
             r = by_system[system]
-            if r["status"] == "ok":
+            if r["status"] == "ok" and system != LIMIT:
                 ax.plot(r["series"]["t"], r["series"]["hot_on_fast"], label=system)
                 shifts = r["shifts_at"]
         for t in shifts:
@@ -138,6 +190,28 @@ def plot(results: dict, out: Path) -> list[Path]:
     ax.set(title="CPU seconds of the tiering agents per run", ylabel="CPU seconds")
     ax.legend(fontsize="small")
     written.append(_save(fig, out / "agent-cpu.png"))
+    return written
+
+
+def plot_accesses(results: dict, out: Path) -> list[Path]:
+    """One access_share_fast-over-time PNG per workload the judge counted."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for workload, by_system in results["results"].items():
+        if not any(r.get("access_series") for r in by_system.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for system in _systems(by_system):
+            series = by_system[system].get("access_series")
+            if series:
+                style = {"color": "black", "linestyle": "--"} if system == LIMIT else {}
+                ax.plot(series["t"], series["access_share_fast"], label=system, **style)
+        ax.set(title=f"{workload}: share of its memory accesses served by the fast node",
+               xlabel="seconds since the tiering system started", ylabel="access share fast",
+               ylim=(0, 1.02))
+        ax.legend(loc="lower right", fontsize="small")
+        written.append(_save(fig, out / f"access-{workload}.png"))
     return written
 
 

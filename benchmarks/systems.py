@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from kstat import MM_KTHREADS, CpuTracker, node_pfn_ranges, threads_named
 
 DAMON = Path("/sys/kernel/mm/damon/admin")
@@ -172,7 +173,9 @@ class DamonTiering(System):
         write(DAMON / "kdamonds/nr_kdamonds", 0)
 
 
-CONFIG_TEMPLATE = """\
+SHIPPED_CONFIG = REPO / "config" / "tierd.yaml"
+# The tuned variant (rows *_tuned): intervals for the benchmark's time scale.
+TUNED_CONFIG_TEMPLATE = """\
 interval: 3.0
 collectors:
   idle:
@@ -187,13 +190,18 @@ metrics:
 
 
 class Tierd(System):
-    """tierd's daemon (`tierd run`) with its phys or its PID mover."""
+    """tierd's daemon (`tierd run`) with its phys or its PID mover.
 
-    def __init__(self, mover: str, config_dir: Path) -> None:
+    As users get it: the shipped config/tierd.yaml with only `movers.kind`
+    set. `tuned`: the labelled variant with the benchmark's intervals.
+    """
+
+    def __init__(self, mover: str, config_dir: Path, *, tuned: bool = False) -> None:
         super().__init__()
         self.mover = mover
-        self.name = f"tierd_{mover}"
-        self.config = config_dir / f"tierd-{mover}.yaml"
+        self.tuned = tuned
+        self.name = f"tierd_{mover}" + "_tuned" * tuned
+        self.config = config_dir / f"{self.name}.yaml"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def unavailable(self) -> str | None:
@@ -228,9 +236,13 @@ class Tierd(System):
             time.sleep(0.2)
 
     def config_text(self) -> str:
-        """config/tierd.yaml's defaults, but for the benchmark's time scale (see
+        """The shipped config with this mover, or the tuned variant (see
         docs/benchmarks.md): phases of tens of seconds need intervals of seconds."""
-        return CONFIG_TEMPLATE.format(mover=self.mover)
+        if self.tuned:
+            return TUNED_CONFIG_TEMPLATE.format(mover=self.mover)
+        config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+        config["movers"]["kind"] = self.mover
+        return yaml.safe_dump(config, sort_keys=False)
 
     def log_path(self) -> Path:
         return self.config.with_suffix(".log")

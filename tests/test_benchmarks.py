@@ -144,3 +144,51 @@ def test_zipf_cdf_is_skewed_and_normalized() -> None:
     cdf = workloads.zipf_cdf(1000, 1.0)
     assert cdf[-1] == pytest.approx(1.0)
     assert cdf[99] > 0.6  # the top 10% of pages take most accesses
+
+
+def test_modeled_memory_time_weighs_each_access_by_its_node_latency() -> None:
+    assert metrics.modeled_memory_time([100, 0]) == pytest.approx(1.0)
+    assert metrics.modeled_memory_time([0, 100]) == pytest.approx(3.0)
+    assert metrics.modeled_memory_time([75, 25]) == pytest.approx((75 * 100 + 25 * 300) / 10000)
+    assert metrics.modeled_memory_time([0, 0]) is None
+
+
+def test_summarize_accesses_counts_the_window_between_first_and_last_sample() -> None:
+    samples = [metrics.AccessSample(0.0, (1000, 5000)), metrics.AccessSample(1.0, (1100, 5300)),
+               metrics.AccessSample(2.0, (1100, 5300)), metrics.AccessSample(3.0, (1400, 5400))]
+    summary = metrics.summarize_accesses(samples)
+    assert summary["accesses"] == [400, 400]
+    assert summary["access_share_fast"] == pytest.approx(0.5)
+    assert summary["modeled_memory_time"] == pytest.approx(2.0)
+    # An interval with no new count (the plugin had not published yet) is no sample.
+    assert summary["access_series"] == {"t": [1.0, 3.0], "access_share_fast": [0.25, 0.75]}
+
+
+def app_record(system: str, throughput: float, share: float | None = 0.5) -> dict:
+    return {"workload": "redis", "system": system, "status": "ok", "seconds": 30.0,
+            "samples": [], "shifts_at": [], "pages_migrated": 0, "migration_failures": 0,
+            "agent_cpu_seconds": 0.1, "workload_system_seconds": 1.0, "intact": True,
+            "throughput": throughput, "throughput_unit": "GET/s", "access_share_fast": share,
+            "modeled_memory_time": 2.0, "accesses": [1, 1],
+            "access_series": {"t": [1.0, 2.0], "access_share_fast": [0.4, 0.6]}}
+
+
+def test_summarize_adds_the_limit_row_and_the_judges_overhead() -> None:
+    results = report.summarize([app_record("none", 100.0), app_record("damon", 110.0)],
+                               limit=[app_record("none", 120.0, share=1.0)],
+                               unjudged=[app_record("none", 700.0, share=None)])
+    assert results["redis"][report.LIMIT]["access_share_fast"] == 1.0
+    assert results["redis"]["none"]["judge_overhead"]["slowdown"] == pytest.approx(7.0)
+    assert "judge_overhead" not in results["redis"]["damon"]
+    table = report.markdown({"results": results, "micro": {}})
+    assert "| redis | damon | 0.500 | 2.00 | — | 110 GET/s | — |" in table
+    assert "| redis | all_fast | 1.000 | 2.00 | — | 120 GET/s | — |" in table
+    assert "| redis | none | 0.500 | 2.00 | — | 100 GET/s | 7.00 |" in table
+
+
+def test_plots_render_the_access_share_per_application(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    results = report.summarize([app_record("none", 100.0)],
+                               limit=[app_record("none", 120.0, share=1.0)])
+    written = report.plot({"results": results, "micro": {}}, tmp_path)
+    assert sorted(p.name for p in written) == ["access-redis.png", "agent-cpu.png"]

@@ -8,7 +8,8 @@ this same plugin in guest mode; the guest's reports are serialized to the
 results share and replayed into the host's pytest as if the tests had run
 here. A test that failed in the guest carries the tail of the guest's dmesg.
 Tests marked `@pytest.mark.vm(init="systemd")` get a guest of their own per
-kernel, with systemd as PID 1.
+kernel, with systemd as PID 1; tests marked `@pytest.mark.vm(qemu_plugin=f)`
+one whose QEMU loads the TCG plugin `f(lab_kernel)` returns (a vm.Plugin).
 
 `pytest -m "not vm"` never starts QEMU. Only the kernels named in
 TIERD_LAB_KERNELS (default "stock,tierd") are booted: the "debug" kernel's
@@ -27,6 +28,7 @@ import pytest
 
 GUEST_KERNEL = os.environ.get("TIERD_LAB_GUEST")  # set inside the guest only
 GUEST_INIT = os.environ.get("TIERD_LAB_INIT", "shell")  # the guest's PID 1 (vm.INITS)
+GUEST_PLUGIN = os.environ.get("TIERD_LAB_QEMU_PLUGIN", "")  # the qemu_plugin's name
 RESULTS_ENV = "TIERD_LAB_RESULTS"
 # The kernels the host boots for the vm tests that name them; the others are deselected.
 LAB_KERNELS = tuple(os.environ.get("TIERD_LAB_KERNELS", "stock,tierd").split(","))
@@ -36,8 +38,9 @@ DMESG_TAIL = 80
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "vm(kernels=('stock', 'tierd'), init='shell'): run inside the lab guest"
-        " (init='systemd': with systemd as PID 1)",
+        "vm(kernels=('stock', 'tierd'), init='shell', qemu_plugin=None): run inside the"
+        " lab guest (init='systemd': with systemd as PID 1; qemu_plugin: a function of"
+        " the kernel returning the vm.Plugin its QEMU loads)",
     )
     if GUEST_KERNEL is None:
         config.pluginmanager.register(HostLab(config), "tierd-lab-host")
@@ -67,18 +70,27 @@ def _kernel_of(item: pytest.Item) -> str | None:
     return item.callspec.params["lab_kernel"]  # type: ignore[attr-defined]
 
 
-def _guest_of(item: pytest.Item) -> tuple[str, str] | None:
-    """(kernel, init) of the guest a vm test runs in; one boot per pair."""
+Guest = tuple[str, str, str]  # (kernel, init, QEMU plugin's name or "")
+
+
+def _plugin_name(plugin: object) -> str:
+    return "" if plugin is None else f"{plugin.__module__}.{plugin.__qualname__}"  # type: ignore[attr-defined]
+
+
+def _guest_of(item: pytest.Item) -> Guest | None:
+    """(kernel, init, plugin) of the guest a vm test runs in; one boot per triple."""
     kernel = _kernel_of(item)
     marker = item.get_closest_marker("vm")
     if kernel is None or marker is None:
         return None
-    return kernel, marker.kwargs.get("init", "shell")
+    return (kernel, marker.kwargs.get("init", "shell"),
+            _plugin_name(marker.kwargs.get("qemu_plugin")))
 
 
-def _label(guest: tuple[str, str]) -> str:
-    kernel, init = guest
-    return kernel if init == "shell" else f"{kernel}+{init}"
+def _label(guest: Guest) -> str:
+    kernel, init, plugin = guest
+    label = kernel if init == "shell" else f"{kernel}+{init}"
+    return f"{label}+{plugin.rsplit('.', 1)[-1]}" if plugin else label
 
 
 class GuestReporter:
@@ -91,7 +103,7 @@ class GuestReporter:
     def pytest_collection_modifyitems(
         self, config: pytest.Config, items: list[pytest.Item]
     ) -> None:
-        keep = [i for i in items if _guest_of(i) == (GUEST_KERNEL, GUEST_INIT)]
+        keep = [i for i in items if _guest_of(i) == (GUEST_KERNEL, GUEST_INIT, GUEST_PLUGIN)]
         dropped = [i for i in items if i not in keep]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
@@ -109,13 +121,13 @@ class GuestReporter:
 
 
 class HostLab:
-    """Host side: boot each (kernel, init) once, replay the guest's reports."""
+    """Host side: boot each (kernel, init, plugin) once, replay the guest's reports."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.results: dict[tuple[str, str], dict[str, list[pytest.TestReport]]] = {}
-        self.dmesg: dict[tuple[str, str], str] = {}
-        self.console: dict[tuple[str, str], str] = {}
+        self.results: dict[Guest, dict[str, list[pytest.TestReport]]] = {}
+        self.dmesg: dict[Guest, str] = {}
+        self.console: dict[Guest, str] = {}
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         """Drop vm tests of kernels not in LAB_KERNELS; run host tests first, then each
@@ -152,11 +164,15 @@ class HostLab:
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
-    def _run_guest(self, guest: tuple[str, str], session: pytest.Session) -> None:
+    def _run_guest(self, guest: Guest, session: pytest.Session) -> None:
         from lab import vm  # imported late: "not vm" runs never need QEMU
 
-        kernel, init = guest
-        nodeids = [i.nodeid for i in session.items if _guest_of(i) == guest]
+        kernel, init, plugin_name = guest
+        items = [i for i in session.items if _guest_of(i) == guest]
+        nodeids = [i.nodeid for i in items]
+        marker = items[0].get_closest_marker("vm")
+        make_plugin = marker.kwargs.get("qemu_plugin") if marker else None
+        lab_kernel = vm.lab_kernel(kernel)
         results = "/lab-out/results.jsonl"
         command = shlex.join(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
@@ -171,10 +187,11 @@ class HostLab:
         # A retried early panic is said on the terminal (pytest captures stderr).
         log = {"log": reporter.write_line} if reporter is not None else {}
         result = vm.boot(
-            vm.lab_kernel(kernel), command, echo=False,
+            lab_kernel, command, echo=False,
             env={"TIERD_LAB_GUEST": kernel, RESULTS_ENV: results,
-                 "PYTHONDONTWRITEBYTECODE": "1"},
-            cwd=self.config.rootpath, init=init, **log,
+                 "TIERD_LAB_QEMU_PLUGIN": plugin_name, "PYTHONDONTWRITEBYTECODE": "1"},
+            cwd=self.config.rootpath, init=init,
+            plugin=make_plugin(lab_kernel) if make_plugin else None, **log,
         )
         if reporter is not None:
             elapsed = time.monotonic() - start
@@ -197,10 +214,10 @@ class HostLab:
             by_node.setdefault(report.nodeid, []).append(report)
         self.results[guest] = by_node
 
-    def _dmesg_tail(self, guest: tuple[str, str]) -> str:
+    def _dmesg_tail(self, guest: Guest) -> str:
         return "\n".join(self.dmesg.get(guest, "").splitlines()[-DMESG_TAIL:])
 
-    def _missing(self, item: pytest.Item, guest: tuple[str, str]) -> pytest.TestReport:
+    def _missing(self, item: pytest.Item, guest: Guest) -> pytest.TestReport:
         console_tail = "\n".join(self.console.get(guest, "").splitlines()[-60:])
         return pytest.TestReport(
             nodeid=item.nodeid, location=item.location, keywords={}, outcome="failed",
