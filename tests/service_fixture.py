@@ -40,7 +40,7 @@ def populated_state(dry_run: bool = False) -> DaemonState:
     state.set_collector("idle", Health())
     state.set_collector("perf", Health(State.DISABLED, "no IBS or PEBS on this CPU"))
     state.record_error("mover:pid", "a process exited during the move")
-    state.record_stage_failure("rmap", "OSError: [Errno 24] Too many open files")
+    state.record_stage_failure("collect", "OSError: [Errno 24] Too many open files")
     state.record_error("rmap", "pid 4242: pagemap unreadable")
     state.count_errors("rmap", 9)
     state.set_sizes(tracked_pages=1000, rmap_pages=800, rmap_bytes=64000)

@@ -287,12 +287,13 @@ def test_promotions_take_the_room_the_kernel_reports_after_the_demotions(
     daemon.close()
 
 
-def test_node_usage_reports_the_policy_floor_and_placement_by_heat() -> None:
+def test_node_usage_reports_the_policy_floor_and_placement_by_heat(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """What tierd_placement_bytes and keep_free are built from: per node, its own PFNs."""
     from tierd.heat import COLD, HOT, WARM, HeatModel, _pack
 
     daemon = Daemon(Config())
-    daemon.heat = HeatModel(2000)
+    monkeypatch.setattr(Daemon, "heat", HeatModel(2000))
     daemon.heat.mark[0:100] = _pack(HOT, 0, 0)
     daemon.heat.mark[100:400] = _pack(COLD, 0, 0)
     daemon.heat.mark[1000:1010] = _pack(HOT, 0, 0)

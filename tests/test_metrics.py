@@ -111,6 +111,7 @@ def test_errors_by_source_count_every_error(server: MetricsServer) -> None:
     text = get(server.url + "/metrics")
     assert value(text, "tierd_errors_total", source="rmap") == 10
     assert value(text, "tierd_errors_total", source="mover:pid") == 1
+    assert value(text, "tierd_errors_total", source="collect") == 1  # an interval cut short
 
 
 def test_build_info_names_the_revision(server: MetricsServer) -> None:
@@ -247,7 +248,7 @@ def healthz(url: str) -> tuple[int, str]:
 
 
 def test_healthz_fails_when_the_last_interval_is_stale() -> None:
-    from tierd.service.status import STALE_INTERVALS
+    from tierd.service.status_page import STALE_INTERVALS
 
     state = populated_state()  # its one interval just finished
     srv = MetricsServer(state, ok_reload, lambda: 5.0, port=0).start()
@@ -265,7 +266,7 @@ def test_healthz_fails_when_the_last_interval_is_stale() -> None:
 
 
 def test_healthz_counts_from_the_start_until_the_first_interval() -> None:
-    from tierd.service.status import liveness
+    from tierd.service.status_page import liveness
 
     snap = DaemonState().snapshot()
     assert liveness(snap, 5.0, now=1000.0, since=990.0)[0]
