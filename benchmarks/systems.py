@@ -193,7 +193,8 @@ class Tierd(System):
     """tierd's daemon (`tierd run`) with its phys or its PID mover.
 
     As users get it: the shipped config/tierd.yaml, switched from its dry
-    run as the file says, with only `movers.kind` set. `tuned`: the labelled variant with the benchmark's intervals.
+    run as the file says, with only `movers.kind` set. `tuned`: the
+    labelled variant with the benchmark's intervals.
     """
 
     def __init__(self, mover: str, config_dir: Path, *, tuned: bool = False) -> None:
@@ -241,7 +242,7 @@ class Tierd(System):
         if self.tuned:
             return TUNED_CONFIG_TEMPLATE.format(mover=self.mover)
         config = yaml.safe_load(SHIPPED_CONFIG.read_text())
-        config["dry_run"] = False  # the documented one-line switch after a dry run
+        config["dry_run"] = False  # the file's documented switch, after a dry run
         config["movers"]["kind"] = self.mover
         return yaml.safe_dump(config, sort_keys=False)
 

@@ -199,6 +199,10 @@ def test_a_failing_stage_is_counted_and_the_next_interval_runs(
     assert snap.last_errors[-1].source == "stage:collect"
 
 
+# The interval lines these tests count are DEBUG lines.
+TIERD_DEBUG = [sys.executable, "-m", "tierd", "--log-level", "debug"]
+
+
 # --- tierd run as a process ------------------------------------------------------------------
 
 
@@ -243,7 +247,7 @@ def tierd_run(tmp_path: Path) -> Iterator[Running]:
     log = tmp_path / "tierd.log"
     with log.open("wb") as err:
         process = subprocess.Popen(
-            ["prlimit", "--nofile=64:64", sys.executable, "-m", "tierd", "--log-level", "debug", "run", "--dry-run",
+            ["prlimit", "--nofile=64:64", *TIERD_DEBUG, "run", "--dry-run",
              "--config", str(config)], stdout=subprocess.DEVNULL, stderr=err)
     running = Running(process, log, port, config)
     try:
@@ -413,7 +417,7 @@ def test_a_missing_directory_or_a_full_disk_turns_recording_off(
 def test_run_records_to_a_missing_directory_and_keeps_running(tmp_path: Path) -> None:
     config = tmp_path / "tierd.yaml"
     config.write_text("interval: 0.2\nmetrics: {enabled: false}\n")
-    done = subprocess.run([sys.executable, "-m", "tierd", "--log-level", "debug", "run", "--once", "--dry-run",
+    done = subprocess.run([*TIERD_DEBUG, "run", "--once", "--dry-run",
                            "--config", str(config), "--record", str(tmp_path / "x" / "t")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -425,7 +429,7 @@ def test_a_sigkilled_recording_daemon_leaves_a_readable_trace(tmp_path: Path) ->
     config.write_text("interval: 0.2\nmetrics: {enabled: false}\n")
     log = tmp_path / "log"
     with log.open("wb") as err:
-        process = subprocess.Popen([sys.executable, "-m", "tierd", "--log-level", "debug", "run", "--dry-run",
+        process = subprocess.Popen([*TIERD_DEBUG, "run", "--dry-run",
                                     "--config", str(config), "--record", str(tmp_path / "t")],
                                    stderr=err, stdout=subprocess.DEVNULL)
     try:
@@ -868,7 +872,7 @@ def test_a_restarted_tierd_reclaims_the_kdamond_a_sigkilled_one_left(tmp_path: P
 
     def start(log: Path) -> subprocess.Popen[bytes]:
         with log.open("wb") as err:
-            process = subprocess.Popen([sys.executable, "-m", "tierd", "--log-level", "debug", "run", "--dry-run",
+            process = subprocess.Popen([*TIERD_DEBUG, "run", "--dry-run",
                                         "--config", str(config)], stderr=err)
         deadline = time.monotonic() + 300
         while "interval 1:" not in log.read_text():
@@ -923,7 +927,7 @@ def test_no_physical_address_in_metrics_status_or_log(tmp_path: Path) -> None:
                       "collectors: {idle: {interval: 2}}\n")
     log = tmp_path / "log"
     with log.open("wb") as err:
-        process = subprocess.Popen([sys.executable, "-m", "tierd", "--log-level", "debug", "run", "--config",
+        process = subprocess.Popen([*TIERD_DEBUG, "run", "--config",
                                     str(config)], stderr=err, stdout=subprocess.DEVNULL)
     running = Running(process, log, port, config)
     try:
