@@ -81,7 +81,7 @@ CHUNK = 1 << 24  # PFNs per vectorized step
 # Evidence regions up to this many PFNs are added by fancy indexing, longer ones by slices.
 SHORT_REGION_PFNS = 64
 # Rounds a newly tracked page sits out: a page tracked between two rounds (by a perf
-# sample) is judged at the end of its first whole round, not before.
+# sample) is classified at the end of its first whole round, not before.
 NEW_PAGE_COOLDOWN = 1
 
 
