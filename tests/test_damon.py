@@ -424,6 +424,7 @@ def test_damon_refuses_to_disturb_a_running_kdamond() -> None:
     ranges = node_pfn_ranges()
     with DamonCollector(ranges, MonitoringAttrs()) as first:
         assert first.health.state is State.OK
+        damon_sysfs.forget_started()  # as if another DAMON user had started it
         second = DamonCollector(ranges, MonitoringAttrs())
         assert not second.start()
         assert "already running" in second.health.reason
