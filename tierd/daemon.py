@@ -60,10 +60,8 @@ HEAT_STRIP_BINS = 64
 # Pinned frames (mlocked, unevictable, excluded) are reconsidered this often: their
 # pages may have been unlocked, freed or their owner may have exited.
 UNPIN_EVERY_INTERVALS = 30
-# Rounds a moved page is remembered; within them, moving it back needs its class to
-# have held this many times the hysteresis (tierd.history).
+# Rounds a moved page is remembered: a move back within them is a ping-pong.
 HISTORY_ROUNDS = 8
-HISTORY_EVIDENCE_FACTOR = 2
 
 Builder = Callable[[Config, HostRoot, Pace], Pipeline]
 
@@ -293,10 +291,8 @@ class Daemon:
     def decide(self, facts: list[NodeFacts]) -> Plan:
         targets = policy.targets(facts, self.settings.headroom_percent)
         self._keep_free = {t.node: t.keep_free_pages for t in targets}
-        rounds = HISTORY_EVIDENCE_FACTOR * self.settings.policy.hysteresis_rounds
         plan = policy.decide(self.heat.heat, self.heat.mark, targets,
-                             self.settings.budget_pages(), self.settings.policy,
-                             held=self.history.held(self.heat.mark, rounds))
+                             self.settings.budget_pages(), self.settings.policy)
         self.state.record_rate_limited(plan.deferred_pages)
         return plan
 
