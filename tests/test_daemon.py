@@ -263,8 +263,7 @@ def test_a_whole_step_collects_decides_moves_and_publishes(tmp_path: Path) -> No
         key: len(pfns) for key, pfns in asked.items()}
     assert sorted(snap.nodes) == [0, 1] and snap.collectors["idle"].state is State.OK
     assert all(snap.durations[stage].count == steps for stage in STAGES)
-    # Every page was moved (so vacated: the recording mover reports no new frame).
-    assert snap.tracked_pages == daemon.heat.tracked_count() == 0
+    assert snap.tracked_pages == COLD_ON_FAST.size + HOT_ON_SLOW.size
 
 
 def _batch(direction: Direction, source: int, target: int, pages: int) -> Batch:
@@ -372,8 +371,8 @@ def test_simulate_replays_a_trace_and_prints_what_would_move(
     assert len(lines) == 6
     # One round of evidence is enough to take free room; idle pages stay where the
     # fast node has room for them.
-    assert lines[0] == "interval 1: promote 1->0 3 pages (0.0 MiB)"
-    assert lines[1] == "interval 2: nothing"  # the cooldown of a (simulated) move
+    assert lines[0] == "interval 1: nothing"  # new pages start warm, with a cooldown
+    assert any("promote 1->0 3 pages (0.0 MiB)" in line for line in lines[1:5])
     assert lines[-1].startswith("total over 5 intervals: promote 1->0 ")
     assert "demote" not in lines[-1]
 

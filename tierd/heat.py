@@ -30,8 +30,8 @@ an excluded process's): it stays out of the candidates until unpin_all().
 A PFN becomes tracked when an idle scan says it is a user LRU page, when it
 is sampled, or when the reverse map finds it mapped; it starts with
 `initial_heat` (none: its first round's evidence classifies it) and a cooldown
-of NEW_PAGE_COOLDOWN rounds, so a page tracked between two rounds waits for
-the end of its first. One round of evidence moves a page only into free
+of NEW_PAGE_COOLDOWN rounds, so its first round of evidence alone never
+moves it. After that, one round in the hot class moves a page into free
 room (tierd.policy); a move that displaces another page waits for the
 hysteresis. A page the movers moved away leaves an
 untracked frame behind; where its new PFN is known (PID mover) the heat and
@@ -80,9 +80,10 @@ PINNED = np.uint8(0b1110_0111)
 CHUNK = 1 << 24  # PFNs per vectorized step
 # Evidence regions up to this many PFNs are added by fancy indexing, longer ones by slices.
 SHORT_REGION_PFNS = 64
-# Rounds a newly tracked page sits out: a page tracked between two rounds (by a perf
-# sample) is classified at the end of its first whole round, not before.
-NEW_PAGE_COOLDOWN = 1
+# Rounds a newly tracked page sits out: its first round of evidence alone never moves
+# it, and a frame a mover could not move (vacated, then found again) is not picked
+# again at once.
+NEW_PAGE_COOLDOWN = 2
 
 
 @dataclass(frozen=True)
