@@ -21,7 +21,7 @@ from tierd.collectors.collector import Pace
 from tierd.collectors.evidence import Evidence, IdleScan, RegionBatch, SampleBatch
 from tierd.collectors.idle import IdleFeed
 from tierd.collectors.processes import ProcessFilter
-from tierd.collectors.topology import node_facts
+from tierd.collectors.topology import node_facts, read_topology
 from tierd.commands.run import summary_line
 from tierd.config import Config, parse
 from tierd.daemon import Daemon, IntervalSummary, describe
@@ -403,8 +403,14 @@ LAB = Path(__file__).parent / "lab"
 INTERVAL = 2.0
 HOT, COLD = "384M", "576M"
 FAST_FREE_TARGET = 900 << 20  # left on node 0: H + C exceed it, either set fits
-# Node 0 is full when no more than this is free: its headroom (2% here) plus 5% of it.
-FAST_FULL = (2048 << 20) * 7 // 100
+
+
+def _fast_full() -> int:
+    """Bytes node 0 may have free and still be full: what the policy keeps free (its
+    promo/high watermark plus the 2% headroom of _config) plus 5% of the node."""
+    node = read_topology().nodes[0]
+    keep = max(node.watermark_high, node.watermark_promo or 0)
+    return (keep + node.managed_pages * 7 // 100) * 4096
 EXCLUDED_COMM = "tierd-excl-hog"
 EXCLUDED_CGROUP = "/tierd-test-excluded"
 
@@ -514,7 +520,7 @@ def _placed(placement: Placement, start_node: int) -> bool:
     if placement.hot_on_fast < 0.95:
         return False
     if start_node == 0:
-        return _node0_meminfo("MemFree") <= FAST_FULL
+        return _node0_meminfo("MemFree") <= _fast_full()
     return placement.cold_on_slow >= 0.95
 
 
