@@ -7,10 +7,12 @@ real kdamond on both kernels.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +128,43 @@ def test_someone_elses_running_kdamond_is_left_alone(tmp_path: Path) -> None:
     assert read(root, "0/state") == "on"
     assert read(root, "0/contexts/0/operations") == "vaddr"
     assert damon_sysfs.availability(root) is not None
+
+
+def test_a_contended_sysfs_file_is_retried_until_the_lock_frees() -> None:
+    """DAMON's files answer EBUSY while another reader holds its lock: not a failure."""
+    answers: list[object] = [OSError(errno.EBUSY, "busy"), OSError(errno.EBUSY, "busy"), "on"]
+
+    def read() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, OSError):
+            raise answer
+        return str(answer)
+
+    assert damon_sysfs._uncontended(read) == "on" and not answers
+
+
+def test_a_lock_held_for_good_or_another_error_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(damon_sysfs, "CONTENDED_WAIT", 0.05)
+    calls = 0
+
+    def busy() -> str:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.EBUSY, "busy")
+
+    with pytest.raises(OSError, match="busy"):
+        damon_sysfs._uncontended(busy)
+    assert calls > 1
+    calls = 0
+
+    def denied() -> str:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.EACCES, "denied")
+
+    with pytest.raises(OSError, match="denied"):
+        damon_sysfs._uncontended(denied)
+    assert calls == 1
 
 
 def test_kernel_without_paddr_is_reported(tmp_path: Path) -> None:
@@ -430,3 +469,24 @@ def test_damon_refuses_to_disturb_a_running_kdamond() -> None:
         assert "already running" in second.health.reason
         assert damon_sysfs.running_kdamonds() == [0]
     assert damon_sysfs.running_kdamonds() == []
+
+
+@pytest.mark.vm
+def test_reading_the_state_while_a_snapshot_is_taken_does_not_fail() -> None:
+    """A running tierd asks for snapshots while others read `state` (what CI caught)."""
+    with DamonCollector(node_pfn_ranges(), MonitoringAttrs()) as collector:
+        done = threading.Event()
+
+        def snapshots() -> None:
+            while not done.is_set():
+                collector.collect()
+
+        thread = threading.Thread(target=snapshots)
+        thread.start()
+        try:
+            reads = [damon_sysfs.running_kdamonds() for _ in range(300)]
+        finally:
+            done.set()
+            thread.join()
+        assert reads == [[0]] * 300
+        assert collector.health.state is State.OK

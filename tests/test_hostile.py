@@ -881,6 +881,7 @@ def test_a_restarted_tierd_reclaims_the_kdamond_a_sigkilled_one_left(tmp_path: P
         return process
 
     first = start(tmp_path / "first.log")
+    second: subprocess.Popen[bytes] | None = None
     try:
         running = damon_sysfs.running_kdamonds()
         assert running, (tmp_path / "first.log").read_text()
@@ -896,7 +897,11 @@ def test_a_restarted_tierd_reclaims_the_kdamond_a_sigkilled_one_left(tmp_path: P
         second.send_signal(signal.SIGTERM)
         assert second.wait(120) == 0
         assert damon_sysfs.running_kdamonds() == []
-    finally:
+    finally:  # a failure here must not leave a tierd holding the lock for later tests
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
         if damon_sysfs.running_kdamonds():
             damon_sysfs.Kdamond().release()
 

@@ -21,7 +21,10 @@ import contextlib
 import errno
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +38,11 @@ ADMIN = "/sys/kernel/mm/damon/admin"
 KDAMONDS = f"{ADMIN}/kdamonds"
 MAX_UL = (1 << 64) - 1  # "no upper bound" for access-pattern ranges
 MAX_UINT = (1 << 32) - 1
+# DAMON's sysfs files take one global lock with mutex_trylock and fail with
+# EBUSY while anyone else (a `damo` reader, a kdamond copying regions) holds it.
+CONTENDED_WAIT = 2.0  # seconds to keep retrying such an EBUSY
+
+_T = TypeVar("_T")
 
 
 class DamonError(KernelFileError):
@@ -71,6 +79,20 @@ class Regions:
     age: npt.NDArray[np.uint32]
 
 
+def _uncontended(call: Callable[[], _T]) -> _T:
+    """`call()`, retried while the DAMON sysfs lock is held elsewhere (EBUSY)."""
+    deadline = time.monotonic() + CONTENDED_WAIT
+    pause = 0.005
+    while True:
+        try:
+            return call()
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 def _write(root: HostRoot, path: str, value: str | int, secret: bool = False) -> None:
     """One write(2) per value, as sysfs expects; errors name the file and the value,
     unless `secret` (an address: errors reach the status page)."""
@@ -86,7 +108,7 @@ def _write(root: HostRoot, path: str, value: str | int, secret: bool = False) ->
     except OSError as e:
         raise DamonError(full, e.strerror or str(e)) from None
     try:
-        os.write(fd, str(value).encode())
+        _uncontended(lambda: os.write(fd, str(value).encode()))
     except OSError as e:
         if e.errno == errno.EBUSY:
             raise DamonBusyError(full, "busy (a kdamond is running)", key=key) from None
@@ -96,10 +118,15 @@ def _write(root: HostRoot, path: str, value: str | int, secret: bool = False) ->
 
 
 def _read(root: HostRoot, path: str) -> str:
+    full = root(path)
     try:
-        return root.read_text(path).strip()
-    except KernelFileError as e:
-        raise DamonError(e.path, e.reason, e.key) from None
+        return _uncontended(full.read_text).strip()
+    except FileNotFoundError:
+        raise DamonError(full, "missing") from None
+    except PermissionError:
+        raise DamonError(full, "permission denied") from None
+    except OSError as e:
+        raise DamonError(full, e.strerror or str(e)) from None
 
 
 def _read_int(root: HostRoot, path: str) -> int:
