@@ -144,14 +144,29 @@ def system_seconds(pids: list[int]) -> float:
     return sum(cpu[1] for cpu in map(kstat.task_cpu_seconds, pids) if cpu is not None)
 
 
-def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> dict:
-    """One (workload, system) run; returns its record (see docs/benchmarks.md)."""
+def prepare(workload_name: str, system_name: str) -> tuple[dict, systems.System | None]:
+    """The run's record and its system, None (and why, in the record) when unavailable."""
     record: dict = {"workload": workload_name, "system": system_name}
     system = make_system(system_name, Path("/tmp"))
     if reason := system.unavailable():
         record["status"] = f"not available: {reason}"
-        return record
+        return record, None
     reset_memory()
+    return record, system
+
+
+def costs(system: systems.System, before: dict[str, int], after: dict[str, int]) -> dict:
+    """What the run's migrations cost: kernel counters, the agent's CPU, failures."""
+    counters = {k: after.get(k, 0) - before.get(k, 0) for k in MIGRATION_COUNTERS}
+    return dict(vmstat=counters, agent_cpu_seconds=system.agent_cpu_seconds(),
+                migration_failures=counters["pgmigrate_fail"], **system.report())
+
+
+def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> dict:
+    """One (workload, system) run; returns its record (see docs/benchmarks.md)."""
+    record, system = prepare(workload_name, system_name)
+    if system is None:
+        return record
     ballast = Workload.start("4M", BALLAST, start_node=systems.FAST_NODE, pause=1.0)
     try:
         workload = start_workload(workload_name, args.all_fast)
@@ -176,13 +191,12 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
     finally:
         # Both verify every word they hold: a migration must never change data.
         record["intact"] = workload.stop() & ballast.stop()
-    counters = {k: after.get(k, 0) - before.get(k, 0) for k in MIGRATION_COUNTERS}
+    spent = costs(system, before, after)
     record.update(
         status="ok", seconds=elapsed, shifts_at=[p.t for p in phases[1:]],
-        samples=[asdict(s) for s in samples], phases=[asdict(p) for p in phases],
-        vmstat=counters, agent_cpu_seconds=system.agent_cpu_seconds(),
-        migration_failures=counters["pgmigrate_fail"], **system.report(),
-        **metrics.summarize_quality(samples, phases, elapsed, counters["pgmigrate_success"]),
+        samples=[asdict(s) for s in samples], phases=[asdict(p) for p in phases], **spent,
+        **metrics.summarize_quality(samples, phases, elapsed,
+                                    spent["vmstat"]["pgmigrate_success"]),
         **accesses.summary(),
     )
     return record
@@ -190,12 +204,9 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
 
 def run_app(app_name: str, system_name: str, args: argparse.Namespace) -> dict:
     """One (application, system) run; returns its record (see docs/benchmarks.md)."""
-    record: dict = {"workload": app_name, "system": system_name}
-    system = make_system(system_name, Path("/tmp"))
-    if reason := system.unavailable():
-        record["status"] = f"not available: {reason}"
+    record, system = prepare(app_name, system_name)
+    if system is None:
         return record
-    reset_memory()
     ballast = Workload.start("4M", APP_BALLAST, start_node=systems.FAST_NODE, pause=1.0)
     app = apps.APPS[app_name]()
     try:
@@ -218,12 +229,11 @@ def run_app(app_name: str, system_name: str, args: argparse.Namespace) -> dict:
     finally:
         app.stop()
         record["intact"] = ballast.stop()
-    counters = {k: after.get(k, 0) - before.get(k, 0) for k in MIGRATION_COUNTERS}
+    spent = costs(system, before, after)
     record.update(
         status="ok", seconds=elapsed, throughput=throughput, throughput_unit=app.unit,
-        shifts_at=[], samples=[], vmstat=counters, agent_cpu_seconds=system.agent_cpu_seconds(),
-        migration_failures=counters["pgmigrate_fail"],
-        pages_migrated=counters["pgmigrate_success"], **system.report(), **accesses.summary(),
+        shifts_at=[], samples=[], pages_migrated=spent["vmstat"]["pgmigrate_success"],
+        **spent, **accesses.summary(),
     )
     return record
 
