@@ -236,31 +236,44 @@ class Running:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
             return bytes(r.read())
 
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers: no test leaves a tierd holding the lock."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def tierd_process(tmp_path: Path, config_text: str, *args: str, name: str = "tierd",
+                  port: int = 0, prefix: tuple[str, ...] = ()) -> Iterator[Running]:
+    """`tierd run --config` (DEBUG log to a file) with `args`; stopped however the test ends."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(config_text)
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as err:
+        process = subprocess.Popen([*prefix, *TIERD_DEBUG, "run", "--config", str(config), *args],
+                                   stdout=subprocess.DEVNULL, stderr=err)
+    running = Running(process, log, port, config)
+    try:
+        yield running
+    finally:
+        running.stop()
+
 
 @pytest.fixture
 def tierd_run(tmp_path: Path) -> Iterator[Running]:
     """`tierd run --dry-run` on this host, interval 0.5 s, metrics on a free port."""
     port = _free_port()
-    config = tmp_path / "tierd.yaml"
-    config.write_text(f"interval: 0.5\nmetrics: {{port: {port}}}\n"
-                      "collectors: {idle: {interval: 1}}\n")
-    log = tmp_path / "tierd.log"
-    with log.open("wb") as err:
-        process = subprocess.Popen(
-            ["prlimit", "--nofile=64:64", *TIERD_DEBUG, "run", "--dry-run",
-             "--config", str(config)], stdout=subprocess.DEVNULL, stderr=err)
-    running = Running(process, log, port, config)
-    try:
+    config = (f"interval: 0.5\nmetrics: {{port: {port}}}\n"
+              "collectors: {idle: {interval: 1}}\n")
+    with tierd_process(tmp_path, config, "--dry-run", port=port,
+                       prefix=("prlimit", "--nofile=64:64")) as running:
         running.wait_for("metrics on")
         yield running
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def test_idle_connections_past_the_fd_limit_do_not_stop_the_daemon(tierd_run: Running) -> None:
@@ -425,21 +438,14 @@ def test_run_records_to_a_missing_directory_and_keeps_running(tmp_path: Path) ->
 
 
 def test_a_sigkilled_recording_daemon_leaves_a_readable_trace(tmp_path: Path) -> None:
-    config = tmp_path / "tierd.yaml"
-    config.write_text("interval: 0.2\nmetrics: {enabled: false}\n")
-    log = tmp_path / "log"
-    with log.open("wb") as err:
-        process = subprocess.Popen([*TIERD_DEBUG, "run", "--dry-run",
-                                    "--config", str(config), "--record", str(tmp_path / "t")],
-                                   stderr=err, stdout=subprocess.DEVNULL)
-    try:
+    config = "interval: 0.2\nmetrics: {enabled: false}\n"
+    with tierd_process(tmp_path, config, "--dry-run", "--record", str(tmp_path / "t")) as running:
         deadline = time.monotonic() + 60
-        while log.read_text().count("interval ") < 4:
-            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+        while running.text().count("interval ") < 4:
+            assert time.monotonic() < deadline and running.process.poll() is None, running.text()
             time.sleep(0.1)
-    finally:
-        process.kill()
-        process.wait()
+        running.process.kill()
+        running.process.wait()
     assert len(list(read_trace(tmp_path / "t"))) >= 3
 
 
@@ -865,43 +871,28 @@ def test_keepalive_extends_the_start_then_feeds_the_watchdog(tmp_path: Path) -> 
 @pytest.mark.vm(kernels=["stock"])
 def test_a_restarted_tierd_reclaims_the_kdamond_a_sigkilled_one_left(tmp_path: Path) -> None:
     """On the stock kernel DAMON is the only collector: a restart must not come back blind."""
-    config = tmp_path / "tierd.yaml"
-    config.write_text("interval: 1\nmetrics: {enabled: false}\ncollectors: {idle: "
-                      "{enabled: false}, perf: {enabled: false}, damon: {enabled: true,"
-                      " operations: paddr}}\n")
-
-    def start(log: Path) -> subprocess.Popen[bytes]:
-        with log.open("wb") as err:
-            process = subprocess.Popen([*TIERD_DEBUG, "run", "--dry-run",
-                                        "--config", str(config)], stderr=err)
-        deadline = time.monotonic() + 300
-        while "interval 1:" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
-        return process
-
-    first = start(tmp_path / "first.log")
-    second: subprocess.Popen[bytes] | None = None
+    config = ("interval: 1\nmetrics: {enabled: false}\ncollectors: {idle: "
+              "{enabled: false}, perf: {enabled: false}, damon: {enabled: true,"
+              " operations: paddr}}\n")
     try:
-        running = damon_sysfs.running_kdamonds()
-        assert running, (tmp_path / "first.log").read_text()
-        left = [damon_sysfs.pid_of(index=i) for i in running]
-        first.kill()
-        first.wait()
+        with tierd_process(tmp_path, config, "--dry-run", name="first") as first:
+            first.wait_for("interval 1:", timeout=300)
+            running = damon_sysfs.running_kdamonds()
+            assert running, first.text()
+            left = [damon_sysfs.pid_of(index=i) for i in running]
+            first.process.kill()
+            first.process.wait()
         assert damon_sysfs.running_kdamonds() == running  # what the issue found
-        second = start(tmp_path / "second.log")
-        text = (tmp_path / "second.log").read_text()
-        assert "busy" not in text and "stopped 1 kdamond(s) a previous tierd left" in text
-        now = [damon_sysfs.pid_of(index=i) for i in damon_sysfs.running_kdamonds()]
-        assert now and not set(now) & set(left)
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(120) == 0
+        with tierd_process(tmp_path, config, "--dry-run", name="second") as second:
+            second.wait_for("interval 1:", timeout=300)
+            assert "busy" not in second.text()
+            assert "stopped 1 kdamond(s) a previous tierd left" in second.text()
+            now = [damon_sysfs.pid_of(index=i) for i in damon_sysfs.running_kdamonds()]
+            assert now and not set(now) & set(left)
+            second.process.send_signal(signal.SIGTERM)
+            assert second.process.wait(120) == 0
         assert damon_sysfs.running_kdamonds() == []
-    finally:  # a failure here must not leave a tierd holding the lock for later tests
-        for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+    finally:
         if damon_sysfs.running_kdamonds():
             damon_sysfs.Kdamond().release()
 
@@ -927,24 +918,14 @@ def _strings(value: Any) -> Iterator[str]:
 def test_no_physical_address_in_metrics_status_or_log(tmp_path: Path) -> None:
     from tierd.collectors.topology import read_topology
     port = _free_port()
-    config = tmp_path / "tierd.yaml"
-    config.write_text(f"interval: 1\nmetrics: {{port: {port}}}\n"
-                      "collectors: {idle: {interval: 2}}\n")
-    log = tmp_path / "log"
-    with log.open("wb") as err:
-        process = subprocess.Popen([*TIERD_DEBUG, "run", "--config",
-                                    str(config)], stderr=err, stdout=subprocess.DEVNULL)
-    running = Running(process, log, port, config)
-    try:
+    config = f"interval: 1\nmetrics: {{port: {port}}}\ncollectors: {{idle: {{interval: 2}}}}\n"
+    with tierd_process(tmp_path, config, port=port) as running:
         running.wait_for("interval 6:", timeout=600)
         labels = [line.split("{", 1)[1].rsplit("}", 1)[0]
                   for line in running.scrape().decode().splitlines()
                   if "{" in line and not line.startswith("#")]
         status = list(_strings(json.loads(running.scrape("/status.json"))))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(120)
-    texts = [*labels, *status, *log.read_text().splitlines()]
+    texts = [*labels, *status, *running.text().splitlines()]
     boundaries = {b for start, end, _ in read_topology().pfn_ranges(None) for b in (start, end)}
     secrets = {str(n) for b in boundaries if b > 1 << 16 for n in (b, b * PAGE_SIZE)}
     leaks = [t for t in texts if HEX.search(t) or set(re.findall(r"\d+", t)) & secrets]
