@@ -13,7 +13,7 @@ import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from tierd.collectors.collector import Collector, Pace, Setup
+from tierd.collectors.collector import UNPACED, Collector, Pace, Setup
 from tierd.collectors.processes import Exclusions, ProcessFilter
 from tierd.collectors.registry import COLLECTORS
 from tierd.collectors.topology import Topology, node_facts, read_topology
@@ -86,8 +86,7 @@ class Pipeline:
         self.resources.close()
 
 
-def build_pipeline(config: Config, root: HostRoot = HOST, pace: Pace | None = None
-                   ) -> Pipeline:
+def build_pipeline(config: Config, root: HostRoot = HOST, pace: Pace = UNPACED) -> Pipeline:
     """Read the topology and open the collectors and the mover the config asks for.
 
     `pace` paces the long work of opening and collecting (see Pace).
@@ -100,7 +99,7 @@ def build_pipeline(config: Config, root: HostRoot = HOST, pace: Pace | None = No
                     ", ".join(f"node {f.node}" for f in facts))
     npfns = max((e for f in facts for _, e in f.ranges), default=0)
     process_filter = ProcessFilter(settings.exclusions, root)
-    setup = Setup(root, topology, process_filter, config.interval, pace or Pace())
+    setup = Setup(root, topology, process_filter, config.interval, pace)
     stack = ExitStack()
     try:
         collectors, unusable = _open_collectors(config, setup, stack)

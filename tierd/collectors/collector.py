@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from tierd.collectors.evidence import Evidence
@@ -52,6 +52,9 @@ class Pace:
     checkpoint: Callable[[], None] = lambda: None
 
 
+UNPACED = Pace()  # plain sleeps, no checkpoint: tools and tests that run no daemon
+
+
 @dataclass(frozen=True)
 class Setup:
     """What a collector may need to open: the host, its nodes, who is excluded, the pace."""
@@ -60,7 +63,7 @@ class Setup:
     topology: Topology
     process_filter: ProcessFilter
     interval: float  # seconds between two collects
-    pace: Pace = field(default_factory=lambda: Pace())
+    pace: Pace = UNPACED
 
 
 # Opens the collector for `config` (whose section it reads) on `setup`'s host. It
