@@ -528,3 +528,45 @@ def test_config_error_at_start_fails_at_once_without_a_restart_loop(installed: P
     sh("systemctl", "start", "tierd")
     assert unit("ActiveState") == "active"
     sh("systemctl", "stop", "tierd")
+
+
+LONG_SCAN_DROP_IN = Path("/run/systemd/system/tierd.service.d/lab-long-scan.conf")
+LONG_SCAN_SECONDS = 90  # one full idle pass; longer than each timeout below
+
+
+@in_systemd_guest
+def test_a_long_scan_feeds_the_watchdog_and_a_stop_cuts_it_short(installed: Path) -> None:
+    """Finding 4 of the robustness issue: a full idle pass paced to 90 s, against a
+    60 s start timeout and a 10 s watchdog and stop timeout. Start-up must extend
+    its timeout, the scan must feed the watchdog between chunks, and SIGTERM must
+    end it within the stop timeout."""
+    good = CONFIG.read_text()
+    pages = int(Path("/proc/meminfo").read_text().split()[1]) * 1024 // os.sysconf("SC_PAGESIZE")
+    rate = max(1000, pages // LONG_SCAN_SECONDS)
+    paced, replaced = re.subn(r"pfns_per_second: \d+", f"pfns_per_second: {rate}", good, count=1)
+    assert replaced == 1
+    sh("systemctl", "stop", "tierd")
+    sh("systemctl", "reset-failed", "tierd", check=False)
+    LONG_SCAN_DROP_IN.parent.mkdir(parents=True, exist_ok=True)
+    LONG_SCAN_DROP_IN.write_text("[Service]\nTimeoutStartSec=60s\nWatchdogSec=10s\n"
+                                 "TimeoutStopSec=10s\nRestart=no\n")
+    CONFIG.write_text(paced)
+    try:
+        sh("systemctl", "daemon-reload")
+        cursor = journal_cursor()
+        began = time.monotonic()
+        started = sh("systemctl", "start", "tierd", check=False)
+        took = time.monotonic() - began
+        assert started.returncode == 0, journal_since(cursor)
+        assert took > 60, f"start took {took:.0f} s: the scan did not outlast the timeout"
+        pid = unit("MainPID")
+        time.sleep(30)  # steady scans, each longer than the watchdog
+        assert unit("ActiveState") == "active" and unit("MainPID") == pid, journal_since(cursor)
+        assert "Watchdog timeout" not in journal_since(cursor)
+        sh("systemctl", "stop", "tierd")
+        assert unit("Result") == "success", journal_since(cursor)  # "timeout" if SIGKILLed
+    finally:
+        CONFIG.write_text(good)
+        LONG_SCAN_DROP_IN.unlink()
+        sh("systemctl", "daemon-reload")
+        sh("systemctl", "reset-failed", "tierd", check=False)
