@@ -159,6 +159,7 @@ def costs(system: systems.System, before: dict[str, int], after: dict[str, int])
     """What the run's migrations cost: kernel counters, the agent's CPU, failures."""
     counters = {k: after.get(k, 0) - before.get(k, 0) for k in MIGRATION_COUNTERS}
     return dict(vmstat=counters, agent_cpu_seconds=system.agent_cpu_seconds(),
+                agent_startup_cpu_seconds=system.startup_cpu,
                 migration_failures=counters["pgmigrate_fail"], **system.report())
 
 

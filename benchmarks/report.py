@@ -18,7 +18,8 @@ LIMIT = "all_fast"
 # What each run's record keeps in latest.json besides the headline metrics.
 KEPT_FIELDS = ("status", "hot_on_fast_steady", "hot_on_fast_steady_per_phase",
                "seconds_to_90pct", "churn", "pages_had_to_move", "pages_migrated",
-               "migration_failures", "agent_cpu_seconds", "workload_system_seconds",
+               "migration_failures", "agent_cpu_seconds", "agent_startup_cpu_seconds",
+               "workload_system_seconds",
                "seconds", "shifts_at", "intact", "vmstat", "tierd_exit_code", "tierd_summary",
                "tierd_log_tail", "access_share_fast", "modeled_memory_time", "accesses",
                "access_series", "throughput", "throughput_unit", "load_seconds")
@@ -100,8 +101,8 @@ def _systems(by_system: dict[str, dict]) -> list[str]:
 def markdown(results: dict) -> str:
     lines = [
         "| workload | system | hot on fast (steady) | s to 90% per phase | churn "
-        "| migrated GiB | failures | agent CPU s | CPU s / GiB | intact |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| migrated GiB | failures | agent CPU s | CPU s / GiB | start-up CPU s | intact |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for workload, by_system in results["results"].items():
         for system in _systems(by_system):
@@ -109,14 +110,15 @@ def markdown(results: dict) -> str:
             if system == LIMIT or "throughput" in r:
                 continue  # no hot set of ours: the access table has these
             if r["status"] != "ok":
-                lines.append(f"| {workload} | {system} | {r['status']} |||||||| |")
+                lines.append(f"| {workload} | {system} | {r['status']} ||||||||| |")
                 continue
             lines.append(
                 f"| {workload} | {system} | {_fmt(r['hot_on_fast_steady'])} "
                 f"| {_fmt(r['seconds_to_90pct'])} | {_fmt(r['churn'])} "
                 f"| {_fmt(r['gib_migrated'])} | {r['migration_failures']} "
                 f"| {_fmt(r['agent_cpu_seconds'])} "
-                f"| {_fmt(r['agent_cpu_seconds_per_gib_migrated'])} | {_fmt(r['intact'])} |")
+                f"| {_fmt(r['agent_cpu_seconds_per_gib_migrated'])} "
+                f"| {_fmt(r.get('agent_startup_cpu_seconds'))} | {_fmt(r['intact'])} |")
     lines += ["", *access_table(results)]
     lines += ["", "| micro-benchmark | tierd | raw | ratio | target | meets | status |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
