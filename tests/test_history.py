@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from tierd import heat as h
 from tierd.history import MoveHistory
 from tierd.vocabulary import Direction
 
@@ -34,14 +33,3 @@ def test_a_page_that_moves_again_is_recorded_under_its_new_frame_only() -> None:
     assert len(history) == 2
     assert history.reversals(pfns(30), Direction.PROMOTE) == 1
     assert history.reversals(pfns(9), Direction.DEMOTE) == 0
-
-
-def test_held_until_the_class_has_held_for_the_evidence_rounds() -> None:
-    history = MoveHistory(window=8)
-    history.record(pfns(1, 2, 3, 50), Direction.PROMOTE)  # 50 is past the model
-    mark = np.zeros(4, dtype=np.uint8)
-    mark[1] = (h.COLD << h.CLASS_SHIFT) | 2
-    mark[2] = (h.COLD << h.CLASS_SHIFT) | 4
-    mark[3] = (h.HOT << h.CLASS_SHIFT) | 7
-    assert history.held(mark, evidence=4).tolist() == [1]
-    assert history.held(mark, evidence=8).tolist() == [1, 2, 3]

@@ -154,19 +154,6 @@ def test_lukewarm_pages_of_a_long_tail_stay_below() -> None:
                              budget_pages=100).batches == ()
 
 
-def test_held_pages_are_not_candidates() -> None:
-    """Ping-pong: pages moved recently are held out of both directions."""
-    heat, marks = arrays()
-    put(heat, marks, range(0, 20), 0, mark(h.COLD))
-    put(heat, marks, range(100, 110), 200, mark(h.HOT))
-    held = np.array([105, 2, 101, 0], dtype=np.uint64)
-    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100,
-                         held=held)
-    demote, promote = plan.batches
-    assert demote.pfns.tolist() == [1, 3, 4, 5, 6, 7, 8, 9]
-    assert promote.pfns.tolist() == [100, 102, 103, 104, 106, 107, 108, 109]
-
-
 def test_a_direction_without_work_leaves_its_budget_to_the_other() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 100), 0, mark(h.COLD))

@@ -1,13 +1,14 @@
-"""Recent moves, so that a page is not sent back the way it came on thin evidence.
+"""Recent moves, so that a page sent back the way it came is seen and counted.
 
 A page that moved, and whose new PFN is known (the PID mover follows each
 page to its new frame), is recorded under that PFN with the direction and
-the round of the move. For `window` rounds after it the page is *held*: the
-policy does not consider it unless its class has held for `evidence` rounds,
-where any other page needs `hysteresis`. A move in the direction opposite to
-the page's last one within the window is a ping-pong, counted for the
-operator. The phys mover does not learn new PFNs, so its moved pages are not
-recorded: each starts again as a new page, which sits out its own hysteresis.
+the round of the move. A move in the direction opposite to the page's last
+one within `window` rounds is a ping-pong, counted for the operator. The
+phys mover does not learn new PFNs, so its moved pages are not recorded.
+
+Nothing is held back on this record: a hold measured in the lab kept part
+of a swapped hot set on the slow node for most of its window, while churn
+without it stayed near 1.2 (docs/policy.md).
 
 Memory grows with moves, not with the host: at most `window` rounds of the
 move budget, 17 bytes each.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from tierd import heat as h
 from tierd.vocabulary import Direction
 
 _CODE = {Direction.PROMOTE: 1, Direction.DEMOTE: -1}
@@ -69,10 +69,3 @@ class MoveHistory:
         at = np.minimum(at, self._pfn.size - 1)
         found = self._pfn[at] == pfns
         return int(np.count_nonzero(found & (self._direction[at] == -_CODE[direction])))
-
-    def held(self, mark: npt.NDArray[np.uint8], evidence: int) -> npt.NDArray[np.uint64]:
-        """Recorded PFNs whose current class has not yet held for `evidence` rounds."""
-        inside = self._pfn < np.uint64(mark.size)
-        pfns = self._pfn[inside]
-        streak = h.streaks(mark[pfns.astype(np.intp)])
-        return pfns[streak < evidence]

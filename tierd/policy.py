@@ -21,10 +21,6 @@ round may take it; an exchange displaces a page, so only settled-hot pages
 take part. The interval's budget (pages) is split between promotion and
 demotion; a direction that needs less leaves the rest to the other.
 
-`held` PFNs (pages moved recently, see tierd.history) are no candidates at
-all this interval: a page is not sent back the way it came on the evidence
-that would have moved any other page.
-
 One pass costs a few whole-array numpy operations per chunk and no sort:
 each PFN's (category, heat) pair is a 10-bit key, one bincount per chunk
 gives every node's heat histograms, and the cut-off heat for "the k coldest"
@@ -138,17 +134,13 @@ def mark_ranges(category: Category, hysteresis: int) -> tuple[tuple[int, int], .
     raise ValueError(f"no mark ranges for category {category}")
 
 
-def _in_category(mark: npt.NDArray[np.uint8], ranges: tuple[tuple[int, int], ...],
-                 start: int = 0, held: npt.NDArray[np.uint64] | None = None
+def _in_category(mark: npt.NDArray[np.uint8], ranges: tuple[tuple[int, int], ...]
                  ) -> npt.NDArray[np.bool_]:
-    """Which of mark (the PFNs from `start`) fall in the ranges, `held` PFNs (sorted) never."""
+    """Which of `mark` fall in the mark ranges."""
     inside = np.zeros(mark.shape, dtype=np.bool_)
     for low, high in ranges:
         if low <= high:
             inside |= (mark >= np.uint8(low)) & (mark <= np.uint8(high))
-    if held is not None and held.size:
-        lo, hi = np.searchsorted(held, (start, start + mark.size))
-        inside[(held[lo:hi] - np.uint64(start)).astype(np.intp)] = False
     return inside
 
 
@@ -165,8 +157,7 @@ def _span(ranges: tuple[tuple[int, int], ...], npfns: int) -> int:
 
 
 def histograms(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
-               ranges: tuple[tuple[int, int], ...], hysteresis: int,
-               held: npt.NDArray[np.uint64] | None = None) -> npt.NDArray[np.int64]:
+               ranges: tuple[tuple[int, int], ...], hysteresis: int) -> npt.NDArray[np.int64]:
     """[category, heat] -> pages of these PFN ranges (estimated beyond EXACT_HISTOGRAM_PFNS)."""
     stride = max(1, -(-_span(ranges, heat.size) // EXACT_HISTOGRAM_PFNS))
     hist = np.zeros((NCAT, 256), dtype=np.int64)
@@ -174,7 +165,7 @@ def histograms(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
         cranges = mark_ranges(cat, hysteresis)
         exact, sampled = 0, np.zeros(256, dtype=np.int64)
         for s, e in _chunks(ranges, heat.size):
-            inside = _in_category(mark[s:e], cranges, s, held)
+            inside = _in_category(mark[s:e], cranges)
             exact += int(np.count_nonzero(inside))
             sample = inside[::stride]
             sampled += np.bincount(heat[s:e][::stride][sample], minlength=256)
@@ -276,8 +267,7 @@ def _cut(hist: npt.NDArray[np.int64], k: int, coldest: bool) -> int:
 
 def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
             ranges: tuple[tuple[int, int], ...], hysteresis: int, category: Category,
-            hist: npt.NDArray[np.int64], k: int, coldest: bool,
-            held: npt.NDArray[np.uint64] | None = None) -> npt.NDArray[np.uint64]:
+            hist: npt.NDArray[np.int64], k: int, coldest: bool) -> npt.NDArray[np.uint64]:
     """The k coldest (or hottest) PFNs of `category` in `ranges`, ascending.
 
     Pages strictly beyond the cut-off are all taken (their number is below k
@@ -291,7 +281,7 @@ def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     beyond, at_cut = [], []
     remaining = k
     for s, e in _chunks(ranges, heat.size):
-        inside = _in_category(mark[s:e], cranges, s, held)
+        inside = _in_category(mark[s:e], cranges)
         chunk_heat = heat[s:e]
         strict = inside & ((chunk_heat < t) if coldest else (chunk_heat > t))
         beyond.append(np.flatnonzero(strict).astype(np.uint64) + np.uint64(s))
@@ -309,28 +299,26 @@ def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
 
 
 def _demotions(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8], t: NodeTarget,
-               hysteresis: int, hist: npt.NDArray[np.int64], k: int,
-               held: npt.NDArray[np.uint64] | None = None) -> npt.NDArray[np.uint64]:
+               hysteresis: int, hist: npt.NDArray[np.int64], k: int) -> npt.NDArray[np.uint64]:
     """The k coldest movable pages of node t: settled-cold ones first."""
     cold = int(hist[COLD_SETTLED].sum())
     from_cold = min(k, cold)
     pfns = [_select(heat, mark, t.ranges, hysteresis, COLD_SETTLED, hist[COLD_SETTLED],
-                    from_cold, coldest=True, held=held)]
+                    from_cold, coldest=True)]
     if k > from_cold:
         pfns.append(_select(heat, mark, t.ranges, hysteresis, NOT_HOT, hist[NOT_HOT],
-                            k - from_cold, coldest=True, held=held))
+                            k - from_cold, coldest=True))
     return np.sort(np.concatenate(pfns))
 
 
 def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
-           nodes: list[NodeTarget], budget_pages: int, params: PolicyParams | None = None,
-           held: npt.NDArray[np.uint64] | None = None) -> Plan:
-    """One decision pass: which PFNs move where this interval (never a `held` PFN)."""
+           nodes: list[NodeTarget], budget_pages: int, params: PolicyParams | None = None
+           ) -> Plan:
+    """One decision pass: which PFNs move where this interval."""
     params = params or PolicyParams()
-    held = np.sort(held) if held is not None else np.zeros(0, dtype=np.uint64)
     hyst = params.hysteresis_rounds
     by_id = {t.node: t for t in nodes}
-    hist = {n: histograms(heat, mark, t.ranges, hyst, held) for n, t in by_id.items()}
+    hist = {n: histograms(heat, mark, t.ranges, hyst) for n, t in by_id.items()}
     counts = _allocate(by_id, hist, budget_pages, params)
     unlimited = _allocate(by_id, hist, heat.size, params)
     wanted = sum(c.demote + sum(c.promote_from.values()) for c in unlimited.values())
@@ -338,13 +326,13 @@ def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     for n, c in counts.items():
         t = by_id[n]
         if c.demote and t.demote_to is not None:
-            pfns = _demotions(heat, mark, t, hyst, hist[n], c.demote, held)
+            pfns = _demotions(heat, mark, t, hyst, hist[n], c.demote)
             demotions.append(Batch(Direction.DEMOTE, n, t.demote_to, pfns))
         for source, k in c.promote_from.items():
             s = by_id[source]
             cat = c.promote_category
             pfns = _select(heat, mark, s.ranges, hyst, cat, hist[source][cat], k,
-                           coldest=False, held=held)
+                           coldest=False)
             promotions.append(Batch(Direction.PROMOTE, source, n, pfns))
     batches = sorted(demotions, key=lambda b: b.target) + sorted(promotions, key=lambda b: b.target)
     planned = sum(b.pfns.size for b in batches)
