@@ -165,11 +165,34 @@ def access_series(samples: Sequence[AccessSample]) -> dict[str, list]:
     return {"t": t, "access_share_fast": share}
 
 
+# The do-no-harm check compares the lowest share over windows this long: long
+# enough to hold thousands of accesses, short enough to catch a dip.
+LOW_WINDOW_SECONDS = 5.0
+
+
+def lowest_share(samples: Sequence[AccessSample], window: float = LOW_WINDOW_SECONDS
+                 ) -> float | None:
+    """The lowest access_share_fast over any `window` seconds of the run (None if shorter)."""
+    lowest: float | None = None
+    end = 0
+    for begin, first in enumerate(samples):
+        end = max(end, begin + 1)
+        while end < len(samples) and samples[end].t - first.t < window:
+            end += 1
+        if end == len(samples):
+            break
+        share = access_share_fast(served(first, samples[end]))
+        if share is not None and (lowest is None or share < lowest):
+            lowest = share
+    return lowest
+
+
 def summarize_accesses(samples: Sequence[AccessSample]) -> dict[str, object]:
     """The judge's block of one run's result: the window is the first to the last sample."""
     counts = served(samples[0], samples[-1])
     return {
         "access_share_fast": access_share_fast(counts),
+        "access_share_fast_lowest": lowest_share(samples),
         "modeled_memory_time": modeled_memory_time(counts),
         "accesses": list(counts),
         "access_series": access_series(samples),

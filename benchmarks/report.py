@@ -21,7 +21,8 @@ KEPT_FIELDS = ("status", "hot_on_fast_steady", "hot_on_fast_steady_per_phase",
                "migration_failures", "agent_cpu_seconds", "agent_startup_cpu_seconds",
                "workload_system_seconds",
                "seconds", "shifts_at", "intact", "vmstat", "tierd_exit_code", "tierd_summary",
-               "tierd_log_tail", "access_share_fast", "modeled_memory_time", "accesses",
+               "tierd_log_tail", "access_share_fast", "access_share_fast_lowest",
+               "modeled_memory_time", "accesses",
                "access_series", "throughput", "throughput_unit", "load_seconds")
 
 
@@ -134,21 +135,22 @@ def markdown(results: dict) -> str:
 def access_table(results: dict) -> list[str]:
     """The judge's table: where the workload's accesses were served, per system."""
     lines = [
-        "| workload | system | access share fast | modeled memory time | hot on fast "
-        "| throughput | judge slowdown |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | system | access share fast | lowest over 5 s | modeled memory time "
+        "| hot on fast | throughput | judge slowdown |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for workload, by_system in results["results"].items():
         for system in _systems(by_system):
             r = by_system[system]
             if r["status"] != "ok":
-                lines.append(f"| {workload} | {system} | {r['status']} |||||")
+                lines.append(f"| {workload} | {system} | {r['status']} ||||||")
                 continue
             rate = r.get("throughput")
             throughput = "—" if rate is None else f"{rate:.0f} {r['throughput_unit']}"
             slowdown = r.get("judge_overhead", {}).get("slowdown")
             lines.append(
                 f"| {workload} | {system} | {_fmt(r.get('access_share_fast'), 3)} "
+                f"| {_fmt(r.get('access_share_fast_lowest'), 3)} "
                 f"| {_fmt(r.get('modeled_memory_time'))} | {_fmt(r.get('hot_on_fast_steady'))} "
                 f"| {throughput} | {_fmt(slowdown)} |")
     return lines

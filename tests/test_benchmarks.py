@@ -181,9 +181,9 @@ def test_summarize_adds_the_limit_row_and_the_judges_overhead() -> None:
     assert results["redis"]["none"]["judge_overhead"]["slowdown"] == pytest.approx(7.0)
     assert "judge_overhead" not in results["redis"]["damon"]
     table = report.markdown({"results": results, "micro": {}})
-    assert "| redis | damon | 0.500 | 2.00 | — | 110 GET/s | — |" in table
-    assert "| redis | all_fast | 1.000 | 2.00 | — | 120 GET/s | — |" in table
-    assert "| redis | none | 0.500 | 2.00 | — | 100 GET/s | 7.00 |" in table
+    assert "| redis | damon | 0.500 | — | 2.00 | — | 110 GET/s | — |" in table
+    assert "| redis | all_fast | 1.000 | — | 2.00 | — | 120 GET/s | — |" in table
+    assert "| redis | none | 0.500 | — | 2.00 | — | 100 GET/s | 7.00 |" in table
 
 
 def test_plots_render_the_access_share_per_application(tmp_path: Path) -> None:
@@ -192,3 +192,16 @@ def test_plots_render_the_access_share_per_application(tmp_path: Path) -> None:
                                limit=[app_record("none", 120.0, share=1.0)])
     written = report.plot({"results": results, "micro": {}}, tmp_path)
     assert sorted(p.name for p in written) == ["access-redis.png", "agent-cpu.png"]
+
+
+def test_the_lowest_share_is_over_a_window_and_catches_a_dip() -> None:
+    """Do no harm: a 2 s dip inside a 5 s window shows; a run shorter than it has none."""
+    nodes, samples = [0, 0], []
+    for t in range(20):
+        on_fast = 20 if 8 <= t < 10 else 90  # a dip at 8-10 s
+        nodes = [nodes[0] + on_fast, nodes[1] + 100 - on_fast]
+        samples.append(metrics.AccessSample(float(t + 1), (nodes[0], nodes[1])))
+    start = [metrics.AccessSample(0.0, (0, 0))]
+    assert metrics.lowest_share(start + samples) == pytest.approx((3 * 90 + 2 * 20) / 500)
+    assert metrics.lowest_share(start + samples, window=1.0) == pytest.approx(0.2)
+    assert metrics.lowest_share(start + samples[:3]) is None
