@@ -41,8 +41,6 @@ import systems  # noqa: E402
 from workload import Workload  # noqa: E402
 from workloads import Variant  # noqa: E402
 
-from tierd.kernel.numa import move_pages  # noqa: E402
-
 SYSTEMS = ("none", "numa_balancing", "damon", "tierd_phys", "tierd_pid")
 # Also runnable (--systems): tierd with the benchmark's intervals, a labelled variant.
 TUNED_SYSTEMS = ("tierd_phys_tuned", "tierd_pid_tuned")
@@ -60,6 +58,8 @@ WORKLOADS = {
     "zipf": {"hot": "64M", "cold": "448M", "start_node": 0},
     # As shift, but the hot half is mapped by 4 processes at once.
     "shared": {"hot": "128M", "cold": "128M", "start_node": 1, "procs": 4},
+    # As shift, with 8 processes each owning its share in transparent huge pages.
+    "many": {"hot": "128M", "cold": "128M", "start_node": 1, "procs": 8},
     # Do no harm: the lab workload fits the fast node's room beside the ballast,
     # and starts there. Nothing has to move; a tiering system can only lose.
     "fits": {"hot": "48M", "cold": "48M", "start_node": 0},
@@ -131,9 +131,8 @@ def share_on(status: np.ndarray, node: int) -> float:
 
 def phase_start(workload: Workload | Variant, ballast: Workload, t: float
                 ) -> metrics.PhaseStart:
-    hot = move_pages(workload.pid, workload.region_addresses("hot"))
-    cold = move_pages(workload.pid, workload.region_addresses("cold"))
-    ballast_cold = move_pages(ballast.pid, ballast.region_addresses("cold"))
+    hot, cold = workload.nodes("hot"), workload.nodes("cold")
+    ballast_cold = ballast.nodes("cold")
     return metrics.PhaseStart(
         t=t,
         hot_off_fast=int(((hot >= 0) & (hot != systems.FAST_NODE)).sum()),
@@ -271,15 +270,13 @@ def sample_run(workload: Workload | Variant, ballast: Workload, system: systems.
                args: argparse.Namespace, accesses: AccessLog) -> list[metrics.Sample]:
     """Sample the hot set's placement until the last phase ends, shifting on schedule."""
     samples: list[metrics.Sample] = []
-    hot = workload.region_addresses("hot")
     end = args.phase_seconds * (args.shifts + 1)
     tick = 0
     while (t := time.monotonic() - t0) < end:
         if t >= args.phase_seconds * len(phases):
             workload.swap()
             phases.append(phase_start(workload, ballast, time.monotonic() - t0))
-            hot = workload.region_addresses("hot")
-        status = move_pages(workload.pid, hot)
+        status = workload.nodes("hot")
         samples.append(metrics.Sample(time.monotonic() - t0, share_on(status, systems.FAST_NODE)))
         accesses.sample(t0)
         system.sample()

@@ -10,6 +10,9 @@
   processes, so the hot pages are mapped by several processes (what per-PID
   movers find hard: move_pages needs MPOL_MF_MOVE_ALL for them). SIGUSR1
   swaps hot and cold, as in the lab workload.
+- many: --procs forked processes, each with its own private hot and cold
+  regions (its share of --hot and --cold) backed by transparent huge pages
+  (MADV_HUGEPAGE). SIGUSR1 swaps hot and cold in every process at once.
 
 Both fill their memory with the lab workload's checkable pattern, keep their
 state in a JSON file like it, and on SIGTERM verify every word (exit 3 when
@@ -154,6 +157,65 @@ def run_shared(args: argparse.Namespace) -> int:
     return 0 if state.state["intact"] else 3
 
 
+def run_many(args: argparse.Namespace) -> int:
+    control_map = mmap.mmap(-1, PAGE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    control = np.frombuffer(control_map, dtype=np.int64)  # [hot is "b", stop]
+    sizes = {"b": parse_size(args.cold) // args.procs, "a": parse_size(args.hot) // args.procs}
+    owners: dict[str, dict] = {}
+    for index in range(args.procs):
+        read_end, write_end = os.pipe()
+        pid = _fork_owner(index, sizes, args, control, write_end)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            owners[str(pid)] = json.loads(pipe.readline())  # its regions, once filled
+    state = StateFile(Path(args.state), {
+        "pid": os.getpid(), "page_size": PAGE, "kind": "many",
+        "children": [int(pid) for pid in owners], "owners": owners,
+        "hot": "a", "swaps": 0, "intact": None,
+    })
+
+    def swap(s: dict) -> None:
+        s["hot"] = "b" if s["hot"] == "a" else "a"
+        control[0] = s["hot"] == "b"
+
+    stop = _install_signals(state, swap)
+    while not stop():
+        time.sleep(0.2)
+    control[1] = 1
+    codes = [os.waitstatus_to_exitcode(os.waitpid(int(pid), 0)[1]) for pid in owners]
+    state.state["intact"] = all(code == 0 for code in codes)
+    state.save()
+    return 0 if state.state["intact"] else 3
+
+
+def _fork_owner(index: int, sizes: dict[str, int], args: argparse.Namespace,
+                control: np.ndarray, report: int) -> int:
+    """A process with its own THP-backed regions: it reports them on `report`, touches
+    the hot one until told to stop, then exits 0 if both are intact, 3 if not."""
+    pid = os.fork()
+    if pid:
+        return pid
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    set_preferred_node(args.start_node)
+    words, offsets = {}, {}
+    for k in ("b", "a"):  # cold first, as everywhere
+        region = mmap.mmap(-1, sizes[k], flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+        words[k] = np.frombuffer(region, dtype=np.uint64)
+        offsets[k] = (2 * index + (k == "a")) * sizes["b"] // 8
+        fill(words[k], offsets[k])
+    set_preferred_node(None)
+    regions = {k: {"address": w.ctypes.data, "pages": w.size // WORDS_PER_PAGE}
+               for k, w in words.items()}
+    os.write(report, (json.dumps(regions) + "\n").encode())
+    os.close(report)
+    while not control[1]:
+        touch(words["b" if control[0] else "a"])
+        time.sleep(args.pause)
+    os._exit(0 if all(intact(words[k], offsets[k]) for k in words) else 3)
+
+
 def _fork_toucher(words: dict[str, np.ndarray], control: np.ndarray, pause: float) -> int:
     pid = os.fork()
     if pid:
@@ -209,6 +271,19 @@ class Variant(Workload):
     def pids(self) -> list[int]:
         return [self.pid, *self.state().get("children", [])]
 
+    def nodes(self, which: str) -> np.ndarray:
+        """Per page of the hot (or cold) set: its node, or a negative errno."""
+        from tierd.kernel.numa import move_pages  # the guest has the checkout
+
+        state = self.state()
+        if state["kind"] != "many":
+            return super().nodes(which)
+        name = state["hot"] if which == "hot" else ("b" if state["hot"] == "a" else "a")
+        return np.concatenate([
+            move_pages(int(pid), regions[name]["address"]
+                       + PAGE * np.arange(regions[name]["pages"], dtype=np.uint64))
+            for pid, regions in state["owners"].items()])
+
     def region_addresses(self, which: str) -> np.ndarray:
         state = self.state()
         if state["kind"] != "zipf":
@@ -223,16 +298,17 @@ class Variant(Workload):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("kind", choices=("zipf", "shared"))
+    parser.add_argument("kind", choices=("zipf", "shared", "many"))
     parser.add_argument("--hot", default="192M")
     parser.add_argument("--cold", default="960M")
     parser.add_argument("--start-node", type=int, default=0)
     parser.add_argument("--state", required=True)
     parser.add_argument("--pause", type=float, default=0.05)
-    parser.add_argument("--procs", type=int, default=4, help="shared: touching processes")
+    parser.add_argument("--procs", type=int, default=4,
+                        help="shared: touching processes; many: owning processes")
     parser.add_argument("--zipf-s", type=float, default=1.0, help="zipf: skew exponent")
     args = parser.parse_args()
-    return run_zipf(args) if args.kind == "zipf" else run_shared(args)
+    return {"zipf": run_zipf, "shared": run_shared, "many": run_many}[args.kind](args)
 
 
 if __name__ == "__main__":

@@ -192,11 +192,14 @@ class Workload:
         region = state["regions"][name]
         return region["address"] + PAGE * np.arange(region["pages"], dtype=np.uint64)
 
-    def placement(self) -> Placement:
+    def nodes(self, which: str) -> np.ndarray:
+        """Per page of the hot (or cold) region: its node, or a negative errno."""
         from tierd.kernel.numa import move_pages  # the guest has the checkout
 
-        hot = move_pages(self.pid, self.region_addresses("hot"))
-        cold = move_pages(self.pid, self.region_addresses("cold"))
+        return move_pages(self.pid, self.region_addresses(which))
+
+    def placement(self) -> Placement:
+        hot, cold = self.nodes("hot"), self.nodes("cold")
         return Placement(_share(hot, 0), _share(cold, 1), hot, cold)
 
     def swap(self) -> None:
