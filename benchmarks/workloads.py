@@ -142,14 +142,7 @@ def run_shared(args: argparse.Namespace) -> int:
         "hot": "a", "swaps": 0, "intact": None,
     })
 
-    def swap(s: dict) -> None:
-        s["hot"] = "b" if s["hot"] == "a" else "a"
-        control[0] = s["hot"] == "b"
-
-    stop = _install_signals(state, swap)
-    while not stop():
-        time.sleep(0.2)
-    control[1] = 1
+    _swap_until_stopped(state, control)
     for pid in children:
         os.waitpid(pid, 0)
     state.state["intact"] = all(intact(words[k], offsets[k]) for k in words)
@@ -174,14 +167,7 @@ def run_many(args: argparse.Namespace) -> int:
         "hot": "a", "swaps": 0, "intact": None,
     })
 
-    def swap(s: dict) -> None:
-        s["hot"] = "b" if s["hot"] == "a" else "a"
-        control[0] = s["hot"] == "b"
-
-    stop = _install_signals(state, swap)
-    while not stop():
-        time.sleep(0.2)
-    control[1] = 1
+    _swap_until_stopped(state, control)
     codes = [os.waitstatus_to_exitcode(os.waitpid(int(pid), 0)[1]) for pid in owners]
     state.state["intact"] = all(code == 0 for code in codes)
     state.save()
@@ -226,6 +212,20 @@ def _fork_toucher(words: dict[str, np.ndarray], control: np.ndarray, pause: floa
         touch(words["b" if control[0] else "a"])
         time.sleep(pause)
     os._exit(0)
+
+
+def _swap_until_stopped(state: StateFile, control: np.ndarray) -> None:
+    """Swap hot and cold for the touching processes (control[0]) on each SIGUSR1 until
+    SIGTERM, then tell them to stop (control[1])."""
+
+    def swap(s: dict) -> None:
+        s["hot"] = "b" if s["hot"] == "a" else "a"
+        control[0] = s["hot"] == "b"
+
+    stop = _install_signals(state, swap)
+    while not stop():
+        time.sleep(0.2)
+    control[1] = 1
 
 
 def _install_signals(

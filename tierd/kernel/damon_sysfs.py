@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -101,12 +102,8 @@ def _write(root: HostRoot, path: str, value: str | int, secret: bool = False) ->
     key = None if secret else str(value)
     try:
         fd = os.open(full, os.O_WRONLY | os.O_TRUNC)  # O_TRUNC: harmless on sysfs
-    except FileNotFoundError:
-        raise DamonError(full, "missing") from None
-    except PermissionError:
-        raise DamonError(full, "permission denied (needs root)") from None
     except OSError as e:
-        raise DamonError(full, e.strerror or str(e)) from None
+        raise _error(full, e) from None
     try:
         _uncontended(lambda: os.write(fd, str(value).encode()))
     except OSError as e:
@@ -117,16 +114,20 @@ def _write(root: HostRoot, path: str, value: str | int, secret: bool = False) ->
         os.close(fd)
 
 
+def _error(path: Path, e: OSError) -> DamonError:
+    if isinstance(e, FileNotFoundError):
+        return DamonError(path, "missing")
+    if isinstance(e, PermissionError):
+        return DamonError(path, "permission denied (needs root)")
+    return DamonError(path, e.strerror or str(e))
+
+
 def _read(root: HostRoot, path: str) -> str:
     full = root(path)
     try:
         return _uncontended(full.read_text).strip()
-    except FileNotFoundError:
-        raise DamonError(full, "missing") from None
-    except PermissionError:
-        raise DamonError(full, "permission denied") from None
     except OSError as e:
-        raise DamonError(full, e.strerror or str(e)) from None
+        raise _error(full, e) from None
 
 
 def _read_int(root: HostRoot, path: str) -> int:
