@@ -60,6 +60,8 @@ HEAT_STRIP_BINS = 64
 # Pinned frames (mlocked, unevictable, excluded) are reconsidered this often: their
 # pages may have been unlocked, freed or their owner may have exited.
 UNPIN_EVERY_INTERVALS = 30
+# New pages checked for pinning at a time: bounds the check's temporaries.
+PIN_CHECK_PAGES = 1 << 20
 # Rounds a moved page is remembered: a move back within them is a ping-pong.
 HISTORY_ROUNDS = 8
 
@@ -269,11 +271,15 @@ class Daemon:
     def _pin_unmovable(self, new: npt.NDArray[np.uint64]) -> None:
         """Pin newly tracked frames a mover must never touch, before the policy sees them."""
         pfns = np.unique(new)
-        movable, _, dropped = safety.drop_pinned(pfns, self.root, self._memcg_inodes,
-                                                 self._excluded_pfns)
-        for reason, count in dropped.items():
-            self.state.record_excluded(reason, count)
-        self.heat.pin(np.setdiff1d(pfns, movable, assume_unique=True))
+        # By chunk: the first scan of a large host finds every user page new, and the
+        # check's flags and reasons cost 16 bytes a page.
+        for start in range(0, pfns.size, PIN_CHECK_PAGES):
+            part = pfns[start:start + PIN_CHECK_PAGES]
+            movable, _, dropped = safety.drop_pinned(part, self.root, self._memcg_inodes,
+                                                     self._excluded_pfns)
+            for reason, count in dropped.items():
+                self.state.record_excluded(reason, count)
+            self.heat.pin(np.setdiff1d(part, movable, assume_unique=True))
 
     def refresh_mover(self) -> None:
         mover = self.pipeline.mover

@@ -78,6 +78,8 @@ UNTRACKED_CLASS, COLD, WARM, HOT = HeatClass
 PINNED = np.uint8(0b1110_0111)
 
 CHUNK = 1 << 24  # PFNs per vectorized step
+# PFNs per step of an idle scan's fold: its index temporaries cost 8 bytes a PFN.
+IDLE_CHUNK = 1 << 20
 # Evidence regions up to this many PFNs are added by fancy indexing, longer ones by slices.
 SHORT_REGION_PFNS = 64
 # Rounds a newly tracked page sits out: its first round of evidence alone never moves
@@ -189,15 +191,20 @@ class HeatModel:
         """
         start = scan.pfn_start
         end = min(self.npfns, start + scan.idle_age.size)
-        if end <= start:
-            return np.zeros(0, dtype=np.uint64)
-        ages = scan.idle_age[: end - start]
-        index = np.arange(start, end, dtype=np.intp)
+        new = [np.zeros(0, dtype=np.uint64)]
+        # By chunk: a whole range's PFN indices would cost 8 bytes a PFN more.
+        for low in range(start, end, IDLE_CHUNK):
+            high = min(end, low + IDLE_CHUNK)
+            new.append(self._add_idle_chunk(low, scan.idle_age[low - start:high - start]))
+        return np.concatenate(new)
+
+    def _add_idle_chunk(self, start: int, ages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+        end = start + ages.size
         untracked = ages == UNTRACKED
         self.mark[start:end][untracked] = 0
         self.heat[start:end][untracked] = 0
-        new = self.track(index[~untracked].astype(np.uint64))
-        accessed = index[ages == 0]
+        new = self.track(np.flatnonzero(~untracked).astype(np.uint64) + np.uint64(start))
+        accessed = start + np.flatnonzero(ages == 0)
         self._add(accessed, self.params.units(self.params.idle_access_weight))
         return new
 
