@@ -242,6 +242,11 @@ def _structures(daemon: Daemon) -> dict[str, int]:
             "reverse_map": daemon.pipeline.mover.footprint()[1], "idle_ages": idle}
 
 
+def _extents(daemon: Daemon) -> int:
+    mover = daemon.pipeline.mover
+    return mover.rmap.extents if isinstance(mover, PidMover) else 0
+
+
 def run(root: Path, seconds: float, mover: str) -> dict[str, object]:
     shape = fabricated.read_shape(root)
     clock, tally = VirtualClock(), Tally()
@@ -266,6 +271,7 @@ def run(root: Path, seconds: float, mover: str) -> dict[str, object]:
     wall = clock.now() - started
     cpu = sum(s.cpu_seconds for s in tally.stages.values())
     structures = _structures(daemon)
+    extents = _extents(daemon)
     daemon.close()
     tally.peak_rss = max(tally.peak_rss, _kib("VmHWM"))
     rounds = np.diff(tally.rounds_at[1:])  # the first read-back comes after one interval
@@ -277,6 +283,7 @@ def run(root: Path, seconds: float, mover: str) -> dict[str, object]:
         "rss_bytes": tally.peak_rss, "steady_rss_bytes": int(np.median(rss)),
         "baseline_rss_bytes": baseline,
         "structures_bytes": structures,
+        "reverse_map_extents": extents,
         "stage_peak_over_start_bytes": {k: s.peak_over_start for k, s in tally.stages.items()},
         "start_cpu_seconds": round(start_cpu, 3),
         "cpu_seconds": round(cpu, 3),
