@@ -265,8 +265,8 @@ class Daemon:
         self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
         if evidence.new_round:
             self.history.advance()
-        self._pin_unmovable(self.heat.fold(evidence.idle, evidence.samples, evidence.regions,
-                                           new_round=evidence.new_round))
+        self.heat.fold(evidence.idle, evidence.samples, evidence.regions,
+                       new_round=evidence.new_round, on_new=self._pin_unmovable)
 
     def _pin_unmovable(self, new: npt.NDArray[np.uint64]) -> None:
         """Pin newly tracked frames a mover must never touch, before the policy sees them."""
