@@ -31,7 +31,7 @@ def _interval(model: h.HeatModel, *evidence: object) -> None:
 
 
 def test_class_counts_cover_a_range_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(h, "CHUNK", 7)  # ranges that span several chunks
+    monkeypatch.setattr(h, "PASS_CHUNK", 7)  # ranges that span several chunks
     model = h.HeatModel(40, PARAMS)
     model.mark[3:10] = h._pack(h.HOT, 1, 0)
     model.mark[10:12] = h._pack(h.WARM, 0, 2)

@@ -162,7 +162,8 @@ class HeatModel:
         return self.heat.nbytes + self.mark.nbytes
 
     def tracked_count(self) -> int:
-        return int(np.count_nonzero(self.mark & CLASS_MASK))
+        return sum(int(np.count_nonzero(self.mark[start:start + PASS_CHUNK] & CLASS_MASK))
+                   for start in range(0, self.npfns, PASS_CHUNK))
 
     # --- evidence ----------------------------------------------------------------
 
@@ -279,12 +280,14 @@ class HeatModel:
 
     def class_counts(self, start: int, end: int) -> tuple[int, int, int]:
         """Tracked PFNs in [start, end) by class: (cold, warm, hot)."""
-        counts = np.zeros(HOT + 1, dtype=np.int64)
+        counts = [0, 0, 0]
         end = min(end, self.npfns)
-        for low in range(start, end, CHUNK):
-            chunk = classes(self.mark[low:min(low + CHUNK, end)])
-            counts += np.bincount(chunk, minlength=HOT + 1)
-        return int(counts[COLD]), int(counts[WARM]), int(counts[HOT])
+        # Byte compares and counts: np.bincount would index through intp, 8 bytes a PFN.
+        for low in range(start, end, PASS_CHUNK):
+            chunk = classes(self.mark[low:min(low + PASS_CHUNK, end)])
+            for i, cls in enumerate((COLD, WARM, HOT)):
+                counts[i] += int(np.count_nonzero(chunk == np.uint8(cls)))
+        return counts[0], counts[1], counts[2]
 
     def unpin_all(self) -> None:
         """Let pinned frames be tracked again (their pages may have been freed or unlocked)."""
