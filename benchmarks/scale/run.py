@@ -2,10 +2,9 @@
 
 For each size: fabricate the host (benchmarks/scale/host.py) under --work,
 run tierd's interval loop on it in a child process (measure.py, under
-nice), once with the PID mover and its reverse map where that fits this
-machine (--pid-max-gib) and once with a mover that keeps no page map, then
-delete the host. Writes benchmarks/results/scale.json and the plot
-benchmarks/results/scale.png.
+nice), once with the PID mover and its reverse map (up to --pid-max-gib)
+and once with a mover that keeps no page map, then delete the host. Writes
+benchmarks/results/scale.json and the plot benchmarks/results/scale.png.
 
 Sampled evidence cannot be measured on fabricated files; its time to cover
 all memory is modelled (`modelled_seconds_per_full_round`, see PERF_SAMPLES_PER_S).
@@ -66,7 +65,7 @@ def main() -> None:
                         help="host sizes in GiB")
     parser.add_argument("--seconds", type=float, default=1500.0,
                         help="virtual seconds of intervals per run")
-    parser.add_argument("--pid-max-gib", type=int, default=256,
+    parser.add_argument("--pid-max-gib", type=int, default=1024,
                         help="largest host run with the PID mover's reverse map")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/tierd-scale"))
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
