@@ -152,9 +152,10 @@ class ExtentMap:
 
     def keep(self, which: npt.NDArray[np.bool_]) -> None:
         """Keep only the extents `which` selects."""
-        if not which.all():
-            self.start, self.owner, self.length = (
-                self.start[which], self.owner[which], self.length[which])
+        if not which.all():  # one array at a time: the old one goes before the next is cut
+            self.start = self.start[which]
+            self.owner = self.owner[which]
+            self.length = self.length[which]
 
     def remove(self, pfns: U64) -> tuple[npt.NDArray[np.intp], U64]:
         """Take the (sorted, distinct) PFNs out of every extent holding them; an extent

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import NamedTuple, cast
+from typing import NamedTuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,7 @@ VPN_BITS = 44
 VPN_MASK = np.uint64((1 << VPN_BITS) - 1)
 # The top slot is never handed out, so no entry's owner is DEAD.
 MAX_SLOTS = (1 << (64 - VPN_BITS)) - 1
+_A = TypeVar("_A", npt.NDArray[np.uint64], npt.NDArray[np.uint32])
 # Pagemap entries read at a time: bounds a refresh's temporaries (8 MiB and its owners).
 READ_PAGES = 1 << 20
 
@@ -261,13 +262,17 @@ class ReverseMap:
     def _replace(self, drop: list[int],
                  reread: dict[int, tuple[_Process, list[tuple[int, int]]]],
                  stats: RefreshStats) -> None:
-        new = self._read_processes(reread, drop, stats)
-        cleared = [self._procs[pid].slot for pid in reread if pid not in drop]
-        cleared += [self._release(pid) for pid in dict.fromkeys(drop) if pid in self._procs]
-        if cleared:
-            gone = np.zeros(self._slot_pid.size, dtype=np.bool_)
-            gone[cleared] = True
+        # The re-read and the exited processes' extents go first, whatever the read
+        # finds: a full re-read then never holds the old map and the new one at once.
+        gone = np.zeros(self._slot_pid.size, dtype=np.bool_)
+        gone[[proc.slot for proc, _ in reread.values()]] = True
+        gone[[self._procs[pid].slot for pid in drop if pid in self._procs]] = True
+        if gone.any():
             self._map.drop_slots(gone, VPN_BITS)
+        new = self._read_processes(reread, drop, stats)
+        for pid in dict.fromkeys(drop):
+            if pid in self._procs:
+                self._release(pid)
         self._map.add(*new)
 
     def _read_processes(self, reread: dict[int, tuple[_Process, list[tuple[int, int]]]],
@@ -276,7 +281,7 @@ class ReverseMap:
         """The extents of every process in `reread`, sorted by start; a process that fails
         contributes none."""
         buffer = np.empty(READ_PAGES, dtype=np.uint64)
-        parts = [runs(buffer[:0], buffer[:0])]
+        parts: list[tuple[U64, U64, npt.NDArray[np.uint32]]] = []
         for pid, (proc, page_runs) in reread.items():
             try:
                 parts += self._read_process(pid, proc.slot, page_runs, buffer)
@@ -287,9 +292,7 @@ class ReverseMap:
             except KernelFileError as e:
                 stats.errors.append(str(e))
                 proc.stale = True
-        start, owner, length = (np.concatenate(p) for p in zip(*parts, strict=True))
-        order = np.argsort(start, kind="stable")
-        return start[order], owner[order], length[order]
+        return _sorted_extents(parts)
 
     def _read_process(self, pid: int, slot: int, page_runs: list[tuple[int, int]],
                       buffer: U64) -> list[tuple[U64, U64, npt.NDArray[np.uint32]]]:
@@ -321,6 +324,27 @@ class ReverseMap:
         self._slot_pid[proc.slot] = 0
         self._free_slots.append(proc.slot)
         return proc.slot
+
+
+def _sorted_extents(parts: list[tuple[U64, U64, npt.NDArray[np.uint32]]]
+                    ) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
+    """The parts' extents joined and sorted by start, one array at a time, the parts of
+    each let go once joined: a first build peaks at the extents plus two arrays."""
+    starts, owners = [p[0] for p in parts], [p[1] for p in parts]
+    lengths = [p[2] for p in parts]
+    del parts[:]
+    start = _join(starts, np.zeros(0, dtype=np.uint64))
+    order = np.argsort(start, kind="stable")
+    start = start[order]
+    owner = _join(owners, np.zeros(0, dtype=np.uint64))[order]
+    length = _join(lengths, np.zeros(0, dtype=np.uint32))[order]
+    return start, owner, length
+
+
+def _join(pieces: list[_A], empty: _A) -> _A:
+    joined = np.concatenate(pieces) if pieces else empty
+    pieces.clear()
+    return joined
 
 
 def _pieces(page_runs: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
