@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024],
                         help="host sizes in GiB")
-    parser.add_argument("--seconds", type=float, default=1500.0,
+    parser.add_argument("--seconds", type=float, default=3600.0,
                         help="virtual seconds of intervals per run")
     parser.add_argument("--pid-max-gib", type=int, default=1024,
                         help="largest host run with the PID mover's reverse map")
