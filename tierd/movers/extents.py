@@ -11,7 +11,7 @@ No extent crosses a BLOCK_PFNS-aligned boundary: the extents that may hold
 a PFN are then those starting in its block at or before it, a short
 backward walk from a binary search even where shared pages make extents
 overlap. The arrays are sorted by start PFN; every change builds new ones
-(O(extents) per change, a few milliseconds for millions of extents).
+(O(extents) per change, plus the pages of the extents it splits).
 """
 
 from __future__ import annotations
