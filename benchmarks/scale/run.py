@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024],
                         help="host sizes in GiB")
     parser.add_argument("--seconds", type=float, default=3600.0,
-                        help="virtual seconds of intervals per run")
+                        help="virtual seconds of intervals per run, after the first round")
     parser.add_argument("--pid-max-gib", type=int, default=1024,
                         help="largest host run with the PID mover's reverse map")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/tierd-scale"))
@@ -115,6 +115,10 @@ def plot(result: dict[str, object], path: Path) -> None:
                       for r in mine]
             ax.plot([r["host_gib"] for r in mine], [v * scale for v in values], style,
                     label=f"{mover} mover")
+            if key == "cpu_fraction_of_core":  # and after the first round, without start-up
+                ax.plot([r["host_gib"] for r in mine],
+                        [r["steady_cpu_fraction_of_core"] for r in mine], style[0] + ":",
+                        label=f"{mover} mover, steady")
         if key in GOALS:
             ax.axhline(GOALS[key] * scale, color="red", linewidth=0.8, label="goal")
         ax.set_xscale("log", base=2)
