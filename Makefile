@@ -78,7 +78,7 @@ bench: venv kernels judge
 
 # tierd's memory and CPU on fabricated hosts of 64 GiB, 256 GiB and 1 TiB (sparse files
 # under SCALE_WORK, deleted after each size): benchmarks/results/scale.json and .png.
-# About 10 minutes on 2 cores, not part of `make test`; figures: docs/benchmarks.md.
+# About 11 minutes on 2 cores, not part of `make test`; figures: docs/benchmarks.md.
 SCALE_WORK ?= /var/tmp/tierd-scale
 scale: venv
 	$(PY) benchmarks/scale/run.py --work $(SCALE_WORK)
