@@ -13,7 +13,7 @@ PYTEST    ?= $(PY) -m pytest
 LAB_CACHE ?= $(or $(TIERD_LAB_CACHE),/var/cache/tierd-lab)
 JUDGE     := build/judge/judge.so build/judge/known_reads
 
-.PHONY: all deps venv kernels kernels-debug judge test test-debug test-unit lint docs demo bench soak clean
+.PHONY: all deps venv kernels kernels-debug judge test test-debug test-unit lint docs demo bench scale soak clean
 
 all: test
 
@@ -75,6 +75,13 @@ demo: venv kernels
 
 bench: venv kernels judge
 	$(PY) benchmarks/run.py
+
+# tierd's memory and CPU on fabricated hosts of 64 GiB, 256 GiB and 1 TiB (sparse files
+# under SCALE_WORK, deleted after each size): benchmarks/results/scale.json and .png.
+# About 11 minutes on 2 cores, not part of `make test`; figures: docs/benchmarks.md.
+SCALE_WORK ?= /var/tmp/tierd-scale
+scale: venv
+	$(PY) benchmarks/scale/run.py --work $(SCALE_WORK)
 
 # The movers' soak at full length: 1000 round trips of 256 MiB per mover and
 # THP setting on both lab kernels (hours under TCG; `make test` runs two of

@@ -8,6 +8,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,25 @@ def test_node_usage_reports_the_policy_floor_and_placement_by_heat(
     assert (first.hot_bytes, first.warm_bytes, first.cold_bytes) == (100 * page, 0, 300 * page)
     assert (second.tier, second.tier_rank) == (54, 1)
     assert (second.hot_bytes, second.warm_bytes, second.cold_bytes) == (10 * page, 50 * page, 0)
+
+
+def test_heat_strip_is_the_mean_heat_of_equal_slices_across_a_nodes_ranges(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierd.heat import HEAT_SCALE, HeatModel
+
+    daemon = Daemon(Config())
+    monkeypatch.setattr(Daemon, "heat", HeatModel(5000))
+    daemon.heat.heat[:] = np.random.default_rng(7).integers(0, 256, 5000)
+    ranges = ((100, 1000), (1800, 2013), (3000, 6000))  # the last one past the model's end
+    node = NodeFacts(node=0, tier=0, ranges=ranges, managed_pages=4113, free_pages=0,
+                     watermark_pages=0)
+    joined = np.concatenate([daemon.heat.heat[s:min(e, 5000)] for s, e in ranges])
+    edges = np.linspace(0, joined.size, 65).astype(np.intp)
+    means = [joined[a:b].sum() / (b - a) / HEAT_SCALE for a, b in pairwise(edges)]
+    assert daemon._strip(node) == pytest.approx(means)
+    short = NodeFacts(node=1, tier=1, ranges=((0, 63),), managed_pages=63, free_pages=0,
+                      watermark_pages=0)
+    assert daemon._strip(short) == []
 
 
 def test_interval_and_exit_summaries_name_pages_nodes_and_reasons_not_addresses() -> None:

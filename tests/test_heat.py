@@ -22,7 +22,7 @@ def _interval(model: h.HeatModel, *evidence: object) -> None:
     model.decay()
     for e in evidence:
         if isinstance(e, IdleScan):
-            model.add_idle_scan(e)
+            list(model.add_idle_scan(e))
         elif isinstance(e, SampleBatch):
             model.add_samples(e)
         else:
@@ -31,7 +31,7 @@ def _interval(model: h.HeatModel, *evidence: object) -> None:
 
 
 def test_class_counts_cover_a_range_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(h, "CHUNK", 7)  # ranges that span several chunks
+    monkeypatch.setattr(h, "PASS_CHUNK", 7)  # ranges that span several chunks
     model = h.HeatModel(40, PARAMS)
     model.mark[3:10] = h._pack(h.HOT, 1, 0)
     model.mark[10:12] = h._pack(h.WARM, 0, 2)
@@ -209,3 +209,16 @@ def test_samples_between_rounds_add_up_and_can_change_the_class() -> None:
     model.fold(samples=[batch], new_round=False)
     assert model.heat[0] == 4 * h.HEAT_SCALE
     assert h.classes(model.mark)[0] == h.HOT and h.streaks(model.mark)[0] == 1
+
+
+def test_fold_hands_new_pages_over_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first scan of a large host finds every user page new: never all in one array."""
+    monkeypatch.setattr(h, "IDLE_CHUNK", 4)
+    model = h.HeatModel(20, PARAMS)
+    model.pin(np.array([8], dtype=np.uint64))  # pinned: never new again
+    ages = [0, 1, UNTRACKED, 0, 2, 0, UNTRACKED, 1, 0, 0]
+    parts: list[list[int]] = []
+    model.fold([_scan(ages, start=5)], on_new=lambda pfns: parts.append(pfns.tolist()))
+    assert all(0 < len(part) <= 4 for part in parts)
+    assert sorted(p for part in parts for p in part) == [5, 6, 9, 10, 12, 13, 14]
+    assert model.tracked_count() == 7

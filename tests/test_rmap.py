@@ -21,7 +21,7 @@ from tierd.kernel import _gather, pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
 from tierd.movers import _native
-from tierd.movers.rmap import DEAD, VPN_BITS, ReverseMap
+from tierd.movers.rmap import ReverseMap
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
 ALL = 2**64 - 1  # gather()'s mask keeping every bit
@@ -173,7 +173,7 @@ def test_rmap_maps_every_present_page_of_every_process() -> None:
     stats = rmap.refresh()
     assert (stats.processes, stats.read, stats.excluded) == (4, 3, 0)
     assert rmap.pfn.tolist() == [16, 17, 18, 19, 32, 40, 41, 44, 45, 48, 48]
-    assert rmap.nbytes == 16 * rmap.pages
+    assert rmap.nbytes == 20 * rmap.extents
     found, pids, vaddrs = rmap.lookup(np.array([17, 32, 41, 44, 99], dtype=np.uint64))
     assert found.tolist() == [True, True, True, True, False]
     assert pids.tolist() == [4242, 4242, 4243, 4244, 0]
@@ -230,7 +230,7 @@ def test_moves_and_invalidations_between_refreshes_keep_lookups_and_counts_exact
     assert not rmap.lookup(u64(70, 80, 41))[0].any()
     assert rmap.pages == 8
     assert rmap.pfn.tolist() == [18, 19, 32, 40, 44, 45, 48, 48]
-    assert rmap.nbytes == 16 * rmap.pages
+    assert rmap.nbytes == 20 * rmap.extents
     assert rmap.refresh().read == 2  # 4242 and 4243
 
 
@@ -259,78 +259,6 @@ def test_by_process_groups_a_batch_by_process_in_address_order() -> None:
     missing, processes = rmap.by_process(np.array([16, 17, 18], dtype=np.uint64))
     assert missing is None and processes[0].pages == slice(0, 3)
     assert rmap.by_process(np.array([99], dtype=np.uint64))[1] == []
-
-
-# A map: sorted PFNs from a small range (repeats: shared pages), some entries tombstones.
-_maps = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2**20), st.booleans()),
-                 max_size=30)
-
-
-def _map_of(entries: list[tuple[int, int, bool]]
-            ) -> tuple[np.ndarray, np.ndarray, dict[int, list[int]]]:
-    """(pfn, owner) arrays, every entry of a PFN live or every one a tombstone (as the
-    reverse map keeps them), and each PFN's owners in order (DEAD for tombstones)."""
-    by_pfn: dict[int, list[int]] = {}
-    for pfn, owner, _ in sorted(entries, key=lambda e: e[0]):
-        by_pfn.setdefault(pfn, []).append(owner)
-    dead = {pfn for pfn, _, tombstone in entries if tombstone}
-    for pfn in dead:
-        by_pfn[pfn] = [int(DEAD)] * len(by_pfn[pfn])
-    pfn = np.array([p for p, owners in by_pfn.items() for _ in owners], dtype=np.uint64)
-    owner = np.array([o for owners in by_pfn.values() for o in owners], dtype=np.uint64)
-    return pfn, owner, by_pfn
-
-
-@settings(max_examples=300, deadline=None)
-@given(entries=_maps, keys=st.lists(st.integers(0, 45), max_size=20), ascending=st.booleans())
-def test_first_owners_gives_each_key_its_first_live_entry(
-        entries: list[tuple[int, int, bool]], keys: list[int], ascending: bool) -> None:
-    pfn, owner, by_pfn = _map_of(entries)
-    keys = sorted(keys) if ascending else keys  # the batch's order, and any other
-    out = np.empty(len(keys), dtype=np.uint64)
-    found = _native.first_owners(pfn, owner, np.array(keys, dtype=np.uint64), out)
-    expected = [by_pfn.get(k, [int(DEAD)])[0] for k in keys]
-    assert out.tolist() == expected
-    assert found == sum(o != int(DEAD) for o in expected)
-
-
-@settings(max_examples=300, deadline=None)
-@given(entries=_maps, moves=st.lists(st.tuples(st.integers(0, 45), st.booleans()), max_size=20))
-def test_take_out_tombstones_every_entry_and_reports_followers_and_stale_slots(
-        entries: list[tuple[int, int, bool]], moves: list[tuple[int, bool]]) -> None:
-    pfn, owner, by_pfn = _map_of(entries)
-    keys = np.array([k for k, _ in moves], dtype=np.uint64)
-    follow = np.array([f for _, f in moves], dtype=np.bool_)
-    followers = np.empty(keys.size, dtype=np.uint64)
-    slot_shift = 16  # owners up to 2**20: slots 0-16
-    stale = np.zeros(17, dtype=np.bool_)
-    taken = _native.take_out(pfn, owner, keys, follow, followers, stale, slot_shift)
-    expected_followers, expected_stale, expected_taken = [], set(), 0
-    for k, f in moves:
-        live = [o for o in by_pfn.get(k, []) if o != int(DEAD)]
-        if k in by_pfn:
-            by_pfn[k] = [int(DEAD)] * len(by_pfn[k])
-        expected_taken += len(live)
-        expected_followers.append(live[0] if f and live else int(DEAD))
-        expected_stale |= {o >> slot_shift for o in live[1 if f else 0:]}
-    assert followers.tolist() == expected_followers
-    assert set(np.flatnonzero(stale).tolist()) == expected_stale
-    assert taken == expected_taken
-    assert owner.tolist() == [o for owners in by_pfn.values() for o in owners]
-
-
-def test_take_out_refuses_a_slot_past_its_flags_and_mismatched_sizes() -> None:
-    pfn, owner = np.array([5], np.uint64), np.array([3 << VPN_BITS], np.uint64)
-    args = (np.array([5], np.uint64), np.zeros(1, np.bool_), np.empty(1, np.uint64))
-    with pytest.raises(ValueError, match="slot is past stale_slots"):
-        _native.take_out(pfn, owner, *args, np.zeros(3, np.bool_), VPN_BITS)
-    with pytest.raises(ValueError, match="must match"):
-        _native.take_out(pfn, owner[:0], *args, np.zeros(4, np.bool_), VPN_BITS)
-    with pytest.raises(TypeError, match="follow: expected a 1-d array of booleans"):
-        _native.take_out(pfn, owner, args[0], np.zeros(1, np.uint64), args[2],
-                                np.zeros(4, np.bool_), VPN_BITS)
-    with pytest.raises(ValueError, match="must match"):
-        _native.first_owners(pfn, owner, args[0], np.empty(2, np.uint64))
 
 
 @settings(max_examples=200, deadline=None)
@@ -403,66 +331,6 @@ def test_ascends_and_sort_pairs_check_their_arrays() -> None:
         _native.sort_pairs(keys, np.zeros(3, np.uint64))
     with pytest.raises(ValueError, match="values must not overlap keys"):
         _native.sort_pairs(keys, keys)
-
-
-# One run of pagemap entries: chunks of (first PFN, pages, present). PFNs from a
-# small range, so runs overlap as shared pages do; PFN 0 is what a read without
-# CAP_SYS_ADMIN gives.
-_chunks = st.lists(st.tuples(st.integers(0, 80), st.integers(1, 12), st.booleans()), max_size=8)
-
-
-def _entries_of(chunks: list[tuple[int, int, bool]]) -> list[int]:
-    return [(1 << 63 if present else 1 << 62) | pfn  # not present: swapped, PFN bits kept
-            for first, pages, present in chunks for pfn in range(first, first + pages)]
-
-
-@settings(max_examples=300, deadline=None)
-@given(runs=st.lists(st.tuples(_chunks, st.integers(0, 2**64 - 1)), max_size=6))
-def test_native_index_gives_every_present_page_once_with_its_owner_sorted_by_pfn(
-        runs: list[tuple[list[tuple[int, int, bool]], int]]) -> None:
-    parts = [_entries_of(chunks) for chunks, _ in runs]
-    bounds = np.cumsum([0] + [len(part) for part in parts]).astype(np.int64)
-    bases = np.array([base for _, base in runs], dtype=np.uint64)
-    entries = np.array([e for part in parts for e in part], dtype=np.uint64)
-    pfn_mask = int(pagemap.PFN_MASK)
-    expected = sorted(
-        (entry & pfn_mask, (int(bases[r]) + i) % 2**64)
-        for r in range(len(parts)) for i in range(bounds[r], bounds[r + 1])
-        if (entry := int(entries[i])) >> 63 and entry & pfn_mask)
-    owners = np.empty_like(entries)
-    found = _native.present_sorted(entries, bounds, bases, owners)
-    got = list(zip(entries[:found].tolist(), owners[:found].tolist(), strict=True))
-    assert [pfn for pfn, _ in got] == sorted(pfn for pfn, _ in got)
-    assert sorted(got) == expected
-
-
-@pytest.mark.parametrize(("bounds", "bases", "owners", "error"), [
-    ([0, 2], [0, 0], 4, "bounds must hold one more item than bases"),
-    ([0, 5], [0], 4, "run 0: bounds 0:5 outside 0:4"),
-    ([0, 3, 2], [0, 0], 4, "run 1: bounds 3:2 outside 0:4"),
-    ([0, 4], [0], 3, "owners must hold as many items as entries"),
-    ([0, 4], [0], None, "owners must not overlap entries"),  # None: entries' buffer, from [2]
-])
-def test_native_index_refuses_bounds_and_owners_it_cannot_use(
-        bounds: list[int], bases: list[int], owners: int | None, error: str) -> None:
-    buffer = np.zeros(8, np.uint64)
-    with pytest.raises(ValueError, match=error):
-        _native.present_sorted(
-            buffer[:4], np.array(bounds, np.int64), np.array(bases, np.uint64),
-            buffer[2:] if owners is None else np.empty(owners, np.uint64))
-
-
-def test_native_index_takes_only_writable_arrays_of_8_byte_integers() -> None:
-    args = [np.zeros(4, np.uint64), np.array([0, 4], np.int64), np.zeros(1, np.uint64),
-            np.empty(4, np.uint64)]
-    with pytest.raises(TypeError, match="owners: expected a 1-d array of 8-byte integers"):
-        _native.present_sorted(*args[:3], np.empty(4, np.float64))
-    with pytest.raises(TypeError, match="bounds: expected"):
-        _native.present_sorted(args[0], np.array([0, 4], np.int32), *args[2:])
-    read_only = args[0].copy()
-    read_only.flags.writeable = False
-    with pytest.raises(ValueError, match="read-only"):
-        _native.present_sorted(read_only, *args[1:])
 
 
 @pytest.mark.vm
@@ -546,7 +414,7 @@ def test_rmap_leaves_out_pfns_read_as_zero(tmp_path: Path) -> None:
     _process(tmp_path, 8, [(16, 18)], {16: 0, 17: 0})
     rmap = _rmap(root=HostRoot(tmp_path))
     rmap.refresh()
-    assert rmap.pfn.tolist() == [40] and rmap.nbytes == 16
+    assert rmap.pfn.tolist() == [40] and rmap.nbytes == 20
 
 
 def test_rmap_keeps_nothing_of_a_process_whose_read_fails_midway(

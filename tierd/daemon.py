@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,8 @@ HEAT_STRIP_BINS = 64
 # Pinned frames (mlocked, unevictable, excluded) are reconsidered this often: their
 # pages may have been unlocked, freed or their owner may have exited.
 UNPIN_EVERY_INTERVALS = 30
+# New pages checked for pinning at a time: bounds the check's temporaries.
+PIN_CHECK_PAGES = 1 << 20
 # Rounds a moved page is remembered: a move back within them is a ping-pong.
 HISTORY_ROUNDS = 8
 
@@ -263,17 +266,21 @@ class Daemon:
         self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
         if evidence.new_round:
             self.history.advance()
-        self._pin_unmovable(self.heat.fold(evidence.idle, evidence.samples, evidence.regions,
-                                           new_round=evidence.new_round))
+        self.heat.fold(evidence.idle, evidence.samples, evidence.regions,
+                       new_round=evidence.new_round, on_new=self._pin_unmovable)
 
     def _pin_unmovable(self, new: npt.NDArray[np.uint64]) -> None:
         """Pin newly tracked frames a mover must never touch, before the policy sees them."""
         pfns = np.unique(new)
-        movable, _, dropped = safety.drop_pinned(pfns, self.root, self._memcg_inodes,
-                                                 self._excluded_pfns)
-        for reason, count in dropped.items():
-            self.state.record_excluded(reason, count)
-        self.heat.pin(np.setdiff1d(pfns, movable, assume_unique=True))
+        # By chunk: the first scan of a large host finds every user page new, and the
+        # check's flags and reasons cost 16 bytes a page.
+        for start in range(0, pfns.size, PIN_CHECK_PAGES):
+            part = pfns[start:start + PIN_CHECK_PAGES]
+            movable, _, dropped = safety.drop_pinned(part, self.root, self._memcg_inodes,
+                                                     self._excluded_pfns)
+            for reason, count in dropped.items():
+                self.state.record_excluded(reason, count)
+            self.heat.pin(np.setdiff1d(part, movable, assume_unique=True))
 
     def refresh_mover(self) -> None:
         mover = self.pipeline.mover
@@ -424,12 +431,26 @@ class Daemon:
 
     def _strip(self, f: NodeFacts) -> list[float]:
         """Mean heat (in accesses) of HEAT_STRIP_BINS equal slices of the node's PFNs."""
-        heat = np.concatenate([self.heat.heat[s:min(e, self.heat.npfns)] for s, e in f.ranges])
-        if heat.size < HEAT_STRIP_BINS:
+        pieces = [self.heat.heat[s:min(e, self.heat.npfns)] for s, e in f.ranges]
+        size = sum(p.size for p in pieces)
+        if size < HEAT_STRIP_BINS:
             return []
-        edges = np.linspace(0, heat.size, HEAT_STRIP_BINS + 1).astype(np.intp)
-        sums = np.add.reduceat(heat, edges[:-1], dtype=np.uint64)
+        edges = np.linspace(0, size, HEAT_STRIP_BINS + 1).astype(np.intp)
+        sums = np.array([_sum_between(pieces, low, high) for low, high in pairwise(edges)],
+                        dtype=np.uint64)
         return [float(m) for m in sums / np.diff(edges) / HEAT_SCALE]
+
+
+def _sum_between(pieces: list[npt.NDArray[np.uint8]], low: int, high: int) -> int:
+    """The sum of items [low, high) of the pieces laid end to end, without joining them:
+    a joined copy, or np.add.reduceat's cast of it, costs 1 and 8 bytes a PFN."""
+    total, at = 0, 0
+    for piece in pieces:
+        start, end = max(low, at), min(high, at + piece.size)
+        if start < end:
+            total += int(piece[start - at:end - at].sum(dtype=np.uint64))
+        at += piece.size
+    return total
 
 
 def describe(summary: IntervalSummary, page_size: int) -> str:

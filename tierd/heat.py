@@ -43,7 +43,7 @@ host needs no temporaries beyond a few chunk-sized arrays.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -78,6 +78,11 @@ UNTRACKED_CLASS, COLD, WARM, HOT = HeatClass
 PINNED = np.uint8(0b1110_0111)
 
 CHUNK = 1 << 24  # PFNs per vectorized step
+# PFNs per step of an idle scan's fold: its index temporaries cost 8 bytes a PFN.
+IDLE_CHUNK = 1 << 20
+# PFNs per step of decay() and classify(): the table lookup's indices (8 bytes a PFN)
+# and classify's eight byte-per-PFN temporaries stay at 32 MiB.
+PASS_CHUNK = 1 << 22
 # Evidence regions up to this many PFNs are added by fancy indexing, longer ones by slices.
 SHORT_REGION_PFNS = 64
 # Rounds a newly tracked page sits out: its first round of evidence alone never moves
@@ -157,7 +162,8 @@ class HeatModel:
         return self.heat.nbytes + self.mark.nbytes
 
     def tracked_count(self) -> int:
-        return int(np.count_nonzero(self.mark & CLASS_MASK))
+        return sum(int(np.count_nonzero(self.mark[start:start + PASS_CHUNK] & CLASS_MASK))
+                   for start in range(0, self.npfns, PASS_CHUNK))
 
     # --- evidence ----------------------------------------------------------------
 
@@ -182,24 +188,37 @@ class HeatModel:
         total = self.heat[index].astype(np.int64) + units
         self.heat[index] = np.minimum(total, HEAT_MAX).astype(np.uint8)
 
-    def add_idle_scan(self, scan: IdleScan) -> npt.NDArray[np.uint64]:
+    def add_idle_scan(self, scan: IdleScan) -> Iterator[npt.NDArray[np.uint64]]:
         """Fold one idle-bitmap scan in: accessed pages heat up; non-LRU PFNs become untracked.
 
-        Returns the newly tracked PFNs.
+        Yields the newly tracked PFNs chunk by chunk, as each chunk is folded in.
         """
         start = scan.pfn_start
         end = min(self.npfns, start + scan.idle_age.size)
-        if end <= start:
-            return np.zeros(0, dtype=np.uint64)
-        ages = scan.idle_age[: end - start]
-        index = np.arange(start, end, dtype=np.intp)
-        untracked = ages == UNTRACKED
-        self.mark[start:end][untracked] = 0
-        self.heat[start:end][untracked] = 0
-        new = self.track(index[~untracked].astype(np.uint64))
-        accessed = index[ages == 0]
-        self._add(accessed, self.params.units(self.params.idle_access_weight))
-        return new
+        # By chunk: a whole range's PFN indices would cost 8 bytes a PFN more.
+        for low in range(start, end, IDLE_CHUNK):
+            high = min(end, low + IDLE_CHUNK)
+            yield self._add_idle_chunk(low, scan.idle_age[low - start:high - start])
+
+    def _add_idle_chunk(self, start: int, ages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+        # Slices and byte masks, not PFN indices: every PFN of the chunk is touched, and
+        # a gather or scatter by index costs several times a pass over a slice.
+        u8 = np.uint8
+        end = start + ages.size
+        heat, mark = self.heat[start:end], self.mark[start:end]
+        tracked = (ages != UNTRACKED).view(u8)
+        mark *= tracked
+        heat *= tracked
+        new = tracked & ((mark & CLASS_MASK) == 0).view(u8) & (mark != PINNED).view(u8)
+        keep = u8(1) - new
+        heat *= keep
+        heat += new * self._initial
+        mark *= keep
+        mark += new * self._new_mark
+        add = (ages == 0).view(u8) * u8(self.params.units(self.params.idle_access_weight))
+        np.minimum(heat, u8(HEAT_MAX) - add, out=heat)  # saturates at HEAT_MAX
+        heat += add
+        return np.flatnonzero(new).astype(np.uint64) + np.uint64(start)
 
     def add_samples(self, batch: SampleBatch) -> npt.NDArray[np.uint64]:
         """Each sample adds sample_weight to its PFN; sampled PFNs are tracked (new returned)."""
@@ -261,12 +280,14 @@ class HeatModel:
 
     def class_counts(self, start: int, end: int) -> tuple[int, int, int]:
         """Tracked PFNs in [start, end) by class: (cold, warm, hot)."""
-        counts = np.zeros(HOT + 1, dtype=np.int64)
+        counts = [0, 0, 0]
         end = min(end, self.npfns)
-        for low in range(start, end, CHUNK):
-            chunk = classes(self.mark[low:min(low + CHUNK, end)])
-            counts += np.bincount(chunk, minlength=HOT + 1)
-        return int(counts[COLD]), int(counts[WARM]), int(counts[HOT])
+        # Byte compares and counts: np.bincount would index through intp, 8 bytes a PFN.
+        for low in range(start, end, PASS_CHUNK):
+            chunk = classes(self.mark[low:min(low + PASS_CHUNK, end)])
+            for i, cls in enumerate((COLD, WARM, HOT)):
+                counts[i] += int(np.count_nonzero(chunk == np.uint8(cls)))
+        return counts[0], counts[1], counts[2]
 
     def unpin_all(self) -> None:
         """Let pinned frames be tracked again (their pages may have been freed or unlocked)."""
@@ -283,35 +304,38 @@ class HeatModel:
     # --- the interval boundary -------------------------------------------------
 
     def fold(self, idle: Iterable[IdleScan] = (), samples: Iterable[SampleBatch] = (),
-             regions: Iterable[RegionBatch] = (), new_round: bool = True
-             ) -> npt.NDArray[np.uint64]:
+             regions: Iterable[RegionBatch] = (), new_round: bool = True,
+             on_new: Callable[[npt.NDArray[np.uint64]], object] = lambda _: None) -> None:
         """One interval: (decay, if a round starts,) add the evidence, reclassify.
 
-        Returns the newly tracked PFNs.
+        The newly tracked PFNs go to `on_new` a chunk at a time, before the classes are
+        recomputed (the first scan of a host finds every user page new).
         """
         if new_round:
             self.decay()
-        new = [np.zeros(0, dtype=np.uint64)]
-        new += [self.add_idle_scan(scan) for scan in idle]
-        new += [self.add_samples(batch) for batch in samples]
+        for scan in idle:
+            for part in self.add_idle_scan(scan):
+                on_new(part)
+        for batch in samples:
+            on_new(self.add_samples(batch))
         for region_batch in regions:
             self.add_regions(region_batch)
         self.classify(advance=new_round)
-        return np.concatenate(new)
 
     def decay(self) -> None:
         """Age every PFN's heat by one round (before the round's evidence is added)."""
-        for start in range(0, self.npfns, CHUNK):
-            chunk = self.heat[start:start + CHUNK]
+        for start in range(0, self.npfns, PASS_CHUNK):
+            chunk = self.heat[start:start + PASS_CHUNK]
             np.take(self._decay_lut, chunk, out=chunk)
 
     def classify(self, advance: bool = True) -> None:
         """Recompute classes from heat; with `advance` (a new round) count streaks and tick
         cooldowns down. A class change always restarts the streak at 1."""
         hot, cold = np.uint8(self.params.hot_units), np.uint8(self.params.cold_units)
-        for start in range(0, self.npfns, CHUNK):
-            self._classify_chunk(self.heat[start:start + CHUNK], self.mark[start:start + CHUNK],
-                                 hot, cold, np.uint8(advance))
+        for start in range(0, self.npfns, PASS_CHUNK):
+            end = start + PASS_CHUNK
+            self._classify_chunk(self.heat[start:end], self.mark[start:end], hot, cold,
+                                 np.uint8(advance))
 
     @staticmethod
     def _classify_chunk(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],

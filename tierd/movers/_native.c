@@ -1,26 +1,19 @@
 /*
  * The movers' per-page loops in C, on numpy buffers (GIL released where they
- * run long): the reverse map's build step (present_sorted), the lookups and
- * corrections the movers make per batch (first_owners, take_out), folio
- * grouping (folio_starts) and two array primitives (sort_pairs, ascends).
- * Each replaces several numpy passes, and their temporaries, with one loop.
+ * run long): folio grouping (folio_starts) and two array primitives
+ * (sort_pairs, ascends), each replacing several numpy passes, and their
+ * temporaries, with one loop.
  *
- * The build: the present pages of a run of /proc/PID/pagemap entries, as
- * (PFN, owner) pairs sorted by PFN.
+ * sort_pairs sorts (key, value) pairs by key: numpy's argsort and two gathers
+ * take a temporary as large as the pairs each. Here:
  *
- * numpy needs about a dozen passes over the entries for this (mask, select,
- * offset per run, argsort, two gathers), each with a temporary as large as the
- * entries. Here:
+ *   1. one pass cuts the pairs into segments, pairs whose key and value both
+ *      step by one (a huge page's pages, in a batch or after a move);
+ *   2. a radix sort orders the segments by first key;
+ *   3. segments that do not overlap the previous ones are written out in
+ *      that order; the overlapping ones are expanded, radix sorted and merged in.
  *
- *   1. one pass over the entries cuts the present pages into segments, pages
- *      whose PFN and owner both step by one (a process's memory is mostly such
- *      runs);
- *   2. a radix sort orders the segments by first PFN;
- *   3. segments that do not overlap the previous ones (all, but for pages that
- *      several processes map) are written out in that order; the overlapping
- *      ones are expanded, radix sorted and merged in.
- *
- * So the pages are touched twice, and the sorting is over segments.
+ * So the pairs are touched twice, and the sorting is over segments.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -31,8 +24,6 @@
 
 #include "../_buffers.h"
 
-#define PRESENT_BIT 63
-#define PFN_MASK ((UINT64_C(1) << 55) - 1)
 #define DIGIT_BITS 11
 #define DIGITS (1u << DIGIT_BITS)
 
@@ -62,33 +53,6 @@ static int segments_push(struct segments *s, uint64_t pfn, uint64_t owner)
     s->owner[s->count] = owner;
     s->len[s->count] = 1;
     s->count++;
-    return 0;
-}
-
-/* Step 1. The owner of entry i of run r is bases[r] + i (mod 2**64). */
-static int cut_segments(const uint64_t *entries, const int64_t *bounds, const uint64_t *bases,
-                        size_t runs, struct segments *s)
-{
-    uint64_t next_pfn = 0, next_owner = 0;
-
-    for (size_t r = 0; r < runs; r++) {
-        for (int64_t i = bounds[r]; i < bounds[r + 1]; i++) {
-            uint64_t entry = entries[i];
-            uint64_t pfn = entry & PFN_MASK;
-            uint64_t owner = bases[r] + (uint64_t)i;
-
-            /* A PFN of 0: pagemap read without CAP_SYS_ADMIN, of no use. */
-            if (!(entry >> PRESENT_BIT) || pfn == 0)
-                continue;
-            s->pages++;
-            if (s->count && pfn == next_pfn && owner == next_owner)
-                s->len[s->count - 1]++;
-            else if (segments_push(s, pfn, owner))
-                return -1;
-            next_pfn = pfn + 1;
-            next_owner = owner + 1;
-        }
-    }
     return 0;
 }
 
@@ -224,247 +188,6 @@ out:
     free(side_tmp_a);
     free(side_tmp_b);
     return ret;
-}
-
-PyDoc_STRVAR(present_sorted_doc,
-"present_sorted(entries, bounds, bases, owners) -> int\n\n"
-"The present pages of pagemap `entries` (uint64), sorted by PFN: writes their\n"
-"PFNs to entries[:n] and their owners to owners[:n] and returns n. Entries\n"
-"bounds[r]:bounds[r+1] (int64, one more than bases) are run r, whose entry i\n"
-"has the owner bases[r] + i (uint64, mod 2**64). Pages with PFN 0 are left out.\n"
-"`owners` must hold as many items as `entries`.");
-
-/* present_sorted() on buffers already checked to hold 8-byte items. */
-static PyObject *index_present(Py_buffer *entries, Py_buffer *bounds, Py_buffer *bases,
-                               Py_buffer *owners)
-{
-    size_t n = (size_t)entries->len / 8, runs = (size_t)bases->len / 8;
-    const int64_t *bound = bounds->buf;
-    struct segments segs = {0};
-    int failed;
-
-    if ((size_t)bounds->len / 8 != runs + 1)
-        return PyErr_Format(PyExc_ValueError, "bounds must hold one more item than bases");
-    for (size_t r = 0; r < runs; r++) {
-        if (bound[r] < 0 || bound[r] > bound[r + 1] || (uint64_t)bound[r + 1] > n)
-            return PyErr_Format(PyExc_ValueError, "run %zu: bounds %lld:%lld outside 0:%zu", r,
-                                (long long)bound[r], (long long)bound[r + 1], n);
-    }
-    if ((size_t)owners->len / 8 < n)
-        return PyErr_Format(PyExc_ValueError, "owners must hold as many items as entries");
-    /* Both are written: the PFNs over the entries as they are read, the owners apart. */
-    if (buffers_overlap(owners, entries))
-        return PyErr_Format(PyExc_ValueError, "owners must not overlap entries");
-    Py_BEGIN_ALLOW_THREADS
-    failed = cut_segments(entries->buf, bound, bases->buf, runs, &segs)
-             || write_sorted(&segs, entries->buf, owners->buf);
-    Py_END_ALLOW_THREADS
-    free(segs.pfn);
-    free(segs.owner);
-    free(segs.len);
-    return failed ? PyErr_NoMemory() : PyLong_FromSize_t(segs.pages);
-}
-
-static PyObject *present_sorted(PyObject *self, PyObject *args)
-{
-    static const char *const names[] = {"entries", "bounds", "bases", "owners"};
-    static const int writable[] = {1, 0, 0, 1};
-    PyObject *objects[4];
-    Py_buffer views[4];
-    PyObject *result;
-
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OOOO:present_sorted", &objects[0], &objects[1], &objects[2],
-                          &objects[3])
-        || get_u64_buffers(objects, views, 4, names, writable) < 0)
-        return NULL;
-    result = index_present(&views[0], &views[1], &views[2], &views[3]);
-    release_buffers(views, 4);
-    return result;
-}
-
-/*
- * The map's lookups and corrections, for the movers: per PFN of a batch, a
- * search of the map's sorted PFNs. A batch's PFNs come ascending, so each
- * search gallops on from where the last one ended (a few probes) instead of
- * bisecting the whole map; in numpy the same took a dozen passes over the
- * batch around two binary searches, more than the kernel's reads for it.
- */
-
-#define DEAD UINT64_MAX  /* the owner of a tombstone: its page left this PFN */
-
-/* The first position in the sorted a[0:n] whose value is not below key; `hint`
- * is the previous answer (keys mostly ascend). */
-static size_t lower_bound(const uint64_t *a, size_t n, uint64_t key, size_t hint)
-{
-    size_t lo = 0, hi = n;
-
-    if (hint > n)
-        hint = n;
-    if (hint > 0 && a[hint - 1] >= key) {
-        hi = hint;  /* a key below the previous one: bisect what lies before */
-    } else {
-        size_t step = 1, probe = hint;
-        lo = hint;  /* everything before `hint` is below key */
-        while (probe < n && a[probe] < key) {
-            lo = probe + 1;
-            probe = lo + step;
-            step *= 2;
-        }
-        hi = probe < n ? probe : n;
-    }
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (a[mid] < key)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-/* Per key: the owner of its first entry, or DEAD when it has none or that one is a
- * tombstone. Returns how many keys had a live entry. */
-static size_t find_first_owners(const uint64_t *pfn, const uint64_t *owner, size_t n,
-                                const uint64_t *keys, size_t count, uint64_t *out)
-{
-    size_t found = 0, at = 0;
-
-    for (size_t i = 0; i < count; i++) {
-        at = lower_bound(pfn, n, keys[i], at);
-        out[i] = at < n && pfn[at] == keys[i] ? owner[at] : DEAD;
-        found += out[i] != DEAD;
-    }
-    return found;
-}
-
-/* Tombstone every entry of each key. Where follow[i] and the key has live entries,
- * followers[i] is the first one's owner (the entry that follows the page), else DEAD;
- * the slots of the other entries taken out are flagged in stale_slots. Returns how
- * many entries became tombstones, or -1 for an owner whose slot is past stale_slots. */
-static int64_t tombstone(const uint64_t *pfn, uint64_t *owner, size_t n, const uint64_t *keys,
-                         const char *follow, size_t count, uint64_t *followers,
-                         char *stale_slots, size_t slots, unsigned slot_shift)
-{
-    size_t at = 0;
-    int64_t taken = 0;
-
-    for (size_t i = 0; i < count; i++) {
-        at = lower_bound(pfn, n, keys[i], at);
-        followers[i] = DEAD;
-        if (at == n || pfn[at] != keys[i] || owner[at] == DEAD)
-            continue;  /* no entry, or tombstones only: every entry of a PFN is one or none */
-        size_t j = at;
-        if (follow[i])
-            followers[i] = owner[j++];
-        for (; j < n && pfn[j] == keys[i]; j++) {
-            if ((owner[j] >> slot_shift) >= slots)
-                return -1;
-            stale_slots[owner[j] >> slot_shift] = 1;
-        }
-        for (j = at; j < n && pfn[j] == keys[i]; j++, taken++)
-            owner[j] = DEAD;
-    }
-    return taken;
-}
-
-PyDoc_STRVAR(first_owners_doc,
-"first_owners(pfn, owner, keys, out) -> int\n\n"
-"For each of `keys` (uint64; fastest ascending), the owner of its first entry in\n"
-"the map (pfn sorted, owner alongside) into out[i], or 2**64-1 where it has none\n"
-"or that entry is a tombstone. Returns how many keys had a live entry.");
-
-static PyObject *first_owners(PyObject *self, PyObject *args)
-{
-    static const char *const names[] = {"pfn", "owner", "keys", "out"};
-    static const int writable[] = {0, 0, 0, 1};
-    PyObject *objects[4];
-    Py_buffer views[4];
-    PyObject *result = NULL;
-
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OOOO:first_owners", &objects[0], &objects[1], &objects[2],
-                          &objects[3])
-        || get_u64_buffers(objects, views, 4, names, writable) < 0)
-        return NULL;
-    size_t n = (size_t)views[0].len / 8, count = (size_t)views[2].len / 8, found;
-    if ((size_t)views[1].len / 8 != n || (size_t)views[3].len / 8 != count) {
-        PyErr_SetString(PyExc_ValueError,
-                        "owner must match pfn, and out must match keys, in size");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        found = find_first_owners(views[0].buf, views[1].buf, n, views[2].buf, count,
-                                  views[3].buf);
-        Py_END_ALLOW_THREADS
-        result = PyLong_FromSize_t(found);
-    }
-    release_buffers(views, 4);
-    return result;
-}
-
-PyDoc_STRVAR(take_out_doc,
-"take_out(pfn, owner, keys, follow, followers, stale_slots, slot_shift) -> int\n\n"
-"Turn every entry of each of `keys` into a tombstone (owner 2**64-1) in the map\n"
-"(pfn sorted, owner alongside, written). Where follow[i] (bool) and the key has\n"
-"live entries, followers[i] is the first one's owner, else 2**64-1; stale_slots\n"
-"(bool, one per slot) flags the slots (owner >> slot_shift) of the other entries\n"
-"taken out. Returns how many entries became tombstones. An owner whose slot is\n"
-"past stale_slots raises ValueError, with the keys before it already taken out.");
-
-static PyObject *take_out(PyObject *self, PyObject *args)
-{
-    PyObject *pfn_obj, *owner_obj, *keys_obj, *follow_obj, *followers_obj, *stale_obj;
-    unsigned int slot_shift;
-    Py_buffer pfn, owner, keys, follow, followers, stale;
-    PyObject *result = NULL;
-
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOOOI:take_out", &pfn_obj, &owner_obj, &keys_obj,
-                          &follow_obj, &followers_obj, &stale_obj, &slot_shift))
-        return NULL;
-    if (slot_shift > 63)
-        return PyErr_Format(PyExc_ValueError, "slot_shift %u is not below 64", slot_shift);
-    if (get_u64_buffer(pfn_obj, &pfn, 0, "pfn") < 0)
-        return NULL;
-    if (get_u64_buffer(owner_obj, &owner, 1, "owner") < 0)
-        goto release_pfn;
-    if (get_u64_buffer(keys_obj, &keys, 0, "keys") < 0)
-        goto release_owner;
-    if (get_bool_buffer(follow_obj, &follow, 0, "follow") < 0)
-        goto release_keys;
-    if (get_u64_buffer(followers_obj, &followers, 1, "followers") < 0)
-        goto release_follow;
-    if (get_bool_buffer(stale_obj, &stale, 1, "stale_slots") < 0)
-        goto release_followers;
-
-    size_t n = (size_t)pfn.len / 8, count = (size_t)keys.len / 8;
-    if ((size_t)owner.len / 8 != n || (size_t)follow.len != count
-        || (size_t)followers.len / 8 != count) {
-        PyErr_SetString(PyExc_ValueError, "owner must match pfn, and follow and followers "
-                                          "keys, in size");
-    } else {
-        int64_t taken;
-        Py_BEGIN_ALLOW_THREADS
-        taken = tombstone(pfn.buf, owner.buf, n, keys.buf, follow.buf, count, followers.buf,
-                          stale.buf, (size_t)stale.len, slot_shift);
-        Py_END_ALLOW_THREADS
-        if (taken < 0)
-            PyErr_SetString(PyExc_ValueError, "an owner's slot is past stale_slots");
-        else
-            result = PyLong_FromLongLong(taken);
-    }
-    PyBuffer_Release(&stale);
-release_followers:
-    PyBuffer_Release(&followers);
-release_follow:
-    PyBuffer_Release(&follow);
-release_keys:
-    PyBuffer_Release(&keys);
-release_owner:
-    PyBuffer_Release(&owner);
-release_pfn:
-    PyBuffer_Release(&pfn);
-    return result;
 }
 
 /*
@@ -615,9 +338,6 @@ release_pfns:
 }
 
 static PyMethodDef methods[] = {
-    {"present_sorted", present_sorted, METH_VARARGS, present_sorted_doc},
-    {"first_owners", first_owners, METH_VARARGS, first_owners_doc},
-    {"take_out", take_out, METH_VARARGS, take_out_doc},
     {"sort_pairs", sort_pairs, METH_VARARGS, sort_pairs_doc},
     {"ascends", ascends, METH_VARARGS, ascends_doc},
     {"folio_starts", folio_starts, METH_VARARGS, folio_starts_doc},

@@ -1,22 +1,21 @@
 """Reverse map PFN -> (pid, vaddr), built from /proc/PID/pagemap, for the PID mover.
 
-Memory: 16 bytes per tracked page, in two parallel arrays sorted by PFN:
+Memory: 20 bytes per extent (tierd.movers.extents): a run of consecutive
+PFNs mapped at consecutive virtual pages of one process, at most a 2 MiB
+block long. The owner of a page is
 
-    pfn    uint64
     owner  uint64 = (slot << 44) | virtual page number
 
 A slot names one process (a small table slot -> pid); 44 bits of virtual
 page number cover a 56-bit user address space (5-level paging), 20 bits of
 slot a million processes. The per-process table costs ~200 bytes a process.
-A shared page appears once per process mapping it.
+A shared page appears once per process mapping it. A THP is one extent and
+the buddy allocator hands out runs, so a host needs one extent per tens of
+pages, where a map of pages would cost 16 bytes each (4 GiB on a 1 TiB host).
 
-Corrections from the movers cost O(batch), not O(map): a page that left
-its PFN leaves a tombstone (owner DEAD, its PFN kept, so the arrays stay
-sorted), and an entry that followed its page to a new PFN goes to a second,
-small pair of sorted arrays, the moved entries, which lookup() reads after
-the map. Both fold into the map at the next refresh or when the moved
-entries outgrow half the map, so between refreshes a moved page costs 16
-more bytes (at most 24 bytes per tracked page), and after each refresh 16.
+Corrections from the movers cost O(extents) per batch: a page that left its
+PFN splits its extents around it; the pages that followed their page to a
+new PFN join the map as extents of their own, consecutive ones merged.
 
 Refreshes are incremental: a process is re-read only when it is new, when
 its /proc/PID/maps or resident page count changed since its last read,
@@ -30,7 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import NamedTuple, cast
+from typing import NamedTuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +40,7 @@ from tierd.kernel import pagemap, task
 from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native
+from tierd.movers.extents import DEAD, U64, ExtentMap, runs
 from tierd.vocabulary import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ VPN_BITS = 44
 VPN_MASK = np.uint64((1 << VPN_BITS) - 1)
 # The top slot is never handed out, so no entry's owner is DEAD.
 MAX_SLOTS = (1 << (64 - VPN_BITS)) - 1
-DEAD = np.uint64(2**64 - 1)  # the owner of a tombstone: this entry's page left its PFN
+_A = TypeVar("_A", npt.NDArray[np.uint64], npt.NDArray[np.uint32])
+# Pagemap entries read at a time: bounds a refresh's temporaries (8 MiB and its owners).
+READ_PAGES = 1 << 20
 
 
 @dataclass
@@ -83,11 +85,7 @@ class ReverseMap:
         self.filter = process_filter
         self.root = root
         self.full_every = full_every
-        self._pfn = np.zeros(0, dtype=np.uint64)  # the map, sorted by PFN, tombstones in it
-        self._owner = np.zeros(0, dtype=np.uint64)
-        self._dead = 0  # tombstones in the map
-        self._moved_pfn = np.zeros(0, dtype=np.uint64)  # entries that followed a move, sorted
-        self._moved_owner = np.zeros(0, dtype=np.uint64)
+        self._map = ExtentMap()
         self._procs: dict[int, _Process] = {}
         self._slot_pid = np.zeros(0, dtype=np.int64)  # slot -> pid (0: free)
         self._free_slots: list[int] = []
@@ -97,18 +95,20 @@ class ReverseMap:
 
     @property
     def pages(self) -> int:
-        return self._pfn.size - self._dead + self._moved_pfn.size
+        return self._map.pages
+
+    @property
+    def extents(self) -> int:
+        return self._map.extents
 
     @property
     def nbytes(self) -> int:
-        return (self._pfn.nbytes + self._owner.nbytes + self._moved_pfn.nbytes
-                + self._moved_owner.nbytes)
+        return self._map.nbytes
 
     @property
     def pfn(self) -> npt.NDArray[np.uint64]:
         """The PFN of every entry, sorted (a PFN once per process mapping it)."""
-        self._compact()
-        return self._pfn
+        return np.sort(self._map.expand()[0])
 
     # --- lookups -------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class ReverseMap:
 
         A page mapped by several processes answers with one of them.
         """
-        owner, _ = self._first_owners(pfns)
+        owner = self._map.owners_of(pfns)
         found = owner != DEAD
         slot = np.where(found, owner >> np.uint64(VPN_BITS), 0).astype(np.intp)
         pid = np.where(found, self._slot_pid[slot], 0)
@@ -135,9 +135,9 @@ class ReverseMap:
         The usual batch is one process's pages in address order: then the owners,
         (slot << VPN_BITS) | virtual page, ascend, and nothing is sorted or masked.
         """
-        owner, every = self._first_owners(pfns)
+        owner = self._map.owners_of(pfns)
         missing, index = None, None
-        if not every:
+        if (owner == DEAD).any():
             found = owner != DEAD
             missing, index = ~found, np.flatnonzero(found)
             owner = owner[index]
@@ -158,27 +158,12 @@ class ReverseMap:
                          vaddrs[start:end])
             for start, end in pairwise(bounds)]
 
-    def _first_owners(self, pfns: npt.NDArray[np.uint64]
-                      ) -> tuple[npt.NDArray[np.uint64], bool]:
-        """The owner of each PFN's first live entry (the map's before the moved ones'),
-        DEAD where it has none; and whether every PFN has one."""
-        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
-        owner = np.empty(pfns.size, dtype=np.uint64)
-        found = _native.first_owners(self._pfn, self._owner, pfns, owner)
-        if found < pfns.size and self._moved_pfn.size:
-            moved = np.empty_like(owner)
-            _native.first_owners(self._moved_pfn, self._moved_owner, pfns, moved)
-            owner = np.where(owner == DEAD, moved, owner)
-            return owner, not (owner == DEAD).any()
-        return owner, found == pfns.size
-
     def pfns_of_pid(self, pid: int) -> npt.NDArray[np.uint64]:
         proc = self._procs.get(pid)
         if proc is None:
             return np.zeros(0, dtype=np.uint64)
-        self._compact()
-        mine = (self._owner >> np.uint64(VPN_BITS)) == np.uint64(proc.slot)
-        return self._pfn[cast(npt.NDArray[np.bool_], mine)]
+        mine = (self._map.owner >> np.uint64(VPN_BITS)) == np.uint64(proc.slot)
+        return np.sort(self._map.expand(cast(npt.NDArray[np.bool_], mine))[0])
 
     # --- corrections from the movers -------------------------------------------
 
@@ -201,53 +186,27 @@ class ReverseMap:
         if old.size == 0:
             return
         follows, followers = self._remove(old, new != 0)
-        pfns = new.copy() if follows.all() else new[follows]  # the map's own, not the caller's
-        if self._moved_pfn.size:
-            pfns = np.concatenate((self._moved_pfn, pfns))
-            followers = np.concatenate((self._moved_owner, followers))
-        _native.sort_pairs(pfns, followers)
-        self._moved_pfn, self._moved_owner = pfns, followers
-        if self._moved_pfn.size > max(4096, self._pfn.size // 2):
-            self._compact()
+        pfns = new[follows]
+        # In address order, so pages that moved together to consecutive PFNs merge.
+        order = np.argsort(followers, kind="stable")
+        self._map.add(*runs(pfns[order], followers[order]))
 
-    def _remove(self, pfns: npt.NDArray[np.uint64], moving: npt.NDArray[np.bool_]
-                ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
+    def _remove(self, pfns: U64, moving: npt.NDArray[np.bool_]
+                ) -> tuple[npt.NDArray[np.bool_], U64]:
         """Take out every entry at `pfns`. Where `moving`, the entry lookup() gives
         follows its page: returns which PFNs have one and their owners; the
-        processes of all other entries taken out are marked stale.
-
-        In the map entries become tombstones (in C, _native.take_out), so
-        the arrays stay sorted and every entry of a PFN there is live or none
-        is; the moved entries are fewer, and lose theirs at once.
-        """
-        pfns = np.ascontiguousarray(pfns)
-        moving = np.ascontiguousarray(moving)
-        stale = np.zeros(self._slot_pid.size, dtype=np.bool_)
-        followers = np.empty(pfns.size, dtype=np.uint64)
-        self._dead += _native.take_out(self._pfn, self._owner, pfns, moving, followers,
-                                       stale, VPN_BITS)
-        if self._moved_pfn.size:  # lookup() answers from these where the map has no entry
-            in_map = followers != DEAD
-            moved_followers = np.empty_like(followers)
-            if _native.take_out(self._moved_pfn, self._moved_owner, pfns,
-                                moving & ~in_map, moved_followers, stale, VPN_BITS):
-                keep = self._moved_owner != DEAD
-                self._moved_pfn, self._moved_owner = self._moved_pfn[keep], self._moved_owner[keep]
-            followers = np.where(in_map, followers, moved_followers)
-        for slot in np.flatnonzero(stale).tolist():
+        processes of all other entries taken out are marked stale."""
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        followers = self._map.owners_of(pfns)
+        distinct, first = np.unique(pfns, return_index=True)
+        where, owners = self._map.remove(distinct)
+        at = first[where]
+        stale = ~(moving[at] & (owners == followers[at]))
+        for slot in np.unique(owners[stale] >> np.uint64(VPN_BITS)).tolist():
             if (proc := self._procs.get(int(self._slot_pid[slot]))) is not None:
                 proc.stale = True
-        follows = followers != DEAD
-        return follows, followers if follows.all() else followers[follows]
-
-    def _compact(self) -> None:
-        """Fold the tombstones and the moved entries into the map."""
-        if self._dead:
-            keep = self._owner != DEAD
-            self._pfn, self._owner, self._dead = self._pfn[keep], self._owner[keep], 0
-        if self._moved_pfn.size:
-            self._merge(self._pfn, self._owner, self._moved_pfn, self._moved_owner)
-            self._moved_pfn = self._moved_owner = np.zeros(0, dtype=np.uint64)
+        follows = moving & (followers != DEAD)
+        return follows, followers[follows]
 
     # --- refresh ---------------------------------------------------------------------
 
@@ -303,68 +262,50 @@ class ReverseMap:
     def _replace(self, drop: list[int],
                  reread: dict[int, tuple[_Process, list[tuple[int, int]]]],
                  stats: RefreshStats) -> None:
-        new_pfns, new_owners = _present_pages(*self._read_processes(reread, drop, stats))
-        self._compact()
-        cleared = [self._procs[pid].slot for pid in reread if pid not in drop]
-        cleared += [self._release(pid) for pid in dict.fromkeys(drop) if pid in self._procs]
-        if self._pfn.size and cleared:
-            gone = np.zeros(self._slot_pid.size, dtype=np.bool_)
-            gone[cleared] = True
-            keep = ~gone[(self._owner >> np.uint64(VPN_BITS)).astype(np.intp)]
-            self._pfn, self._owner = self._pfn[keep], self._owner[keep]
-        if new_pfns.size:
-            self._merge(self._pfn, self._owner, new_pfns, new_owners)
+        # The re-read and the exited processes' extents go first, whatever the read
+        # finds: a full re-read then never holds the old map and the new one at once.
+        gone = np.zeros(self._slot_pid.size, dtype=np.bool_)
+        gone[[proc.slot for proc, _ in reread.values()]] = True
+        gone[[self._procs[pid].slot for pid in drop if pid in self._procs]] = True
+        if gone.any():
+            self._map.drop_slots(gone, VPN_BITS)
+        new = self._read_processes(reread, drop, stats)
+        for pid in dict.fromkeys(drop):
+            if pid in self._procs:
+                self._release(pid)
+        self._map.add(*new)
 
     def _read_processes(self, reread: dict[int, tuple[_Process, list[tuple[int, int]]]],
                         drop: list[int], stats: RefreshStats
-                        ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64],
-                                   npt.NDArray[np.uint64]]:
-        """The pagemap entries of every process in `reread`, their runs one after another in
-        one array; where each run starts in it (and where the last ends), and the base of
-        each run's owners: _present_pages' input.
-
-        One array for all, so the per-entry work runs once, not once per process; a
-        process that fails leaves its part all zeros (not present).
-        """
-        bounds, bases = [0], []
-        for proc, runs in reread.values():
-            for first, last in runs:
-                # owner = base + the entry's index (mod 2**64: the offset can exceed `first`)
-                bases.append(((proc.slot << VPN_BITS) + first - bounds[-1]) % (1 << 64))
-                bounds.append(bounds[-1] + last - first)
-        entries = np.empty(bounds[-1], dtype=np.uint64)
-        at = 0
-        for pid, (proc, runs) in reread.items():
-            part = entries[at:at + sum(last - first for first, last in runs)]
-            at += part.size
+                        ) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
+        """The extents of every process in `reread`, sorted by start; a process that fails
+        contributes none."""
+        buffer = np.empty(READ_PAGES, dtype=np.uint64)
+        parts: list[tuple[U64, U64, npt.NDArray[np.uint32]]] = []
+        for pid, (proc, page_runs) in reread.items():
             try:
-                pagemap.read_runs(pid, runs, part, self.root)
+                parts += self._read_process(pid, proc.slot, page_runs, buffer)
                 stats.read += 1
             except ProcessGoneError:
                 stats.gone += 1
                 drop.append(pid)
-                part[:] = 0
             except KernelFileError as e:
                 stats.errors.append(str(e))
                 proc.stale = True
-                part[:] = 0
-        return entries, np.array(bounds, dtype=np.int64), np.array(bases, dtype=np.uint64)
+        return _sorted_extents(parts)
 
-    def _merge(self, pfns: npt.NDArray[np.uint64], owners: npt.NDArray[np.uint64],
-               new_pfns: npt.NDArray[np.uint64], new_owners: npt.NDArray[np.uint64]) -> None:
-        """Merge the new entries, sorted by PFN, into the kept ones."""
-        if pfns.size == 0:  # a first build: nothing to merge into
-            self._pfn, self._owner = new_pfns, new_owners
-            return
-        # Where each new entry lands in the merged arrays; the kept ones fill the rest
-        # (one pass each, where np.insert would repeat the bookkeeping per array).
-        at = np.searchsorted(pfns, new_pfns) + np.arange(new_pfns.size)
-        kept = np.ones(pfns.size + new_pfns.size, dtype=np.bool_)
-        kept[at] = False
-        self._pfn = np.empty(kept.size, dtype=np.uint64)
-        self._owner = np.empty(kept.size, dtype=np.uint64)
-        self._pfn[at], self._pfn[kept] = new_pfns, pfns
-        self._owner[at], self._owner[kept] = new_owners, owners
+    def _read_process(self, pid: int, slot: int, page_runs: list[tuple[int, int]],
+                      buffer: U64) -> list[tuple[U64, U64, npt.NDArray[np.uint32]]]:
+        """One process's extents, its pagemap read READ_PAGES entries at a time."""
+        parts = []
+        for pieces in _pieces(page_runs, READ_PAGES):
+            entries = buffer[:sum(last - first for first, last in pieces)]
+            pagemap.read_runs(pid, pieces, entries, self.root)
+            base = np.uint64(slot << VPN_BITS)
+            owners = np.concatenate([np.arange(first, last, dtype=np.uint64) for first, last
+                                     in pieces]) + base
+            parts.append(runs(pagemap.pfn_of(entries), owners))
+        return parts
 
     def _new_slot(self, pid: int) -> int:
         if self._free_slots:
@@ -385,20 +326,38 @@ class ReverseMap:
         return proc.slot
 
 
-def _present_pages(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.int64],
-                   bases: npt.NDArray[np.uint64]
-                   ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """(pfns, owners) of the present entries, sorted by PFN; `entries` is overwritten.
+def _sorted_extents(parts: list[tuple[U64, U64, npt.NDArray[np.uint32]]]
+                    ) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
+    """The parts' extents joined and sorted by start, one array at a time, the parts of
+    each let go once joined: a first build peaks at the extents plus two arrays."""
+    starts, owners = [p[0] for p in parts], [p[1] for p in parts]
+    lengths = [p[2] for p in parts]
+    del parts[:]
+    start = _join(starts, np.zeros(0, dtype=np.uint64))
+    order = np.argsort(start, kind="stable")
+    start = start[order]
+    owner = _join(owners, np.zeros(0, dtype=np.uint64))[order]
+    length = _join(lengths, np.zeros(0, dtype=np.uint32))[order]
+    return start, owner, length
 
-    In C (_native.c): two passes over the entries where numpy needs a dozen,
-    each with a temporary as large as the entries. The PFNs land in `entries`, whose
-    pages are already faulted in; `owners` is touched only as far as it is filled.
-    Both are then cut to size in place (a realloc that shrinks copies nothing), so
-    the map holds no buffer for the pages not present.
-    """
-    owners = np.empty_like(entries)
-    found = _native.present_sorted(entries, bounds, bases, owners)
-    entries.resize(found, refcheck=False)  # no views of either are left to move
-    owners.resize(found, refcheck=False)
-    return entries, owners
 
+def _join(pieces: list[_A], empty: _A) -> _A:
+    joined = np.concatenate(pieces) if pieces else empty
+    pieces.clear()
+    return joined
+
+
+def _pieces(page_runs: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    """The [first, last) runs cut into groups of at most `size` pages in all."""
+    groups: list[list[tuple[int, int]]] = [[]]
+    room = size
+    for first, last in page_runs:
+        while first < last:
+            if room == 0:
+                groups.append([])
+                room = size
+            take = min(last - first, room)
+            groups[-1].append((first, first + take))
+            first += take
+            room -= take
+    return groups

@@ -1,0 +1,142 @@
+"""The reverse map's extents against a map of one entry per page, on random mappings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tierd.movers import extents as extents_module
+from tierd.movers.extents import BLOCK_PFNS, DEAD, NO_EXTENT, ExtentMap, runs
+
+# A process's mapping: chunks of (first PFN, pages) at consecutive virtual pages. PFNs
+# from a small range around a block boundary, so chunks overlap as shared pages do,
+# touch, and cross the boundary.
+_chunks = st.lists(st.tuples(st.integers(BLOCK_PFNS - 40, BLOCK_PFNS + 40),
+                             st.integers(1, 24)), min_size=1, max_size=6)
+_processes = st.lists(_chunks, min_size=1, max_size=4)
+
+
+def _pages(processes: list[list[tuple[int, int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(pfn, owner) of every page, process by process in address order."""
+    pfns, owners = [], []
+    for slot, chunks in enumerate(processes):
+        vpn = slot << 20
+        for first, count in chunks:
+            pfns += range(first, first + count)
+            owners += range(vpn, vpn + count)
+            vpn += count + (first % 2)  # some chunks touch in address space, some do not
+    return np.array(pfns, dtype=np.uint64), np.array(owners, dtype=np.uint64)
+
+
+def _built(processes: list[list[tuple[int, int]]]) -> ExtentMap:
+    extents = ExtentMap()
+    extents.add(*runs(*_pages(processes)))
+    return extents
+
+
+def _entries(extents: ExtentMap) -> list[tuple[int, int]]:
+    pfns, owners = extents.expand()
+    return sorted(zip(pfns.tolist(), owners.tolist(), strict=True))
+
+
+def _check_shape(extents: ExtentMap) -> None:
+    """Sorted by start, and no extent crosses a block boundary."""
+    start, length = extents.start, extents.length.astype(np.uint64)
+    assert (np.diff(start.astype(np.int64)) >= 0).all()
+    assert (length >= 1).all()
+    last = start + length - np.uint64(1)
+    assert (start // np.uint64(BLOCK_PFNS) == last // np.uint64(BLOCK_PFNS)).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(processes=_processes)
+def test_extents_hold_every_page_once_per_mapping_and_merge_runs(
+        processes: list[list[tuple[int, int]]]) -> None:
+    pfns, owners = _pages(processes)
+    extents = _built(processes)
+    _check_shape(extents)
+    assert _entries(extents) == sorted(zip(pfns.tolist(), owners.tolist(), strict=True))
+    # A run of pages stepping by one in both PFN and address is one extent per block.
+    breaks = 1 + sum(1 for i in range(1, pfns.size)
+                     if pfns[i] != pfns[i - 1] + 1 or owners[i] != owners[i - 1] + 1
+                     or pfns[i] % BLOCK_PFNS == 0)
+    assert extents.extents == breaks and extents.pages == pfns.size
+
+
+def test_a_huge_page_is_one_extent_and_pfn_zero_none() -> None:
+    pfns = np.arange(4 * BLOCK_PFNS, 5 * BLOCK_PFNS, dtype=np.uint64)
+    extents = ExtentMap()
+    extents.add(*runs(pfns, pfns + np.uint64(7 << 20)))
+    assert extents.extents == 1 and extents.nbytes == 20
+    assert runs(np.zeros(3, np.uint64), np.arange(3, dtype=np.uint64))[0].size == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(processes=_processes, keys=st.lists(st.integers(BLOCK_PFNS - 50, BLOCK_PFNS + 70),
+                                           max_size=30))
+def test_lookups_give_an_owner_of_every_mapped_pfn_and_none_elsewhere(
+        processes: list[list[tuple[int, int]]], keys: list[int]) -> None:
+    pfns, owners = _pages(processes)
+    by_pfn: dict[int, set[int]] = {}
+    for pfn, owner in zip(pfns.tolist(), owners.tolist(), strict=True):
+        by_pfn.setdefault(pfn, set()).add(owner)
+    extents = _built(processes)
+    got = extents.owners_of(np.array(keys, dtype=np.uint64)).tolist()
+    for key, owner in zip(keys, got, strict=True):
+        assert owner in by_pfn[key] if key in by_pfn else owner == int(DEAD)
+    found = extents.find(np.array(keys, dtype=np.uint64))
+    assert ((found == NO_EXTENT) == [k not in by_pfn for k in keys]).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(processes=_processes, gone=st.sets(st.integers(BLOCK_PFNS - 45, BLOCK_PFNS + 65),
+                                          max_size=40),
+       moved_to=st.integers(3 * BLOCK_PFNS - 20, 3 * BLOCK_PFNS + 20))
+def test_pages_taken_out_split_extents_and_moved_pages_merge(
+        processes: list[list[tuple[int, int]]], gone: set[int], moved_to: int) -> None:
+    """Take pages out (every mapping of each), then add them back at consecutive new PFNs
+    in address order, as pages moved together: the map equals the per-page one."""
+    pfns, owners = _pages(processes)
+    reference = sorted(zip(pfns.tolist(), owners.tolist(), strict=True))
+    extents = _built(processes)
+    taken = np.array(sorted(gone), dtype=np.uint64)
+    where, owners_out = extents.remove(taken)
+    _check_shape(extents)
+    out = sorted((int(taken[w]), o) for w, o in zip(where.tolist(), owners_out.tolist(),
+                                                    strict=True))
+    assert out == [(p, o) for p, o in reference if p in gone]
+    kept = [(p, o) for p, o in reference if p not in gone]
+    assert _entries(extents) == kept
+    # The pages come back at new PFNs in address order: consecutive owners merge.
+    followers = np.sort(owners_out)
+    new = np.arange(moved_to, moved_to + followers.size, dtype=np.uint64)
+    extents.add(*runs(new, followers))
+    _check_shape(extents)
+    assert _entries(extents) == sorted(kept + list(zip(new.tolist(), followers.tolist(),
+                                                       strict=True)))
+    assert extents.find(taken).tolist() == [NO_EXTENT] * taken.size
+
+
+def test_remove_works_in_steps_cut_between_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step boundary inside a block would rebuild one extent twice, losing pages."""
+    monkeypatch.setattr(extents_module, "REMOVE_CHUNK", 3)
+    pfns = np.arange(BLOCK_PFNS, 3 * BLOCK_PFNS, dtype=np.uint64)
+    extents = ExtentMap()
+    extents.add(*runs(pfns, pfns))
+    taken = np.array([BLOCK_PFNS + 1, BLOCK_PFNS + 3, BLOCK_PFNS + 5, BLOCK_PFNS + 9,
+                      2 * BLOCK_PFNS + 2], dtype=np.uint64)
+    extents.remove(taken)
+    assert extents.pages == pfns.size - taken.size
+    assert set(extents.expand()[0].tolist()) == set(pfns.tolist()) - set(taken.tolist())
+
+
+def test_dropping_slots_takes_out_their_extents_only() -> None:
+    pfns = np.arange(10, 20, dtype=np.uint64)
+    extents = ExtentMap()
+    extents.add(*runs(np.concatenate((pfns, pfns)),
+                      np.concatenate((pfns, pfns + np.uint64(1 << 44)))))
+    slots = np.array([False, True])
+    extents.drop_slots(slots, 44)
+    assert _entries(extents) == [(p, p) for p in range(10, 20)]
