@@ -897,6 +897,22 @@ def test_a_restarted_tierd_reclaims_the_kdamond_a_sigkilled_one_left(tmp_path: P
             damon_sysfs.Kdamond().release()
 
 
+def test_a_restarted_tierd_takes_back_the_heat_it_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 8: heat started from nothing after every restart."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    config = "interval: 0.2\nmetrics: {enabled: false}\n"
+    with tierd_process(tmp_path, config, "--dry-run", name="first") as first:
+        first.wait_for("interval 2:")
+        first.stop()
+    assert first.process.returncode == 0, first.text()
+    assert "for the next start" in first.text() and (tmp_path / "heat").exists()
+    with tierd_process(tmp_path, config, "--dry-run", name="second") as second:
+        second.wait_for("interval 1:")
+        assert "PFNs taken from the last run" in second.text()
+        assert not (tmp_path / "heat").exists()
+
+
 # --- 8. no physical address in metrics, status or the default log (a lab run) ---------------
 
 HEX = re.compile(r"0x[0-9a-fA-F]{5,}")

@@ -26,7 +26,8 @@ from tierd.config import DEFAULT_PATH, Config, ConfigError, ConfigStore, ReloadS
 from tierd.daemon import Daemon, IntervalSummary, describe
 from tierd.errors import HostMismatch, Interrupted
 from tierd.kernel import capabilities
-from tierd.service.lock import AlreadyRunning, InstanceLock, lock_path
+from tierd.service import heat_file
+from tierd.service.lock import AlreadyRunning, InstanceLock, lock_path, run_dir
 from tierd.service.metrics import MetricsServer
 from tierd.service.signals import IGNORED, RELOAD, STOP, Signals
 from tierd.service.systemd import Notifier, log_to_journal
@@ -221,6 +222,8 @@ def _serve(args: argparse.Namespace, notifier: Notifier, store: ConfigStore | No
     signals.install()
     daemon.heartbeat = notifier.keepalive
     server = None
+    heat_path = run_dir() / heat_file.NAME
+    started = False
     try:
         try:
             daemon.start()
@@ -230,6 +233,8 @@ def _serve(args: argparse.Namespace, notifier: Notifier, store: ConfigStore | No
         except Interrupted:
             handle_signals()
             return 0
+        started = True
+        heat_file.restore(daemon.heat, heat_path)
         _drop_capabilities()
         if config.metrics.enabled:
             server = MetricsServer(daemon.state, reload_status, lambda: daemon.settings.interval,
@@ -242,6 +247,8 @@ def _serve(args: argparse.Namespace, notifier: Notifier, store: ConfigStore | No
         handle_signals()
     finally:
         notifier.stopping()
+        if started:
+            heat_file.save(daemon.heat, heat_path)
         daemon.close()
         if server is not None:
             server.stop()

@@ -22,10 +22,15 @@ class AlreadyRunning(TierdError):
     """Another tierd holds the lock."""
 
 
-def lock_path(environ: Mapping[str, str] = os.environ) -> Path:
+def run_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """tierd's directory under /run: $RUNTIME_DIRECTORY under systemd, else RUN_DIR."""
     # systemd joins several RuntimeDirectory= paths with ':'; tierd.service has one.
     directory = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return Path(directory or RUN_DIR) / "lock"
+    return Path(directory or RUN_DIR)
+
+
+def lock_path(environ: Mapping[str, str] = os.environ) -> Path:
+    return run_dir(environ) / "lock"
 
 
 class InstanceLock:
