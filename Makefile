@@ -13,7 +13,7 @@ PYTEST    ?= $(PY) -m pytest
 LAB_CACHE ?= $(or $(TIERD_LAB_CACHE),/var/cache/tierd-lab)
 JUDGE     := build/judge/judge.so build/judge/known_reads
 
-.PHONY: all deps venv kernels kernels-debug judge test test-debug test-unit lint docs demo bench scale soak clean
+.PHONY: all deps venv kernels judge test test-unit lint docs demo bench scale soak clean
 
 all: test
 
@@ -45,16 +45,11 @@ build/judge/known_reads: benchmarks/judge/known_reads.c
 kernels: venv
 	$(PY) tests/lab/vm.py kernels
 
+# The series' lab tests also run on the debug kernel (DEBUG_VM, lockdep, KASAN),
+# a from-scratch build of its own, cached like the others.
 test: venv kernels judge
-	$(PYTEST)
-
-# The debug kernel (tierd + DEBUG_VM, lockdep, KASAN) is a from-scratch build of
-# its own, too long for `make test`'s budget: its tests run here.
-kernels-debug: venv
 	$(PY) tests/lab/vm.py kernels debug
-
-test-debug: venv kernels-debug
-	TIERD_LAB_KERNELS=debug $(PYTEST) -m vm
+	$(PYTEST)
 
 test-unit: venv
 	$(PYTEST) -m "not vm"

@@ -1,7 +1,7 @@
 """move_phys_pages: discovery on fixtures; the kernel series, its selftest and a stress in the lab.
 
-The lab tests run on the tierd kernel and, with `make test-debug`, on the debug
-kernel (DEBUG_VM, lockdep, KASAN), where a kernel report in dmesg fails them.
+The lab tests run on the tierd kernel and on the debug kernel (DEBUG_VM,
+lockdep, KASAN); a kernel report in dmesg fails them on either.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ kernel, with systemd as PID 1; tests marked `@pytest.mark.vm(qemu_plugin=f)`
 one whose QEMU loads the TCG plugin `f(lab_kernel)` returns (a vm.Plugin).
 
 `pytest -m "not vm"` never starts QEMU. Only the kernels named in
-TIERD_LAB_KERNELS (default "stock,tierd") are booted: the "debug" kernel's
-tests run with TIERD_LAB_KERNELS=debug (`make test-debug`).
+TIERD_LAB_KERNELS (default "stock,tierd,debug") are booted; the debug kernel
+runs only the tests that name it (move_phys_pages' selftest, integrity and
+stress).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ GUEST_INIT = os.environ.get("TIERD_LAB_INIT", "shell")  # the guest's PID 1 (vm.
 GUEST_PLUGIN = os.environ.get("TIERD_LAB_QEMU_PLUGIN", "")  # the qemu_plugin's name
 RESULTS_ENV = "TIERD_LAB_RESULTS"
 # The kernels the host boots for the vm tests that name them; the others are deselected.
-LAB_KERNELS = tuple(os.environ.get("TIERD_LAB_KERNELS", "stock,tierd").split(","))
+LAB_KERNELS = tuple(os.environ.get("TIERD_LAB_KERNELS", "stock,tierd,debug").split(","))
 DMESG_TAIL = 80
 
 

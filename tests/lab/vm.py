@@ -33,8 +33,8 @@ LAB_DIR = Path(__file__).resolve().parent
 REPO = LAB_DIR.parent.parent
 CACHE = Path(os.environ.get("TIERD_LAB_CACHE", "/var/cache/tierd-lab"))
 KERNELS = ("stock", "tierd", "debug")
-# What `make kernels` builds: the debug kernel (tierd + DEBUG_VM, lockdep, KASAN)
-# is a from-scratch build of its own, made by `make kernels-debug` only.
+# What `make kernels` builds (demo, bench): the debug kernel (tierd + DEBUG_VM,
+# lockdep, KASAN) is a from-scratch build of its own, which `make test` adds.
 DEFAULT_KERNELS = ("stock", "tierd")
 # PID 1 after the initramfs: guest-init.sh itself, or the host's systemd
 # (guest-init.sh sets up and execs it; the command runs as a unit).
