@@ -909,7 +909,7 @@ def test_a_restarted_tierd_takes_back_the_heat_it_left(
     assert "for the next start" in first.text() and (tmp_path / "heat").exists()
     with tierd_process(tmp_path, config, "--dry-run", name="second") as second:
         second.wait_for("interval 1:")
-        assert "PFNs taken from the last run" in second.text()
+        assert "heat taken from the last run" in second.text()
         assert not (tmp_path / "heat").exists()
 
 

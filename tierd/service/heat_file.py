@@ -9,7 +9,8 @@ wrote it (/run is emptied at boot) and for MAX_AGE_SECONDS: after longer, the
 pages behind the PFNs have changed too much. A start removes it as it opens it,
 so the tmpfs memory it takes is held only while tierd is down, and a bad file is
 never read twice. Anything wrong with it is logged, naming the file and the
-reason, and tierd starts from nothing as before.
+reason, and tierd starts from nothing as before. No message names a PFN count:
+the highest PFN is where physical memory ends.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def save(model: HeatModel, path: Path) -> None:
             temporary.unlink()
         log.warning("%s: heat not kept for the next start: %s", path, e.strerror or e)
         return
-    log.info("heat of %d PFNs kept in %s for the next start", model.npfns, path)
+    log.info("heat kept in %s for the next start", path)
 
 
 def restore(model: HeatModel, path: Path) -> bool:
@@ -86,7 +87,7 @@ def restore(model: HeatModel, path: Path) -> bool:
             model.mark[:] = 0
             log.warning("%s: heat from the last run not used: %s", path, e)
             return False
-    log.info("heat of %d PFNs taken from the last run (%.0f s ago)", model.npfns, age)
+    log.info("heat taken from the last run (%.0f s ago)", age)
     return True
 
 
@@ -105,7 +106,7 @@ def _check(info: os.stat_result, header: bytes, npfns: int) -> float:
     expected = HEADER.size + 2 * npfns
     if info.st_size != expected:
         raise HeatFileError(f"{info.st_size} bytes, {expected} expected for this host's"
-                            f" {npfns} PFNs")
+                            " memory")
     magic, saved_pfns, saved_at = HEADER.unpack(header)
     age = _now() - float(saved_at)
     if magic != MAGIC or saved_pfns != npfns:
