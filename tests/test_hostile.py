@@ -668,22 +668,31 @@ def _caps(status: str, field: str) -> int:
     return int(line.split()[1], 16)
 
 
+def _effective_caps(pid: int) -> dict[int, int]:
+    """CapEff of each of pid's threads; a thread that ends while listed is left out."""
+    effective = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            effective[int(task.name)] = _caps((task / "status").read_text(), "CapEff")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a connection thread that answered and ended
+    return effective
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root's capabilities to drop them")
 def test_tierd_run_keeps_only_the_movers_capabilities_and_http_has_none(
         tierd_run: Running) -> None:
     from tierd.kernel.capabilities import KEPT
     kept = sum(1 << c for c in KEPT) & _caps(Path("/proc/self/status").read_text(), "CapEff")
     pid = tierd_run.process.pid
-    tasks = Path(f"/proc/{pid}/task")
     if Path(f"/proc/{pid}/comm").read_text().strip() == "prlimit":
         pytest.skip("prlimit did not exec")
-    effective = {int(t.name): _caps((t / "status").read_text(), "CapEff")
-                 for t in tasks.iterdir()}
+    effective = _effective_caps(pid)
     bounding = _caps(Path(f"/proc/{pid}/status").read_text(), "CapBnd")
     assert effective[pid] == kept and bounding & ~kept == 0
     assert all(e & ~kept == 0 for e in effective.values())
-    assert tierd_run.scrape()  # a connection thread now exists, started by the HTTP thread
-    assert 0 in {_caps((t / "status").read_text(), "CapEff") for t in tasks.iterdir()}
+    assert tierd_run.scrape()  # the HTTP thread answered, so it runs by now
+    assert 0 in _effective_caps(pid).values()
 
 
 def test_damon_enabled_false_means_no_damon_even_without_other_collectors(

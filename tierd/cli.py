@@ -83,9 +83,6 @@ CLI_REFERENCE_HEADER = """# Command-line reference
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before numpy loads: OpenBLAS's thread pool would start with every capability and
-    # keep them after `tierd run` drops its own; tierd does no BLAS work.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
