@@ -9,6 +9,7 @@ drift from either.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -189,22 +190,26 @@ def render_reference(defaults: dict[str, Any]) -> str:
         "| key | type | allowed | default | meaning |",
         "| --- | --- | --- | --- | --- |",
     ]
-    lines += _rows(SCHEMA, defaults, "")
+    lines += _rows(SCHEMA, defaults)
     lines += ["", "Rules across keys:", ""] + [f"- {rule}" for rule in CROSS_FIELD_RULES]
     return "\n".join(lines) + "\n"
 
 
-def _rows(schema: dict[str, Any], defaults: dict[str, Any], prefix: str) -> list[str]:
-    rows = []
+def _keys(schema: dict[str, Any], defaults: dict[str, Any],
+          prefix: str = "") -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """(dotted key, its schema, its default) in document order; a mapping before its keys."""
     for name, sub in schema["properties"].items():
         key = f"{prefix}{name}"
+        yield key, sub, defaults[name]
         if sub["type"] == "object":
-            rows.append(f"| **`{key}`** | mapping | | | {sub['description']} |")
-            rows += _rows(sub, defaults[name], f"{key}.")
-        else:
-            rows.append(f"| `{key}` | {_type_name(sub)} | {_allowed(sub)} |"
-                        f" `{_yaml_value(defaults[name])}` | {sub['description']} |")
-    return rows
+            yield from _keys(sub, defaults[name], f"{key}.")
+
+
+def _rows(schema: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    return [f"| **`{key}`** | mapping | | | {sub['description']} |" if sub["type"] == "object"
+            else f"| `{key}` | {_type_name(sub)} | {_allowed(sub)} |"
+                 f" `{_yaml_value(default)}` | {sub['description']} |"
+            for key, sub, default in _keys(schema, defaults)]
 
 
 def _type_name(schema: dict[str, Any]) -> str:
@@ -257,7 +262,7 @@ def render_manpage(defaults: dict[str, Any], version: str, date: str) -> str:
               " `systemctl reload tierd` applies a good file from the next interval; a bad"
               " one is refused and the running configuration stays in force."),
         ".SH KEYS",
-        *_man_keys(SCHEMA, defaults, ""),
+        *_man_keys(SCHEMA, defaults),
         ".SH RULES ACROSS KEYS",
         *(f".IP \\(bu 2\n{_roff(rule)}" for rule in CROSS_FIELD_RULES),
         ".SH EXAMPLES",
@@ -284,18 +289,16 @@ def render_manpage(defaults: dict[str, Any], version: str, date: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _man_keys(schema: dict[str, Any], defaults: dict[str, Any], prefix: str) -> list[str]:
+def _man_keys(schema: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
     lines = []
-    for name, sub in schema["properties"].items():
-        key = f"{prefix}{name}"
+    for key, sub, default in _keys(schema, defaults):
         if sub["type"] == "object":
             lines += [".SS " + _roff(key), _roff(sub["description"])]
-            lines += _man_keys(sub, defaults[name], f"{key}.")
             continue
         allowed = _allowed(sub)
         facts = f"{_type_name(sub)}{', ' + allowed if allowed else ''};"
         lines += [".TP", f"\\fB{_roff(key)}\\fR", _roff(
-            f"{sub['description']} ({facts} default `{_yaml_value(defaults[name])}`)")]
+            f"{sub['description']} ({facts} default `{_yaml_value(default)}`)")]
     return lines
 
 
