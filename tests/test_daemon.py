@@ -21,7 +21,6 @@ from tierd.collectors import perf
 from tierd.collectors.collector import Pace
 from tierd.collectors.evidence import Evidence, IdleScan, RegionBatch, SampleBatch
 from tierd.collectors.idle import IdleFeed
-from tierd.collectors.processes import ProcessFilter
 from tierd.collectors.topology import node_facts, read_topology
 from tierd.commands.run import summary_line
 from tierd.config import Config, parse
@@ -34,6 +33,7 @@ from tierd.kernel.numa import move_pages
 from tierd.kernel.page_idle import BITMAP
 from tierd.kernel.root import HostRoot
 from tierd.movers.batches import BatchResult, MoverParams
+from tierd.movers.mover import MaplessMover
 from tierd.pipeline import Pipeline, Settings, build_pipeline
 from tierd.policy import Plan, PolicyParams
 from tierd.telemetry import STAGES, DaemonState
@@ -166,7 +166,7 @@ HOT_ON_SLOW = np.arange(2100, 2150, dtype=np.uint64)
 USER_PAGE = (1 << kpf.KPF_LRU) | (1 << kpf.KPF_ANON) | (1 << kpf.KPF_MMAP)
 
 
-class RecordingMover:
+class RecordingMover(MaplessMover):
     """A Mover that moves nothing and records what it was asked (every page 'moved')."""
 
     name = "recording"
@@ -175,18 +175,9 @@ class RecordingMover:
         self.batches: list[Batch] = []
         self.refreshes = 0
 
-    def configure(self, params: MoverParams, process_filter: ProcessFilter) -> None:
-        pass
-
     def refresh(self) -> list[str]:
         self.refreshes += 1
         return []
-
-    def known_pfns(self) -> npt.NDArray[np.uint64] | None:
-        return None
-
-    def footprint(self) -> tuple[int, int]:
-        return 0, 0
 
     def move(self, batch: Batch, flags: npt.NDArray[np.uint64] | None = None) -> BatchResult:
         self.batches.append(batch)

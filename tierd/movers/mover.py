@@ -48,6 +48,24 @@ class Mover(Protocol):
         ...
 
 
+class MaplessMover:
+    """The Mover methods of one that keeps no page map: upkeep, PFN list and footprint none."""
+
+    params = MoverParams()
+
+    def configure(self, params: MoverParams, process_filter: ProcessFilter) -> None:
+        self.params = params  # no process list: exclusions apply through the safety check
+
+    def refresh(self) -> list[str]:
+        return []
+
+    def known_pfns(self) -> npt.NDArray[np.uint64] | None:
+        return None
+
+    def footprint(self) -> tuple[int, int]:
+        return 0, 0
+
+
 # Opens the mover on `setup`'s host, or raises tierd.errors.Unusable saying why it cannot.
 MoverOpener = Callable[[Config, Setup], Mover]
 

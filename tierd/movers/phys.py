@@ -29,12 +29,11 @@ import numpy as np
 import numpy.typing as npt
 
 from tierd.collectors.collector import Setup
-from tierd.collectors.processes import ProcessFilter
 from tierd.config import Config
 from tierd.errors import Unusable
 from tierd.kernel import move_phys
 from tierd.movers.batches import BatchResult, MoverParams, move_groups
-from tierd.movers.mover import mover_params
+from tierd.movers.mover import MaplessMover, mover_params
 from tierd.vocabulary import PAGE_SHIFT, Batch, Health, State
 
 # (physical addresses, target nodes, statuses to fill, flags) -> the call's result (how many
@@ -43,7 +42,7 @@ MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32],
                           npt.NDArray[np.int32], int], int]
 
 
-class PhysMover:
+class PhysMover(MaplessMover):
     name = "phys"
 
     def __init__(self, move_phys_pages: MovePhysPages, params: MoverParams | None = None
@@ -68,17 +67,6 @@ class PhysMover:
         result.succeed(pfns if moved.all() else pfns[moved])
         return result
 
-    def configure(self, params: MoverParams, process_filter: ProcessFilter) -> None:
-        self.params = params  # no process list: exclusions apply through the safety check
-
-    def refresh(self) -> list[str]:
-        return []
-
-    def known_pfns(self) -> npt.NDArray[np.uint64] | None:
-        return None
-
-    def footprint(self) -> tuple[int, int]:
-        return 0, 0
 
 
 def open_mover(config: Config, setup: Setup) -> PhysMover:
