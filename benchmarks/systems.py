@@ -8,6 +8,8 @@ the rest is per system.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -220,10 +222,17 @@ class Tierd(System):
 
     def launch(self) -> None:
         self.config.write_text(self.config_text())
+        # A run directory of its own each time: tierd keeps its heat there on stop and
+        # takes it back on a start within minutes, which would carry the heat of the
+        # last system's run (another mover, another workload) into this one.
+        run_dir = self.config.with_suffix(".run")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(mode=0o700)
         with open(self.log_path(), "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tierd", "run", "--config", str(self.config)],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "RUNTIME_DIRECTORY": str(run_dir)},
             )
         self.wait_started()
 
