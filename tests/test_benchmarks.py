@@ -205,3 +205,32 @@ def test_the_lowest_share_is_over_a_window_and_catches_a_dip() -> None:
     assert metrics.lowest_share(start + samples) == pytest.approx((3 * 90 + 2 * 20) / 500)
     assert metrics.lowest_share(start + samples, window=1.0) == pytest.approx(0.2)
     assert metrics.lowest_share(start + samples[:3]) is None
+
+
+def test_scale_rows_replace_their_own_size_mover_and_kind_and_keep_the_rest(
+        tmp_path: Path) -> None:
+    import argparse
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scale" / "run.py"
+    spec = importlib.util.spec_from_file_location("scale_run", path)
+    assert spec and spec.loader
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+
+    def row(gib: int, mover: str, rss: int, **extra: object) -> dict[str, object]:
+        return {"host_gib": gib, "mover": mover, "rss_bytes": rss, "cpu_fraction_of_core": 0.01,
+                "steady_cpu_fraction_of_core": 0.01, "decide_seconds": 0.1,
+                "seconds_per_full_round": {"idle": 10.0}, **extra}
+
+    out = tmp_path / "scale.json"
+    out.write_text(json.dumps({"date": "2026-01-01", "sizes": [row(64, "pid", 1),
+                                                               row(2, "pid", 2)]}))
+    args = argparse.Namespace(out=out, seconds=60.0)
+    scale._write(args, [row(2, "pid", 3, lab=True), row(64, "pid", 4)])
+    sizes = json.loads(out.read_text())["sizes"]
+    assert [(r["host_gib"], r.get("lab", False), r["rss_bytes"]) for r in sizes] == [
+        (2, False, 2), (64, False, 4), (2, True, 3)]  # the lab row beside, not over, its size
+    assert sizes[0]["date"] == "2026-01-01" and sizes[1]["date"] != "2026-01-01"
+    assert out.with_suffix(".png").exists()

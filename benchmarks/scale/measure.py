@@ -14,6 +14,12 @@ intervals advance a clock instead of sleeping, so an hour of intervals takes
 only tierd's own CPU time. Between intervals the harness clears the idle
 bits of the host's hot blocks (its "accesses"); that and the fabricated
 files' page cache are outside tierd's figures.
+
+    python benchmarks/scale/measure.py / --lab --mover phys --seconds 120
+
+--lab is the cross-check on a real kernel (a lab guest, with a workload
+running beside it): the same loop and figures on the host's own files, in
+real time, through the real mover (pages really move).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +46,12 @@ import host as fabricated  # noqa: E402
 from tierd.collectors.collector import Pace  # noqa: E402
 from tierd.collectors.evidence import Evidence  # noqa: E402
 from tierd.collectors.idle import IdleFeed  # noqa: E402
-from tierd.collectors.processes import ProcessFilter  # noqa: E402
+from tierd.collectors.topology import read_topology  # noqa: E402
 from tierd.config import Config, parse  # noqa: E402
-from tierd.daemon import Daemon, IntervalSummary  # noqa: E402
-from tierd.kernel.root import HostRoot  # noqa: E402
-from tierd.movers.batches import BatchResult, MoverParams  # noqa: E402
-from tierd.movers.mover import mover_params  # noqa: E402
+from tierd.daemon import Builder, Daemon, IntervalSummary, node_facts  # noqa: E402
+from tierd.kernel.root import HOST, HostRoot  # noqa: E402
+from tierd.movers.batches import BatchResult  # noqa: E402
+from tierd.movers.mover import MaplessMover, mover_params  # noqa: E402
 from tierd.movers.pid import PidMover  # noqa: E402
 from tierd.movers.rmap import ReverseMap  # noqa: E402
 from tierd.pipeline import Pipeline, build_pipeline  # noqa: E402
@@ -66,6 +73,13 @@ class VirtualClock:
 
     def pause(self, seconds: float) -> None:
         self.offset += max(0.0, seconds)
+
+
+class RealClock(VirtualClock):
+    """Real time: a pause sleeps (the lab cross-check)."""
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
 
 
 def _kib(field_name: str) -> int:
@@ -159,11 +173,11 @@ class MeasuredDaemon(Daemon):
             super().publish(facts, summary)
 
 
-def scale_config() -> Config:
-    """The shipped config, moving through the (recording) PID mover, perf off."""
+def scale_config(mover: str = "pid") -> Config:
+    """The shipped config, moving through `mover`, perf off."""
     data = yaml.safe_load(SHIPPED.read_text())
     data["dry_run"] = False
-    data["movers"]["kind"] = "pid"
+    data["movers"]["kind"] = mover
     data["collectors"]["perf"]["enabled"] = False
     data["metrics"]["enabled"] = False
     return parse(yaml.safe_dump(data).encode(), "config/tierd.yaml (scale)")
@@ -182,25 +196,13 @@ class Recorder:
         return 0
 
 
-class PhysRecorder:
+class PhysRecorder(MaplessMover):
     """A mover without a page map (as the phys mover): records every page as moved."""
 
     name = "phys-recorder"
 
     def __init__(self, tally: Tally) -> None:
         self.tally = tally
-
-    def configure(self, params: MoverParams, process_filter: ProcessFilter) -> None:
-        pass
-
-    def refresh(self) -> list[str]:
-        return []
-
-    def known_pfns(self) -> npt.NDArray[np.uint64] | None:
-        return None
-
-    def footprint(self) -> tuple[int, int]:
-        return 0, 0
 
     def move(self, batch: Batch, flags: npt.NDArray[np.uint64] | None = None) -> BatchResult:
         self.tally.moved_pages += int(batch.pfns.size)
@@ -251,32 +253,29 @@ def _extents(daemon: Daemon) -> int:
     return mover.rmap.extents if isinstance(mover, PidMover) else 0
 
 
-def run(root: Path, seconds: float, mover: str) -> dict[str, object]:
-    shape = fabricated.read_shape(root)
-    clock, tally = VirtualClock(), Tally()
-    config = scale_config()
+def _loop(daemon: MeasuredDaemon, seconds: float, touch: Callable[[], None]
+          ) -> dict[str, object]:
+    """Start the daemon, run it `seconds` past its second idle round, close it: the figures."""
+    clock, tally, interval = daemon.clock, daemon.tally, daemon.config.interval
     baseline = _kib("VmRSS")
-    daemon = MeasuredDaemon(config, HostRoot(root), build=_builder(clock, tally, mover))
-    daemon.clock, daemon.tally = clock, tally
-    accesses = Accesses(root)
     cpu0 = time.process_time()
     daemon.start()
     start_cpu = time.process_time() - cpu0
     started = clock.now()
     rss: list[int] = []
-    steps = 0
+    steps = moved = 0
     cpu = 0.0  # the whole step's, stages and what runs between them
     # The steady hour starts once a first full round is in (two read-backs): the
     # start-up's one-off work (every page new, the map's first build) stays out of it.
     steady: tuple[float, float] | None = None  # (clock, cpu) at its start
     while steady is None or clock.now() - steady[0] < seconds:
-        accesses.touch()
+        touch()
         step_started, step_cpu = clock.now(), time.process_time()
-        daemon.step()
+        moved += sum(daemon.step().moved.values())
         cpu += time.process_time() - step_cpu
         steps += 1
         rss.append(_kib("VmRSS"))
-        clock.pause(config.interval - (clock.now() - step_started))
+        clock.pause(interval - (clock.now() - step_started))
         if steady is None and len(tally.rounds_at) >= 2:
             steady = (clock.now(), cpu)
     wall = clock.now() - started
@@ -286,10 +285,7 @@ def run(root: Path, seconds: float, mover: str) -> dict[str, object]:
     daemon.close()
     tally.peak_rss = max(tally.peak_rss, _kib("VmHWM"))
     rounds = np.diff(tally.rounds_at[1:])  # the first read-back comes after one interval
-    live_pfns = shape.user_pages
     return {
-        "host_gib": shape.gib, "mover": mover, "npfns": shape.npfns, "processes": shape.processes,
-        "user_pages": shape.user_pages, "mapped_entries": shape.mapped_entries,
         "intervals": steps, "virtual_seconds": round(wall, 1),
         "rss_bytes": tally.peak_rss, "steady_rss_bytes": int(np.median(rss)),
         "baseline_rss_bytes": baseline,
@@ -309,24 +305,61 @@ def run(root: Path, seconds: float, mover: str) -> dict[str, object]:
         "decide_seconds": round(tally.stages["policy"].max_wall_seconds, 3),
         "decide_cpu_seconds": round(tally.stages["policy"].max_cpu_seconds, 3),
         "seconds_per_full_round": {
-            "idle": round(float(rounds.mean()), 1) if rounds.size else None,
-            "idle_paced_floor": round(2 * live_pfns / config.collectors.idle.pfns_per_second, 1),
-        },
+            "idle": round(float(rounds.mean()), 1) if rounds.size else None},
         "idle_rounds": int(rounds.size),
-        "moved_pages": tally.moved_pages,
+        "moved_pages": tally.moved_pages or moved,
     }
+
+
+def _measured(config: Config, root: HostRoot, clock: VirtualClock, tally: Tally,
+              build: Builder = build_pipeline) -> MeasuredDaemon:
+    daemon = MeasuredDaemon(config, root, build=build)
+    daemon.clock, daemon.tally = clock, tally
+    return daemon
+
+
+def run(root: Path, seconds: float, mover: str) -> dict[str, object]:
+    """On a fabricated host: virtual time, recorded moves, the harness's accesses."""
+    shape = fabricated.read_shape(root)
+    clock, tally, config = VirtualClock(), Tally(), scale_config()
+    daemon = _measured(config, HostRoot(root), clock, tally, _builder(clock, tally, mover))
+    row: dict[str, object] = {
+        "host_gib": shape.gib, "mover": mover, "npfns": shape.npfns,
+        "processes": shape.processes, "user_pages": shape.user_pages,
+        "mapped_entries": shape.mapped_entries}
+    row |= _loop(daemon, seconds, Accesses(root).touch)
+    floor = 2 * shape.user_pages / config.collectors.idle.pfns_per_second
+    row["seconds_per_full_round"]["idle_paced_floor"] = round(floor, 1)  # type: ignore[index]
+    return row
+
+
+def run_lab(seconds: float, mover: str) -> dict[str, object]:
+    """On this (lab) kernel: real time, real moves; the accesses are the workload's."""
+    config = scale_config(mover)
+    daemon = _measured(config, HOST, RealClock(), Tally())
+    row: dict[str, object] = {"lab": True, "mover": mover, "kernel": os.uname().release}
+    row |= _loop(daemon, seconds, lambda: None)
+    facts = node_facts(read_topology())
+    row["npfns"] = sum(e - s for f in facts for s, e in f.ranges)
+    row["host_gib"] = round(sum(f.managed_pages for f in facts) * PAGE_KIB / 2**20, 2)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path)
+    parser.add_argument("root", type=Path, help="the fabricated host ('/' with --lab)")
+    parser.add_argument("--lab", action="store_true",
+                        help="this kernel's own files, real time, real moves")
     parser.add_argument("--seconds", type=float, default=3600.0,
                         help="virtual seconds of intervals to run after the first round")
     parser.add_argument("--mover", choices=("pid", "phys"), default="pid",
                         help="pid: the PID mover and its reverse map (move_pages recorded); "
-                             "phys: a recording mover without a page map")
+                             "phys: a recording mover without a page map (with --lab: "
+                             "the real movers)")
     args = parser.parse_args()
-    print(json.dumps(run(args.root, args.seconds, args.mover)))
+    row = run_lab(args.seconds, args.mover) if args.lab else run(args.root, args.seconds,
+                                                                  args.mover)
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":
