@@ -261,6 +261,8 @@ def _loop(daemon: MeasuredDaemon, seconds: float, touch: Callable[[], None]
     cpu0 = time.process_time()
     daemon.start()
     start_cpu = time.process_time() - cpu0
+    if not any(isinstance(c, IdleFeed) for c in daemon.pipeline.collectors):
+        raise SystemExit("measure: the idle collector is unusable here; its rounds time the run")
     started = clock.now()
     rss: list[int] = []
     steps = moved = 0
