@@ -123,12 +123,15 @@ def wrong_type_for(default: Any) -> st.SearchStrategy[Any]:
                      st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 
 
+TRUE_FALSE_OR_AUTO = {("collectors", "damon", "enabled"), ("movers", "move_all_shared")}
+
+
 @st.composite
 def wrongly_typed_config(draw: st.DrawFn) -> tuple[tuple[str, ...], bytes]:
     path, default = draw(st.sampled_from(LEAVES))
-    # collectors.damon.enabled takes true, false or auto: no boolean is wrong there.
+    # These take true, false or auto: no boolean is wrong there.
     value = draw(wrong_type_for(default).filter(
-        lambda v: not (path[-2:] == ("damon", "enabled") and isinstance(v, bool))))
+        lambda v: not (path in TRUE_FALSE_OR_AUTO and isinstance(v, bool))))
     return path, yaml.safe_dump(with_leaf(path, value)).encode()
 
 

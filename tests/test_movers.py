@@ -267,19 +267,34 @@ def test_excluded_processes_pages_are_not_in_the_map_so_never_moved() -> None:
     assert sorted(result.stale.tolist()) == [40, 41]
 
 
-def test_move_all_shared_uses_mpol_mf_move_all() -> None:
-    kernel = FakeKernel()
-    mover, _ = _mover(kernel, move_all_shared=True)
-    mover.move(_batch([48]))
-    assert kernel.calls[0][3] == numa.MPOL_MF_MOVE_ALL
+def test_pid_mover_sends_mpol_mf_move_all_only_when_configured() -> None:
+    """move_pages checks only the calling process's cpuset: shared pages wait for a yes."""
+    for setting, flags in ((None, numa.MPOL_MF_MOVE), (False, numa.MPOL_MF_MOVE),
+                           (True, numa.MPOL_MF_MOVE_ALL)):
+        kernel = FakeKernel()
+        mover, _ = _mover(kernel, move_all_shared=setting)
+        mover.move(_batch([48]))
+        assert kernel.calls[0][3] == flags, setting
 
 
-def test_phys_mover_sends_mpol_mf_move_all_only_when_configured() -> None:
+def test_phys_mover_sends_mpol_mf_move_all_unless_configured_not_to() -> None:
+    """Its kernel checks every mapper's cpuset and MPOL_BIND: auto (None) is yes."""
     kernel = FakePhys()
-    PhysMover(kernel, MoverParams()).move(_batch([1]))
-    mover = PhysMover(kernel, MoverParams(move_all_shared=True))
-    mover.move(_batch([2]))
-    assert kernel.flags == [numa.MPOL_MF_MOVE, numa.MPOL_MF_MOVE_ALL]
+    for setting in (None, False, True):
+        PhysMover(kernel, MoverParams(move_all_shared=setting)).move(_batch([1]))
+    assert kernel.flags == [numa.MPOL_MF_MOVE_ALL, numa.MPOL_MF_MOVE, numa.MPOL_MF_MOVE_ALL]
+
+
+def test_move_all_shared_auto_leaves_it_to_the_mover() -> None:
+    from tierd.config import parse
+    from tierd.movers.mover import mover_params
+
+    shipped = Path(__file__).resolve().parent.parent / "config" / "tierd.yaml"
+    assert mover_params(parse(shipped.read_bytes())).move_all_shared is None
+    assert mover_params(parse(b"{}")).move_all_shared is None
+    for text, value in ((b"movers: {move_all_shared: true}", True),
+                        (b"movers: {move_all_shared: false}", False)):
+        assert mover_params(parse(text)).move_all_shared is value
 
 
 def test_count_reasons_names_errnos_and_wrong_nodes() -> None:

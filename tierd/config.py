@@ -34,7 +34,8 @@ The tree (every key is optional; defaults below; durations in seconds):
       kind: auto                   # auto | phys (move_phys_pages) | pid (move_pages(2))
       batch_pages: 8192            # pages per syscall (32 MiB)
       rate_mb_per_s: 256.0         # migration bandwidth cap
-      move_all_shared: false       # MPOL_MF_MOVE_ALL: also move pages shared with others
+      move_all_shared: auto        # MPOL_MF_MOVE_ALL for pages mapped by several processes;
+                                   # auto: the phys mover only (its kernel checks every mapper)
     exclusions:
       cgroups: []                  # cgroup v2 paths, e.g. /system.slice/db.service
       pids: []
@@ -139,7 +140,7 @@ class MoversConfig:
     kind: str = "auto"
     batch_pages: int = 8192
     rate_mb_per_s: float = 256.0
-    move_all_shared: bool = False
+    move_all_shared: bool | str = "auto"
 
 
 @dataclass(frozen=True)

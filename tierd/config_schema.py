@@ -133,8 +133,12 @@ SCHEMA: dict[str, Any] = {
                              minimum=1, maximum=65536),
             rate_mb_per_s=_num("Cap on migrated megabytes (2^20 bytes) per second.",
                                exclusiveMinimum=0, maximum=1e6),
-            move_all_shared=_bool("Also move pages shared with other processes"
-                                  " (MPOL_MF_MOVE_ALL; needs CAP_SYS_NICE)."),
+            move_all_shared={"type": ["boolean", "string"], "enum": [True, False, "auto"],
+                             "description": "Also move pages mapped by several processes"
+                             " (MPOL_MF_MOVE_ALL; needs CAP_SYS_NICE). `auto`: with the phys"
+                             " mover only, whose kernel checks the cpuset and `MPOL_BIND` of"
+                             " every process mapping the page; `move_pages(2)` checks only"
+                             " the calling process's."},
         ),
         exclusions=_obj(
             "Memory tierd never moves.",

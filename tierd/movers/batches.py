@@ -66,14 +66,14 @@ class MoverParams:
     # work queued on each CPU and waited for), so fewer, larger calls cost less.
     batch_pages: int = 8192
     # MPOL_MF_MOVE_ALL: also pages mapped by several processes (else -EACCES;
-    # move_pages needs CAP_SYS_NICE for it).
-    move_all_shared: bool = False
+    # it needs CAP_SYS_NICE). None: as the mover's `shared_default` says.
+    move_all_shared: bool | None = None
     busy_retries: int = 3
     busy_backoff: float = 0.005  # seconds before the first retry; doubles each time
 
-    @property
-    def flags(self) -> int:
-        return numa.MPOL_MF_MOVE_ALL if self.move_all_shared else numa.MPOL_MF_MOVE
+    def flags(self, shared_default: bool) -> int:
+        shared = shared_default if self.move_all_shared is None else self.move_all_shared
+        return numa.MPOL_MF_MOVE_ALL if shared else numa.MPOL_MF_MOVE
 
 
 class BatchResult:

@@ -72,4 +72,5 @@ MoverOpener = Callable[[Config, Setup], Mover]
 
 def mover_params(config: Config) -> MoverParams:
     m = config.movers
-    return MoverParams(batch_pages=m.batch_pages, move_all_shared=m.move_all_shared)
+    shared = None if m.move_all_shared == "auto" else bool(m.move_all_shared)
+    return MoverParams(batch_pages=m.batch_pages, move_all_shared=shared)

@@ -42,6 +42,11 @@ MovePhysPages = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.int32],
                           npt.NDArray[np.int32], int], int]
 
 
+# Shared pages too, unless the config says no: the kernel refuses a target outside
+# the cpuset or MPOL_BIND nodes of any process mapping the page (-EPERM).
+SHARED_DEFAULT = True
+
+
 class PhysMover(MaplessMover):
     name = "phys"
 
@@ -60,7 +65,8 @@ class PhysMover(MaplessMover):
 
         def send(pages: slice | npt.NDArray[np.intp], statuses: npt.NDArray[np.int32]) -> int:
             sent = addrs[pages]
-            return self._move(sent, nodes[:sent.size], statuses, self.params.flags)
+            return self._move(sent, nodes[:sent.size], statuses,
+                              self.params.flags(shared_default=SHARED_DEFAULT))
 
         every_page = np.ones(pfns.size, dtype=np.bool_)  # each PFN its own entry
         moved = move_groups(send, pfns, every_page, batch.target, result, self.params)

@@ -47,6 +47,11 @@ MovePages = Callable[[int, npt.NDArray[np.uint64], npt.NDArray[np.int32],
                       npt.NDArray[np.int32], int], int]
 
 
+# Not shared pages unless the config says so: move_pages(2) checks the target
+# against the cpuset of the process it is called for, not of the page's other mappers.
+SHARED_DEFAULT = False
+
+
 class PidMover:
     name = "pid"
 
@@ -121,7 +126,7 @@ class PidMover:
                      statuses: npt.NDArray[np.int32]) -> int:
                 addrs = sent[groups]
                 return self._move_pages(pid, addrs, nodes[:addrs.size], statuses,
-                                        self.params.flags)
+                                        self.params.flags(shared_default=SHARED_DEFAULT))
 
             moved = move_groups(send, pfns, first, target, result, self.params)
             if not moved.all():
