@@ -71,11 +71,13 @@ demo: venv kernels
 bench: venv kernels judge
 	$(PY) benchmarks/run.py
 
-# tierd's memory and CPU on fabricated hosts of 64 GiB, 256 GiB and 1 TiB (sparse files
+# tierd's memory and CPU on fabricated hosts of 2 GiB to 1 TiB (sparse files
 # under SCALE_WORK, deleted after each size): benchmarks/results/scale.json and .png.
-# About 11 minutes on 2 cores, not part of `make test`; figures: docs/benchmarks.md.
+# Then one lab guest runs the same loop on a real kernel with each mover (the lab
+# cross-check). About 11 minutes on 2 cores plus the guest, not part of `make test`;
+# figures: docs/benchmarks.md.
 SCALE_WORK ?= /var/tmp/tierd-scale
-scale: venv
+scale: venv kernels
 	$(PY) benchmarks/scale/run.py --work $(SCALE_WORK)
 
 # The movers' soak at full length: 1000 round trips of 256 MiB per mover and
