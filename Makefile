@@ -74,7 +74,7 @@ bench: venv kernels judge
 # tierd's memory and CPU on fabricated hosts of 2 GiB to 1 TiB (sparse files
 # under SCALE_WORK, deleted after each size): benchmarks/results/scale.json and .png.
 # Then one lab guest runs the same loop on a real kernel with each mover (the lab
-# cross-check). About 11 minutes on 2 cores plus the guest, not part of `make test`;
+# cross-check). About 17 minutes on 2 cores (6 of them the guest), not part of `make test`;
 # figures: docs/benchmarks.md.
 SCALE_WORK ?= /var/tmp/tierd-scale
 scale: venv kernels
