@@ -30,6 +30,11 @@ def _bool(description: str) -> dict[str, Any]:
     return {"type": "boolean", "description": description}
 
 
+def _bool_or_auto(description: str) -> dict[str, Any]:
+    return {"type": ["boolean", "string"], "enum": [True, False, "auto"],
+            "description": description}
+
+
 def _enum(description: str, *values: str) -> dict[str, Any]:
     return {"type": "string", "description": description, "enum": list(values)}
 
@@ -78,10 +83,9 @@ SCHEMA: dict[str, Any] = {
             damon=_obj(
                 "DAMON access monitoring; used on its own when neither the idle bitmap nor"
                 " a memory-sampling PMU is available.",
-                enabled={"type": ["boolean", "string"], "enum": [True, False, "auto"],
-                         "description": "`auto`: DAMON only when neither the idle bitmap nor"
-                                        " a memory-sampling PMU is usable; `true`: also"
-                                        " beside them; `false`: never."},
+                enabled=_bool_or_auto("`auto`: DAMON only when neither the idle bitmap nor"
+                                      " a memory-sampling PMU is usable; `true`: also"
+                                      " beside them; `false`: never."),
                 operations=_enum("`vaddr`: the 8 largest processes (one kdamond each), their"
                                  " regions translated to PFNs through pagemap: hot and cold"
                                  " data stay apart in virtual memory however pages move."
@@ -133,12 +137,11 @@ SCHEMA: dict[str, Any] = {
                              minimum=1, maximum=65536),
             rate_mb_per_s=_num("Cap on migrated megabytes (2^20 bytes) per second.",
                                exclusiveMinimum=0, maximum=1e6),
-            move_all_shared={"type": ["boolean", "string"], "enum": [True, False, "auto"],
-                             "description": "Also move pages mapped by several processes"
-                             " (MPOL_MF_MOVE_ALL; needs CAP_SYS_NICE). `auto`: with the phys"
-                             " mover only, whose kernel checks the cpuset and `MPOL_BIND` of"
-                             " every process mapping the page; `move_pages(2)` checks only"
-                             " the calling process's."},
+            move_all_shared=_bool_or_auto(
+                "Also move pages mapped by several processes (MPOL_MF_MOVE_ALL; needs"
+                " CAP_SYS_NICE). `auto`: with the phys mover only, whose kernel checks the"
+                " cpuset and `MPOL_BIND` of every process mapping the page; `move_pages(2)`"
+                " checks only the calling process's."),
         ),
         exclusions=_obj(
             "Memory tierd never moves.",

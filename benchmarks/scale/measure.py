@@ -46,7 +46,6 @@ import host as fabricated  # noqa: E402
 from tierd.collectors.collector import Pace  # noqa: E402
 from tierd.collectors.evidence import Evidence  # noqa: E402
 from tierd.collectors.idle import IdleFeed  # noqa: E402
-from tierd.collectors.topology import read_topology  # noqa: E402
 from tierd.config import Config, parse  # noqa: E402
 from tierd.daemon import Builder, Daemon, IntervalSummary, node_facts  # noqa: E402
 from tierd.kernel.root import HOST, HostRoot  # noqa: E402
@@ -341,7 +340,7 @@ def run_lab(seconds: float, mover: str) -> dict[str, object]:
     daemon = _measured(config, HOST, RealClock(), Tally())
     row: dict[str, object] = {"lab": True, "mover": mover, "kernel": os.uname().release}
     row |= _loop(daemon, seconds, lambda: None)
-    facts = node_facts(read_topology())
+    facts = node_facts(daemon.topology)  # as the last interval read it
     row["npfns"] = sum(e - s for f in facts for s, e in f.ranges)
     row["host_gib"] = round(sum(f.managed_pages for f in facts) * PAGE_KIB / 2**20, 2)
     return row
