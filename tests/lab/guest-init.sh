@@ -10,7 +10,18 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=dumb
 
+# Keep the kernel's cpusets_enabled static key on for the whole boot. A test
+# that makes and removes a cpuset flips it, and the flip patches the page
+# allocator's hot path while the other vCPU allocates: under multi-threaded
+# TCG that once ended in "Oops: int3" at get_page_from_freelist (CI, the
+# tierd guest). A cpuset that lives as long as the guest means no flip.
+pin_cpusets_key() {
+    echo +cpuset > /sys/fs/cgroup/cgroup.subtree_control &&
+        mkdir -p /sys/fs/cgroup/lab-cpusets-key
+}
+
 run_cmd() {
+    pin_cpusets_key || echo "lab-guest: cpusets key not pinned" >&2
     echo "lab-guest: $(uname -r) up in $(cut -d' ' -f1 /proc/uptime) s"
     cd "$TIERD_LAB_CWD" || cd /
     # The host retries a boot that panicked before this point (vm.py's
