@@ -21,7 +21,8 @@ from tierd.kernel import _gather, pagemap
 from tierd.kernel.numa import move_pages
 from tierd.kernel.root import HostRoot
 from tierd.movers import _native
-from tierd.movers.rmap import ReverseMap
+from tierd.movers.extents import BLOCK_PFNS, runs
+from tierd.movers.rmap import VPN_BITS, ReverseMap
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movers"
 ALL = 2**64 - 1  # gather()'s mask keeping every bit
@@ -331,6 +332,55 @@ def test_ascends_and_sort_pairs_check_their_arrays() -> None:
         _native.sort_pairs(keys, np.zeros(3, np.uint64))
     with pytest.raises(ValueError, match="values must not overlap keys"):
         _native.sort_pairs(keys, keys)
+
+
+# Pagemap entries of a few virtual page runs: present or not, PFNs that step by one
+# at times and cross a block boundary, swapped entries (bit 62) with PFN bits set.
+_entry = st.one_of(st.integers(BLOCK_PFNS - 6, BLOCK_PFNS + 6).map(lambda pfn: (1 << 63) | pfn),
+                   st.just(0), st.just((1 << 62) | 515), st.just(1 << 63))
+_page_runs = st.lists(st.tuples(st.integers(0, 40), st.lists(_entry, max_size=12)),
+                      min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(page_runs=_page_runs)
+def test_pagemap_extents_match_the_extents_of_the_pages_numpy_finds(
+        page_runs: list[tuple[int, list[int]]]) -> None:
+    bounds, vpn = [], 0
+    for gap, entries in page_runs:
+        vpn += gap
+        bounds.append((vpn, vpn + len(entries)))
+        vpn += len(entries)
+    entries = np.array([e for _, run in page_runs for e in run], dtype=np.uint64)
+    base = 3 << VPN_BITS
+    owners = base + np.concatenate([np.arange(a, b, dtype=np.uint64) for a, b in bounds])
+    # Stable by start, as runs() sorts: the native build leaves the order to the caller.
+    expected = runs(pagemap.pfn_of(entries.copy()), owners)
+    start, owner = np.empty(entries.size, np.uint64), np.empty(entries.size, np.uint64)
+    length = np.empty(entries.size, np.uint32)
+    count = _native.pagemap_extents(entries, np.array(bounds, np.uint64).ravel(), base,
+                                    BLOCK_PFNS, start, owner, length)
+    order = np.argsort(start[:count], kind="stable")
+    got = (start[:count][order], owner[:count][order], length[:count][order])
+    for want, have in zip(expected, got, strict=True):
+        assert have.tolist() == want.tolist()
+
+
+def test_pagemap_extents_check_their_arrays() -> None:
+    entries = np.full(4, (1 << 63) | 7, np.uint64)
+    out = np.empty(4, np.uint64), np.empty(4, np.uint64), np.empty(4, np.uint32)
+    for bounds in ([0, 3], [0, 5], [4, 0, 0, 8], [0, 2, 2]):
+        with pytest.raises(ValueError, match="bounds must be"):
+            _native.pagemap_extents(entries, np.array(bounds, np.uint64), 0, 512, *out)
+    with pytest.raises(ValueError, match="must hold len"):
+        _native.pagemap_extents(entries, np.array([0, 4], np.uint64), 0, 512,
+                                np.empty(3, np.uint64), out[1], out[2])
+    with pytest.raises(ValueError, match="must not overlap"):
+        _native.pagemap_extents(entries, np.array([0, 4], np.uint64), 0, 512,
+                                entries, out[1], out[2])
+    with pytest.raises(TypeError, match="length: expected a 1-d array of uint32"):
+        _native.pagemap_extents(entries, np.array([0, 4], np.uint64), 0, 512,
+                                out[0], out[1], np.empty(4, np.uint64))
 
 
 @pytest.mark.vm

@@ -31,6 +31,11 @@ static inline int get_u64_buffer(PyObject *obj, Py_buffer *view, int writable, c
     return get_buffer(obj, view, writable, name, 8, "qQlLnN", "8-byte integers");
 }
 
+static inline int get_u32_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
+{
+    return get_buffer(obj, view, writable, name, 4, "I", "uint32");
+}
+
 static inline int get_bool_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name)
 {
     return get_buffer(obj, view, writable, name, 1, "?", "booleans");

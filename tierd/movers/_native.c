@@ -1,8 +1,9 @@
 /*
  * The movers' per-page loops in C, on numpy buffers (GIL released where they
- * run long): folio grouping (folio_starts) and two array primitives
- * (sort_pairs, ascends), each replacing several numpy passes, and their
- * temporaries, with one loop.
+ * run long): the reverse map's extents from pagemap entries (pagemap_extents),
+ * folio grouping (folio_starts) and two array primitives (sort_pairs,
+ * ascends), each replacing several numpy passes, and their temporaries, with
+ * one loop.
  *
  * sort_pairs sorts (key, value) pairs by key: numpy's argsort and two gathers
  * take a temporary as large as the pairs each. Here:
@@ -337,7 +338,106 @@ release_pfns:
     return result;
 }
 
+/* /proc/PID/pagemap: bit 63 present, bits 0-54 the PFN. */
+#define PM_PRESENT (1ull << 63)
+#define PM_PFN_MASK ((1ull << 55) - 1)
+
+struct extent_out {
+    uint64_t *start, *owner;
+    uint32_t *length;
+    size_t count;
+};
+
+/*
+ * Extents of entries[] (the pages of the [first, last) runs in bounds[],
+ * concatenated) into out, in the order of the pages: an extent goes on while
+ * the PFN and the owner both step by one and stops at a block boundary.
+ */
+static void extents_of(const uint64_t *entries, const uint64_t *bounds, size_t runs,
+                       uint64_t base, uint64_t block_pfns, struct extent_out *out)
+{
+    uint64_t next_pfn = 0, next_owner = 0;
+    size_t at = 0, n = 0;
+
+    for (size_t r = 0; r < runs; r++) {
+        for (uint64_t vpn = bounds[2 * r]; vpn < bounds[2 * r + 1]; vpn++, at++) {
+            uint64_t entry = entries[at], pfn = entry & PM_PFN_MASK, owner = base + vpn;
+            if (!(entry & PM_PRESENT) || !pfn)
+                continue;
+            if (n && pfn == next_pfn && owner == next_owner && pfn % block_pfns)
+                out->length[n - 1]++;
+            else {
+                out->start[n] = pfn;
+                out->owner[n] = owner;
+                out->length[n] = 1;
+                n++;
+            }
+            next_pfn = pfn + 1;
+            next_owner = owner + 1;
+        }
+    }
+    out->count = n;
+}
+
+PyDoc_STRVAR(pagemap_extents_doc,
+"pagemap_extents(entries, bounds, base, block_pfns, start, owner, length) -> int\n\n"
+"The present pages of `entries` (uint64 pagemap entries of the [first, last)\n"
+"virtual page runs in `bounds`, flat pairs, concatenated) as extents, in page\n"
+"order: start PFN, owner (`base` + virtual page) and length (uint32), written\n"
+"to the arrays given, each at least as long as `entries`. An extent goes on while\n"
+"PFN and owner both step by one and ends at a multiple of `block_pfns`.\n"
+"Returns how many extents were written.");
+
+static PyObject *pagemap_extents(PyObject *self, PyObject *args)
+{
+    PyObject *objects[5];
+    unsigned long long base, block_pfns;
+    Py_buffer views[4], length;
+    static const char *const names[] = {"entries", "bounds", "start", "owner"};
+    static const int writable[] = {0, 0, 1, 1};
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOKKOOO:pagemap_extents", &objects[0], &objects[1], &base,
+                          &block_pfns, &objects[2], &objects[3], &objects[4]))
+        return NULL;
+    if (get_u64_buffers(objects, views, 4, names, writable) < 0)
+        return NULL;
+    if (get_u32_buffer(objects[4], &length, 1, "length") < 0) {
+        release_buffers(views, 4);
+        return NULL;
+    }
+    size_t n = (size_t)views[0].len / 8, runs = (size_t)views[1].len / 16, pages = 0;
+    const uint64_t *bounds = views[1].buf;
+    int ok = views[1].len % 16 == 0 && block_pfns > 0;
+    for (size_t r = 0; r < runs && ok; r++) {
+        ok = bounds[2 * r] <= bounds[2 * r + 1] && bounds[2 * r + 1] - bounds[2 * r] <= n - pages;
+        pages += ok ? bounds[2 * r + 1] - bounds[2 * r] : 0;
+    }
+    if (!ok || pages != n) {
+        PyErr_SetString(PyExc_ValueError,
+                        "bounds must be [first, last) pairs covering as many pages as entries");
+    } else if ((size_t)views[2].len / 8 < n || (size_t)views[3].len / 8 < n
+               || (size_t)length.len / 4 < n) {
+        PyErr_SetString(PyExc_ValueError, "start, owner and length must hold len(entries)");
+    } else if (buffers_overlap(&views[2], &views[0]) || buffers_overlap(&views[3], &views[0])
+               || buffers_overlap(&length, &views[0]) || buffers_overlap(&views[2], &views[3])
+               || buffers_overlap(&length, &views[2]) || buffers_overlap(&length, &views[3])) {
+        PyErr_SetString(PyExc_ValueError, "the outputs must not overlap entries or each other");
+    } else {
+        struct extent_out out = {views[2].buf, views[3].buf, length.buf, 0};
+        Py_BEGIN_ALLOW_THREADS
+        extents_of(views[0].buf, bounds, runs, base, block_pfns, &out);
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSize_t(out.count);
+    }
+    PyBuffer_Release(&length);
+    release_buffers(views, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"pagemap_extents", pagemap_extents, METH_VARARGS, pagemap_extents_doc},
     {"sort_pairs", sort_pairs, METH_VARARGS, sort_pairs_doc},
     {"ascends", ascends, METH_VARARGS, ascends_doc},
     {"folio_starts", folio_starts, METH_VARARGS, folio_starts_doc},

@@ -5,6 +5,9 @@ import numpy.typing as npt
 # Arrays of 8-byte integers, signed or not.
 _Int8 = npt.NDArray[np.uint64] | npt.NDArray[np.int64]
 
+def pagemap_extents(entries: npt.NDArray[np.uint64], bounds: npt.NDArray[np.uint64], base: int,
+                    block_pfns: int, start: npt.NDArray[np.uint64],
+                    owner: npt.NDArray[np.uint64], length: npt.NDArray[np.uint32]) -> int: ...
 def sort_pairs(keys: npt.NDArray[np.uint64], values: _Int8) -> None: ...
 def ascends(a: npt.NDArray[np.uint64], strictly: bool) -> bool: ...
 def folio_starts(pfns: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64], tail_mask: int,

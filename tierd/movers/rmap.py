@@ -40,7 +40,7 @@ from tierd.kernel import pagemap, task
 from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native
-from tierd.movers.extents import DEAD, U64, ExtentMap, runs
+from tierd.movers.extents import BLOCK_PFNS, DEAD, U64, ExtentMap, runs
 from tierd.vocabulary import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
@@ -296,15 +296,17 @@ class ReverseMap:
 
     def _read_process(self, pid: int, slot: int, page_runs: list[tuple[int, int]],
                       buffer: U64) -> list[tuple[U64, U64, npt.NDArray[np.uint32]]]:
-        """One process's extents, its pagemap read READ_PAGES entries at a time."""
+        """One process's extents, in page order; its pagemap read READ_PAGES at a time."""
         parts = []
         for pieces in _pieces(page_runs, READ_PAGES):
             entries = buffer[:sum(last - first for first, last in pieces)]
             pagemap.read_runs(pid, pieces, entries, self.root)
-            base = np.uint64(slot << VPN_BITS)
-            owners = np.concatenate([np.arange(first, last, dtype=np.uint64) for first, last
-                                     in pieces]) + base
-            parts.append(runs(pagemap.pfn_of(entries), owners))
+            # Untouched pages of np.empty cost no memory: the extents are far fewer.
+            start, owner = np.empty(entries.size, np.uint64), np.empty(entries.size, np.uint64)
+            length = np.empty(entries.size, np.uint32)
+            count = _native.pagemap_extents(entries, np.array(pieces, np.uint64).ravel(),
+                                            slot << VPN_BITS, BLOCK_PFNS, start, owner, length)
+            parts.append((start[:count].copy(), owner[:count].copy(), length[:count].copy()))
         return parts
 
     def _new_slot(self, pid: int) -> int:
