@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierd.movers import extents as extents_module
+from tierd.movers import _native
 from tierd.movers.extents import BLOCK_PFNS, DEAD, NO_EXTENT, ExtentMap, runs
 
 # A process's mapping: chunks of (first PFN, pages) at consecutive virtual pages. PFNs
@@ -119,17 +119,38 @@ def test_pages_taken_out_split_extents_and_moved_pages_merge(
     assert extents.find(taken).tolist() == [NO_EXTENT] * taken.size
 
 
-def test_remove_works_in_steps_cut_between_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A step boundary inside a block would rebuild one extent twice, losing pages."""
-    monkeypatch.setattr(extents_module, "REMOVE_CHUNK", 3)
-    pfns = np.arange(BLOCK_PFNS, 3 * BLOCK_PFNS, dtype=np.uint64)
+def test_the_native_lookups_check_their_arrays() -> None:
     extents = ExtentMap()
-    extents.add(*runs(pfns, pfns))
-    taken = np.array([BLOCK_PFNS + 1, BLOCK_PFNS + 3, BLOCK_PFNS + 5, BLOCK_PFNS + 9,
-                      2 * BLOCK_PFNS + 2], dtype=np.uint64)
-    extents.remove(taken)
-    assert extents.pages == pfns.size - taken.size
-    assert set(extents.expand()[0].tolist()) == set(pfns.tolist()) - set(taken.tolist())
+    extents.add(*runs(np.arange(10, 20, dtype=np.uint64), np.arange(10, dtype=np.uint64)))
+    start, length, owner = extents.start, extents.length, extents.owner
+    pfns = np.array([12, 30], np.uint64)
+    index, owners = np.empty(2, np.int64), np.empty(2, np.uint64)
+    with pytest.raises(ValueError, match="start, length and owner must match"):
+        _native.extent_find(start, length, owner[:0], BLOCK_PFNS, pfns, index, owners)
+    with pytest.raises(ValueError, match="index and owners must match pfns"):
+        _native.extent_find(start, length, owner, BLOCK_PFNS, pfns, index[:1], owners)
+    with pytest.raises(ValueError, match="which and index must match"):
+        _native.extent_holders(start, length, BLOCK_PFNS, pfns, index, index[:1].copy())
+    # Too little room: the count only, then the pairs with room enough.
+    assert _native.extent_holders(start, length, BLOCK_PFNS, pfns, index[:0], index[:0]) == 1
+    out = np.empty(3, np.uint64), np.empty(3, np.uint32), np.empty(3, np.uint64)
+    with pytest.raises(ValueError, match="touched must ascend"):
+        _native.extent_pieces(start, length, owner, np.array([1], np.int64), pfns, *out)
+    with pytest.raises(ValueError, match="out arrays must match"):
+        _native.extent_pieces(start, length, owner, np.array([0], np.int64), pfns, out[0],
+                              out[1][:2], out[2])
+    pages = np.arange(1, 4, dtype=np.uint64)
+    with pytest.raises(ValueError, match="owners must match pfns"):
+        _native.page_extents(pages, pages[:2].copy(), BLOCK_PFNS, out[0], out[2], out[1])
+    with pytest.raises(ValueError, match="must hold len"):
+        _native.page_extents(pages, pages.copy(), BLOCK_PFNS, out[0][:2], out[2], out[1])
+    with pytest.raises(ValueError, match="must not overlap"):
+        _native.page_extents(pages, pages.copy(), BLOCK_PFNS, pages, out[2], out[1])
+    # Taking PFN 12 out of [10, 20) leaves [10, 12) and [13, 20).
+    assert _native.extent_pieces(start, length, owner, np.array([0], np.int64), pfns,
+                                 *out) == 2
+    assert out[0][:2].tolist() == [10, 13] and out[1][:2].tolist() == [2, 7]
+    assert out[2][:2].tolist() == [0, 3]
 
 
 def test_dropping_slots_takes_out_their_extents_only() -> None:

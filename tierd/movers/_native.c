@@ -1,7 +1,9 @@
 /*
  * The movers' per-page loops in C, on numpy buffers (GIL released where they
- * run long): the reverse map's extents from pagemap entries (pagemap_extents),
- * folio grouping (folio_starts) and two array primitives (sort_pairs,
+ * run long): the reverse map's extents from pagemap entries or pages
+ * (pagemap_extents, page_extents)
+ * and its lookups and splits (extent_find, extent_holders, extent_pieces), folio
+ * grouping (folio_starts) and two array primitives (sort_pairs,
  * ascends), each replacing several numpy passes, and their temporaries, with
  * one loop.
  *
@@ -348,35 +350,39 @@ struct extent_out {
     size_t count;
 };
 
-/*
- * Extents of entries[] (the pages of the [first, last) runs in bounds[],
- * concatenated) into out, in the order of the pages: an extent goes on while
- * the PFN and the owner both step by one and stops at a block boundary.
- */
+/* Page pfn at owner onto the extents in out: the last one grows while the PFN and
+ * the owner both step by one, short of a block boundary; else a new one starts. */
+static inline void extent_push(struct extent_out *out, uint64_t pfn, uint64_t owner,
+                               uint64_t block_pfns)
+{
+    size_t n = out->count;
+
+    if (n && pfn == out->start[n - 1] + out->length[n - 1]
+        && owner == out->owner[n - 1] + out->length[n - 1] && pfn % block_pfns) {
+        out->length[n - 1]++;
+        return;
+    }
+    out->start[n] = pfn;
+    out->owner[n] = owner;
+    out->length[n] = 1;
+    out->count = n + 1;
+}
+
+/* Extents of entries[] (the pages of the [first, last) runs in bounds[], concatenated)
+ * into out, in the order of the pages. */
 static void extents_of(const uint64_t *entries, const uint64_t *bounds, size_t runs,
                        uint64_t base, uint64_t block_pfns, struct extent_out *out)
 {
-    uint64_t next_pfn = 0, next_owner = 0;
-    size_t at = 0, n = 0;
+    size_t at = 0;
 
+    out->count = 0;
     for (size_t r = 0; r < runs; r++) {
         for (uint64_t vpn = bounds[2 * r]; vpn < bounds[2 * r + 1]; vpn++, at++) {
-            uint64_t entry = entries[at], pfn = entry & PM_PFN_MASK, owner = base + vpn;
-            if (!(entry & PM_PRESENT) || !pfn)
-                continue;
-            if (n && pfn == next_pfn && owner == next_owner && pfn % block_pfns)
-                out->length[n - 1]++;
-            else {
-                out->start[n] = pfn;
-                out->owner[n] = owner;
-                out->length[n] = 1;
-                n++;
-            }
-            next_pfn = pfn + 1;
-            next_owner = owner + 1;
+            uint64_t entry = entries[at], pfn = entry & PM_PFN_MASK;
+            if ((entry & PM_PRESENT) && pfn)
+                extent_push(out, pfn, base + vpn, block_pfns);
         }
     }
-    out->count = n;
 }
 
 PyDoc_STRVAR(pagemap_extents_doc,
@@ -436,7 +442,283 @@ static PyObject *pagemap_extents(PyObject *self, PyObject *args)
     return result;
 }
 
+PyDoc_STRVAR(page_extents_doc,
+"page_extents(pfns, owners, block_pfns, start, owner, length) -> int\n\n"
+"The pages (pfns[i] mapped at owners[i], uint64; PFN 0 is none) as extents in\n"
+"the order given, written to start, owner and length (uint32), each at least\n"
+"as long as `pfns`: an extent goes on while PFN and owner both step by one and\n"
+"ends at a multiple of `block_pfns`. Returns how many extents were written.");
+
+static PyObject *page_extents(PyObject *self, PyObject *args)
+{
+    PyObject *objects[4], *length_obj;
+    unsigned long long block_pfns;
+    Py_buffer views[4], length;
+    static const char *const names[] = {"pfns", "owners", "start", "owner"};
+    static const int writable[] = {0, 0, 1, 1};
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOKOOO:page_extents", &objects[0], &objects[1], &block_pfns,
+                          &objects[2], &objects[3], &length_obj))
+        return NULL;
+    if (get_u64_buffers(objects, views, 4, names, writable) < 0)
+        return NULL;
+    if (get_u32_buffer(length_obj, &length, 1, "length") < 0) {
+        release_buffers(views, 4);
+        return NULL;
+    }
+    size_t n = (size_t)views[0].len / 8;
+    if ((size_t)views[1].len / 8 != n || block_pfns == 0) {
+        PyErr_SetString(PyExc_ValueError, "owners must match pfns; block_pfns > 0");
+    } else if ((size_t)views[2].len / 8 < n || (size_t)views[3].len / 8 < n
+               || (size_t)length.len / 4 < n) {
+        PyErr_SetString(PyExc_ValueError, "start, owner and length must hold len(pfns)");
+    } else if (buffers_overlap(&views[2], &views[0]) || buffers_overlap(&views[2], &views[1])
+               || buffers_overlap(&views[3], &views[0]) || buffers_overlap(&views[3], &views[1])
+               || buffers_overlap(&length, &views[0]) || buffers_overlap(&length, &views[1])
+               || buffers_overlap(&views[2], &views[3]) || buffers_overlap(&length, &views[2])
+               || buffers_overlap(&length, &views[3])) {
+        PyErr_SetString(PyExc_ValueError, "the outputs must not overlap the pages or each other");
+    } else {
+        const uint64_t *pfns = views[0].buf, *owners = views[1].buf;
+        struct extent_out out = {views[2].buf, views[3].buf, length.buf, 0};
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t i = 0; i < n; i++)
+            if (pfns[i])
+                extent_push(&out, pfns[i], owners[i], block_pfns);
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSize_t(out.count);
+    }
+    PyBuffer_Release(&length);
+    release_buffers(views, 4);
+    return result;
+}
+
+/* The extent holding pfn, the last by start, or -1: a binary search, then a walk back
+ * over the extents starting in pfn's block (none crosses a block boundary). */
+static int64_t holder(const uint64_t *start, const uint32_t *length, size_t n, uint64_t pfn,
+                      uint64_t block_pfns)
+{
+    size_t low = 0, high = n;
+    uint64_t block = pfn - pfn % block_pfns;
+
+    while (low < high) {  /* the first extent starting after pfn */
+        size_t mid = low + (high - low) / 2;
+        if (start[mid] <= pfn)
+            low = mid + 1;
+        else
+            high = mid;
+    }
+    for (size_t i = low; i-- > 0 && start[i] >= block;)
+        if (pfn - start[i] < length[i])
+            return (int64_t)i;
+    return -1;
+}
+
+PyDoc_STRVAR(extent_find_doc,
+"extent_find(start, length, owner, block_pfns, pfns, index, owners) -> int\n\n"
+"For each of `pfns`, the extent (start, length uint32, owner; sorted by start,\n"
+"none crossing a multiple of `block_pfns`) holding it, the last by start:\n"
+"its position into `index` (int64, -1 for none) and the PFN's owner into\n"
+"`owners` (2**64 - 1 for none). Returns how many PFNs have one.");
+
+static PyObject *extent_find(PyObject *self, PyObject *args)
+{
+    PyObject *objects[5], *length_obj;
+    unsigned long long block_pfns;
+    Py_buffer views[5], length;
+    static const char *const names[] = {"start", "owner", "pfns", "index", "owners"};
+    static const int writable[] = {0, 0, 0, 1, 1};
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOKOOO:extent_find", &objects[0], &length_obj, &objects[1],
+                          &block_pfns, &objects[2], &objects[3], &objects[4]))
+        return NULL;
+    if (get_u64_buffers(objects, views, 5, names, writable) < 0)
+        return NULL;
+    if (get_u32_buffer(length_obj, &length, 0, "length") < 0) {
+        release_buffers(views, 5);
+        return NULL;
+    }
+    size_t n = (size_t)views[0].len / 8, count = (size_t)views[2].len / 8;
+    if ((size_t)views[1].len / 8 != n || (size_t)length.len / 4 != n || block_pfns == 0) {
+        PyErr_SetString(PyExc_ValueError, "start, length and owner must match; block_pfns > 0");
+    } else if ((size_t)views[3].len / 8 != count || (size_t)views[4].len / 8 != count) {
+        PyErr_SetString(PyExc_ValueError, "index and owners must match pfns in size");
+    } else {
+        const uint64_t *start = views[0].buf, *owner = views[1].buf, *pfns = views[2].buf;
+        int64_t *index = views[3].buf;
+        uint64_t *owners = views[4].buf;
+        size_t hits = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t k = 0; k < count; k++) {
+            int64_t i = holder(start, length.buf, n, pfns[k], block_pfns);
+            index[k] = i;
+            owners[k] = i < 0 ? UINT64_MAX : owner[i] + (pfns[k] - start[i]);
+            hits += i >= 0;
+        }
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSize_t(hits);
+    }
+    PyBuffer_Release(&length);
+    release_buffers(views, 5);
+    return result;
+}
+
+/* The first of sorted a[0:n] not below x. */
+static size_t lower_bound(const uint64_t *a, size_t n, uint64_t x)
+{
+    size_t low = 0, high = n;
+
+    while (low < high) {
+        size_t mid = low + (high - low) / 2;
+        if (a[mid] < x)
+            low = mid + 1;
+        else
+            high = mid;
+    }
+    return low;
+}
+
+PyDoc_STRVAR(extent_holders_doc,
+"extent_holders(start, length, block_pfns, pfns, which, index) -> int\n\n"
+"Every (position in `pfns`, extent) pair where the extent (start, length\n"
+"uint32; sorted by start, none crossing a multiple of `block_pfns`) holds\n"
+"that PFN, in the order of `pfns`, into `which` and `index` (int64). Returns\n"
+"how many pairs there are; where that is more than `which` holds, only the\n"
+"count is right: call again with arrays that large.");
+
+static PyObject *extent_holders(PyObject *self, PyObject *args)
+{
+    PyObject *objects[4], *length_obj;
+    unsigned long long block_pfns;
+    Py_buffer views[4], length;
+    static const char *const names[] = {"start", "pfns", "which", "index"};
+    static const int writable[] = {0, 0, 1, 1};
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOKOOO:extent_holders", &objects[0], &length_obj, &block_pfns,
+                          &objects[1], &objects[2], &objects[3]))
+        return NULL;
+    if (get_u64_buffers(objects, views, 4, names, writable) < 0)
+        return NULL;
+    if (get_u32_buffer(length_obj, &length, 0, "length") < 0) {
+        release_buffers(views, 4);
+        return NULL;
+    }
+    size_t n = (size_t)views[0].len / 8, count = (size_t)views[1].len / 8;
+    size_t room = (size_t)views[2].len / 8;
+    if ((size_t)length.len / 4 != n || block_pfns == 0) {
+        PyErr_SetString(PyExc_ValueError, "start and length must match; block_pfns > 0");
+    } else if ((size_t)views[3].len / 8 != room) {
+        PyErr_SetString(PyExc_ValueError, "which and index must match in size");
+    } else {
+        const uint64_t *start = views[0].buf, *pfns = views[1].buf;
+        const uint32_t *len = length.buf;
+        int64_t *which = views[2].buf, *index = views[3].buf;
+        size_t pairs = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t k = 0; k < count; k++) {
+            uint64_t pfn = pfns[k];
+            size_t i = lower_bound(start, n, pfn - pfn % block_pfns);
+            for (; i < n && start[i] <= pfn; i++) {
+                if (pfn - start[i] >= len[i])
+                    continue;
+                if (pairs < room) {
+                    which[pairs] = (int64_t)k;
+                    index[pairs] = (int64_t)i;
+                }
+                pairs++;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSize_t(pairs);
+    }
+    PyBuffer_Release(&length);
+    release_buffers(views, 4);
+    return result;
+}
+
+PyDoc_STRVAR(extent_pieces_doc,
+"extent_pieces(start, length, owner, touched, pfns, out_start, out_length, out_owner) -> int\n\n"
+"What is left of the extents at the ascending positions `touched` (int64) once\n"
+"the sorted PFNs `pfns` are taken out of them: their runs of pages not in\n"
+"`pfns`, extent by extent, into the out arrays (length uint32). Returns how\n"
+"many pieces there are; where that is more than the out arrays hold, only the\n"
+"count is right (len(touched) + the PFNs' holder pairs always suffice).");
+
+static PyObject *extent_pieces(PyObject *self, PyObject *args)
+{
+    PyObject *objects[6], *length_obj, *out_length_obj;
+    Py_buffer views[6], length, out_length;
+    static const char *const names[] = {"start", "owner", "touched", "pfns", "out_start",
+                                        "out_owner"};
+    static const int writable[] = {0, 0, 0, 0, 1, 1};
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO:extent_pieces", &objects[0], &length_obj,
+                          &objects[1], &objects[2], &objects[3], &objects[4], &out_length_obj,
+                          &objects[5]))
+        return NULL;
+    if (get_u64_buffers(objects, views, 6, names, writable) < 0)
+        return NULL;
+    if (get_u32_buffer(length_obj, &length, 0, "length") < 0)
+        goto release_views;
+    if (get_u32_buffer(out_length_obj, &out_length, 1, "out_length") < 0)
+        goto release_length;
+    size_t n = (size_t)views[0].len / 8, touched = (size_t)views[2].len / 8;
+    size_t count = (size_t)views[3].len / 8, room = (size_t)views[4].len / 8;
+    const int64_t *at = views[2].buf;
+    int ok = (size_t)views[1].len / 8 == n && (size_t)length.len / 4 == n;
+    for (size_t t = 0; t < touched && ok; t++)
+        ok = at[t] >= 0 && (size_t)at[t] < n && (t == 0 || at[t] > at[t - 1]);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError,
+                        "start, length and owner must match; touched must ascend within them");
+    } else if ((size_t)views[5].len / 8 != room || (size_t)out_length.len / 4 != room) {
+        PyErr_SetString(PyExc_ValueError, "the out arrays must match in size");
+    } else {
+        const uint64_t *start = views[0].buf, *owner = views[1].buf, *pfns = views[3].buf;
+        const uint32_t *len = length.buf;
+        uint64_t *out_start = views[4].buf, *out_owner = views[5].buf;
+        uint32_t *out_len = out_length.buf;
+        size_t pieces = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t t = 0; t < touched; t++) {
+            size_t i = (size_t)at[t];
+            uint64_t first = start[i], end = start[i] + len[i];
+            size_t k = lower_bound(pfns, count, first);
+            for (uint64_t from = first; from < end; k++) {
+                uint64_t to = k < count && pfns[k] < end ? pfns[k] : end;
+                if (to > from && pieces < room) {
+                    out_start[pieces] = from;
+                    out_owner[pieces] = owner[i] + (from - first);
+                    out_len[pieces] = (uint32_t)(to - from);
+                }
+                pieces += to > from;
+                from = to + 1;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSize_t(pieces);
+    }
+    PyBuffer_Release(&out_length);
+release_length:
+    PyBuffer_Release(&length);
+release_views:
+    release_buffers(views, 6);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"extent_holders", extent_holders, METH_VARARGS, extent_holders_doc},
+    {"extent_pieces", extent_pieces, METH_VARARGS, extent_pieces_doc},
+    {"page_extents", page_extents, METH_VARARGS, page_extents_doc},
+    {"extent_find", extent_find, METH_VARARGS, extent_find_doc},
     {"pagemap_extents", pagemap_extents, METH_VARARGS, pagemap_extents_doc},
     {"sort_pairs", sort_pairs, METH_VARARGS, sort_pairs_doc},
     {"ascends", ascends, METH_VARARGS, ascends_doc},

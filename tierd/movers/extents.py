@@ -11,22 +11,22 @@ No extent crosses a BLOCK_PFNS-aligned boundary: the extents that may hold
 a PFN are then those starting in its block at or before it, a short
 backward walk from a binary search even where shared pages make extents
 overlap. The arrays are sorted by start PFN; every change builds new ones
-(O(extents) per change, plus the pages of the extents it splits).
+(O(extents) per change, plus the pages it takes out). The per-page loops are C
+(tierd.movers._native).
 """
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from tierd.movers import _native
+
 BLOCK_PFNS = 512  # a PMD-size folio: the longest extent
 NO_EXTENT = -1
 DEAD = np.uint64(2**64 - 1)  # the owner of a PFN no extent holds
-# PFNs taken out per step of remove(): bounds the pages of the extents it rebuilds.
-REMOVE_CHUNK = 1 << 16
 
 U64 = npt.NDArray[np.uint64]
 _A = TypeVar("_A", npt.NDArray[np.uint64], npt.NDArray[np.uint32])
@@ -36,20 +36,13 @@ def runs(pfns: U64, owners: U64) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
     """The pages (pfns[i] mapped at owners[i], in the given order) as extents, sorted by
     start: a run continues while both the PFN and the owner go up by one, and ends
     at a block boundary. PFN 0 is never a page."""
-    keep = pfns != 0
-    if not keep.all():
-        pfns, owners = pfns[keep], owners[keep]
-    if pfns.size == 0:
-        return _empty()
-    one = np.uint64(1)
-    breaks = np.ones(pfns.size, dtype=np.bool_)
-    breaks[1:] = ((pfns[1:] != pfns[:-1] + one) | (owners[1:] != owners[:-1] + one)
-                  | (pfns[1:] % np.uint64(BLOCK_PFNS) == 0))
-    first = np.flatnonzero(breaks)
-    lengths = np.diff(np.append(first, pfns.size)).astype(np.uint32)
-    starts, heads = pfns[first], owners[first]
-    order = np.argsort(starts, kind="stable")
-    return starts[order], heads[order], lengths[order]
+    pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+    owners = np.ascontiguousarray(owners, dtype=np.uint64)
+    start, owner = np.empty(pfns.size, dtype=np.uint64), np.empty(pfns.size, dtype=np.uint64)
+    length = np.empty(pfns.size, dtype=np.uint32)
+    count = _native.page_extents(pfns, owners, BLOCK_PFNS, start, owner, length)
+    order = np.argsort(start[:count], kind="stable")
+    return start[:count][order], owner[:count][order], length[:count][order]
 
 
 def _empty() -> tuple[U64, U64, npt.NDArray[np.uint32]]:
@@ -85,29 +78,18 @@ class ExtentMap:
 
     def find(self, pfns: U64) -> npt.NDArray[np.intp]:
         """For each PFN the index of an extent holding it (the last by start), or NO_EXTENT."""
-        pfns = np.asarray(pfns, dtype=np.uint64)
-        at = np.searchsorted(self.start, pfns, side="right").astype(np.intp) - 1
-        found = np.full(pfns.size, NO_EXTENT, dtype=np.intp)
-        block = pfns - pfns % np.uint64(BLOCK_PFNS)
-        todo = np.flatnonzero(at >= 0)
-        while todo.size:  # at most the extents starting in one block before the PFN
-            i, p = at[todo], pfns[todo]
-            hit = self.start[i] + self.length[i] > p
-            found[todo[hit]] = i[hit]
-            todo = todo[~hit & (i > 0)]
-            at[todo] -= 1
-            todo = todo[self.start[at[todo]] >= block[todo]]
-        return found
+        return self._found(pfns)[0]
 
     def owners_of(self, pfns: U64) -> U64:
         """The owner of each PFN in the extent find() gives, DEAD where none holds it."""
-        pfns = np.asarray(pfns, dtype=np.uint64)
-        index = self.find(pfns)
-        hit = index != NO_EXTENT
-        owners = np.full(pfns.size, DEAD, dtype=np.uint64)
-        i = index[hit]
-        owners[hit] = self.owner[i] + (pfns[hit] - self.start[i])
-        return owners
+        return self._found(pfns)[1]
+
+    def _found(self, pfns: U64) -> tuple[npt.NDArray[np.intp], U64]:
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+        index = np.empty(pfns.size, dtype=np.intp)
+        owners = np.empty(pfns.size, dtype=np.uint64)
+        _native.extent_find(self.start, self.length, self.owner, BLOCK_PFNS, pfns, index, owners)
+        return index, owners
 
     def expand(self, which: npt.NDArray[np.bool_] | None = None) -> tuple[U64, U64]:
         """(pfn, owner) of every page of the extents (or of those `which` selects), extent
@@ -122,16 +104,15 @@ class ExtentMap:
 
     def holders(self, pfns: U64) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
         """Every (position in `pfns`, extent) pair where the extent holds that PFN."""
-        pfns = np.asarray(pfns, dtype=np.uint64)
-        block = pfns - pfns % np.uint64(BLOCK_PFNS)
-        low = np.searchsorted(self.start, block, side="left").astype(np.intp)
-        high = np.searchsorted(self.start, pfns, side="right").astype(np.intp)
-        counts = high - low
-        which = np.repeat(np.arange(pfns.size), counts)
-        index = (np.arange(int(counts.sum()), dtype=np.intp)
-                 - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(low, counts))
-        hit = self.start[index] + self.length[index] > pfns[which]
-        return which[hit], index[hit]
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+        room = pfns.size  # mostly one holder a PFN; more where pages are shared
+        while True:
+            which, index = np.empty(room, dtype=np.intp), np.empty(room, dtype=np.intp)
+            pairs = _native.extent_holders(self.start, self.length, BLOCK_PFNS, pfns, which,
+                                           index)
+            if pairs <= room:
+                return which[:pairs], index[:pairs]
+            room = pairs
 
     # --- changes -----------------------------------------------------------------------
 
@@ -160,34 +141,22 @@ class ExtentMap:
     def remove(self, pfns: U64) -> tuple[npt.NDArray[np.intp], U64]:
         """Take the (sorted, distinct) PFNs out of every extent holding them; an extent
         splits around them. Returns each page taken out: its position in `pfns` and its
-        owner.
-
-        In steps of about REMOVE_CHUNK PFNs, cut between blocks, so an extent changes in
-        one step only and the map is rebuilt once.
-        """
-        pfns = np.asarray(pfns, dtype=np.uint64)
-        gone = np.zeros(self.start.size, dtype=np.bool_)
-        parts: list[tuple[U64, U64, npt.NDArray[np.uint32]]] = [_empty()]
-        positions, owners = [np.zeros(0, dtype=np.intp)], [np.zeros(0, dtype=np.uint64)]
-        blocks = pfns // np.uint64(BLOCK_PFNS)
-        cuts = [*np.searchsorted(blocks, blocks[::REMOVE_CHUNK]).tolist(), pfns.size]
-        for low, high in pairwise(cuts):
-            chunk = pfns[low:high]
-            which, index = self.holders(chunk)
-            positions.append(which + low)
-            owners.append(self.owner[index] + (chunk[which] - self.start[index]))
-            touched = np.zeros(self.start.size, dtype=np.bool_)
-            touched[index] = True
-            gone |= touched
-            page_pfns, page_owners = self.expand(touched)
-            at = np.minimum(np.searchsorted(chunk, page_pfns), chunk.size - 1)
-            left = chunk[at] != page_pfns
-            parts.append(runs(page_pfns[left], page_owners[left]))
-        self.keep(~gone)
-        start, owner, length = (np.concatenate(p) for p in zip(*parts, strict=True))
-        order = np.argsort(start, kind="stable")
-        self.add(start[order], owner[order], length[order])
-        return np.concatenate(positions), np.concatenate(owners)
+        owner."""
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+        which, index = self.holders(pfns)
+        owners = self.owner[index] + (pfns[which] - self.start[index])
+        touched = np.zeros(self.start.size, dtype=np.bool_)
+        touched[index] = True
+        at = np.flatnonzero(touched)
+        room = at.size + index.size  # a piece before each PFN taken out, one after
+        start, owner = np.empty(room, dtype=np.uint64), np.empty(room, dtype=np.uint64)
+        length = np.empty(room, dtype=np.uint32)
+        pieces = _native.extent_pieces(self.start, self.length, self.owner, at, pfns, start,
+                                       length, owner)
+        self.keep(~touched)
+        order = np.argsort(start[:pieces], kind="stable")
+        self.add(start[:pieces][order], owner[:pieces][order], length[:pieces][order])
+        return which, owners
 
     def drop_slots(self, slots: npt.NDArray[np.bool_], vpn_bits: int) -> None:
         """Take out every extent whose owner's slot `slots` flags."""

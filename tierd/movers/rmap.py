@@ -198,13 +198,17 @@ class ReverseMap:
         processes of all other entries taken out are marked stale."""
         pfns = np.asarray(pfns, dtype=np.uint64)
         followers = self._map.owners_of(pfns)
-        distinct, first = np.unique(pfns, return_index=True)
+        distinct, first = pfns.copy(), np.arange(pfns.size, dtype=np.int64)
+        _native.sort_pairs(distinct, first)  # pages of a batch are distinct, in process order
+        if not _native.ascends(distinct, True):
+            distinct, first = np.unique(pfns, return_index=True)
         where, owners = self._map.remove(distinct)
         at = first[where]
         stale = ~(moving[at] & (owners == followers[at]))
-        for slot in np.unique(owners[stale] >> np.uint64(VPN_BITS)).tolist():
-            if (proc := self._procs.get(int(self._slot_pid[slot]))) is not None:
-                proc.stale = True
+        if stale.any():
+            for slot in np.unique(owners[stale] >> np.uint64(VPN_BITS)).tolist():
+                if (proc := self._procs.get(int(self._slot_pid[slot]))) is not None:
+                    proc.stale = True
         follows = moving & (followers != DEAD)
         return follows, followers[follows]
 
