@@ -25,10 +25,13 @@ def arrays(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.uint8)
 
 
-def two_nodes(free0: int, keep0: int = 10, free1: int = 1000, keep1: int = 10
-              ) -> list[NodeTarget]:
-    return [NodeTarget(0, 0, (N0,), free0, keep0, promote_to=None, demote_to=1),
-            NodeTarget(1, 1, (N1,), free1, keep1, promote_to=0, demote_to=None)]
+def two_nodes(free0: int, keep0: int = 10, free1: int = 1000, keep1: int = 10,
+              watermark0: int | None = None) -> list[NodeTarget]:
+    """Node 0 over node 1; node 0's watermark is its keep_free unless given (no headroom)."""
+    return [NodeTarget(0, 0, (N0,), free0, keep0, promote_to=None, demote_to=1,
+                       watermark_pages=keep0 if watermark0 is None else watermark0),
+            NodeTarget(1, 1, (N1,), free1, keep1, promote_to=0, demote_to=None,
+                       watermark_pages=keep1)]
 
 
 def put(heat: np.ndarray, marks: np.ndarray, pfns: list[int] | range, heat_value: int,
@@ -130,6 +133,26 @@ def test_by_default_cold_pages_stay_while_the_fast_node_has_room() -> None:
     assert plan.pages(Direction.DEMOTE) == 5 and plan.pages(Direction.PROMOTE) == 0
 
 
+def test_the_headroom_is_made_only_for_hot_pages_waiting_below() -> None:
+    """Above the watermark and below the headroom, a node whose hot pages are all on it
+    keeps every page (a workload that fits loses nothing); once hot pages wait below,
+    the headroom is restored for them."""
+    heat, marks = arrays()
+    put(heat, marks, range(0, 50), 0, mark(h.COLD))
+    put(heat, marks, range(50, 100), 40, mark(h.WARM))
+    nodes = two_nodes(free0=6, keep0=10, watermark0=4)
+    assert policy.decide(heat, marks, nodes, budget_pages=100).batches == ()
+    # Below the watermark, only as far as the watermark.
+    plan = policy.decide(heat, marks, two_nodes(free0=1, keep0=10, watermark0=4),
+                         budget_pages=100)
+    assert [(b.direction, b.pfns.size) for b in plan.batches] == [(Direction.DEMOTE, 3)]
+    put(heat, marks, range(100, 102), 200, mark(h.HOT))
+    plan = policy.decide(heat, marks, nodes, budget_pages=100)
+    # 4 back to the headroom, 2 in exchange for the hot pages.
+    assert [(b.direction, b.pfns.size) for b in plan.batches] == [
+        (Direction.DEMOTE, 6), (Direction.PROMOTE, 2)]
+
+
 def test_a_page_hot_for_one_round_takes_free_room_but_displaces_nothing() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 50), 0, mark(h.COLD))
@@ -178,9 +201,9 @@ def test_three_tiers_move_one_tier_at_a_time_demotions_first_sorted_by_target() 
     put(heat, marks, range(200, 205), 200, mark(h.HOT))  # node 2: hot pages
 
     def nodes(free1: int) -> list[NodeTarget]:
-        return [NodeTarget(0, 0, ((0, 100),), 0, 2, None, 1),
-                NodeTarget(1, 1, ((100, 200),), free1, 2, 0, 2),
-                NodeTarget(2, 2, ((200, 300),), 500, 2, 1, None)]
+        return [NodeTarget(0, 0, ((0, 100),), 0, 2, None, 1, watermark_pages=2),
+                NodeTarget(1, 1, ((100, 200),), free1, 2, 0, 2, watermark_pages=2),
+                NodeTarget(2, 2, ((200, 300),), 500, 2, 1, None, watermark_pages=2)]
 
     plan = policy.decide(heat, marks, nodes(free1=0), budget_pages=100,
                          params=PRESSURE_ONLY)

@@ -25,7 +25,7 @@ The tree (every key is optional; defaults below; durations in seconds):
       hot_threshold: 4.0           # heat at or above which a slow-tier page is hot
       cold_threshold: 0.5          # heat at or below which a fast-tier page is cold
       hysteresis_intervals: 2      # consecutive hot (cold) rounds before a move
-      headroom_percent: 2.0        # fast-node memory kept free above the promo/high watermark
+      headroom_percent: 2.0        # kept free above the watermark while hot pages wait below
       demote_cold: false           # true: demote every settled-cold page, room needed or not
       budget_split:                # the interval's move budget (movers.rate_mb_per_s x interval)
         promote: 0.5

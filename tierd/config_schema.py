@@ -114,11 +114,13 @@ SCHEMA: dict[str, Any] = {
                                       " out one round more before it may move again.",
                                       minimum=1, maximum=100),
             headroom_percent=_num("Percent of each fast node's memory kept free above its"
-                                  " promo/high watermark, so promotions never push the node"
-                                  " into reclaim.", minimum=0, maximum=50),
+                                  " promo/high watermark while hot pages wait below it, so"
+                                  " promotions never push the node into reclaim. With none"
+                                  " waiting, tierd demotes only below the watermark.",
+                                  minimum=0, maximum=50),
             demote_cold=_bool("Demote every settled-cold page, as far as the node below has"
                               " room, even when the fast node does not need the room. Off,"
-                              " cold pages leave only to keep the headroom free or to make"
+                              " cold pages leave only to keep the watermark or to make"
                               " room for hot pages: fewer moves, a fuller fast tier."),
             budget_split=_obj(
                 "How an interval's move budget (movers.rate_mb_per_s times interval) is"

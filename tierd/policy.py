@@ -1,10 +1,13 @@
 """The policy core: heat and marks in, batches of PFNs to move out. Pure: no kernel access.
 
 For every node that has a slower tier below it, the policy keeps its free
-memory above `keep_free_pages` (its high/promo watermark plus a headroom):
+memory above `keep_free_pages` (its high/promo watermark plus a headroom)
+while hot pages wait below it, and above the watermark always:
 
-- below it, demote the coldest pages first (settled cold ones, then any
-  non-hot page) to the node's demotion target, one tier down;
+- below that level, demote the coldest pages first (settled cold ones, then
+  any non-hot page) to the node's demotion target, one tier down; the
+  headroom is room for the hot pages waiting, so with none waiting a node
+  whose memory fits above its watermark loses no page it may touch;
 - above it, promote the hottest settled-hot pages of the nodes one tier
   down, as far as the room allows;
 - when hot pages are waiting below and the node has no room, exchange:
@@ -74,9 +77,10 @@ class NodeTarget:
     tier: int  # rank, 0 = fastest
     ranges: tuple[tuple[int, int], ...]  # [start, end) PFNs of this node
     free_pages: int
-    keep_free_pages: int  # watermark + headroom: demote below, promote only above
+    keep_free_pages: int  # watermark + headroom: promote only above; demote below for them
     promote_to: int | None = None  # a node one tier up
     demote_to: int | None = None  # a node one tier down
+    watermark_pages: int = 0  # demote below this whatever waits
 
 
 def targets(facts: list[NodeFacts], headroom_percent: float) -> list[NodeTarget]:
@@ -96,6 +100,7 @@ def targets(facts: list[NodeFacts], headroom_percent: float) -> list[NodeTarget]
         node=f.node, tier=f.tier, ranges=f.ranges, free_pages=f.free_pages,
         keep_free_pages=f.watermark_pages + int(f.managed_pages * headroom_percent / 100),
         promote_to=roomiest(f.tier - 1), demote_to=roomiest(f.tier + 1),
+        watermark_pages=f.watermark_pages,
     ) for f in facts]
 
 
@@ -199,6 +204,12 @@ def _promotions(settled: int, fresh: int, room: int, exchange: int, left: int
     return by_settled, HOT_SETTLED
 
 
+def _deficit(t: NodeTarget, free: int, waiting: int) -> int:
+    """Pages to demote for room: up to the headroom while hot pages wait below, else
+    only up to the watermark."""
+    return max(0, (t.keep_free_pages if waiting else t.watermark_pages) - free)
+
+
 def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64]],
               budget: int, params: PolicyParams) -> dict[int, _Counts]:
     """Page counts per node: what to demote from it and promote into it, within budget."""
@@ -214,9 +225,10 @@ def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64
         hot_below = sum(settled[n].values())
         promote_demand += max(min(hot_below, max(0, room) + cold),
                               min(sum(fresh[n].values()), max(0, room)))
-        # Demotions needed: to get back above the headroom, and one per promoted
-        # page that does not fit into the room.
-        needed = max(0, -room) + max(0, min(hot_below, cold) - max(0, room))
+        # Demotions needed: the deficit, and one per promoted page that does not
+        # fit into the room.
+        needed = (_deficit(t, t.free_pages, sum(fresh[n].values()))
+                  + max(0, min(hot_below, cold) - max(0, room)))
         demote_demand += max(needed, cold) if params.demote_cold else needed
     promote_left = min(promote_demand, max(round(budget * params.promote_share),
                                            budget - demote_demand))
@@ -233,7 +245,7 @@ def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64
         if target is not None:
             target_room = max(0, free[target] - nodes[target].keep_free_pages)
             demote_cap = min(demote_left, target_room, n_any)
-        need = min(max(0, -room), demote_cap)
+        need = min(_deficit(t, free[n], sum(fresh[n].values())), demote_cap)
         exchange = max(0, min(n_cold - min(n_cold, need), demote_cap - need))
         promote, category = _promotions(sum(settled[n].values()), sum(fresh[n].values()),
                                         max(0, room), exchange, promote_left)
