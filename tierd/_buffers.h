@@ -60,6 +60,22 @@ static inline int get_u64_buffers(PyObject *const *objects, Py_buffer *views, in
     return 0;
 }
 
+/* get_u64_buffers(), then get_u32_buffer() of length_obj (an extent map's lengths) into
+ * length; on failure none is held. */
+static inline int get_u64_buffers_and_length(PyObject *const *objects, Py_buffer *views,
+                                             int count, const char *const *names,
+                                             const int *writable, PyObject *length_obj,
+                                             Py_buffer *length, int length_writable)
+{
+    if (get_u64_buffers(objects, views, count, names, writable) < 0)
+        return -1;
+    if (get_u32_buffer(length_obj, length, length_writable, "length") < 0) {
+        release_buffers(views, count);
+        return -1;
+    }
+    return 0;
+}
+
 /* Whether two buffers share any byte (an output must not overlap the input it reads). */
 static inline int buffers_overlap(const Py_buffer *a, const Py_buffer *b)
 {

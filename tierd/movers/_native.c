@@ -407,12 +407,9 @@ static PyObject *pagemap_extents(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOKKOOO:pagemap_extents", &objects[0], &objects[1], &base,
                           &block_pfns, &objects[2], &objects[3], &objects[4]))
         return NULL;
-    if (get_u64_buffers(objects, views, 4, names, writable) < 0)
+    if (get_u64_buffers_and_length(objects, views, 4, names, writable, objects[4],
+                                   &length, 1) < 0)
         return NULL;
-    if (get_u32_buffer(objects[4], &length, 1, "length") < 0) {
-        release_buffers(views, 4);
-        return NULL;
-    }
     size_t n = (size_t)views[0].len / 8, runs = (size_t)views[1].len / 16, pages = 0;
     const uint64_t *bounds = views[1].buf;
     int ok = views[1].len % 16 == 0 && block_pfns > 0;
@@ -462,12 +459,9 @@ static PyObject *page_extents(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOKOOO:page_extents", &objects[0], &objects[1], &block_pfns,
                           &objects[2], &objects[3], &length_obj))
         return NULL;
-    if (get_u64_buffers(objects, views, 4, names, writable) < 0)
+    if (get_u64_buffers_and_length(objects, views, 4, names, writable, length_obj,
+                                   &length, 1) < 0)
         return NULL;
-    if (get_u32_buffer(length_obj, &length, 1, "length") < 0) {
-        release_buffers(views, 4);
-        return NULL;
-    }
     size_t n = (size_t)views[0].len / 8;
     if ((size_t)views[1].len / 8 != n || block_pfns == 0) {
         PyErr_SetString(PyExc_ValueError, "owners must match pfns; block_pfns > 0");
@@ -536,12 +530,9 @@ static PyObject *extent_find(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOKOOO:extent_find", &objects[0], &length_obj, &objects[1],
                           &block_pfns, &objects[2], &objects[3], &objects[4]))
         return NULL;
-    if (get_u64_buffers(objects, views, 5, names, writable) < 0)
+    if (get_u64_buffers_and_length(objects, views, 5, names, writable, length_obj,
+                                   &length, 0) < 0)
         return NULL;
-    if (get_u32_buffer(length_obj, &length, 0, "length") < 0) {
-        release_buffers(views, 5);
-        return NULL;
-    }
     size_t n = (size_t)views[0].len / 8, count = (size_t)views[2].len / 8;
     if ((size_t)views[1].len / 8 != n || (size_t)length.len / 4 != n || block_pfns == 0) {
         PyErr_SetString(PyExc_ValueError, "start, length and owner must match; block_pfns > 0");
@@ -603,12 +594,9 @@ static PyObject *extent_holders(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOKOOO:extent_holders", &objects[0], &length_obj, &block_pfns,
                           &objects[1], &objects[2], &objects[3]))
         return NULL;
-    if (get_u64_buffers(objects, views, 4, names, writable) < 0)
+    if (get_u64_buffers_and_length(objects, views, 4, names, writable, length_obj,
+                                   &length, 0) < 0)
         return NULL;
-    if (get_u32_buffer(length_obj, &length, 0, "length") < 0) {
-        release_buffers(views, 4);
-        return NULL;
-    }
     size_t n = (size_t)views[0].len / 8, count = (size_t)views[1].len / 8;
     size_t room = (size_t)views[2].len / 8;
     if ((size_t)length.len / 4 != n || block_pfns == 0) {
