@@ -258,6 +258,35 @@ def test_a_whole_step_collects_decides_moves_and_publishes(tmp_path: Path) -> No
     assert snap.tracked_pages == COLD_ON_FAST.size + HOT_ON_SLOW.size
 
 
+class MappedMover(RecordingMover):
+    """A recording mover whose page map holds only `mapped` (as the PID mover's reverse
+    map holds no page cache)."""
+
+    def __init__(self, mapped: npt.NDArray[np.uint64]) -> None:
+        super().__init__()
+        self.mapped = mapped
+
+    def reachable(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_] | None:
+        return np.isin(pfns, self.mapped)
+
+
+def test_hot_frames_the_movers_map_cannot_reach_are_never_planned(tmp_path: Path) -> None:
+    """Else the policy plans them in vain and keeps the fast node's headroom for them."""
+    host = _FixtureHost(tmp_path)
+    host.mover = MappedMover(HOT_ON_SLOW[:20])
+    daemon = host.daemon()
+    daemon.start()
+    try:
+        for _ in range(5):
+            host.touch(HOT_ON_SLOW)
+            daemon.step()
+    finally:
+        daemon.close()
+    promoted = {pfn for b in host.mover.batches if b.direction is Direction.PROMOTE
+                for pfn in b.pfns.tolist()}
+    assert promoted == set(HOT_ON_SLOW[:20].tolist())
+
+
 def _batch(direction: Direction, source: int, target: int, pages: int) -> Batch:
     return Batch(direction, source, target, np.arange(pages, dtype=np.uint64))
 

@@ -179,6 +179,8 @@ def test_rmap_maps_every_present_page_of_every_process() -> None:
     assert found.tolist() == [True, True, True, True, False]
     assert pids.tolist() == [4242, 4242, 4243, 4244, 0]
     assert vaddrs.tolist() == [17 * PAGE, 22 * PAGE, 17 * PAGE, 16 * PAGE, 0]
+    assert rmap.holds(np.array([99, 17, 48, 20], dtype=np.uint64)).tolist() == [
+        False, True, True, False]
 
 
 def test_rmap_never_reads_excluded_processes() -> None:

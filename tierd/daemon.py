@@ -39,7 +39,7 @@ from tierd.collectors.processes import ProcessFilter
 from tierd.collectors.topology import Topology, node_facts, read_topology
 from tierd.config import Config
 from tierd.errors import Interrupted, KernelFileError
-from tierd.heat import HEAT_SCALE, HeatModel
+from tierd.heat import HEAT_SCALE, HOT, PASS_CHUNK, HeatModel, classes
 from tierd.history import MoveHistory
 from tierd.kernel.kernel_tiering import read_kernel_tiering
 from tierd.kernel.root import HOST, HostRoot
@@ -296,12 +296,34 @@ class Daemon:
             self._pin_unmovable(self.heat.track(known))
 
     def decide(self, facts: list[NodeFacts]) -> Plan:
+        self._cool_unreachable_hot(facts)
         targets = policy.targets(facts, self.settings.headroom_percent)
         self._keep_free = {t.node: t.keep_free_pages for t in targets}
         plan = policy.decide(self.heat.heat, self.heat.mark, targets,
                              self.settings.budget_pages(), self.settings.policy)
         self.state.record_rate_limited(plan.deferred_pages)
         return plan
+
+    def _cool_unreachable_hot(self, facts: list[NodeFacts]) -> None:
+        """Cool down hot frames below the top tier that the mover's page map cannot move
+        (page cache no process maps, for the PID mover): the policy would plan them in
+        vain and keep the fast node's headroom for them, demoting pages it can reach.
+        A cooldown, not a pin: a frame the next refresh maps is a candidate again."""
+        mover = self.pipeline.mover
+        if not facts or mover.reachable(np.zeros(0, dtype=np.uint64)) is None:
+            return  # no page map: the mover reaches any page
+        top = min(f.tier for f in facts)
+        mark = self.heat.mark
+        for f in facts:
+            if f.tier == top:
+                continue
+            for start, end in f.ranges:
+                for low in range(start, min(end, mark.size), PASS_CHUNK):
+                    high = min(low + PASS_CHUNK, end, mark.size)
+                    hot = (np.flatnonzero(classes(mark[low:high]) == HOT) + low).astype(np.uint64)
+                    reach = mover.reachable(hot) if hot.size else None
+                    if reach is not None and not reach.all():
+                        self.heat.cool_down(hot[~reach])
 
     def move(self, plan: Plan) -> IntervalSummary:
         summary = IntervalSummary(planned=plan.pages(), deferred=plan.deferred_pages)

@@ -43,13 +43,18 @@ class Mover(Protocol):
         """Entries and bytes of the mover's own page map (0, 0 without one)."""
         ...
 
+    def reachable(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_] | None:
+        """Which of `pfns` its page map can move (None without one: any page)."""
+        ...
+
     def move(self, batch: Batch, flags: npt.NDArray[np.uint64] | None = None) -> BatchResult:
         """Move the batch; `flags`: its PFNs' kpageflags when the caller read them already."""
         ...
 
 
 class MaplessMover:
-    """The Mover methods of one that keeps no page map: upkeep, PFN list and footprint none."""
+    """The Mover methods of one that keeps no page map: upkeep, PFN list, footprint and
+    reach none."""
 
     params = MoverParams()
 
@@ -64,6 +69,9 @@ class MaplessMover:
 
     def footprint(self) -> tuple[int, int]:
         return 0, 0
+
+    def reachable(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_] | None:
+        return None
 
 
 # Opens the mover on `setup`'s host, or raises tierd.errors.Unusable saying why it cannot.

@@ -95,6 +95,9 @@ class PidMover:
     def footprint(self) -> tuple[int, int]:
         return self.rmap.pages, self.rmap.nbytes
 
+    def reachable(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_] | None:
+        return self.rmap.holds(pfns)
+
     def _flags(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """The kpageflags of each of `pfns`."""
         with kpf.kpageflags(self.root) as flags_file:

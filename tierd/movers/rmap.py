@@ -125,6 +125,10 @@ class ReverseMap:
         vaddr = np.where(found, (owner & VPN_MASK) << np.uint64(PAGE_SHIFT), np.uint64(0))
         return found, pid, vaddr
 
+    def holds(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        """Whether the map has an entry for each PFN."""
+        return cast(npt.NDArray[np.bool_], self._map.owners_of(pfns) != DEAD)
+
     def by_process(self, pfns: npt.NDArray[np.uint64]
                    ) -> tuple[npt.NDArray[np.bool_] | None, list[ProcessPages]]:
         """Where the pages of `pfns` are mapped: which of them the map lacks (None when
