@@ -107,6 +107,7 @@ class Daemon:
         self._trace: TraceWriter | None = None
         self._memcg_inodes: frozenset[int] = frozenset()
         self._excluded_pfns = np.zeros(0, dtype=np.uint64)
+        self._new_round = False  # this interval's evidence started a round
         self._keep_free: dict[int, int] = {}  # node -> pages the policy keeps free
         self._would_move = WouldMoveLedger()
         self.history = MoveHistory(HISTORY_ROUNDS)
@@ -264,6 +265,7 @@ class Daemon:
 
     def update_heat(self, evidence: Evidence) -> None:
         self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
+        self._new_round = evidence.new_round
         if evidence.new_round:
             self.history.advance()
         self.heat.fold(evidence.idle, evidence.samples, evidence.regions,
@@ -296,7 +298,8 @@ class Daemon:
             self._pin_unmovable(self.heat.track(known))
 
     def decide(self, facts: list[NodeFacts]) -> Plan:
-        self._cool_unreachable_hot(facts)
+        if self._new_round:  # cooldowns last rounds: once a round keeps them, a pass apiece
+            self._cool_unreachable_hot(facts)
         targets = policy.targets(facts, self.settings.headroom_percent)
         self._keep_free = {t.node: t.keep_free_pages for t in targets}
         plan = policy.decide(self.heat.heat, self.heat.mark, targets,
