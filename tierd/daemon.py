@@ -48,7 +48,7 @@ from tierd.movers import safety
 from tierd.movers.batches import BatchResult
 from tierd.movers.dry_run import WouldMoveLedger
 from tierd.pipeline import Pipeline, Settings, build_pipeline
-from tierd.policy import Plan
+from tierd.policy import Plan, chunks
 from tierd.telemetry import DaemonState, NodeUsage
 from tierd.trace import IntervalRecord, TraceError, TraceWriter
 from tierd.vocabulary import PAGE_SIZE, Batch, Direction, NodeFacts
@@ -317,16 +317,12 @@ class Daemon:
             return  # no page map: the mover reaches any page
         top = min(f.tier for f in facts)
         mark = self.heat.mark
-        for f in facts:
-            if f.tier == top:
-                continue
-            for start, end in f.ranges:
-                for low in range(start, min(end, mark.size), PASS_CHUNK):
-                    high = min(low + PASS_CHUNK, end, mark.size)
-                    hot = (np.flatnonzero(classes(mark[low:high]) == HOT) + low).astype(np.uint64)
-                    reach = mover.reachable(hot) if hot.size else None
-                    if reach is not None and not reach.all():
-                        self.heat.cool_down(hot[~reach])
+        for f in (f for f in facts if f.tier != top):
+            for low, high in chunks(f.ranges, mark.size, PASS_CHUNK):
+                hot = (np.flatnonzero(classes(mark[low:high]) == HOT) + low).astype(np.uint64)
+                reach = mover.reachable(hot) if hot.size else None
+                if reach is not None and not reach.all():
+                    self.heat.cool_down(hot[~reach])
 
     def move(self, plan: Plan) -> IntervalSummary:
         summary = IntervalSummary(planned=plan.pages(), deferred=plan.deferred_pages)

@@ -149,7 +149,7 @@ def _in_category(mark: npt.NDArray[np.uint8], ranges: tuple[tuple[int, int], ...
     return inside
 
 
-def _chunks(ranges: tuple[tuple[int, int], ...], npfns: int, step: int = h.CHUNK
+def chunks(ranges: tuple[tuple[int, int], ...], npfns: int, step: int = h.CHUNK
             ) -> Iterator[tuple[int, int]]:
     for start, end in ranges:
         end = min(end, npfns)
@@ -169,7 +169,7 @@ def histograms(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     for cat in (COLD_SETTLED, NOT_HOT, HOT_SETTLED, HOT_FRESH):
         cranges = mark_ranges(cat, hysteresis)
         exact, sampled = 0, np.zeros(256, dtype=np.int64)
-        for s, e in _chunks(ranges, heat.size):
+        for s, e in chunks(ranges, heat.size):
             inside = _in_category(mark[s:e], cranges)
             exact += int(np.count_nonzero(inside))
             sample = inside[::stride]
@@ -292,7 +292,7 @@ def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     cranges = mark_ranges(category, hysteresis)
     beyond, at_cut = [], []
     remaining = k
-    for s, e in _chunks(ranges, heat.size):
+    for s, e in chunks(ranges, heat.size):
         inside = _in_category(mark[s:e], cranges)
         chunk_heat = heat[s:e]
         strict = inside & ((chunk_heat < t) if coldest else (chunk_heat > t))
