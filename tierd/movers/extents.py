@@ -38,16 +38,17 @@ def runs(pfns: U64, owners: U64) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
     at a block boundary. PFN 0 is never a page."""
     pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
     owners = np.ascontiguousarray(owners, dtype=np.uint64)
-    start, owner = np.empty(pfns.size, dtype=np.uint64), np.empty(pfns.size, dtype=np.uint64)
-    length = np.empty(pfns.size, dtype=np.uint32)
+    start, owner, length = extent_arrays(pfns.size)
     count = _native.page_extents(pfns, owners, BLOCK_PFNS, start, owner, length)
     order = np.argsort(start[:count], kind="stable")
     return start[:count][order], owner[:count][order], length[:count][order]
 
 
-def _empty() -> tuple[U64, U64, npt.NDArray[np.uint32]]:
-    return (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64),
-            np.zeros(0, dtype=np.uint32))
+def extent_arrays(size: int = 0) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
+    """Uninitialized (start, owner, length) arrays for `size` extents: what the C loops
+    write into (pages never written cost no memory)."""
+    return (np.empty(size, dtype=np.uint64), np.empty(size, dtype=np.uint64),
+            np.empty(size, dtype=np.uint32))
 
 
 def _merged(old: _A, new: _A, at: npt.NDArray[np.intp], kept: npt.NDArray[np.bool_]) -> _A:
@@ -60,7 +61,7 @@ class ExtentMap:
     """A multiset of extents, sorted by start PFN (see the module's docstring)."""
 
     def __init__(self) -> None:
-        self.start, self.owner, self.length = _empty()
+        self.start, self.owner, self.length = extent_arrays()
 
     @property
     def extents(self) -> int:
@@ -149,8 +150,7 @@ class ExtentMap:
         touched[index] = True
         at = np.flatnonzero(touched)
         room = at.size + index.size  # a piece before each PFN taken out, one after
-        start, owner = np.empty(room, dtype=np.uint64), np.empty(room, dtype=np.uint64)
-        length = np.empty(room, dtype=np.uint32)
+        start, owner, length = extent_arrays(room)
         pieces = _native.extent_pieces(self.start, self.length, self.owner, at, pfns, start,
                                        length, owner)
         self.keep(~touched)

@@ -40,7 +40,7 @@ from tierd.kernel import pagemap, task
 from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import _native
-from tierd.movers.extents import BLOCK_PFNS, DEAD, U64, ExtentMap, runs
+from tierd.movers.extents import BLOCK_PFNS, DEAD, U64, ExtentMap, extent_arrays, runs
 from tierd.vocabulary import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
@@ -309,9 +309,7 @@ class ReverseMap:
         for pieces in _pieces(page_runs, READ_PAGES):
             entries = buffer[:sum(last - first for first, last in pieces)]
             pagemap.read_runs(pid, pieces, entries, self.root)
-            # Untouched pages of np.empty cost no memory: the extents are far fewer.
-            start, owner = np.empty(entries.size, np.uint64), np.empty(entries.size, np.uint64)
-            length = np.empty(entries.size, np.uint32)
+            start, owner, length = extent_arrays(entries.size)  # the extents are far fewer
             count = _native.pagemap_extents(entries, np.array(pieces, np.uint64).ravel(),
                                             slot << VPN_BITS, BLOCK_PFNS, start, owner, length)
             parts.append((start[:count].copy(), owner[:count].copy(), length[:count].copy()))
