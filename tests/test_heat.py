@@ -187,17 +187,40 @@ def _reference_classify(heat: int, mark: int, advance: int) -> int:
 def test_heat_and_streaks_age_per_round_not_per_interval() -> None:
     """A 30 s idle scan with a 5 s interval: the scan's evidence holds until the next scan."""
     model = h.HeatModel(2, h.HeatParams(cooldown_rounds=3))
-    model.fold([_scan([0, 1])])  # round 1: page 0 accessed (hot), page 1 idle (cold)
+    model.fold()  # the first round found nothing: the pages below are new
+    model.fold([_scan([0, 1])])  # round 2: page 0 accessed (hot), page 1 idle (cold)
     for _ in range(5):  # intervals without a scan
         model.fold(new_round=False)
     assert model.heat.tolist() == [64, 0]
     assert h.classes(model.mark).tolist() == [h.HOT, h.COLD]
     assert h.streaks(model.mark).tolist() == [1, 1]
     assert h.cooldowns(model.mark).tolist() == [h.NEW_PAGE_COOLDOWN - 1] * 2
-    model.fold([_scan([0, 1])])  # round 2: both settled, both free to move
+    model.fold([_scan([0, 1])])  # round 3: both settled, both free to move
     assert model.heat.tolist() == [32 + 64, 0]
     assert h.streaks(model.mark).tolist() == [2, 2]
     assert h.cooldowns(model.mark).tolist() == [0, 0]
+
+
+def test_the_first_rounds_pages_predate_tierd_and_sit_out_no_cooldown() -> None:
+    """At start every page is new to tierd, not new: its first round is evidence enough
+    for free room; a page first seen in a later round still sits out its cooldown."""
+    model = h.HeatModel(3, h.HeatParams())
+    model.fold([_scan([0, 1, UNTRACKED])])
+    assert h.classes(model.mark).tolist() == [h.HOT, h.COLD, 0]
+    assert h.cooldowns(model.mark).tolist() == [0, 0, 0]
+    model.fold([_scan([0, 1, 0])])  # page 2 appears in round 2: new
+    assert h.cooldowns(model.mark).tolist() == [0, 0, h.NEW_PAGE_COOLDOWN - 1]
+    model.track(np.array([1, 2], dtype=np.uint64))  # tracking again changes nothing
+    assert h.cooldowns(model.mark).tolist() == [0, 0, h.NEW_PAGE_COOLDOWN - 1]
+
+
+def test_only_pages_the_first_rounds_fold_finds_skip_the_cooldown() -> None:
+    model = h.HeatModel(2, h.HeatParams())
+    model.fold(new_round=False)  # an interval, not a round: the first round is still ahead
+    model.fold([_scan([UNTRACKED, 1])])
+    assert h.cooldowns(model.mark).tolist() == [0, 0]
+    model.track(np.array([0], dtype=np.uint64))  # outside a fold: a new page
+    assert h.cooldowns(model.mark).tolist() == [h.NEW_PAGE_COOLDOWN, 0]
 
 
 def test_samples_between_rounds_add_up_and_can_change_the_class() -> None:

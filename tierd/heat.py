@@ -31,7 +31,9 @@ A PFN becomes tracked when an idle scan says it is a user LRU page, when it
 is sampled, or when the reverse map finds it mapped; it starts with
 `initial_heat` (none: its first round's evidence classifies it) and a cooldown
 of NEW_PAGE_COOLDOWN rounds, so its first round of evidence alone never
-moves it. After that, one round in the hot class moves a page into free
+moves it. The pages the model's first round finds are the exception: they
+were there before tierd started, new only to tierd, so that round's evidence
+counts as any later round's would. After that, one round in the hot class moves a page into free
 room (tierd.policy); a move that displaces another page waits for the
 hysteresis. A page the movers moved away leaves an
 untracked frame behind; where its new PFN is known (PID mover) the heat and
@@ -140,12 +142,13 @@ class HeatModel:
         self.params = params or HeatParams()
         self.heat = np.zeros(npfns, dtype=np.uint8)
         self.mark = np.zeros(npfns, dtype=np.uint8)
+        self.rounds = 0  # rounds folded in so far
+        self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
         self._set_params_tables()
 
     def _set_params_tables(self) -> None:
         p = self.params
         self._decay_lut = np.floor(np.arange(256) * p.decay).astype(np.uint8)
-        self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
         self._initial = np.uint8(p.units(p.initial_heat))
 
     def set_params(self, params: HeatParams) -> None:
@@ -313,14 +316,21 @@ class HeatModel:
         """
         if new_round:
             self.decay()
-        for scan in idle:
-            for part in self.add_idle_scan(scan):
-                on_new(part)
-        for batch in samples:
-            on_new(self.add_samples(batch))
-        for region_batch in regions:
-            self.add_regions(region_batch)
+        # The first round's pages predate tierd: no new page's cooldown for them.
+        first = new_round and self.rounds == 0
+        self._new_mark = _pack(WARM, 0, 0 if first else NEW_PAGE_COOLDOWN)
+        try:
+            for scan in idle:
+                for part in self.add_idle_scan(scan):
+                    on_new(part)
+            for batch in samples:
+                on_new(self.add_samples(batch))
+            for region_batch in regions:
+                self.add_regions(region_batch)
+        finally:
+            self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
         self.classify(advance=new_round)
+        self.rounds += int(new_round)
 
     def decay(self) -> None:
         """Age every PFN's heat by one round (before the round's evidence is added)."""
