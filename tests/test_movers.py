@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from tierd.collectors.collector import Pace
@@ -23,7 +24,7 @@ from tierd.daemon import Daemon
 from tierd.errors import TierdError
 from tierd.heat import HeatModel
 from tierd.kernel import kpageflags as kpf
-from tierd.kernel import numa, pagemap
+from tierd.kernel import numa, pagemap, task
 from tierd.kernel.kernel_tiering import KernelTiering, read_kernel_tiering
 from tierd.kernel.root import HostRoot
 from tierd.movers import folios, safety
@@ -98,7 +99,7 @@ def test_pages_are_grouped_by_process_and_chunked_to_one_target() -> None:
     result = mover.move(_batch([16, 17, 18, 40, 41]))
     assert [(pid, pages, nodes) for pid, pages, nodes, _ in kernel.calls] == [
         (4242, [16, 17], [1, 1]), (4242, [18], [1]), (4243, [16, 17], [1, 1])]
-    assert all(flags == numa.MPOL_MF_MOVE for *_, flags in kernel.calls)
+    assert all(flags == numa.MPOL_MF_MOVE_ALL for *_, flags in kernel.calls)
     assert sorted(result.moved.tolist()) == [16, 17, 18, 40, 41]
     assert not result.failures
 
@@ -267,14 +268,77 @@ def test_excluded_processes_pages_are_not_in_the_map_so_never_moved() -> None:
     assert sorted(result.stale.tolist()) == [40, 41]
 
 
-def test_pid_mover_sends_mpol_mf_move_all_only_when_configured() -> None:
-    """move_pages checks only the calling process's cpuset: shared pages wait for a yes."""
-    for setting, flags in ((None, numa.MPOL_MF_MOVE), (False, numa.MPOL_MF_MOVE),
+def test_pid_mover_sends_mpol_mf_move_all_unless_configured_not_to() -> None:
+    """It checks every mapper's cpuset itself (below): auto (None) is yes."""
+    for setting, flags in ((None, numa.MPOL_MF_MOVE_ALL), (False, numa.MPOL_MF_MOVE),
                            (True, numa.MPOL_MF_MOVE_ALL)):
         kernel = FakeKernel()
         mover, _ = _mover(kernel, move_all_shared=setting)
-        mover.move(_batch([48]))
+        result = mover.move(_batch([48]))
         assert kernel.calls[0][3] == flags, setting
+        assert result.moved.tolist() == [48], setting
+
+
+def _shared_root(tmp_path: Path, mapcount: int = 2, also_in: int | None = None) -> HostRoot:
+    """The movers' fixture with PFN 48 (4242 and 4243 map it) counted `mapcount` times,
+    and also mapped by process `also_in`, at its virtual page 18."""
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES, root, symlinks=True)
+    counts = np.fromfile(root / "proc/kpagecount", dtype=np.uint64)
+    counts[48] = mapcount
+    counts.tofile(root / "proc/kpagecount")
+    if also_in is not None:
+        entries = np.fromfile(root / f"proc/{also_in}/pagemap", dtype=np.uint64)
+        entries[18] = np.uint64(1 << 63) | np.uint64(48)
+        entries.tofile(root / f"proc/{also_in}/pagemap")
+    return HostRoot(root)
+
+
+def _shared_mover(root: HostRoot) -> tuple[PidMover, FakeKernel]:
+    rmap = ReverseMap(ProcessFilter(Exclusions(), root, self_pid=1), root)
+    rmap.refresh()
+    kernel = FakeKernel()
+    return PidMover(rmap, MoverParams(busy_backoff=0), root, move_pages=kernel), kernel
+
+
+def test_a_shared_page_moves_only_where_every_mappers_cpuset_allows(tmp_path: Path) -> None:
+    """move_pages checks only the called task's cpuset; 4244's allows node 0 alone."""
+    mover, kernel = _shared_mover(_shared_root(tmp_path, mapcount=3, also_in=4244))
+    result = mover.move(_batch([16, 48], target=1))
+    assert result.failures == {"mapper_not_allowed": 1}
+    assert result.moved.tolist() == [16] and result.not_moved.tolist() == [48]
+    assert [pages for _, pages, *_ in kernel.calls] == [[16]]
+    result = mover.move(_batch([48], target=0))  # every mapper allows node 0
+    assert result.moved.tolist() == [48] and not result.failures
+
+
+def test_a_shared_page_with_a_mapper_the_map_lacks_stays(tmp_path: Path) -> None:
+    """kpagecount says three mappers, the map knows two: the third's cpuset is unknown."""
+    mover, kernel = _shared_mover(_shared_root(tmp_path, mapcount=3))
+    result = mover.move(_batch([48, 17]))
+    assert result.failures == {"mapper_unknown": 1} and result.moved.tolist() == [17]
+    assert [pages for _, pages, *_ in kernel.calls] == [[17]]
+    assert not result.stale.size  # the page is still there: a cooldown, not forgotten
+
+
+def test_mems_allowed_reads_the_node_list_and_names_a_bad_one(tmp_path: Path) -> None:
+    assert task.mems_allowed(4244, ROOT) == {0} and task.mems_allowed(4242, ROOT) == {0, 1}
+    (tmp_path / "proc/9").mkdir(parents=True)
+    status = tmp_path / "proc/9/status"
+    status.write_text("Name:\tx\nMems_allowed_list:\t0-1,x\n")
+    with pytest.raises(TierdError, match=r"proc/9/status: Mems_allowed_list: bad list item"):
+        task.mems_allowed(9, HostRoot(tmp_path))
+    status.write_text("Name:\tx\n")
+    with pytest.raises(TierdError, match=r"proc/9/status.*no Mems_allowed_list line"):
+        task.mems_allowed(9, HostRoot(tmp_path))
+
+
+def test_a_mapper_gone_before_its_cpuset_is_read_keeps_the_page(tmp_path: Path) -> None:
+    root = _shared_root(tmp_path)
+    mover, kernel = _shared_mover(root)
+    (tmp_path / "root/proc/4243/status").unlink()
+    result = mover.move(_batch([48]))
+    assert result.failures == {"mapper_not_allowed": 1} and not kernel.calls
 
 
 def test_phys_mover_sends_mpol_mf_move_all_unless_configured_not_to() -> None:
@@ -625,3 +689,74 @@ def test_the_kernel_refuses_a_node_outside_the_tasks_cpuset_and_no_page_moves() 
         child.kill()
         child.wait()
         (cgroups / group.lstrip("/")).rmdir()
+
+
+def _forked_mapper(view: npt.NDArray[np.uint8], cgroup: Path | None) -> tuple[int, int]:
+    """A child that joins `cgroup`, maps every page of the shared `view` (fork does not
+    copy a shared mapping's page tables: its reads fault the pages in) and waits.
+    Returns its pid and the pipe end whose closing ends it."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text("0")
+            int(view[::PAGE].sum())
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(go_r)
+    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_r)
+    return pid, go_w
+
+
+def _end(pid: int, go: int) -> None:
+    os.close(go)
+    os.waitpid(pid, 0)
+
+
+@pytest.mark.vm
+def test_shared_pages_move_only_where_every_mappers_cpuset_allows() -> None:
+    """move_pages(MPOL_MF_MOVE_ALL) would move them for the called task alone."""
+    cgroups = Path("/sys/fs/cgroup")
+    group = cgroups / "tierd-test-shared-node0"
+    (cgroups / "cgroup.subtree_control").write_text("+cpuset")
+    group.mkdir(exist_ok=True)
+    (group / "cpuset.mems").write_text("0")
+    npages = 256
+    buf = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    view = np.frombuffer(buf, dtype=np.uint8)
+    view[::PAGE] = 5
+    addrs = view.ctypes.data + PAGE * np.arange(npages, dtype=np.uint64)
+    assert (numa.move_pages(0, addrs, np.zeros(npages, np.int32)) == 0).all()
+
+    def demote() -> dict[str, int]:
+        rmap = ReverseMap(ProcessFilter(Exclusions(), self_pid=1))  # this process is a mapper
+        rmap.refresh()
+        pfns = np.sort(pagemap.pfns_of(os.getpid(), addrs))
+        with kpf.kpagecount() as counts:
+            assert (counts.read_at(pfns) == 2).all()
+        result = PidMover(rmap).move(Batch(Direction.DEMOTE, 0, 1, pfns))
+        return {**result.failures, "moved": int(result.moved.size)}
+
+    try:
+        pid, go = _forked_mapper(view, group)  # a mapper whose cpuset has node 0 alone
+        try:
+            assert demote() == {"mapper_not_allowed": npages, "moved": 0}
+            assert (numa.move_pages(0, addrs) == 0).all()
+        finally:
+            _end(pid, go)
+        pid, go = _forked_mapper(view, None)
+        try:
+            assert demote() == {"moved": npages}
+            assert (numa.move_pages(0, addrs) == 1).all()
+        finally:
+            _end(pid, go)
+    finally:
+        del view
+        buf.close()
+        group.rmdir()

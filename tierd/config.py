@@ -35,7 +35,7 @@ The tree (every key is optional; defaults below; durations in seconds):
       batch_pages: 8192            # pages per syscall (32 MiB)
       rate_mb_per_s: 256.0         # migration bandwidth cap
       move_all_shared: auto        # MPOL_MF_MOVE_ALL for pages mapped by several processes;
-                                   # auto: the phys mover only (its kernel checks every mapper)
+                                   # auto: both movers (each checks every mapper's cpuset)
     exclusions:
       cgroups: []                  # cgroup v2 paths, e.g. /system.slice/db.service
       pids: []

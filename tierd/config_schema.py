@@ -141,9 +141,10 @@ SCHEMA: dict[str, Any] = {
                                exclusiveMinimum=0, maximum=1e6),
             move_all_shared=_bool_or_auto(
                 "Also move pages mapped by several processes (MPOL_MF_MOVE_ALL; needs"
-                " CAP_SYS_NICE). `auto`: with the phys mover only, whose kernel checks the"
-                " cpuset and `MPOL_BIND` of every process mapping the page; `move_pages(2)`"
-                " checks only the calling process's."),
+                " CAP_SYS_NICE). `auto`: yes for both movers, since each checks every mapper's"
+                " cpuset: the phys mover's kernel (and `MPOL_BIND`), the PID mover each"
+                " mapper's `Mems_allowed_list`, as `move_pages(2)` checks only the calling"
+                " process's."),
         ),
         exclusions=_obj(
             "Memory tierd never moves.",

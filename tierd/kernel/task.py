@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from tierd.errors import KernelFileError
+from tierd.kernel.nodes import parse_cpulist
 from tierd.kernel.pagemap import read_proc_file
 from tierd.kernel.root import HOST, HostRoot
 
@@ -67,3 +68,13 @@ def resident_pages(pid: int, root: HostRoot = HOST) -> int:
     except (IndexError, ValueError):
         raise KernelFileError(root(f"/proc/{pid}/statm"), f"malformed: {text!r}",
                               key="resident") from None
+
+
+def mems_allowed(pid: int, root: HostRoot = HOST) -> frozenset[int]:
+    """The nodes the process's cpuset allows (status's Mems_allowed_list)."""
+    path = root(f"/proc/{pid}/status")
+    for line in _read(pid, "status", root).splitlines():
+        key, _, value = line.partition(":")
+        if key == "Mems_allowed_list":
+            return frozenset(parse_cpulist(value, f"{path}: Mems_allowed_list"))
+    raise KernelFileError(path, "no Mems_allowed_list line", key="Mems_allowed_list")

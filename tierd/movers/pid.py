@@ -16,6 +16,14 @@ errors (process gone, permission, cpuset) fail that process's pages and the
 batch goes on. The kernel itself refuses a target outside the task's cpuset
 (move_pages checks every page's node against it and fails the call with
 EACCES, counted as node_not_allowed), so no Mems_allowed read races it here.
+
+A page mapped by several processes (kpagecount > 1) needs MPOL_MF_MOVE_ALL,
+and then the kernel checks only the called task's cpuset, not the other
+mappers'. So the mover checks them first: a shared page moves only when the
+reverse map knows every mapper (as many entries as kpagecount) and each
+one's Mems_allowed_list holds the target; otherwise it stays, counted as
+`mapper_unknown` or `mapper_not_allowed`. A cpuset changed between that read
+and the call is the one window left; the phys mover's kernel closes it.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from tierd.collectors.processes import ProcessFilter
 from tierd.config import Config
 from tierd.errors import KernelFileError
 from tierd.kernel import kpageflags as kpf
-from tierd.kernel import numa, pagemap
+from tierd.kernel import numa, pagemap, task
 from tierd.kernel.pagemap import ProcessGoneError
 from tierd.kernel.root import HOST, HostRoot
 from tierd.movers import folios
@@ -47,9 +55,9 @@ MovePages = Callable[[int, npt.NDArray[np.uint64], npt.NDArray[np.int32],
                       npt.NDArray[np.int32], int], int]
 
 
-# Not shared pages unless the config says so: move_pages(2) checks the target
-# against the cpuset of the process it is called for, not of the page's other mappers.
-SHARED_DEFAULT = False
+# Shared pages too, unless the config says no: the mover checks every mapper's cpuset,
+# which move_pages(2) with MPOL_MF_MOVE_ALL does not (_mappers_allow).
+SHARED_DEFAULT = True
 
 
 class PidMover:
@@ -67,10 +75,14 @@ class PidMover:
         (the daemon's safety check), else they are read here."""
         result = BatchResult()
         pfns = batch.pfns
+        flags = self._flags(pfns) if flags is None else flags
+        if self.params.flags(shared_default=SHARED_DEFAULT) == numa.MPOL_MF_MOVE_ALL:
+            keep = self._mappers_allow(pfns, batch.target, result)
+            if not keep.all():
+                pfns, flags = pfns[keep], flags[keep]
         missing, processes = self.rmap.by_process(pfns)
         if missing is not None:
             result.fail(pfns[missing], "not_in_rmap", stale=True)
-        flags = self._flags(pfns) if flags is None else flags
         for pid, pages, vaddrs in processes:
             if result.target_full:
                 result.fail(pfns[pages], "target_full")
@@ -97,6 +109,38 @@ class PidMover:
 
     def reachable(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_] | None:
         return self.rmap.holds(pfns)
+
+    def _mappers_allow(self, pfns: npt.NDArray[np.uint64], target: int,
+                       result: BatchResult) -> npt.NDArray[np.bool_]:
+        """Which pages may go to `target` as far as their other mappers go; the shared
+        pages that may not fail into `result`. Pages mapped once pass unchecked."""
+        keep = np.ones(pfns.size, dtype=np.bool_)
+        with kpf.kpagecount(self.root) as count_file:
+            mapcount = count_file.read_at(pfns)
+        at = np.flatnonzero(mapcount > 1)
+        if at.size == 0:
+            return keep
+        which, pids = self.rmap.holders_of(pfns[at])
+        known = np.bincount(which, minlength=at.size)
+        # Pages the map lacks altogether fail later, as not_in_rmap.
+        unknown = (known > 0) & (known < mapcount[at])
+        procs, inverse = np.unique(pids, return_inverse=True)
+        allows = np.array([self._allows(int(pid), target) for pid in procs], dtype=np.bool_)
+        barred = np.bincount(which[~allows[inverse]], minlength=at.size) > 0
+        for refused, reason in ((unknown, "mapper_unknown"),
+                                (barred & ~unknown, "mapper_not_allowed")):
+            if refused.any():
+                result.fail(pfns[at[refused]], reason)
+                keep[at[refused]] = False
+        return keep
+
+    def _allows(self, pid: int, target: int) -> bool:
+        """Whether the process's cpuset allows `target` (no when it cannot be read)."""
+        try:
+            return target in task.mems_allowed(pid, self.root)
+        except KernelFileError as e:
+            log.debug("pid %d: %s", pid, e)
+            return False
 
     def _flags(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         """The kpageflags of each of `pfns`."""

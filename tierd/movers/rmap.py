@@ -129,6 +129,13 @@ class ReverseMap:
         """Whether the map has an entry for each PFN."""
         return cast(npt.NDArray[np.bool_], self._map.owners_of(pfns) != DEAD)
 
+    def holders_of(self, pfns: npt.NDArray[np.uint64]
+                   ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64]]:
+        """Every process mapping each PFN, as last read: (position in `pfns`, pid) pairs."""
+        which, index = self._map.holders(pfns)
+        slot = (self._map.owner[index] >> np.uint64(VPN_BITS)).astype(np.intp)
+        return which, self._slot_pid[slot]
+
     def by_process(self, pfns: npt.NDArray[np.uint64]
                    ) -> tuple[npt.NDArray[np.bool_] | None, list[ProcessPages]]:
         """Where the pages of `pfns` are mapped: which of them the map lacks (None when
