@@ -26,7 +26,7 @@ from tierd.commands.run import summary_line
 from tierd.config import Config, parse
 from tierd.daemon import Daemon, IntervalSummary, describe
 from tierd.errors import TierdError
-from tierd.heat import classes
+from tierd.heat import PINNED, classes
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import pagemap
 from tierd.kernel.numa import move_pages
@@ -287,6 +287,26 @@ def test_hot_frames_the_movers_map_cannot_reach_are_never_planned(tmp_path: Path
     promoted = {pfn for b in host.mover.batches if b.direction is Direction.PROMOTE
                 for pfn in b.pfns.tolist()}
     assert promoted == set(HOT_ON_SLOW[:20].tolist())
+
+
+def test_cold_frames_the_mover_cannot_reach_are_pinned_not_sent(tmp_path: Path) -> None:
+    """Else an exchange's cold half fails (page cache the PID mover cannot reach), frees
+    no room, and the same frames are picked again once the next scan finds them."""
+    host = _FixtureHost(tmp_path)
+    host.mover = MappedMover(np.concatenate((COLD_ON_FAST[100:], HOT_ON_SLOW)))
+    daemon = host.daemon()
+    daemon.start()
+    try:
+        for _ in range(6):
+            host.touch(HOT_ON_SLOW)
+            daemon.step()
+    finally:
+        daemon.close()
+    demoted = {pfn for b in host.mover.batches if b.direction is Direction.DEMOTE
+               for pfn in b.pfns.tolist()}
+    assert demoted == set(COLD_ON_FAST[100:].tolist())
+    assert daemon.state.snapshot().pages_excluded["unreachable"] == 100
+    assert (daemon.heat.mark[COLD_ON_FAST[:100].astype(np.intp)] == PINNED).all()
 
 
 def test_pages_hot_in_the_first_round_take_free_room_in_the_first_step(

@@ -378,6 +378,7 @@ class Daemon:
         for reason, count in dropped.items():
             self.state.record_excluded(reason, count)
         self.heat.pin(np.setdiff1d(batch.pfns, pfns, assume_unique=True))
+        pfns, flags = self._reachable(pfns, flags)
         key = (batch.direction, batch.source, batch.target)
         if self.settings.dry_run:
             # Pages never move in a dry run, so they are picked again after each
@@ -406,6 +407,19 @@ class Daemon:
         self.heat.vacate(result.stale)
         self.heat.cool_down(np.setdiff1d(result.not_moved, result.stale))
         return result
+
+    def _reachable(self, pfns: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint64]
+                   ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """The pages the mover can reach; the rest are pinned like unmovable frames. An
+        exchange whose cold half the PID mover cannot reach (page cache no process maps)
+        frees no room, and a frame forgotten instead would be picked again once the next
+        scan finds it."""
+        reach = self.pipeline.mover.reachable(pfns)
+        if reach is None or reach.all():
+            return pfns, flags
+        self.heat.pin(pfns[~reach])
+        self.state.record_excluded("unreachable", int(np.count_nonzero(~reach)))
+        return pfns[reach], flags[reach]
 
     # --- outputs ----------------------------------------------------------------------
 

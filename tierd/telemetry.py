@@ -130,8 +130,8 @@ class DaemonState:
     # Intervals in which the migration budget cut the plan, and the pages it held back.
     rate_limit_hits: int = 0
     pages_deferred_by_rate_limit: int = 0
-    # Candidate pages skipped by a safety rule: "mlocked", "unevictable",
-    # "excluded_process", "node_not_allowed".
+    # Candidate pages skipped by a safety rule or out of the mover's reach: "mlocked",
+    # "unevictable", "excluded_process", "node_not_allowed", "unreachable".
     pages_excluded: Counter[str] = field(default_factory=Counter)
     # Pages moved back within the move history's window, by the direction of the move back.
     pages_pingpong: Counter[str] = field(default_factory=Counter)
