@@ -21,8 +21,8 @@ KEPT_FIELDS = ("status", "hot_on_fast_steady", "hot_on_fast_steady_per_phase",
                "migration_failures", "agent_cpu_seconds", "agent_startup_cpu_seconds",
                "workload_system_seconds",
                "seconds", "shifts_at", "intact", "vmstat", "tierd_exit_code", "tierd_summary",
-               "tierd_log_tail", "access_share_fast", "access_share_fast_lowest",
-               "modeled_memory_time", "accesses",
+               "tierd_log_tail", "tierd_stage_cpu_seconds", "access_share_fast",
+               "access_share_fast_lowest", "modeled_memory_time", "accesses",
                "access_series", "throughput", "throughput_unit", "load_seconds")
 
 
@@ -121,6 +121,7 @@ def markdown(results: dict) -> str:
                 f"| {_fmt(r['agent_cpu_seconds_per_gib_migrated'])} "
                 f"| {_fmt(r.get('agent_startup_cpu_seconds'))} | {_fmt(r['intact'])} |")
     lines += ["", *access_table(results)]
+    lines += ["", *stage_table(results)]
     lines += ["", "| micro-benchmark | tierd | raw | ratio | target | meets | status |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in results["micro"].items():
@@ -130,6 +131,31 @@ def markdown(results: dict) -> str:
             f"| {_fmt(m.get('ratio'))} | {_fmt(target)} | {_fmt(m.get('meets_target'))} "
             f"| {m['status']} |")
     return "\n".join(lines) + "\n"
+
+
+STAGES = ("collect", "heat", "rmap", "policy", "move")
+
+
+def stage_table(results: dict) -> list[str]:
+    """Where tierd's CPU went: its own split by stage (its metrics), per GiB migrated."""
+    lines = [
+        "| workload | system | CPU s: " + " / ".join(STAGES) + " | rest | per GiB migrated: "
+        + " / ".join(STAGES) + " |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for workload, by_system in results["results"].items():
+        for system in _systems(by_system):
+            r = by_system[system]
+            split = r.get("tierd_stage_cpu_seconds")
+            if r["status"] != "ok" or not split:
+                continue
+            cpu = [split.get(stage, 0.0) for stage in STAGES]
+            gib = r["gib_migrated"]
+            per_gib = " / ".join(_fmt(c / gib, 1) for c in cpu) if gib else "—"
+            lines.append(
+                f"| {workload} | {system} | {' / '.join(_fmt(c) for c in cpu)} "
+                f"| {_fmt(r['agent_cpu_seconds'] - sum(cpu))} | {per_gib} |")
+    return lines
 
 
 def access_table(results: dict) -> list[str]:

@@ -35,7 +35,7 @@ def populated_state(dry_run: bool = False) -> DaemonState:
     state.record_samples(taken=5000, lost=12, unresolved=40)
     state.record_rate_limited(64)
     for seconds in (0.004, 0.03, 0.2):
-        state.record_duration("collect", seconds)
+        state.record_duration("collect", seconds, cpu_seconds=seconds / 2)
         state.record_duration("policy", seconds / 10)
     state.set_collector("idle", Health())
     state.set_collector("perf", Health(State.DISABLED, "no IBS or PEBS on this CPU"))

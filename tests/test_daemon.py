@@ -257,6 +257,7 @@ def test_a_whole_step_collects_decides_moves_and_publishes(tmp_path: Path) -> No
         key: len(pfns) for key, pfns in asked.items()}
     assert sorted(snap.nodes) == [0, 1] and snap.collectors["idle"].state is State.OK
     assert all(snap.durations[stage].count == steps for stage in STAGES)
+    assert snap.durations["heat"].cpu_seconds > 0  # folding a scan in is no sleep
     assert snap.tracked_pages == COLD_ON_FAST.size + HOT_ON_SLOW.size
 
 

@@ -135,6 +135,12 @@ def test_durations_are_cumulative_histograms(server: MetricsServer) -> None:
     assert value(text, "tierd_stage_duration_seconds_sum", stage="collect") == pytest.approx(0.234)
 
 
+def test_stage_cpu_is_a_counter_apart_from_the_durations(server: MetricsServer) -> None:
+    text = get(server.url + "/metrics")
+    assert value(text, "tierd_stage_cpu_seconds_total", stage="collect") == pytest.approx(0.117)
+    assert value(text, "tierd_stage_cpu_seconds_total", stage="policy") == 0
+
+
 def test_daemon_health_reload_and_build_info(server: MetricsServer) -> None:
     text = get(server.url + "/metrics")
     assert value(text, "tierd_config_last_reload_successful") == 0

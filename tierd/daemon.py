@@ -223,12 +223,14 @@ class Daemon:
     @contextmanager
     def _stage(self, name: str, timed: bool = True) -> Iterator[None]:
         self._stage_name = name
-        started = time.perf_counter()
+        # CPU apart from wall time: a paced scan or a busy-page backoff sleeps.
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             if timed:
-                self.state.record_duration(name, time.perf_counter() - started)
+                self.state.record_duration(name, time.perf_counter() - started,
+                                           time.thread_time() - started_cpu)
 
     def step(self) -> IntervalSummary:
         """One interval: collect, heat, rmap, policy, move, publish."""

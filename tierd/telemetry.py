@@ -42,6 +42,7 @@ class ErrorRecord:
 class StageDuration:
     last_seconds: float = 0.0
     total_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the daemon thread's CPU (user + system) in the stage
     count: int = 0
     # bucket_counts[i]: durations <= DURATION_BUCKETS[i] (cumulative, as Prometheus wants)
     bucket_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
@@ -194,11 +195,12 @@ class DaemonState:
                 self.rate_limit_hits += 1
                 self.pages_deferred_by_rate_limit += deferred_pages
 
-    def record_duration(self, stage: str, seconds: float) -> None:
+    def record_duration(self, stage: str, seconds: float, cpu_seconds: float = 0.0) -> None:
         with self._lock:
             d = self.durations.setdefault(stage, StageDuration())
             d.last_seconds = seconds
             d.total_seconds += seconds
+            d.cpu_seconds += cpu_seconds
             d.count += 1
             for i, bound in enumerate(DURATION_BUCKETS):
                 if seconds <= bound:

@@ -215,6 +215,12 @@ def _durations(snap: StateSnapshot) -> Iterator[Metric]:
                                                       strict=True)]
         family.add_metric([stage], [*buckets, ("+Inf", float(d.count))], d.total_seconds)
     yield family
+    cpu = CounterMetricFamily("tierd_stage_cpu_seconds",
+                              "CPU time (user + system) the daemon spent in each stage.",
+                              labels=["stage"])
+    for stage, d in sorted(snap.durations.items()):
+        cpu.add_metric([stage], d.cpu_seconds)
+    yield cpu
 
 
 def _le(bound: float) -> str:
