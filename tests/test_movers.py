@@ -312,6 +312,16 @@ def test_a_shared_page_moves_only_where_every_mappers_cpuset_allows(tmp_path: Pa
     assert result.moved.tolist() == [48] and not result.failures
 
 
+def test_pages_mapped_once_need_no_mapcount_read(tmp_path: Path) -> None:
+    """The pagemap entry's PM_MMAP_EXCLUSIVE bit says so: private memory costs no read."""
+    root = _shared_root(tmp_path)
+    (tmp_path / "root/proc/kpagecount").unlink()
+    mover, _ = _shared_mover(root)
+    assert mover.move(_batch([16, 17, 40])).moved.tolist() == [16, 17, 40]
+    with pytest.raises(TierdError, match="kpagecount"):
+        mover.move(_batch([48]))
+
+
 def test_a_shared_page_with_a_mapper_the_map_lacks_stays(tmp_path: Path) -> None:
     """kpagecount says three mappers, the map knows two: the third's cpuset is unknown."""
     mover, kernel = _shared_mover(_shared_root(tmp_path, mapcount=3))
@@ -700,6 +710,8 @@ def _forked_mapper(view: npt.NDArray[np.uint8], cgroup: Path | None) -> tuple[in
     pid = os.fork()
     if pid == 0:
         try:
+            os.close(go_w)  # else the parent's close would never end the read below
+            os.close(ready_r)
             if cgroup is not None:
                 (cgroup / "cgroup.procs").write_text("0")
             int(view[::PAGE].sum())

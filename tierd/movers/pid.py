@@ -56,7 +56,7 @@ MovePages = Callable[[int, npt.NDArray[np.uint64], npt.NDArray[np.int32],
 
 
 # Shared pages too, unless the config says no: the mover checks every mapper's cpuset,
-# which move_pages(2) with MPOL_MF_MOVE_ALL does not (_mappers_allow).
+# which move_pages(2) with MPOL_MF_MOVE_ALL does not (_check_mappers).
 SHARED_DEFAULT = True
 
 
@@ -75,14 +75,10 @@ class PidMover:
         (the daemon's safety check), else they are read here."""
         result = BatchResult()
         pfns = batch.pfns
-        flags = self._flags(pfns) if flags is None else flags
-        if self.params.flags(shared_default=SHARED_DEFAULT) == numa.MPOL_MF_MOVE_ALL:
-            keep = self._mappers_allow(pfns, batch.target, result)
-            if not keep.all():
-                pfns, flags = pfns[keep], flags[keep]
         missing, processes = self.rmap.by_process(pfns)
         if missing is not None:
             result.fail(pfns[missing], "not_in_rmap", stale=True)
+        flags = self._flags(pfns) if flags is None else flags
         for pid, pages, vaddrs in processes:
             if result.target_full:
                 result.fail(pfns[pages], "target_full")
@@ -93,6 +89,10 @@ class PidMover:
         self.rmap.moved(result.moved, result.new_pfns)
         self.rmap.invalidate(result.stale)
         return result
+
+    @property
+    def _move_flags(self) -> int:
+        return self.params.flags(shared_default=SHARED_DEFAULT)
 
     def configure(self, params: MoverParams, process_filter: ProcessFilter) -> None:
         self.params = params
@@ -110,20 +110,29 @@ class PidMover:
     def reachable(self, pfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_] | None:
         return self.rmap.holds(pfns)
 
-    def _mappers_allow(self, pfns: npt.NDArray[np.uint64], target: int,
-                       result: BatchResult) -> npt.NDArray[np.bool_]:
-        """Which pages may go to `target` as far as their other mappers go; the shared
-        pages that may not fail into `result`. Pages mapped once pass unchecked."""
-        keep = np.ones(pfns.size, dtype=np.bool_)
-        with kpf.kpagecount(self.root) as count_file:
-            mapcount = count_file.read_at(pfns)
-        at = np.flatnonzero(mapcount > 1)
+    def _still_movable(self, pfns: npt.NDArray[np.uint64], entries: npt.NDArray[np.uint64],
+                       target: int, result: BatchResult) -> npt.NDArray[np.bool_]:
+        """Which pages are still at the PFN the policy chose (their pagemap `entries`, read
+        now) and, when shared, allowed at `target` by every mapper; the rest fail."""
+        keep: npt.NDArray[np.bool_] = (entries & pagemap.PFN_MASK) == pfns
+        if not keep.all():
+            result.fail(pfns[~keep], "stale_rmap", stale=True)
+        if self._move_flags == numa.MPOL_MF_MOVE_ALL:
+            self._check_mappers(pfns, entries, keep, target, result)
+        return keep
+
+    def _check_mappers(self, pfns: npt.NDArray[np.uint64], entries: npt.NDArray[np.uint64],
+                       keep: npt.NDArray[np.bool_], target: int, result: BatchResult) -> None:
+        """Clear `keep` where a shared page may not go to `target` as far as its other
+        mappers go, failing it into `result`. A page its pagemap entry says is mapped
+        once (PM_MMAP_EXCLUSIVE: the kernel's precise mapcount is 1) passes unchecked."""
+        at = np.flatnonzero(keep & ((entries & pagemap.EXCLUSIVE) == 0))
         if at.size == 0:
-            return keep
+            return
+        with kpf.kpagecount(self.root) as count_file:
+            mapcount = count_file.read_at(pfns[at])
         which, pids = self.rmap.holders_of(pfns[at])
-        known = np.bincount(which, minlength=at.size)
-        # Pages the map lacks altogether fail later, as not_in_rmap.
-        unknown = (known > 0) & (known < mapcount[at])
+        unknown = np.bincount(which, minlength=at.size) < mapcount
         procs, inverse = np.unique(pids, return_inverse=True)
         allows = np.array([self._allows(int(pid), target) for pid in procs], dtype=np.bool_)
         barred = np.bincount(which[~allows[inverse]], minlength=at.size) > 0
@@ -132,7 +141,6 @@ class PidMover:
             if refused.any():
                 result.fail(pfns[at[refused]], reason)
                 keep[at[refused]] = False
-        return keep
 
     def _allows(self, pid: int, target: int) -> bool:
         """Whether the process's cpuset allows `target` (no when it cannot be read)."""
@@ -157,14 +165,13 @@ class PidMover:
             return
         with mapped:
             try:
-                current = mapped.pfns_of(vaddrs)
+                entries = mapped.entries_of(vaddrs)
             except KernelFileError as e:
                 _unreadable(pid, pfns, e, result)
                 return
-            same = current == pfns
-            if not same.all():
-                result.fail(pfns[~same], "stale_rmap", stale=True)
-                pfns, vaddrs, flags = pfns[same], vaddrs[same], flags[same]
+            keep = self._still_movable(pfns, entries, target, result)
+            if not keep.all():
+                pfns, vaddrs, flags = pfns[keep], vaddrs[keep], flags[keep]
             first = folios.group_starts(pfns, flags, vaddrs)
             sent = vaddrs if first.all() else vaddrs[first]  # one address per folio
             nodes = np.full(min(sent.size, self.params.batch_pages), target, dtype=np.int32)
@@ -173,7 +180,7 @@ class PidMover:
                      statuses: npt.NDArray[np.int32]) -> int:
                 addrs = sent[groups]
                 return self._move_pages(pid, addrs, nodes[:addrs.size], statuses,
-                                        self.params.flags(shared_default=SHARED_DEFAULT))
+                                        self._move_flags)
 
             moved = move_groups(send, pfns, first, target, result, self.params)
             if not moved.all():
