@@ -215,6 +215,21 @@ class _FixtureHost:
         bits[pfns.astype(np.intp)] = 0
         self.bitmap.write_bytes(np.packbits(bits, bitorder="little").tobytes())
 
+    def run(self, daemon: Daemon, steps: int) -> None:
+        """Start the daemon and step it `steps` times, the hot pages touched before each."""
+        daemon.start()
+        try:
+            for _ in range(steps):
+                self.touch(HOT_ON_SLOW)
+                daemon.step()
+        finally:
+            daemon.close()
+
+    def asked(self, direction: Direction) -> set[int]:
+        """Every PFN the mover was asked to move in `direction`."""
+        return {pfn for b in self.mover.batches if b.direction is direction
+                for pfn in b.pfns.tolist()}
+
     def build(self, config: Config, root: HostRoot, _pace: Pace) -> Pipeline:
         return replace(build_pipeline(config, root), mover=self.mover)
 
@@ -231,16 +246,10 @@ class _FixtureHost:
 def test_a_whole_step_collects_decides_moves_and_publishes(tmp_path: Path) -> None:
     host = _FixtureHost(tmp_path)
     daemon = host.daemon()
-    daemon.start()
     # Even: a page moved in one step is found anew in the next and sits out its cooldown
     # there, so after an even number of steps every page is tracked.
     steps = 4
-    try:
-        for _ in range(steps):
-            host.touch(HOT_ON_SLOW)
-            daemon.step()
-    finally:
-        daemon.close()
+    host.run(daemon, steps)
     # Collected and decided: the pages touched every round went up, the idle ones down
     # (the recording mover leaves them in place, so the next scans may find them again).
     asked: dict[tuple[Direction, int, int], list[int]] = {}
@@ -277,17 +286,8 @@ def test_hot_frames_the_movers_map_cannot_reach_are_never_planned(tmp_path: Path
     """Else the policy plans them in vain and keeps the fast node's headroom for them."""
     host = _FixtureHost(tmp_path)
     host.mover = MappedMover(HOT_ON_SLOW[:20])
-    daemon = host.daemon()
-    daemon.start()
-    try:
-        for _ in range(5):
-            host.touch(HOT_ON_SLOW)
-            daemon.step()
-    finally:
-        daemon.close()
-    promoted = {pfn for b in host.mover.batches if b.direction is Direction.PROMOTE
-                for pfn in b.pfns.tolist()}
-    assert promoted == set(HOT_ON_SLOW[:20].tolist())
+    host.run(host.daemon(), steps=5)
+    assert host.asked(Direction.PROMOTE) == set(HOT_ON_SLOW[:20].tolist())
 
 
 def test_cold_frames_the_mover_cannot_reach_are_pinned_not_sent(tmp_path: Path) -> None:
@@ -296,16 +296,8 @@ def test_cold_frames_the_mover_cannot_reach_are_pinned_not_sent(tmp_path: Path) 
     host = _FixtureHost(tmp_path)
     host.mover = MappedMover(np.concatenate((COLD_ON_FAST[100:], HOT_ON_SLOW)))
     daemon = host.daemon()
-    daemon.start()
-    try:
-        for _ in range(6):
-            host.touch(HOT_ON_SLOW)
-            daemon.step()
-    finally:
-        daemon.close()
-    demoted = {pfn for b in host.mover.batches if b.direction is Direction.DEMOTE
-               for pfn in b.pfns.tolist()}
-    assert demoted == set(COLD_ON_FAST[100:].tolist())
+    host.run(daemon, steps=6)
+    assert host.asked(Direction.DEMOTE) == set(COLD_ON_FAST[100:].tolist())
     assert daemon.state.snapshot().pages_excluded["unreachable"] == 100
     assert (daemon.heat.mark[COLD_ON_FAST[:100].astype(np.intp)] == PINNED).all()
 
@@ -315,13 +307,7 @@ def test_pages_hot_in_the_first_round_take_free_room_in_the_first_step(
     """At start-up no page is new: the first round's evidence moves hot pages into free
     room at once, though the shipped hysteresis holds every exchange for a second round."""
     host = _FixtureHost(tmp_path, node0_free=KEEP_FREE + 400)
-    daemon = host.daemon(b"{hysteresis_intervals: 2, headroom_percent: 0}")
-    daemon.start()
-    try:
-        host.touch(HOT_ON_SLOW)
-        daemon.step()
-    finally:
-        daemon.close()
+    host.run(host.daemon(b"{hysteresis_intervals: 2, headroom_percent: 0}"), steps=1)
     assert [(b.direction, b.source, b.target) for b in host.mover.batches] == [
         (Direction.PROMOTE, 1, 0)]
     assert host.mover.batches[0].pfns.tolist() == HOT_ON_SLOW.tolist()
