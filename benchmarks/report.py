@@ -21,7 +21,8 @@ KEPT_FIELDS = ("status", "hot_on_fast_steady", "hot_on_fast_steady_per_phase",
                "migration_failures", "agent_cpu_seconds", "agent_startup_cpu_seconds",
                "workload_system_seconds",
                "seconds", "shifts_at", "intact", "vmstat", "tierd_exit_code", "tierd_summary",
-               "tierd_log_tail", "tierd_stage_cpu_seconds", "access_share_fast",
+               "tierd_log_tail", "tierd_stage_cpu_seconds", "tierd_pingpong_pages",
+               "access_share_fast",
                "access_share_fast_lowest", "modeled_memory_time", "accesses",
                "access_series", "throughput", "throughput_unit", "load_seconds")
 
@@ -137,11 +138,12 @@ STAGES = ("collect", "heat", "rmap", "policy", "move")
 
 
 def stage_table(results: dict) -> list[str]:
-    """Where tierd's CPU went: its own split by stage (its metrics), per GiB migrated."""
+    """Where tierd's CPU went: its own split by stage (its metrics), per GiB migrated;
+    and the pages it moved back within its move history (ping-pong: up / down)."""
     lines = [
         "| workload | system | CPU s: " + " / ".join(STAGES) + " | rest | per GiB migrated: "
-        + " / ".join(STAGES) + " |",
-        "| --- | --- | --- | --- | --- |",
+        + " / ".join(STAGES) + " | ping-pong pages: up / down |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for workload, by_system in results["results"].items():
         for system in _systems(by_system):
@@ -152,9 +154,11 @@ def stage_table(results: dict) -> list[str]:
             cpu = [split.get(stage, 0.0) for stage in STAGES]
             gib = r["gib_migrated"]
             per_gib = " / ".join(_fmt(c / gib, 1) for c in cpu) if gib else "—"
+            back = r.get("tierd_pingpong_pages", {})
             lines.append(
                 f"| {workload} | {system} | {' / '.join(_fmt(c) for c in cpu)} "
-                f"| {_fmt(r['agent_cpu_seconds'] - sum(cpu))} | {per_gib} |")
+                f"| {_fmt(r['agent_cpu_seconds'] - sum(cpu))} | {per_gib} "
+                f"| {back.get('promote', 0):.0f} / {back.get('demote', 0):.0f} |")
     return lines
 
 

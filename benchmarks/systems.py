@@ -213,7 +213,7 @@ class Tierd(System):
         self.name = f"tierd_{mover}" + "_tuned" * tuned
         self.config = config_dir / f"{self.name}.yaml"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.stage_cpu: dict[str, float] = {}
+        self.counters: dict[str, dict[str, float]] = {}
 
     def unavailable(self) -> str | None:
         if self.mover == "phys":
@@ -277,26 +277,30 @@ class Tierd(System):
 
     def stop(self) -> None:
         self.sample()
-        self.stage_cpu = self._stage_cpu()
+        self.counters = self._counters()
         if self.proc:
             self.proc.terminate()
             self.proc.wait(120)
 
-    def _stage_cpu(self) -> dict[str, float]:
-        """tierd's own split of its CPU by stage, from its metrics ({} without them)."""
+    def _counters(self) -> dict[str, dict[str, float]]:
+        """From tierd's metrics ({} without them): its CPU by stage, and the pages it moved
+        back the other way within its move history, by direction."""
         metrics = yaml.safe_load(self.config.read_text()).get("metrics") or {}
         if not metrics.get("enabled", True):
             return {}
         url = f"http://{metrics.get('address', '127.0.0.1')}:{metrics.get('port', 9748)}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return {s.labels["stage"]: s.value for family in text_string_to_metric_families(text)
-                if family.name == "tierd_stage_cpu_seconds" for s in family.samples
-                if s.name.endswith("_total")}
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        return {key: {s.labels[label]: s.value for s in families[name].samples
+                      if s.name.endswith("_total")} if name in families else {}
+                for key, name, label in (("stage_cpu", "tierd_stage_cpu_seconds", "stage"),
+                                         ("pingpong", "tierd_pingpong_pages", "direction"))}
 
     def report(self) -> dict:
         lines = self.log_path().read_text(errors="replace").splitlines()
         summary = [line for line in lines if line.startswith("tierd: ")]
         return {"tierd_exit_code": self.proc.returncode if self.proc else None,
                 "tierd_summary": summary[-1] if summary else None,
-                "tierd_log_tail": lines[-5:], "tierd_stage_cpu_seconds": self.stage_cpu}
+                "tierd_log_tail": lines[-5:],
+                "tierd_stage_cpu_seconds": self.counters.get("stage_cpu", {}),
+                "tierd_pingpong_pages": self.counters.get("pingpong", {})}

@@ -113,11 +113,12 @@ def test_markdown_has_a_row_per_run_and_micro(results: dict) -> None:
 
 def test_the_stage_table_splits_tierds_cpu_per_gib_migrated() -> None:
     tierd = {**record("tierd_phys", 1.0, 5.0), "tierd_stage_cpu_seconds": {
-        "collect": 1.0, "heat": 0.5, "policy": 0.25, "move": 2.0}}  # 1 GiB migrated
+        "collect": 1.0, "heat": 0.5, "policy": 0.25, "move": 2.0},  # 1 GiB migrated
+        "tierd_pingpong_pages": {"demote": 12.0}}
     results = {"results": report.summarize([record("damon", 1.0, 2.0), tierd]), "micro": {}}
     table = report.markdown(results)
     assert ("| shift | tierd_phys | 1.00 / 0.50 / 0.00 / 0.25 / 2.00 | 1.25 "
-            "| 1.0 / 0.5 / 0.0 / 0.2 / 2.0 |") in table
+            "| 1.0 / 0.5 / 0.0 / 0.2 / 2.0 | 0 / 12 |") in table
     assert "| shift | damon | 2.00" not in table.split("CPU s: ")[1]  # no split of its own
 
 
