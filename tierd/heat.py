@@ -32,10 +32,10 @@ is sampled, or when the reverse map finds it mapped; it starts with
 `initial_heat` (none: its first round's evidence classifies it) and a cooldown
 of NEW_PAGE_COOLDOWN rounds, so its first round of evidence alone never
 moves it. The pages the model's first round finds are the exception: they
-were there before tierd started, new only to tierd, so that round's evidence
-counts as any later round's would. After that, one round in the hot class moves a page into free
-room (tierd.policy); a move that displaces another page waits for the
-hysteresis. A page the movers moved away leaves an
+were there before tierd started, new only to tierd, so that round's
+evidence counts as any later round's would. After that, one round in the
+hot class moves a page into free room (tierd.policy); a move that displaces
+another page waits for the hysteresis. A page the movers moved away leaves an
 untracked frame behind; where its new PFN is known (PID mover) the heat and
 a fresh cooldown follow it.
 
@@ -142,7 +142,7 @@ class HeatModel:
         self.params = params or HeatParams()
         self.heat = np.zeros(npfns, dtype=np.uint8)
         self.mark = np.zeros(npfns, dtype=np.uint8)
-        self.rounds = 0  # rounds folded in so far
+        self._rounds = 0  # rounds folded in so far
         self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
         self._set_params_tables()
 
@@ -317,7 +317,7 @@ class HeatModel:
         if new_round:
             self.decay()
         # The first round's pages predate tierd: no new page's cooldown for them.
-        first = new_round and self.rounds == 0
+        first = new_round and self._rounds == 0
         self._new_mark = _pack(WARM, 0, 0 if first else NEW_PAGE_COOLDOWN)
         try:
             for scan in idle:
@@ -330,7 +330,7 @@ class HeatModel:
         finally:
             self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
         self.classify(advance=new_round)
-        self.rounds += int(new_round)
+        self._rounds += int(new_round)
 
     def decay(self) -> None:
         """Age every PFN's heat by one round (before the round's evidence is added)."""

@@ -17,13 +17,15 @@ batch goes on. The kernel itself refuses a target outside the task's cpuset
 (move_pages checks every page's node against it and fails the call with
 EACCES, counted as node_not_allowed), so no Mems_allowed read races it here.
 
-A page mapped by several processes (kpagecount > 1) needs MPOL_MF_MOVE_ALL,
-and then the kernel checks only the called task's cpuset, not the other
-mappers'. So the mover checks them first: a shared page moves only when the
-reverse map knows every mapper (as many entries as kpagecount) and each
-one's Mems_allowed_list holds the target; otherwise it stays, counted as
-`mapper_unknown` or `mapper_not_allowed`. A cpuset changed between that read
-and the call is the one window left; the phys mover's kernel closes it.
+A page mapped by several processes needs MPOL_MF_MOVE_ALL, and then the
+kernel checks only the called task's cpuset, not the other mappers'. So the
+mover checks them first. A page whose pagemap entry (read anyway for the
+stale check) lacks PM_MMAP_EXCLUSIVE is mapped more than once: it moves
+only when the reverse map knows every mapper (as many entries as
+/proc/kpagecount says) and each one's Mems_allowed_list holds the target;
+otherwise it stays, counted as `mapper_unknown` or `mapper_not_allowed`. A
+cpuset changed between that read and the call is the one window left; the
+phys mover's kernel closes it.
 """
 
 from __future__ import annotations
