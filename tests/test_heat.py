@@ -223,6 +223,17 @@ def test_only_pages_the_first_rounds_fold_finds_skip_the_cooldown() -> None:
     assert h.cooldowns(model.mark).tolist() == [h.NEW_PAGE_COOLDOWN, 0]
 
 
+def test_idle_evidence_alone_never_reaches_the_heat_that_settles_a_page() -> None:
+    """Only evidence that counts accesses within a round (samples, regions) can."""
+    model = h.HeatModel(1, h.HeatParams())
+    for _ in range(30):
+        model.fold([_scan([0])])
+    assert model.heat[0] == h.HeatParams().settle_units - 1
+    model.fold(samples=[SampleBatch(np.array([0], dtype=np.uint64), lost=0, unresolved=0,
+                                    collected_at=0.0)], new_round=False)
+    assert model.heat[0] > h.HeatParams().settle_units
+
+
 def test_samples_between_rounds_add_up_and_can_change_the_class() -> None:
     model = h.HeatModel(1, h.HeatParams())
     model.fold([_scan([1])])

@@ -93,11 +93,27 @@ def test_unsettled_or_cooling_pages_do_not_move() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 50), 0, mark(h.COLD, streak=1))
     put(heat, marks, range(50, 100), 0, mark(h.COLD, cooldown=1))
-    put(heat, marks, range(100, 150), 200, mark(h.HOT, streak=1))
+    put(heat, marks, range(100, 150), 100, mark(h.HOT, streak=1))  # below settle_units
     put(heat, marks, range(150, 200), 200, mark(h.HOT, cooldown=2))
     plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100,
                          params=PolicyParams(hysteresis_rounds=2))
     assert plan.batches == () and plan.deferred_pages == 0
+
+
+def test_heat_worth_two_rounds_settles_a_hot_page_for_an_exchange() -> None:
+    """Samples that count accesses say in one round what two idle scans say: on a large
+    host, whose rounds are paced scans minutes long, that is what lets it exchange soon."""
+    heat, marks = arrays()
+    put(heat, marks, range(0, 50), 0, mark(h.COLD))
+    put(heat, marks, range(100, 120), 128, mark(h.HOT, streak=1))  # 8.0 accesses
+    put(heat, marks, range(120, 140), 127, mark(h.HOT, streak=1))  # just below
+    nodes = two_nodes(free0=10, keep0=10)
+    plan = policy.decide(heat, marks, nodes, budget_pages=100)
+    assert plan.pages(Direction.DEMOTE) == 20
+    assert [b.pfns.tolist() for b in plan.batches if b.direction is Direction.PROMOTE] == [
+        list(range(100, 120))]
+    never = PolicyParams(settle_units=h.HEAT_MAX + 1)
+    assert policy.decide(heat, marks, nodes, budget_pages=100, params=never).batches == ()
 
 
 def test_budget_is_split_between_directions_and_the_rest_is_deferred() -> None:

@@ -110,7 +110,9 @@ SCHEMA: dict[str, Any] = {
                                 " hot_threshold.", minimum=0, maximum=1e9),
             hysteresis_intervals=_int("Consecutive rounds (idle scans, or intervals without"
                                       " the idle collector) a page must stay hot (cold)"
-                                      " before it is promoted (demoted); a moved page sits"
+                                      " before it is promoted (demoted), unless its heat"
+                                      " reaches twice hot_threshold within a round"
+                                      " (samples or DAMON regions); a moved page sits"
                                       " out one round more before it may move again.",
                                       minimum=1, maximum=100),
             headroom_percent=_num("Percent of each fast node's memory kept free above its"

@@ -118,6 +118,12 @@ class HeatParams:
     def cold_units(self) -> int:
         return self.units(self.cold_threshold)
 
+    @property
+    def settle_units(self) -> int:
+        """Twice the hot threshold: two rounds' worth of hot evidence in one. Above
+        HEAT_MAX when the scale cannot hold it, and then no heat settles a page."""
+        return round(2 * self.hot_threshold * HEAT_SCALE)
+
 
 def _pack(cls: int, streak: int, cooldown: int) -> np.uint8:
     return np.uint8((cooldown << COOLDOWN_SHIFT) | (cls << CLASS_SHIFT) | streak)

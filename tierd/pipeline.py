@@ -47,17 +47,18 @@ class Settings:
     @classmethod
     def from_config(cls, config: Config, dry_run: bool = False) -> Settings:
         p = config.policy
+        heat = HeatParams(decay=p.heat_decay, hot_threshold=p.hot_threshold,
+                          cold_threshold=p.cold_threshold,
+                          # A moved page sits out one round more than the hysteresis:
+                          # never moved back on one round's evidence.
+                          cooldown_rounds=p.hysteresis_intervals + 1)
         return cls(
             interval=config.interval,
             dry_run=config.dry_run or dry_run,
-            heat=HeatParams(decay=p.heat_decay, hot_threshold=p.hot_threshold,
-                            cold_threshold=p.cold_threshold,
-                            # A moved page sits out one round more than the hysteresis:
-                            # never moved back on one round's evidence.
-                            cooldown_rounds=p.hysteresis_intervals + 1),
+            heat=heat,
             policy=PolicyParams(hysteresis_rounds=p.hysteresis_intervals,
                                 promote_share=p.budget_split.promote,
-                                demote_cold=p.demote_cold),
+                                demote_cold=p.demote_cold, settle_units=heat.settle_units),
             headroom_percent=p.headroom_percent,
             rate_mb_per_s=config.movers.rate_mb_per_s,
             mover=mover_params(config),

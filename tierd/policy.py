@@ -21,7 +21,13 @@ while hot pages wait below it, and above the watermark always:
 `hysteresis_rounds` consecutive rounds and be out of its cooldown (see
 tierd.heat). A move into free room displaces nothing, so a page hot in one
 round may take it; an exchange displaces a page, so only settled-hot pages
-take part. The interval's budget (pages) is split between promotion and
+take part. Evidence can settle a hot page sooner: heat of `settle_units`
+(twice the hot threshold) says within one round what two rounds of idle
+scans say. Idle evidence alone never reaches it (its heat stays below
+twice an access's weight); perf samples and DAMON regions, which count
+accesses within a round, can. A round is one idle scan, which a large host
+paces over minutes, so on such a host sampled evidence is what lets an
+exchange happen within intervals. The interval's budget (pages) is split between promotion and
 demotion; a direction that needs less leaves the rest to the other.
 
 One pass costs a few whole-array numpy operations per chunk and no sort:
@@ -67,6 +73,7 @@ class PolicyParams:
     hysteresis_rounds: int = 2  # consecutive rounds in a class before a move
     promote_share: float = 0.5  # of the interval's budget, when both directions want it
     demote_cold: bool = False  # demote settled-cold pages even above the headroom
+    settle_units: int = 128  # heat that settles a hot page before its hysteresis
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,16 @@ def _in_category(mark: npt.NDArray[np.uint8], ranges: tuple[tuple[int, int], ...
     return inside
 
 
+def _members(category: Category, heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
+            params: PolicyParams) -> npt.NDArray[np.bool_]:
+    """Which PFNs of a chunk (its heat and marks) fall in `category`."""
+    inside = _in_category(mark, mark_ranges(category, params.hysteresis_rounds))
+    if category == HOT_SETTLED and params.settle_units <= h.HEAT_MAX:
+        fresh = _in_category(mark, mark_ranges(HOT_FRESH, params.hysteresis_rounds))
+        inside |= fresh & (heat >= np.uint8(params.settle_units))
+    return inside
+
+
 def chunks(ranges: tuple[tuple[int, int], ...], npfns: int, step: int = h.CHUNK
             ) -> Iterator[tuple[int, int]]:
     for start, end in ranges:
@@ -162,15 +179,15 @@ def _span(ranges: tuple[tuple[int, int], ...], npfns: int) -> int:
 
 
 def histograms(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
-               ranges: tuple[tuple[int, int], ...], hysteresis: int) -> npt.NDArray[np.int64]:
+               ranges: tuple[tuple[int, int], ...], params: PolicyParams
+               ) -> npt.NDArray[np.int64]:
     """[category, heat] -> pages of these PFN ranges (estimated beyond EXACT_HISTOGRAM_PFNS)."""
     stride = max(1, -(-_span(ranges, heat.size) // EXACT_HISTOGRAM_PFNS))
     hist = np.zeros((NCAT, 256), dtype=np.int64)
     for cat in (COLD_SETTLED, NOT_HOT, HOT_SETTLED, HOT_FRESH):
-        cranges = mark_ranges(cat, hysteresis)
         exact, sampled = 0, np.zeros(256, dtype=np.int64)
         for s, e in chunks(ranges, heat.size):
-            inside = _in_category(mark[s:e], cranges)
+            inside = _members(cat, heat[s:e], mark[s:e], params)
             exact += int(np.count_nonzero(inside))
             sample = inside[::stride]
             sampled += np.bincount(heat[s:e][::stride][sample], minlength=256)
@@ -278,7 +295,7 @@ def _cut(hist: npt.NDArray[np.int64], k: int, coldest: bool) -> int:
 
 
 def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
-            ranges: tuple[tuple[int, int], ...], hysteresis: int, category: Category,
+            ranges: tuple[tuple[int, int], ...], params: PolicyParams, category: Category,
             hist: npt.NDArray[np.int64], k: int, coldest: bool) -> npt.NDArray[np.uint64]:
     """The k coldest (or hottest) PFNs of `category` in `ranges`, ascending.
 
@@ -289,12 +306,11 @@ def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     if k <= 0:
         return np.zeros(0, dtype=np.uint64)
     t = np.uint8(_cut(hist, k, coldest))
-    cranges = mark_ranges(category, hysteresis)
     beyond, at_cut = [], []
     remaining = k
     for s, e in chunks(ranges, heat.size):
-        inside = _in_category(mark[s:e], cranges)
         chunk_heat = heat[s:e]
+        inside = _members(category, chunk_heat, mark[s:e], params)
         strict = inside & ((chunk_heat < t) if coldest else (chunk_heat > t))
         beyond.append(np.flatnonzero(strict).astype(np.uint64) + np.uint64(s))
         if remaining > 0:
@@ -311,14 +327,15 @@ def _select(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
 
 
 def _demotions(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8], t: NodeTarget,
-               hysteresis: int, hist: npt.NDArray[np.int64], k: int) -> npt.NDArray[np.uint64]:
+               params: PolicyParams, hist: npt.NDArray[np.int64], k: int
+               ) -> npt.NDArray[np.uint64]:
     """The k coldest movable pages of node t: settled-cold ones first."""
     cold = int(hist[COLD_SETTLED].sum())
     from_cold = min(k, cold)
-    pfns = [_select(heat, mark, t.ranges, hysteresis, COLD_SETTLED, hist[COLD_SETTLED],
+    pfns = [_select(heat, mark, t.ranges, params, COLD_SETTLED, hist[COLD_SETTLED],
                     from_cold, coldest=True)]
     if k > from_cold:
-        pfns.append(_select(heat, mark, t.ranges, hysteresis, NOT_HOT, hist[NOT_HOT],
+        pfns.append(_select(heat, mark, t.ranges, params, NOT_HOT, hist[NOT_HOT],
                             k - from_cold, coldest=True))
     return np.sort(np.concatenate(pfns))
 
@@ -328,9 +345,8 @@ def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
            ) -> Plan:
     """One decision pass: which PFNs move where this interval."""
     params = params or PolicyParams()
-    hyst = params.hysteresis_rounds
     by_id = {t.node: t for t in nodes}
-    hist = {n: histograms(heat, mark, t.ranges, hyst) for n, t in by_id.items()}
+    hist = {n: histograms(heat, mark, t.ranges, params) for n, t in by_id.items()}
     counts = _allocate(by_id, hist, budget_pages, params)
     unlimited = _allocate(by_id, hist, heat.size, params)
     wanted = sum(c.demote + sum(c.promote_from.values()) for c in unlimited.values())
@@ -338,12 +354,12 @@ def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
     for n, c in counts.items():
         t = by_id[n]
         if c.demote and t.demote_to is not None:
-            pfns = _demotions(heat, mark, t, hyst, hist[n], c.demote)
+            pfns = _demotions(heat, mark, t, params, hist[n], c.demote)
             demotions.append(Batch(Direction.DEMOTE, n, t.demote_to, pfns))
         for source, k in c.promote_from.items():
             s = by_id[source]
             cat = c.promote_category
-            pfns = _select(heat, mark, s.ranges, hyst, cat, hist[source][cat], k,
+            pfns = _select(heat, mark, s.ranges, params, cat, hist[source][cat], k,
                            coldest=False)
             promotions.append(Batch(Direction.PROMOTE, source, n, pfns))
     batches = sorted(demotions, key=lambda b: b.target) + sorted(promotions, key=lambda b: b.target)
