@@ -280,3 +280,18 @@ def test_targets_add_headroom_and_pick_the_roomiest_neighbour_one_tier_away() ->
     assert (by_node[0].promote_to, by_node[0].demote_to) == (None, 2)
     assert (by_node[1].promote_to, by_node[1].demote_to) == (0, 3)
     assert (by_node[3].promote_to, by_node[3].demote_to) == (2, None)
+
+
+@pytest.mark.parametrize("hysteresis", range(9))
+def test_category_membership_is_exactly_the_mark_ranges(hysteresis: int) -> None:
+    """One uint8 compare a range (the difference wraps below the range): every mark value."""
+    marks = np.arange(256, dtype=np.uint8)
+    for category in (policy.COLD_SETTLED, policy.NOT_HOT, policy.HOT_SETTLED, policy.HOT_FRESH):
+        ranges = policy.mark_ranges(category, hysteresis)
+        expected = np.zeros(256, dtype=np.bool_)
+        for low, high in ranges:
+            expected |= (marks >= low) & (marks <= high)
+        assert (policy._in_category(marks, ranges) == expected).all(), category
+        never = PolicyParams(hysteresis_rounds=hysteresis, settle_units=h.HEAT_MAX + 1)
+        zero = np.zeros(256, dtype=np.uint8)
+        assert (policy._members(category, zero, marks, never) == expected).all(), category

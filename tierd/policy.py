@@ -149,21 +149,25 @@ def mark_ranges(category: Category, hysteresis: int) -> tuple[tuple[int, int], .
 def _in_category(mark: npt.NDArray[np.uint8], ranges: tuple[tuple[int, int], ...]
                  ) -> npt.NDArray[np.bool_]:
     """Which of `mark` fall in the mark ranges."""
-    inside = np.zeros(mark.shape, dtype=np.bool_)
+    inside: npt.NDArray[np.bool_] | None = None
     for low, high in ranges:
         if low <= high:
-            inside |= (mark >= np.uint8(low)) & (mark <= np.uint8(high))
-    return inside
+            # One compare a range: below `low` the uint8 difference wraps past `high - low`.
+            part = (mark - np.uint8(low)) <= np.uint8(high - low)
+            inside = part if inside is None else inside | part
+    return np.zeros(mark.shape, dtype=np.bool_) if inside is None else inside
 
 
 def _members(category: Category, heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
             params: PolicyParams) -> npt.NDArray[np.bool_]:
     """Which PFNs of a chunk (its heat and marks) fall in `category`."""
-    inside = _in_category(mark, mark_ranges(category, params.hysteresis_rounds))
-    if category == HOT_SETTLED and params.settle_units <= h.HEAT_MAX:
-        fresh = _in_category(mark, mark_ranges(HOT_FRESH, params.hysteresis_rounds))
-        inside |= fresh & (heat >= np.uint8(params.settle_units))
-    return inside
+    if category != HOT_SETTLED or params.settle_units > h.HEAT_MAX:
+        return _in_category(mark, mark_ranges(category, params.hysteresis_rounds))
+    # Hot and out of its cooldown, then settled by its streak or by its heat.
+    (fresh_low, fresh_high), = mark_ranges(HOT_FRESH, params.hysteresis_rounds)
+    (settled_low, _), = mark_ranges(HOT_SETTLED, params.hysteresis_rounds)
+    fresh = (mark - np.uint8(fresh_low)) <= np.uint8(fresh_high - fresh_low)
+    return fresh & ((mark >= np.uint8(settled_low)) | (heat >= np.uint8(params.settle_units)))
 
 
 def chunks(ranges: tuple[tuple[int, int], ...], npfns: int, step: int = h.CHUNK
