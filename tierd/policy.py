@@ -27,8 +27,10 @@ scans say. Idle evidence alone never reaches it (its heat stays below
 twice an access's weight); perf samples and DAMON regions, which count
 accesses within a round, can. A round is one idle scan, which a large host
 paces over minutes, so on such a host sampled evidence is what lets an
-exchange happen within intervals. The interval's budget (pages) is split between promotion and
-demotion; a direction that needs less leaves the rest to the other.
+exchange happen within intervals.
+
+The interval's budget (pages) is split between promotion and demotion; a
+direction that needs less leaves the rest to the other.
 
 One pass costs a few whole-array numpy operations per chunk and no sort:
 each PFN's (category, heat) pair is a 10-bit key, one bincount per chunk
@@ -164,9 +166,8 @@ def _members(category: Category, heat: npt.NDArray[np.uint8], mark: npt.NDArray[
     if category != HOT_SETTLED or params.settle_units > h.HEAT_MAX:
         return _in_category(mark, mark_ranges(category, params.hysteresis_rounds))
     # Hot and out of its cooldown, then settled by its streak or by its heat.
-    (fresh_low, fresh_high), = mark_ranges(HOT_FRESH, params.hysteresis_rounds)
+    fresh = _in_category(mark, mark_ranges(HOT_FRESH, params.hysteresis_rounds))
     (settled_low, _), = mark_ranges(HOT_SETTLED, params.hysteresis_rounds)
-    fresh = (mark - np.uint8(fresh_low)) <= np.uint8(fresh_high - fresh_low)
     return fresh & ((mark >= np.uint8(settled_low)) | (heat >= np.uint8(params.settle_units)))
 
 
