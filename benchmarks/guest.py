@@ -180,9 +180,11 @@ def run_one(workload_name: str, system_name: str, args: argparse.Namespace) -> d
     try:
         before = kstat.vmstat()
         stime_before = system_seconds(pids)
-        phases = [phase_start(workload, ballast, 0.0)]
         system.start()  # returns once the system runs (tierd: after its start-up)
         t0 = time.monotonic()
+        # Phase 0 starts with the clock: the agent's own memory is in use by then, not
+        # room a hot page could have taken (a daemon's start-up allocates on the fast node).
+        phases = [phase_start(workload, ballast, 0.0)]
         accesses = AccessLog(args.judge)
         accesses.sample(t0, fresh=True)
         samples = sample_run(workload, ballast, system, phases, t0, args, accesses)
