@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from tierd.cli import main
-from tierd.collectors.topology import intersect_ranges, merge_ranges, probe, read_topology
+from tierd.collectors.topology import (
+    intersect_ranges,
+    merge_ranges,
+    probe,
+    read_topology,
+    refresh_topology,
+)
 from tierd.errors import KernelFileError
 from tierd.kernel import memtiers, pagemap
 from tierd.kernel.nodes import parse_cpulist, parse_meminfo
@@ -145,6 +151,43 @@ def test_offline_memory_blocks_are_left_out(tmp_path: Path) -> None:
     (root / "sys/devices/system/memory/memory39/state").write_text("offline\n")
     topo = read_topology(HostRoot(root))
     assert topo.nodes[1].pfn_ranges == ((524288, 786432), (1048576, 1277952))
+
+
+def _set_zone_field(root: Path, node: int, zone: str, key: str, value: int) -> None:
+    """Rewrite one `key value` line of one zone in root's /proc/zoneinfo."""
+    path = root / "proc/zoneinfo"
+    lines, current = path.read_text().splitlines(), None
+    for i, line in enumerate(lines):
+        if line.startswith("Node "):
+            current = line.split(",")[0] == f"Node {node}" and line.split()[-1] == zone
+        elif current and line.split()[:-1] == key.split():
+            lines[i] = f"{line[:len(line) - len(line.lstrip())]}{key} {value}"
+            current = None
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_refresh_reads_free_pages_again_and_keeps_the_layout(tmp_path: Path) -> None:
+    root = _copy(tmp_path, LAB)
+    first = read_topology(HostRoot(root))
+    # Memory blocks are not read again: a refresh that did would see this one offline.
+    (root / "sys/devices/system/memory/memory39/state").write_text("offline\n")
+    _set_zone_field(root, 1, "Normal", "pages free", 1234)
+    now = refresh_topology(first, HostRoot(root))
+    assert now.nodes[1].pfn_ranges == first.nodes[1].pfn_ranges
+    assert now.nodes[1].zones[2].free == 1234 and first.nodes[1].zones[2].free != 1234
+    assert now.node_of([1277952]).tolist() == [1]
+    assert now.nodes[1].meminfo == {} and first.nodes[1].meminfo
+
+
+def test_refresh_after_hotplug_reads_the_memory_blocks_again(tmp_path: Path) -> None:
+    root = _copy(tmp_path, LAB)
+    first = read_topology(HostRoot(root))
+    (root / "sys/devices/system/memory/memory39/state").write_text("offline\n")
+    present = first.nodes[1].zones[2].present
+    _set_zone_field(root, 1, "Normal", "present", present - 32768)
+    now = refresh_topology(first, HostRoot(root))
+    assert now.nodes[1].pfn_ranges == ((524288, 786432), (1048576, 1277952))
+    assert now.node_of([1277952]).tolist() == [-1]
 
 
 def test_61_host_tiers_put_cxl_node_below_both_sockets() -> None:

@@ -36,7 +36,7 @@ from tierd import policy
 from tierd.collectors.collector import Pace
 from tierd.collectors.evidence import Evidence
 from tierd.collectors.processes import ProcessFilter
-from tierd.collectors.topology import Topology, node_facts, read_topology
+from tierd.collectors.topology import Topology, node_facts, refresh_topology
 from tierd.config import Config
 from tierd.errors import Interrupted, KernelFileError
 from tierd.heat import HEAT_SCALE, HOT, PASS_CHUNK, HeatModel, classes
@@ -239,7 +239,7 @@ class Daemon:
         if self.state.intervals % UNPIN_EVERY_INTERVALS == UNPIN_EVERY_INTERVALS - 1:
             self.heat.unpin_all()
         with self._stage("collect"):
-            self.topology = read_topology(self.root)
+            self.topology = refresh_topology(self.topology, self.root)
             evidence = self.collect()
         with self._stage("heat"):
             self.update_heat(evidence)

@@ -1,6 +1,7 @@
 """Topology and capacity: nodes, tiers, zones, watermarks and each node's PFN ranges.
 
-`read_topology()` takes one snapshot of the host; `Topology.node_of(pfns)`
+`read_topology()` takes one snapshot of the host, `refresh_topology()` the
+next one cheaply (the layout stays until hotplug changes it); `Topology.node_of(pfns)`
 maps any PFN array to node ids without a syscall (a binary search over the
 sorted PFN ranges). PFN ranges come from the node's online memory blocks
 intersected with its zone spans in /proc/zoneinfo (blocks leave out holes,
@@ -14,7 +15,7 @@ in `Topology.problems`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -250,6 +251,27 @@ def read_topology(root: HostRoot = HOST) -> Topology:
         _ends=np.array([r[1] for r in owned], dtype=np.uint64),
         _owners=np.array([r[2] for r in owned], dtype=np.int32),
     )
+
+
+def refresh_topology(previous: Topology, root: HostRoot = HOST) -> Topology:
+    """The topology now, for the daemon's every interval: zoneinfo (free pages and
+    watermarks) read again, the layout taken from `previous` while no node came or
+    went and no zone was onlined, offlined or resized. Only a changed layout reads
+    the memory blocks again (one file per block: 8192 at 1 TiB). The nodes' meminfo
+    and vmstat, which no interval uses, are not read: they come back empty."""
+    zoneinfo = read_zoneinfo(root)
+    node_ids = sysnodes.online_nodes(root)
+    zones = {n: zoneinfo.of_node(n) for n in node_ids}
+    if node_ids != list(previous.nodes) or any(
+            _layout(zones[n]) != _layout(node.zones) for n, node in previous.nodes.items()):
+        return read_topology(root)
+    return replace(previous, nodes={n: replace(node, zones=zones[n], meminfo={}, vmstat={})
+                                    for n, node in previous.nodes.items()})
+
+
+def _layout(zones: tuple[Zone, ...]) -> tuple[tuple[str, int | None, int, int], ...]:
+    """What memory hotplug changes in a node's zones (their spans and present pages)."""
+    return tuple((z.name, z.start_pfn, z.spanned, z.present) for z in zones)
 
 
 def _cpus(node: int, root: HostRoot, problems: list[str]) -> list[int]:
