@@ -13,6 +13,7 @@ from tierd.vocabulary import Direction
 # Pressure and exchange alone (the default), without proactive demotion of cold pages.
 PRESSURE_ONLY = PolicyParams(demote_cold=False)
 DEMOTE_COLD = PolicyParams(demote_cold=True)
+TWO_ROUNDS = PolicyParams(hysteresis_rounds=2)  # the rules that wait for the hysteresis
 N0 = (0, 100)  # node 0: PFNs 0-99 (fast), node 1: PFNs 100-199 (slow)
 N1 = (100, 200)
 
@@ -108,11 +109,11 @@ def test_heat_worth_two_rounds_settles_a_hot_page_for_an_exchange() -> None:
     put(heat, marks, range(100, 120), 128, mark(h.HOT, streak=1))  # 8.0 accesses
     put(heat, marks, range(120, 140), 127, mark(h.HOT, streak=1))  # just below
     nodes = two_nodes(free0=10, keep0=10)
-    plan = policy.decide(heat, marks, nodes, budget_pages=100)
+    plan = policy.decide(heat, marks, nodes, budget_pages=100, params=TWO_ROUNDS)
     assert plan.pages(Direction.DEMOTE) == 20
     assert [b.pfns.tolist() for b in plan.batches if b.direction is Direction.PROMOTE] == [
         list(range(100, 120))]
-    never = PolicyParams(settle_units=h.HEAT_MAX + 1)
+    never = PolicyParams(hysteresis_rounds=2, settle_units=h.HEAT_MAX + 1)
     assert policy.decide(heat, marks, nodes, budget_pages=100, params=never).batches == ()
 
 
@@ -173,14 +174,31 @@ def test_a_page_hot_for_one_round_takes_free_room_but_displaces_nothing() -> Non
     heat, marks = arrays()
     put(heat, marks, range(0, 50), 0, mark(h.COLD))
     put(heat, marks, range(100, 110), 64, mark(h.HOT, streak=1))  # hot for one round
-    plan = policy.decide(heat, marks, two_nodes(free0=14, keep0=10), budget_pages=100)
+    plan = policy.decide(heat, marks, two_nodes(free0=14, keep0=10), budget_pages=100,
+                         params=TWO_ROUNDS)
     assert [(b.direction, b.pfns.size) for b in plan.batches] == [(Direction.PROMOTE, 4)]
-    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100)
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100,
+                         params=TWO_ROUNDS)
     assert plan.batches == ()  # no room: an exchange waits for the hysteresis
     put(heat, marks, range(100, 110), 64, mark(h.HOT, streak=2))
+    plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100,
+                         params=TWO_ROUNDS)
+    assert [(b.direction, b.pfns.size) for b in plan.batches] == [
+        (Direction.DEMOTE, 10), (Direction.PROMOTE, 10)]
+
+
+def test_by_default_a_page_hot_for_one_round_displaces_a_cold_one() -> None:
+    """The first round with evidence acts: heat already holds a once-hot page above the
+    cold threshold for three rounds, so only a page idle that long is displaced."""
+    heat, marks = arrays()
+    put(heat, marks, range(0, 50), 0, mark(h.COLD))
+    put(heat, marks, range(50, 60), 16, mark(h.WARM))  # seen accessed a round ago
+    put(heat, marks, range(100, 110), 64, mark(h.HOT, streak=1))
     plan = policy.decide(heat, marks, two_nodes(free0=10, keep0=10), budget_pages=100)
     assert [(b.direction, b.pfns.size) for b in plan.batches] == [
         (Direction.DEMOTE, 10), (Direction.PROMOTE, 10)]
+    demoted = next(b for b in plan.batches if b.direction is Direction.DEMOTE)
+    assert demoted.pfns.max() < 50
 
 
 def test_lukewarm_pages_of_a_long_tail_stay_below() -> None:

@@ -24,7 +24,7 @@ The tree (every key is optional; defaults below; durations in seconds):
       heat_decay: 0.5              # share of a page's heat kept from one round to the next
       hot_threshold: 4.0           # heat at or above which a slow-tier page is hot
       cold_threshold: 0.5          # heat at or below which a fast-tier page is cold
-      hysteresis_intervals: 2      # consecutive hot (cold) rounds before a move
+      hysteresis_intervals: 1      # consecutive hot (cold) rounds before a move
       headroom_percent: 2.0        # kept free above the watermark while hot pages wait below
       demote_cold: false           # true: demote every settled-cold page, room needed or not
       budget_split:                # the interval's move budget (movers.rate_mb_per_s x interval)
@@ -129,7 +129,7 @@ class PolicyConfig:
     heat_decay: float = 0.5
     hot_threshold: float = 4.0
     cold_threshold: float = 0.5
-    hysteresis_intervals: int = 2
+    hysteresis_intervals: int = 1
     headroom_percent: float = 2.0
     demote_cold: bool = False
     budget_split: BudgetSplit = field(default_factory=BudgetSplit)

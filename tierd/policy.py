@@ -72,7 +72,7 @@ EXACT_HISTOGRAM_PFNS = 1 << 22
 
 @dataclass(frozen=True)
 class PolicyParams:
-    hysteresis_rounds: int = 2  # consecutive rounds in a class before a move
+    hysteresis_rounds: int = 1  # consecutive rounds in a class before a move
     promote_share: float = 0.5  # of the interval's budget, when both directions want it
     demote_cold: bool = False  # demote settled-cold pages even above the headroom
     settle_units: int = 128  # heat that settles a hot page before its hysteresis
