@@ -184,6 +184,44 @@ def _reference_classify(heat: int, mark: int, advance: int) -> int:
     return (cooldown << 5) | (cls << 3) | streak
 
 
+def _random_model(seed: int, n: int = 5000) -> h.HeatModel:
+    """Random heat and marks, classified as fold() leaves them."""
+    rng = np.random.default_rng(seed)
+    model = h.HeatModel(n, PARAMS)
+    model.heat[:] = rng.integers(0, 256, n)
+    model.mark[:] = rng.integers(0, 256, n)
+    model.classify()
+    return model
+
+
+def test_a_fold_within_a_round_classifies_as_a_full_pass_would(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h, "PASS_CHUNK", 64)  # evidence spanning several chunks
+    rng = np.random.default_rng(9)
+    model, reference = _random_model(8), _random_model(8)
+    scan = _scan(rng.choice([0, 1, 2, UNTRACKED], 700).tolist(), start=1000)
+    samples = SampleBatch(rng.integers(0, 5100, 300).astype(np.uint64), 0, 0, 0.0)
+    model.fold([scan], [samples], new_round=False)
+    list(reference.add_idle_scan(scan))
+    reference.add_samples(samples)
+    reference.classify(advance=False)
+    assert np.array_equal(model.heat, reference.heat)
+    assert np.array_equal(model.mark, reference.mark)
+
+
+def test_a_fold_within_a_round_leaves_pages_without_evidence_alone() -> None:
+    """Only where evidence landed is heat reclassified: a pass over the rest of the host
+    would change nothing there, and its cost grows with memory, not with evidence."""
+    model = _random_model(4)
+    model.heat[:] = 0  # every class now disagrees with its heat, unseen by fold
+    before = model.mark.copy()
+    samples = SampleBatch(np.array([10, 20], dtype=np.uint64), 0, 0, 0.0)
+    model.fold([_scan([1] * 100, start=3000)], [samples], new_round=False)
+    changed = np.flatnonzero(model.mark != before)
+    assert set(changed.tolist()) <= {10, 20, *range(3000, 3100)}
+    assert changed.size > 0
+
+
 def test_heat_and_streaks_age_per_round_not_per_interval() -> None:
     """A 30 s idle scan with a 5 s interval: the scan's evidence holds until the next scan."""
     model = h.HeatModel(2, h.HeatParams(cooldown_rounds=3))

@@ -149,6 +149,9 @@ class HeatModel:
         self.heat = np.zeros(npfns, dtype=np.uint8)
         self.mark = np.zeros(npfns, dtype=np.uint8)
         self._rounds = 0  # rounds folded in so far
+        # Bumped by every change to heat or marks, so views of them (the dashboard's
+        # counts and strips) are recomputed only after one: each is a pass over the host.
+        self.version = 0
         self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
         self._set_params_tables()
 
@@ -186,6 +189,7 @@ class HeatModel:
 
         Returns the PFNs that are new, for the caller's safety checks.
         """
+        self.version += 1
         index = self._clip(pfns)
         marks = self.mark[index]
         new: npt.NDArray[np.intp] = index[((marks & CLASS_MASK) == 0) & (marks != PINNED)]
@@ -264,6 +268,7 @@ class HeatModel:
 
     def vacate(self, pfns: npt.NDArray[np.uint64]) -> None:
         """These frames were moved away from: nothing of ours lives there now."""
+        self.version += 1
         index = self._clip(pfns)
         self.heat[index] = 0
         self.mark[index] = 0
@@ -283,6 +288,7 @@ class HeatModel:
 
     def pin(self, pfns: npt.NDArray[np.uint64]) -> None:
         """Frames the movers may not touch: no longer candidates, not re-tracked."""
+        self.version += 1
         index = self._clip(pfns)
         self.heat[index] = 0
         self.mark[index] = PINNED
@@ -300,12 +306,14 @@ class HeatModel:
 
     def unpin_all(self) -> None:
         """Let pinned frames be tracked again (their pages may have been freed or unlocked)."""
+        self.version += 1
         for start in range(0, self.npfns, CHUNK):
             chunk = self.mark[start:start + CHUNK]
             chunk[chunk == PINNED] = 0
 
     def cool_down(self, pfns: npt.NDArray[np.uint64]) -> None:
         """Pages that stayed put after a failed or skipped move: do not retry them at once."""
+        self.version += 1
         index = self._clip(pfns)
         cooldown = np.uint8(min(COOLDOWN_MAX, self.params.cooldown_rounds) << COOLDOWN_SHIFT)
         self.mark[index] = (self.mark[index] & ~COOLDOWN_MASK) | cooldown
@@ -320,22 +328,31 @@ class HeatModel:
         The newly tracked PFNs go to `on_new` a chunk at a time, before the classes are
         recomputed (the first scan of a host finds every user page new).
         """
+        self.version += 1
         if new_round:
             self.decay()
         # The first round's pages predate tierd: no new page's cooldown for them.
         first = new_round and self._rounds == 0
         self._new_mark = _pack(WARM, 0, 0 if first else NEW_PAGE_COOLDOWN)
+        spans: list[tuple[int, int]] = []  # where this interval's evidence changed heat
+        sampled: list[npt.NDArray[np.intp]] = []
         try:
             for scan in idle:
+                spans.append((scan.pfn_start, scan.pfn_start + scan.idle_age.size))
                 for part in self.add_idle_scan(scan):
                     on_new(part)
             for batch in samples:
+                sampled.append(np.unique(self._clip(batch.pfns)))
                 on_new(self.add_samples(batch))
             for region_batch in regions:
+                spans.append((0, self.npfns))
                 self.add_regions(region_batch)
         finally:
             self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
-        self.classify(advance=new_round)
+        if new_round:
+            self.classify()
+        else:
+            self._reclassify(spans, sampled)
         self._rounds += int(new_round)
 
     def decay(self) -> None:
@@ -352,6 +369,27 @@ class HeatModel:
             end = start + PASS_CHUNK
             self._classify_chunk(self.heat[start:end], self.mark[start:end], hot, cold,
                                  np.uint8(advance))
+
+    def _reclassify(self, spans: list[tuple[int, int]],
+                    sampled: list[npt.NDArray[np.intp]]) -> None:
+        """Recompute classes where evidence changed heat, within a round (no streak or
+        cooldown ticks): classify(advance=False) at the cost of the evidence, not of
+        the host (within a round only samples and DAMON regions arrive; an idle scan
+        ends a round). Elsewhere that pass would
+        change nothing, as every mark's class follows its heat between folds; the one
+        exception, pages tracked from the mover's list, arises only without idle
+        scans, and then every interval is a round."""
+        hot, cold, still = (np.uint8(self.params.hot_units), np.uint8(self.params.cold_units),
+                            np.uint8(0))
+        for start, end in spans:
+            for low in range(start, min(end, self.npfns), PASS_CHUNK):
+                high = min(end, low + PASS_CHUNK)
+                self._classify_chunk(self.heat[low:high], self.mark[low:high], hot, cold, still)
+        if sampled:
+            index = np.unique(np.concatenate(sampled))
+            mark = self.mark[index]
+            self._classify_chunk(self.heat[index], mark, hot, cold, still)
+            self.mark[index] = mark
 
     @staticmethod
     def _classify_chunk(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],

@@ -78,6 +78,7 @@ def restore(model: HeatModel, path: Path) -> bool:
         return False
     with os.fdopen(fd, "rb") as f:
         path.unlink()
+        model.version += 1
         try:
             age = _check(os.fstat(f.fileno()), f.read(HEADER.size), model.npfns)
             _read_exactly(f, model.heat)
