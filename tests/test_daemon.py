@@ -357,6 +357,30 @@ def test_node_usage_reports_the_policy_floor_and_placement_by_heat(
     assert (second.hot_bytes, second.warm_bytes, second.cold_bytes) == (10 * page, 50 * page, 0)
 
 
+def test_node_usage_is_recounted_only_after_the_heat_model_changed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierd.heat import COLD, HOT, HeatModel, _pack
+
+    model = HeatModel(2000)
+    monkeypatch.setattr(Daemon, "heat", model)
+    passes = []
+    counts = model.class_counts
+    monkeypatch.setattr(model, "class_counts",
+                        lambda start, end: passes.append(start) or counts(start, end))
+    daemon = Daemon(Config())
+    model.mark[0:100] = _pack(HOT, 0, 0)
+    fast = NodeFacts(node=0, tier=0, ranges=((0, 1000),), managed_pages=1000, free_pages=70,
+                     watermark_pages=40)
+    assert daemon._usage(fast, 4).hot_bytes == 100 * pagemap.PAGE_SIZE
+    assert daemon._usage(replace(fast, free_pages=60), 4).hot_bytes == 100 * pagemap.PAGE_SIZE
+    assert len(passes) == 1  # nothing changed the model: no second pass
+    model.mark[100:150] = _pack(COLD, 0, 0)
+    model.pin(np.arange(50, dtype=np.uint64))
+    assert daemon._usage(fast, 4).hot_bytes == 50 * pagemap.PAGE_SIZE
+    assert daemon._usage(fast, 4).cold_bytes == 50 * pagemap.PAGE_SIZE
+    assert len(passes) == 2
+
+
 def test_heat_strip_is_the_mean_heat_of_equal_slices_across_a_nodes_ranges(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from tierd.heat import HEAT_SCALE, HeatModel

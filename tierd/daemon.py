@@ -23,11 +23,13 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +58,7 @@ from tierd.vocabulary import PAGE_SIZE, Batch, Direction, NodeFacts
 __all__ = ["Daemon", "IntervalSummary", "Settings", "describe", "node_facts"]
 
 log = logging.getLogger(__name__)
+_V = TypeVar("_V")
 
 HEAT_STRIP_BINS = 64
 # Pinned frames (mlocked, unevictable, excluded) are reconsidered this often: their
@@ -111,6 +114,7 @@ class Daemon:
         self._keep_free: dict[int, int] = {}  # node -> pages the policy keeps free
         self._would_move = WouldMoveLedger()
         self.history = MoveHistory(HISTORY_ROUNDS)
+        self._views: dict[Hashable, tuple[int, object]] = {}  # key -> (heat version, view)
 
     @property
     def heat(self) -> HeatModel:
@@ -452,19 +456,36 @@ class Daemon:
         tier_ids = {t.rank: t.id for t in self.topology.tiers}
         self.state.set_nodes([self._usage(f, tier_ids.get(f.tier, f.tier)) for f in facts])
         for f in facts:
-            self.state.set_heat_strip(f.node, self._strip(f))
-        self.state.set_sizes(self.heat.tracked_count(), *self.pipeline.mover.footprint())
+            self.state.set_heat_strip(f.node, self._view(("strip", f.ranges),
+                                                         partial(self._strip, f)))
+        tracked = self._view(("tracked",), self.heat.tracked_count)
+        self.state.set_sizes(tracked, *self.pipeline.mover.footprint())
         self.state.finish_interval()
+
+    def _view(self, key: Hashable, compute: Callable[[], _V]) -> _V:
+        """A view of the heat model, computed again only after the model changed (each is
+        a pass over the host, and an interval that moved nothing changes nothing)."""
+        version = self.heat.version
+        known = self._views.get(key)
+        if known is not None and known[0] == version:
+            return cast(_V, known[1])
+        value = compute()
+        self._views[key] = (version, value)
+        return value
 
     def _usage(self, f: NodeFacts, tier_id: int) -> NodeUsage:
         """The node's memory, its policy floor and where its tracked pages' heat sits."""
         assert self.heat is not None
-        counts = [self.heat.class_counts(start, end) for start, end in f.ranges]
-        cold, warm, hot = (sum(c[i] for c in counts) for i in range(3))
+        cold, warm, hot = self._view(("classes", f.ranges), partial(self._class_counts, f))
         return NodeUsage(f.node, tier_id, f.managed_pages * PAGE_SIZE, f.free_pages * PAGE_SIZE,
                          tier_rank=f.tier, keep_free_bytes=self._keep_free.get(f.node, 0) *
                          PAGE_SIZE, hot_bytes=hot * PAGE_SIZE, warm_bytes=warm * PAGE_SIZE,
                          cold_bytes=cold * PAGE_SIZE)
+
+    def _class_counts(self, f: NodeFacts) -> tuple[int, int, int]:
+        counts = [self.heat.class_counts(start, end) for start, end in f.ranges]
+        cold, warm, hot = (sum(c[i] for c in counts) for i in range(3))
+        return cold, warm, hot
 
     def _strip(self, f: NodeFacts) -> list[float]:
         """Mean heat (in accesses) of HEAT_STRIP_BINS equal slices of the node's PFNs."""
