@@ -171,7 +171,8 @@ def test_connections_over_the_cap_are_closed_at_once(server: MetricsServer) -> N
 def test_a_failing_stage_is_counted_and_the_next_interval_runs(
         monkeypatch: pytest.MonkeyPatch) -> None:
     daemon = Daemon(parse(b"interval: 0.1\n"))
-    monkeypatch.setattr("tierd.daemon.read_topology", lambda _root: None)
+    daemon.topology = None  # type: ignore[assignment]  # never started: no pipeline
+    monkeypatch.setattr("tierd.daemon.refresh_topology", lambda _previous, _root: None)
     monkeypatch.setattr("tierd.daemon.node_facts", lambda _topology: [])
     calls = []
 
