@@ -186,14 +186,16 @@ def test_run_summary_as_json() -> None:
 
 
 def cold_trace(path: Path, intervals: int) -> Path:
-    """A fast node (128 pages, none free) of idle pages over a slow node with room."""
+    """A fast node (128 pages, none free) of idle pages over a slow node with room,
+    whose first 200 pages are accessed in every scan (they wait for room)."""
     writer = TraceWriter(path)
+    ages = np.full(1152, 5, dtype=np.uint8)
+    ages[128:328] = 0
     for _ in range(intervals):
         nodes = [NodeFacts(0, 0, ((0, 128),), 128, 0, 4),
                  NodeFacts(1, 1, ((128, 1152),), 1024, 1000, 4)]
         writer.write(IntervalRecord(1152, 4096, 1.0, 10_000, nodes,
-                                    idle=[IdleScan(0, np.full(1152, 5, dtype=np.uint8), 0.0)],
-                                    samples=[], regions=[]))
+                                    idle=[IdleScan(0, ages, 0.0)], samples=[], regions=[]))
     writer.close()
     return path
 

@@ -118,12 +118,13 @@ SCHEMA: dict[str, Any] = {
             headroom_percent=_num("Percent of each fast node's memory kept free above its"
                                   " promo/high watermark while hot pages wait below it, so"
                                   " promotions never push the node into reclaim. With none"
-                                  " waiting, tierd demotes only below the watermark.",
+                                  " waiting, tierd demotes nothing, even below the watermark,"
+                                  " where the kernel's reclaim acts.",
                                   minimum=0, maximum=50),
             demote_cold=_bool("Demote every settled-cold page, as far as the node below has"
                               " room, even when the fast node does not need the room. Off,"
-                              " cold pages leave only to keep the watermark or to make"
-                              " room for hot pages: fewer moves, a fuller fast tier."),
+                              " cold pages leave only to make room for hot pages: fewer"
+                              " moves, a fuller fast tier."),
             budget_split=_obj(
                 "How an interval's move budget (movers.rate_mb_per_s times interval) is"
                 " shared; promote + demote must be 1.",

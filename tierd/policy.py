@@ -2,12 +2,13 @@
 
 For every node that has a slower tier below it, the policy keeps its free
 memory above `keep_free_pages` (its high/promo watermark plus a headroom)
-while hot pages wait below it, and above the watermark always:
+while hot pages wait below it:
 
 - below that level, demote the coldest pages first (settled cold ones, then
   any non-hot page) to the node's demotion target, one tier down; the
-  headroom is room for the hot pages waiting, so with none waiting a node
-  whose memory fits above its watermark loses no page it may touch;
+  room is for the hot pages waiting, so with none waiting tierd demotes
+  nothing, even below the watermark: the kernel's reclaim keeps that, and
+  a workload whose memory fits the node loses no page to tierd;
 - above it, promote the hottest settled-hot pages of the nodes one tier
   down, as far as the room allows;
 - when hot pages are waiting below and the node has no room, exchange:
@@ -89,7 +90,6 @@ class NodeTarget:
     keep_free_pages: int  # watermark + headroom: promote only above; demote below for them
     promote_to: int | None = None  # a node one tier up
     demote_to: int | None = None  # a node one tier down
-    watermark_pages: int = 0  # demote below this whatever waits
 
 
 def targets(facts: list[NodeFacts], headroom_percent: float) -> list[NodeTarget]:
@@ -109,7 +109,6 @@ def targets(facts: list[NodeFacts], headroom_percent: float) -> list[NodeTarget]
         node=f.node, tier=f.tier, ranges=f.ranges, free_pages=f.free_pages,
         keep_free_pages=f.watermark_pages + int(f.managed_pages * headroom_percent / 100),
         promote_to=roomiest(f.tier - 1), demote_to=roomiest(f.tier + 1),
-        watermark_pages=f.watermark_pages,
     ) for f in facts]
 
 
@@ -228,8 +227,8 @@ def _promotions(settled: int, fresh: int, room: int, exchange: int, left: int
 
 def _deficit(t: NodeTarget, free: int, waiting: int) -> int:
     """Pages to demote for room: up to the headroom while hot pages wait below, else
-    only up to the watermark."""
-    return max(0, (t.keep_free_pages if waiting else t.watermark_pages) - free)
+    none (below the watermark the kernel reclaims what it judges coldest)."""
+    return max(0, t.keep_free_pages - free) if waiting else 0
 
 
 def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64]],
