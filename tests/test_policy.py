@@ -51,7 +51,7 @@ def test_below_headroom_demotes_the_coldest_settled_cold_pages_first() -> None:
     put(heat, marks, [3, 7], 0, mark(h.COLD))
     put(heat, marks, range(10, 20), 40, mark(h.WARM))
     put(heat, marks, range(20, 30), 200, mark(h.HOT))
-    hot_waiting(heat, marks)
+    hot_waiting(heat, marks, range(100, 200))
     plan = policy.decide(heat, marks, two_nodes(free0=7, keep0=10), budget_pages=100,
                          params=TWO_ROUNDS)
     assert len(plan.batches) == 1
@@ -66,7 +66,7 @@ def test_pressure_falls_back_to_warm_pages_but_never_hot_ones() -> None:
     put(heat, marks, range(10, 20), 40, mark(h.WARM))
     put(heat, marks, [12], 30, mark(h.WARM))
     put(heat, marks, range(20, 30), 200, mark(h.HOT))
-    hot_waiting(heat, marks)
+    hot_waiting(heat, marks, range(100, 200))
     plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=4), budget_pages=100,
                          params=TWO_ROUNDS)
     assert plan.batches[0].pfns.tolist() == [0, 1, 10, 12]
@@ -153,7 +153,7 @@ def test_by_default_cold_pages_stay_while_the_fast_node_has_room() -> None:
     assert policy.decide(heat, marks, two_nodes(free0=500), budget_pages=100).batches == ()
     # Room needed (free 5 below a headroom of 10) for a hot page waiting: exactly
     # that much goes down.
-    hot_waiting(heat, marks)
+    hot_waiting(heat, marks, range(100, 200))
     plan = policy.decide(heat, marks, two_nodes(free0=5, keep0=10), budget_pages=100,
                          params=TWO_ROUNDS)
     assert plan.pages(Direction.DEMOTE) == 5 and plan.pages(Direction.PROMOTE) == 0
@@ -173,9 +173,14 @@ def test_the_headroom_is_made_only_for_hot_pages_waiting_below() -> None:
                          budget_pages=100).batches == ()
     put(heat, marks, range(100, 102), 200, mark(h.HOT))
     plan = policy.decide(heat, marks, nodes, budget_pages=100)
-    # 4 back to the headroom, 2 in exchange for the hot pages.
+    # 2 of the headroom back for the 2 hot pages waiting, 2 in exchange for them.
     assert [(b.direction, b.pfns.size) for b in plan.batches] == [
-        (Direction.DEMOTE, 6), (Direction.PROMOTE, 2)]
+        (Direction.DEMOTE, 4), (Direction.PROMOTE, 2)]
+    put(heat, marks, range(102, 120), 200, mark(h.HOT))
+    plan = policy.decide(heat, marks, nodes, budget_pages=100)
+    # 20 waiting: the whole headroom (4) back, and 20 in exchange.
+    assert [(b.direction, b.pfns.size) for b in plan.batches] == [
+        (Direction.DEMOTE, 24), (Direction.PROMOTE, 20)]
 
 
 def test_a_page_hot_for_one_round_takes_free_room_but_displaces_nothing() -> None:
@@ -222,7 +227,7 @@ def test_lukewarm_pages_of_a_long_tail_stay_below() -> None:
 def test_a_direction_without_work_leaves_its_budget_to_the_other() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 100), 0, mark(h.COLD))
-    hot_waiting(heat, marks)
+    hot_waiting(heat, marks, range(100, 200))
     plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=30), budget_pages=20,
                          params=TWO_ROUNDS)
     assert plan.pages(Direction.DEMOTE) == 20 and plan.deferred_pages == 10
@@ -231,7 +236,7 @@ def test_a_direction_without_work_leaves_its_budget_to_the_other() -> None:
 def test_demotion_stops_at_the_target_nodes_own_headroom() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 100), 0, mark(h.COLD))
-    hot_waiting(heat, marks)
+    hot_waiting(heat, marks, range(100, 200))
     plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=30, free1=15, keep1=10),
                          budget_pages=100, params=TWO_ROUNDS)
     assert plan.pages(Direction.DEMOTE) == 5
@@ -282,13 +287,14 @@ def test_random_demotions_are_the_k_coldest_eligible_pages() -> None:
         heat, marks = arrays()
         heat[:] = rng.integers(0, 256, 200)
         marks[:] = rng.integers(0, 256, 200)
+        hot_waiting(heat, marks, range(100, 200))  # more than any k: the whole deficit goes
         k = int(rng.integers(1, 60))
         plan = policy.decide(heat, marks, two_nodes(free0=0, keep0=k, free1=10_000),
                              budget_pages=1000,
-                         params=PRESSURE_ONLY)
+                             params=TWO_ROUNDS)
         demoted = [b for b in plan.batches if b.direction is Direction.DEMOTE]
         cls, cd = h.classes(marks[:100]), h.cooldowns(marks[:100])
-        settled = h.streaks(marks[:100]) >= PRESSURE_ONLY.hysteresis_rounds
+        settled = h.streaks(marks[:100]) >= TWO_ROUNDS.hysteresis_rounds
         settled_cold = (cls == h.COLD) & (cd == 0) & settled
         movable = (cd == 0) & ((cls == h.COLD) | (cls == h.WARM))
         pfns = demoted[0].pfns.astype(int) if demoted else np.zeros(0, int)

@@ -117,9 +117,11 @@ SCHEMA: dict[str, Any] = {
                                       minimum=1, maximum=100),
             headroom_percent=_num("Percent of each fast node's memory kept free above its"
                                   " promo/high watermark while hot pages wait below it, so"
-                                  " promotions never push the node into reclaim. With none"
-                                  " waiting, tierd demotes nothing, even below the watermark,"
-                                  " where the kernel's reclaim acts.",
+                                  " promotions never push the node into reclaim; each hot page"
+                                  " waiting brings one page of it back, so a few waiting cost"
+                                  " a few demotions. With none waiting, tierd demotes nothing,"
+                                  " even below the watermark, where the kernel's reclaim"
+                                  " acts.",
                                   minimum=0, maximum=50),
             demote_cold=_bool("Demote every settled-cold page, as far as the node below has"
                               " room, even when the fast node does not need the room. Off,"

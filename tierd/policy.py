@@ -5,10 +5,11 @@ memory above `keep_free_pages` (its high/promo watermark plus a headroom)
 while hot pages wait below it:
 
 - below that level, demote the coldest pages first (settled cold ones, then
-  any non-hot page) to the node's demotion target, one tier down; the
-  room is for the hot pages waiting, so with none waiting tierd demotes
-  nothing, even below the watermark: the kernel's reclaim keeps that, and
-  a workload whose memory fits the node loses no page to tierd;
+  any non-hot page) to the node's demotion target, one tier down, one page
+  for each hot page waiting: the room is for them, so a few waiting cost a
+  few demotions, and with none waiting tierd demotes nothing, even below
+  the watermark (the kernel's reclaim keeps that): a workload whose memory
+  fits the node loses no page to tierd;
 - above it, promote the hottest settled-hot pages of the nodes one tier
   down, as far as the room allows;
 - when hot pages are waiting below and the node has no room, exchange:
@@ -226,9 +227,10 @@ def _promotions(settled: int, fresh: int, room: int, exchange: int, left: int
 
 
 def _deficit(t: NodeTarget, free: int, waiting: int) -> int:
-    """Pages to demote for room: up to the headroom while hot pages wait below, else
-    none (below the watermark the kernel reclaims what it judges coldest)."""
-    return max(0, t.keep_free_pages - free) if waiting else 0
+    """Pages to demote for room: back up to the headroom, one page for each hot page
+    waiting below, so a handful of them never costs a whole headroom of demotions;
+    none with none waiting (below the watermark the kernel reclaims on its own)."""
+    return min(max(0, t.keep_free_pages - free), waiting)
 
 
 def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64]],
