@@ -375,10 +375,10 @@ class HeatModel:
         """Recompute classes where evidence changed heat, within a round (no streak or
         cooldown ticks): classify(advance=False) at the cost of the evidence, not of
         the host (within a round only samples and DAMON regions arrive; an idle scan
-        ends a round). Elsewhere that pass would
-        change nothing, as every mark's class follows its heat between folds; the one
-        exception, pages tracked from the mover's list, arises only without idle
-        scans, and then every interval is a round."""
+        ends a round). Elsewhere that pass would change nothing, as every mark's class
+        follows its heat between folds; the one exception, pages tracked from the
+        mover's list, arises only without idle scans, and then every interval is a
+        round."""
         hot, cold, still = (np.uint8(self.params.hot_units), np.uint8(self.params.cold_units),
                             np.uint8(0))
         for start, end in spans:
