@@ -209,6 +209,21 @@ def test_a_fold_within_a_round_classifies_as_a_full_pass_would(
     assert np.array_equal(model.mark, reference.mark)
 
 
+def test_a_fold_within_a_round_with_regions_classifies_every_pfn() -> None:
+    """A DAMON region may heat any PFN: its interval reclassifies the whole host."""
+    model, reference = _random_model(6), _random_model(6)
+    model.heat[:] = reference.heat[:] = 0  # classes now disagree with heat everywhere
+    regions = RegionBatch(np.array([100], dtype=np.uint64), np.array([200], dtype=np.uint64),
+                          np.array([5], dtype=np.uint32), np.array([1], dtype=np.uint32),
+                          max_nr_accesses=5, collected_at=0.0)
+    model.fold(regions=[regions, regions], new_round=False)
+    reference.add_regions(regions)
+    reference.add_regions(regions)
+    reference.classify(advance=False)
+    assert np.array_equal(model.heat, reference.heat)
+    assert np.array_equal(model.mark, reference.mark)
+
+
 def test_a_fold_within_a_round_leaves_pages_without_evidence_alone() -> None:
     """Only where evidence landed is heat reclassified: a pass over the rest of the host
     would change nothing there, and its cost grows with memory, not with evidence."""

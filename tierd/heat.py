@@ -235,13 +235,18 @@ class HeatModel:
 
     def add_samples(self, batch: SampleBatch) -> npt.NDArray[np.uint64]:
         """Each sample adds sample_weight to its PFN; sampled PFNs are tracked (new returned)."""
+        return self._add_samples(batch)[1]
+
+    def _add_samples(self, batch: SampleBatch
+                     ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint64]]:
+        """add_samples(), also returning the sampled PFNs (as indices, once each)."""
         index = self._clip(batch.pfns)
         if index.size == 0:
-            return np.zeros(0, dtype=np.uint64)
+            return index, np.zeros(0, dtype=np.uint64)
         unique, counts = np.unique(index, return_counts=True)
         new = self.track(unique.astype(np.uint64))
         self._add(unique, counts.astype(np.int64) * self.params.units(self.params.sample_weight))
-        return new
+        return unique, new
 
     def add_regions(self, batch: RegionBatch) -> None:
         """A DAMON region's access rate heats every PFN of it (tracked or not)."""
@@ -336,21 +341,23 @@ class HeatModel:
         self._new_mark = _pack(WARM, 0, 0 if first else NEW_PAGE_COOLDOWN)
         spans: list[tuple[int, int]] = []  # where this interval's evidence changed heat
         sampled: list[npt.NDArray[np.intp]] = []
+        whole = new_round  # regions may heat any PFN: then every PFN is reclassified
         try:
             for scan in idle:
                 spans.append((scan.pfn_start, scan.pfn_start + scan.idle_age.size))
                 for part in self.add_idle_scan(scan):
                     on_new(part)
             for batch in samples:
-                sampled.append(np.unique(self._clip(batch.pfns)))
-                on_new(self.add_samples(batch))
+                index, new = self._add_samples(batch)
+                sampled.append(index)
+                on_new(new)
             for region_batch in regions:
-                spans.append((0, self.npfns))
+                whole = True
                 self.add_regions(region_batch)
         finally:
             self._new_mark = _pack(WARM, 0, NEW_PAGE_COOLDOWN)
-        if new_round:
-            self.classify()
+        if whole:
+            self.classify(advance=new_round)
         else:
             self._reclassify(spans, sampled)
         self._rounds += int(new_round)
@@ -374,11 +381,11 @@ class HeatModel:
                     sampled: list[npt.NDArray[np.intp]]) -> None:
         """Recompute classes where evidence changed heat, within a round (no streak or
         cooldown ticks): classify(advance=False) at the cost of the evidence, not of
-        the host (within a round only samples and DAMON regions arrive; an idle scan
-        ends a round). Elsewhere that pass would change nothing, as every mark's class
-        follows its heat between folds; the one exception, pages tracked from the
-        mover's list, arises only without idle scans, and then every interval is a
-        round."""
+        the host (within a round only samples and DAMON regions arrive, and regions
+        take the whole pass; an idle scan ends a round). Elsewhere that pass would
+        change nothing, as every mark's class follows its heat between folds; the one
+        exception, pages tracked from the mover's list, arises only without idle
+        scans, and then every interval is a round."""
         hot, cold, still = (np.uint8(self.params.hot_units), np.uint8(self.params.cold_units),
                             np.uint8(0))
         for start, end in spans:
