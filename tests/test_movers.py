@@ -21,7 +21,7 @@ from tierd.collectors.processes import Exclusions, ProcessFilter
 from tierd.collectors.topology import Topology
 from tierd.config import Config
 from tierd.daemon import Daemon
-from tierd.errors import TierdError
+from tierd.errors import KernelFileError, TierdError
 from tierd.heat import HeatModel
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import numa, pagemap, task
@@ -425,11 +425,70 @@ def test_kernel_tiering_is_read_and_the_stance_applied(tmp_path: Path) -> None:
 
 def test_pages_of_excluded_processes_are_dropped_for_any_mover() -> None:
     process_filter = ProcessFilter(Exclusions(comms=("postgres*",)), ROOT, self_pid=1)
-    owned = safety.excluded_process_pfns(process_filter, ROOT)
-    assert owned.tolist() == [40, 41, 48]  # 48 is shared with 4242: protected too
+    protected = safety.protected_pfns(process_filter, ROOT)
+    assert protected.excluded.tolist() == [40, 41, 48]  # 48 is shared with 4242: protected too
     keep, _, dropped = safety.drop_pinned(np.array([16, 40, 48], dtype=np.uint64), ROOT,
-                                          excluded_pfns=owned)
+                                          protected=protected)
     assert keep.tolist() == [16] and dropped == {"excluded_process": 2}
+
+
+
+
+def _locking_root(tmp_path: Path) -> HostRoot:
+    """The movers' fixture where 4242 reports locked memory: its smaps locks PFNs 16-19."""
+    shutil.copytree(FIXTURES, tmp_path, symlinks=True, dirs_exist_ok=True)
+    status = tmp_path / "proc/4242/status"
+    status.write_text(status.read_text() + "VmLck:\t      16 kB\n")
+    return HostRoot(tmp_path)
+
+
+def test_pages_of_mlocked_mappings_are_dropped_though_kpageflags_shows_no_lock(
+        tmp_path: Path) -> None:
+    # A THP split by mprotect keeps its lock but loses PG_mlocked: the mapping says it.
+    root = _locking_root(tmp_path)
+    protected = safety.protected_pfns(ProcessFilter(Exclusions(), root, self_pid=1), root)
+    assert protected.locked.tolist() == [16, 17, 18, 19] and not protected.errors
+    keep, _, dropped = safety.drop_pinned(np.array([16, 17, 32], dtype=np.uint64),
+                                          root, protected=protected)
+    assert keep.tolist() == [32] and dropped == {"mlocked": 2}
+
+
+@pytest.mark.parametrize("malformed", [True, False])
+def test_an_unreadable_smaps_protects_the_whole_process_and_names_the_file(
+        tmp_path: Path, malformed: bool) -> None:
+    root = _locking_root(tmp_path)
+    smaps = tmp_path / "proc/4242/smaps"
+    if malformed:  # the last mapping lost its VmFlags line
+        smaps.write_text(smaps.read_text().rsplit("VmFlags", 1)[0])
+    else:  # unreadable: EISDIR
+        smaps.unlink()
+        smaps.mkdir()
+    protected = safety.protected_pfns(ProcessFilter(Exclusions(), root, self_pid=1), root)
+    assert protected.locked.tolist() == [16, 17, 18, 19, 32, 48]
+    assert len(protected.errors) == 1 and "proc/4242/smaps" in protected.errors[0]
+    assert "pid 4242" in protected.errors[0]
+
+
+def test_a_locked_process_whose_memory_cannot_be_read_is_named_and_the_rest_goes_on(
+        tmp_path: Path) -> None:
+    root = _locking_root(tmp_path)
+    for name in ("smaps", "maps"):  # unreadable, as another user's are without ptrace rights
+        (tmp_path / "proc/4242" / name).unlink()
+        (tmp_path / "proc/4242" / name).mkdir()
+    protected = safety.protected_pfns(ProcessFilter(Exclusions(comms=("postgres*",)), root,
+                                                    self_pid=1), root)
+    assert protected.locked.size == 0 and protected.excluded.tolist() == [40, 41, 48]
+    assert [e.split(": ")[0].endswith(f"proc/4242/{name}") for e, name in
+            zip(protected.errors, ("smaps", "maps"), strict=True)] == [True, True]
+    assert "only kpageflags protects the locked pages of pid 4242" in protected.errors[1]
+
+
+def test_a_malformed_vmlck_names_the_file_and_key(tmp_path: Path) -> None:
+    root = _locking_root(tmp_path)
+    status = tmp_path / "proc/4242/status"
+    status.write_text(status.read_text().replace("16 kB", "lots"))
+    with pytest.raises(KernelFileError, match=r"proc/4242/status.*VmLck.*lots"):
+        task.locked_kib(4242, root)
 
 
 # --- the phys mover ------------------------------------------------------------------------

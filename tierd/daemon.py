@@ -109,7 +109,7 @@ class Daemon:
         self._resources = ExitStack()  # the pipeline and the trace: closed by close()
         self._trace: TraceWriter | None = None
         self._memcg_inodes: frozenset[int] = frozenset()
-        self._excluded_pfns = np.zeros(0, dtype=np.uint64)
+        self._protected = safety.Protected()
         self._new_round = False  # this interval's evidence started a round
         self._keep_free: dict[int, int] = {}  # node -> pages the policy keeps free
         self._would_move = WouldMoveLedger()
@@ -270,7 +270,9 @@ class Daemon:
         return evidence
 
     def update_heat(self, evidence: Evidence) -> None:
-        self._excluded_pfns = safety.excluded_process_pfns(self._process_filter, self.root)
+        self._protected = safety.protected_pfns(self._process_filter, self.root)
+        for error in self._protected.errors:
+            self.state.record_error("safety", error)
         self._new_round = evidence.new_round
         if evidence.new_round:
             self.history.advance()
@@ -285,7 +287,7 @@ class Daemon:
         for start in range(0, pfns.size, PIN_CHECK_PAGES):
             part = pfns[start:start + PIN_CHECK_PAGES]
             movable, _, dropped = safety.drop_pinned(part, self.root, self._memcg_inodes,
-                                                     self._excluded_pfns)
+                                                     self._protected)
             for reason, count in dropped.items():
                 self.state.record_excluded(reason, count)
             self.heat.pin(np.setdiff1d(part, movable, assume_unique=True))
@@ -380,7 +382,7 @@ class Daemon:
 
     def _move_batch(self, batch: Batch, summary: IntervalSummary) -> BatchResult | None:
         pfns, flags, dropped = safety.drop_pinned(batch.pfns, self.root, self._memcg_inodes,
-                                                  self._excluded_pfns)
+                                                  self._protected)
         for reason, count in dropped.items():
             self.state.record_excluded(reason, count)
         self.heat.pin(np.setdiff1d(batch.pfns, pfns, assume_unique=True))

@@ -289,6 +289,30 @@ def read_maps(pid: int, root: HostRoot = HOST) -> list[Mapping]:
             for start, end, perms, offset, inode, path in lines]
 
 
+# One mapping of /proc/PID/smaps: its maps line, its fields, and the VmFlags line that
+# ends them (the kernel prints VmFlags last).
+_SMAPS_MAPPING = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) [^\n]*\n(?:[^\n]*\n)*?VmFlags:([^\n]*)$",
+                            re.MULTILINE)
+_SMAPS_HEADER = re.compile(rb"^[0-9a-f]+-[0-9a-f]+ ", re.MULTILINE)
+
+
+def locked_ranges(pid: int, root: HostRoot = HOST) -> list[tuple[int, int]]:
+    """The [start, end) vaddr ranges of `pid`'s mlocked mappings: "lo" in smaps' VmFlags.
+
+    kpageflags cannot say: a large folio mapped by PTEs (a THP split by mprotect,
+    an mTHP) is locked by its mapping yet carries neither PG_mlocked nor
+    PG_unevictable. smaps walks the page tables: read it only for a process whose
+    status counts locked memory.
+    """
+    path = root.fspath(f"/proc/{pid}/smaps")
+    text = read_proc_file(path)
+    found = _SMAPS_MAPPING.findall(text)
+    if len(found) != len(_SMAPS_HEADER.findall(text)):
+        raise KernelFileError(path, "a mapping without a VmFlags line", key="VmFlags")
+    return [(int(start, 16), int(end, 16)) for start, end, flags in found
+            if b"lo" in flags.split()]
+
+
 def scannable(mappings: list[Mapping]) -> list[Mapping]:
     """The mappings worth reading pagemap for: readable, not the vdso family."""
     return [m for m in mappings if m.readable and m.path not in _SPECIAL]

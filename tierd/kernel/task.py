@@ -78,3 +78,17 @@ def mems_allowed(pid: int, root: HostRoot = HOST) -> frozenset[int]:
         if key == "Mems_allowed_list":
             return frozenset(parse_cpulist(value, f"{path}: Mems_allowed_list"))
     raise KernelFileError(path, "no Mems_allowed_list line", key="Mems_allowed_list")
+
+
+def locked_kib(pid: int, root: HostRoot = HOST) -> int:
+    """KiB of the process's mlocked mappings (status's VmLck; 0 without the line, as for a
+    kernel thread)."""
+    path = root(f"/proc/{pid}/status")
+    for line in _read(pid, "status", root).splitlines():
+        key, _, value = line.partition(":")
+        if key == "VmLck":
+            size, _, unit = value.strip().partition(" ")
+            if not size.isdigit() or unit != "kB":
+                raise KernelFileError(path, f"malformed: {value.strip()!r}", key="VmLck")
+            return int(size)
+    return 0

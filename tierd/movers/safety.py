@@ -5,7 +5,9 @@
   their cgroups' pages are filtered out by /proc/kpagecgroup before a move
   by physical address; tierd never moves its own pages either.
 - Mlocked, unevictable, poisoned and reserved pages are dropped from every
-  batch by /proc/kpageflags before any syscall.
+  batch by /proc/kpageflags before any syscall; pages in a process's mlocked
+  mappings too, by its smaps and pagemap, since a large folio mapped by PTEs
+  loses its PG_mlocked.
 - The kernel's own tiering (NUMA balancing in tiering mode, demotion on
   reclaim) competes with tierd for the same pages: the configured stance is
   to coexist, warn, or refuse to start.
@@ -16,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from tierd.collectors.processes import Exclusions, ProcessFilter
-from tierd.errors import HostMismatch, TierdError
+from tierd.errors import HostMismatch, KernelFileError, TierdError
 from tierd.kernel import kpageflags as kpf
 from tierd.kernel import pagemap, task
 from tierd.kernel.kernel_tiering import KernelTiering
@@ -56,30 +59,70 @@ def pinned_reasons(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.object_]:
     return reasons
 
 
-def excluded_process_pfns(process_filter: ProcessFilter, root: HostRoot = HOST
-                          ) -> npt.NDArray[np.uint64]:
-    """Sorted PFNs mapped by excluded processes (tierd's own pages are not protected).
+@dataclass(frozen=True)
+class Protected:
+    """Frames no mover may touch beyond what kpageflags says, each array sorted, and the
+    files that could not be read (their whole process is protected instead)."""
 
-    Reads only the excluded processes' pagemaps, so it stays cheap; a process
-    that exits meanwhile simply contributes nothing.
+    excluded: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    locked: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    errors: tuple[str, ...] = ()
+
+
+def protected_pfns(process_filter: ProcessFilter, root: HostRoot = HOST) -> Protected:
+    """PFNs mapped by excluded processes (tierd's own pages are not protected), and PFNs
+    in any process's mlocked mappings.
+
+    Reads only the excluded processes' pagemaps, and the smaps and locked ranges of
+    processes whose status counts locked memory, so it stays cheap; a process that
+    exits meanwhile simply contributes nothing.
     """
-    parts = [np.zeros(0, dtype=np.uint64)]
+    excluded, locked = [np.zeros(0, dtype=np.uint64)], [np.zeros(0, dtype=np.uint64)]
+    errors: list[str] = []
     for pid in task.pids(root):
         try:
-            if process_filter.excluded(pid) in (None, "self"):
-                continue
-            maps = pagemap.scannable(pagemap.read_maps(pid, root))
-            entries = pagemap.read_ranges(pid, [(m.start, m.end) for m in maps], root)
+            if process_filter.excluded(pid) not in (None, "self"):
+                excluded.append(_mapped_pfns(pid, None, root))
+            elif task.locked_kib(pid, root):
+                locked.append(_locked_pfns(pid, root, errors))
         except pagemap.ProcessGoneError:
             continue
-        pfns = pagemap.pfn_of(entries)
-        parts.append(pfns[pfns != 0])
-    return np.unique(np.concatenate(parts))
+    return Protected(np.unique(np.concatenate(excluded)), np.unique(np.concatenate(locked)),
+                     tuple(errors))
+
+
+def _locked_pfns(pid: int, root: HostRoot, errors: list[str]) -> npt.NDArray[np.uint64]:
+    """The PFNs of `pid`'s mlocked mappings; all its PFNs when its smaps cannot say which,
+    and none (kpageflags alone protects them) when its memory cannot be read at all."""
+    try:
+        ranges = pagemap.locked_ranges(pid, root)
+    except pagemap.ProcessGoneError:
+        raise
+    except KernelFileError as e:
+        errors.append(f"{e}; protecting every page of pid {pid}")
+        ranges = None
+    try:
+        return _mapped_pfns(pid, ranges, root)
+    except pagemap.ProcessGoneError:
+        raise
+    except KernelFileError as e:
+        errors.append(f"{e}; only kpageflags protects the locked pages of pid {pid}")
+        return np.zeros(0, dtype=np.uint64)
+
+
+def _mapped_pfns(pid: int, ranges: list[tuple[int, int]] | None, root: HostRoot
+                 ) -> npt.NDArray[np.uint64]:
+    """The PFNs `pid` maps in the vaddr `ranges` (None: in all its scannable mappings)."""
+    if ranges is None:
+        ranges = [(m.start, m.end) for m in pagemap.scannable(pagemap.read_maps(pid, root))]
+    pfns = pagemap.pfn_of(pagemap.read_ranges(pid, ranges, root))
+    mapped: npt.NDArray[np.uint64] = pfns[pfns != 0]
+    return mapped
 
 
 def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
                 memcg_inodes: frozenset[int] = frozenset(),
-                excluded_pfns: npt.NDArray[np.uint64] | None = None,
+                protected: Protected | None = None,
                 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], Counter[str]]:
     """The sorted `pfns` minus pinned pages and pages of excluded processes and cgroups,
     their kpageflags (a mover's folio grouping needs them: one read per batch), and why
@@ -94,9 +137,12 @@ def drop_pinned(pfns: npt.NDArray[np.uint64], root: HostRoot = HOST,
             owners = cgroup_file.read_at(pfns)
         excluded = np.isin(owners, np.fromiter(memcg_inodes, dtype=np.uint64))
         reasons[excluded & (reasons == None)] = "excluded_cgroup"  # noqa: E711 (elementwise)
-    if excluded_pfns is not None and excluded_pfns.size:
-        owned = np.isin(pfns, excluded_pfns, assume_unique=False)
-        reasons[owned & (reasons == None)] = "excluded_process"  # noqa: E711 (elementwise)
+    if protected is not None:
+        for frames, reason in ((protected.excluded, "excluded_process"),
+                               (protected.locked, "mlocked")):
+            if frames.size:
+                owned = np.isin(pfns, frames)
+                reasons[owned & (reasons == None)] = reason  # noqa: E711 (elementwise)
     keep = reasons == None  # noqa: E711 (elementwise comparison)
     dropped = Counter(reasons[~keep].tolist())
     return pfns[keep], flags[keep], dropped
