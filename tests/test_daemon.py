@@ -333,6 +333,21 @@ def test_promotions_take_the_room_the_kernel_reports_after_the_demotions(
     daemon.close()
 
 
+def test_promotions_below_the_headroom_take_the_room_above_the_plans_floor(
+        tmp_path: Path) -> None:
+    host = _FixtureHost(tmp_path, node0_free=KEEP_FREE - 4)
+    daemon = host.daemon()
+    daemon.start()
+    daemon.decide(node_facts(daemon.topology))
+    promote = _batch(Direction.PROMOTE, 1, 0, 100)
+    summary = daemon.move(Plan((promote,), promotion_floor={0: KEEP_FREE - 10}))
+    assert [b.pfns.size for b in host.mover.batches] == [6]
+    assert dict(summary.failures) == {"no_room": 94}
+    daemon.move(Plan((promote,)))  # no floor: keep_free, and no room above it
+    assert [b.pfns.size for b in host.mover.batches] == [6]
+    daemon.close()
+
+
 def test_node_usage_reports_the_policy_floor_and_placement_by_heat(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """What tierd_placement_bytes and keep_free are built from: per node, its own PFNs."""

@@ -183,6 +183,22 @@ def test_the_headroom_is_made_only_for_hot_pages_waiting_below() -> None:
         (Direction.DEMOTE, 24), (Direction.PROMOTE, 20)]
 
 
+def test_promotions_may_take_the_room_their_exchange_made_below_the_headroom() -> None:
+    """A deficit larger than the pages waiting comes back one page per page waiting; the
+    pages demoted in exchange are the promotions' room, though the headroom is not yet
+    whole: a floor at keep_free would hold every promotion back for intervals."""
+    heat, marks = arrays()
+    put(heat, marks, range(0, 50), 0, mark(h.COLD))
+    put(heat, marks, range(100, 102), 200, mark(h.HOT))
+    plan = policy.decide(heat, marks, two_nodes(free0=1, keep0=10), budget_pages=100)
+    assert [(b.direction, b.pfns.size) for b in plan.batches] == [
+        (Direction.DEMOTE, 4), (Direction.PROMOTE, 2)]
+    # 2 of the deficit back: the node keeps 1 + 2 free, and the 2 exchanged are room.
+    assert plan.promotion_floor == {0: 3}
+    assert policy.decide(heat, marks, two_nodes(free0=20, keep0=10),
+                         budget_pages=100).promotion_floor == {0: 10}
+
+
 def test_a_page_hot_for_one_round_takes_free_room_but_displaces_nothing() -> None:
     heat, marks = arrays()
     put(heat, marks, range(0, 50), 0, mark(h.COLD))

@@ -348,7 +348,7 @@ class Daemon:
                 summary.failures["target_full"] += batch.pfns.size
                 continue
             if batch.direction is Direction.PROMOTE and not self.settings.dry_run:
-                room = self._room_now() if room is None else room
+                room = self._room_now(plan.promotion_floor) if room is None else room
                 batch = self._trim(batch, room, summary)
                 if not batch.pfns.size:
                     continue
@@ -358,14 +358,15 @@ class Daemon:
         self.state.record_failures(summary.failures)
         return summary
 
-    def _room_now(self) -> dict[int, int]:
-        """Free pages above keep_free per node, as the kernel counts them now ({} if unknown)."""
+    def _room_now(self, floor: dict[int, int]) -> dict[int, int]:
+        """Free pages above the promotions' floor per node (keep_free unless the plan says
+        less), as the kernel counts them now ({} if unknown)."""
         try:
             zones = read_zoneinfo(self.root)
         except KernelFileError as e:
             self.state.record_error("topology", str(e))
             return {}
-        return {node: sum(z.free for z in zones.of_node(node)) - keep
+        return {node: sum(z.free for z in zones.of_node(node)) - floor.get(node, keep)
                 for node, keep in self._keep_free.items()}
 
     @staticmethod

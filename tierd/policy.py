@@ -13,7 +13,10 @@ while hot pages wait below it:
 - above it, promote the hottest settled-hot pages of the nodes one tier
   down, as far as the room allows;
 - when hot pages are waiting below and the node has no room, exchange:
-  demote one settled-cold page for every page promoted;
+  demote one settled-cold page for every page promoted; below that level
+  the promotions may take the room their exchange made
+  (`Plan.promotion_floor`), else a deficit larger than the pages waiting
+  would hold every promotion back until the headroom were whole;
 - with `demote_cold` (off by default), settled-cold pages go down anyway, as
   far as the node below has room. Off, a cold page leaves only when its room
   is needed: a demotion the node does not need is traffic for nothing, and a
@@ -88,7 +91,7 @@ class NodeTarget:
     tier: int  # rank, 0 = fastest
     ranges: tuple[tuple[int, int], ...]  # [start, end) PFNs of this node
     free_pages: int
-    keep_free_pages: int  # watermark + headroom: promote only above; demote below for them
+    keep_free_pages: int  # watermark + headroom: promote above; demote below for them
     promote_to: int | None = None  # a node one tier up
     demote_to: int | None = None  # a node one tier down
 
@@ -118,6 +121,10 @@ class Plan:
     # Demotions first (they make the room promotions need), each group by target node.
     batches: tuple[Batch, ...] = ()
     deferred_pages: int = 0  # moves the policy wanted but the budget held back
+    # Per receiving node, the free pages its promotions leave: keep_free_pages, or less
+    # while the headroom comes back one page per hot page waiting, so the pages demoted
+    # in exchange are room for the promotions they were demoted for.
+    promotion_floor: dict[int, int] = field(default_factory=dict)
 
     def pages(self, direction: Direction | None = None) -> int:
         return sum(b.pfns.size for b in self.batches
@@ -130,6 +137,7 @@ class _Counts:
 
     demote: int = 0
     promote_from: dict[int, int] = field(default_factory=dict)  # source node -> pages
+    floor: int | None = None  # free pages left under the promotions (Plan.promotion_floor)
     promote_category: Category = HOT_SETTLED  # HOT_FRESH when every promotion fits the room
 
 
@@ -277,6 +285,8 @@ def _allocate(nodes: dict[int, NodeTarget], hist: dict[int, npt.NDArray[np.int64
             demote = max(demote, min(n_cold, demote_cap))
         counts.demote = demote
         counts.promote_category = category
+        if target is not None:
+            counts.floor = min(t.keep_free_pages, free[n] + need)
         promote_left -= promote
         demote_left -= demote
         free[n] += demote - promote
@@ -370,4 +380,5 @@ def decide(heat: npt.NDArray[np.uint8], mark: npt.NDArray[np.uint8],
             promotions.append(Batch(Direction.PROMOTE, source, n, pfns))
     batches = sorted(demotions, key=lambda b: b.target) + sorted(promotions, key=lambda b: b.target)
     planned = sum(b.pfns.size for b in batches)
-    return Plan(tuple(batches), deferred_pages=max(0, wanted - planned))
+    return Plan(tuple(batches), deferred_pages=max(0, wanted - planned),
+                promotion_floor={n: c.floor for n, c in counts.items() if c.floor is not None})
