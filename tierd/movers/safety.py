@@ -62,7 +62,7 @@ def pinned_reasons(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.object_]:
 @dataclass(frozen=True)
 class Protected:
     """Frames no mover may touch beyond what kpageflags says, each array sorted, and the
-    files that could not be read (their whole process is protected instead)."""
+    errors met reading them (what each one left protected)."""
 
     excluded: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
     locked: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
