@@ -70,25 +70,32 @@ def resident_pages(pid: int, root: HostRoot = HOST) -> int:
                               key="resident") from None
 
 
+def _status_value(pid: int, key: str, root: HostRoot) -> str | None:
+    """The value of status's `key` line, stripped; None without that line."""
+    for line in _read(pid, "status", root).splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return value.strip()
+    return None
+
+
 def mems_allowed(pid: int, root: HostRoot = HOST) -> frozenset[int]:
     """The nodes the process's cpuset allows (status's Mems_allowed_list)."""
     path = root(f"/proc/{pid}/status")
-    for line in _read(pid, "status", root).splitlines():
-        key, _, value = line.partition(":")
-        if key == "Mems_allowed_list":
-            return frozenset(parse_cpulist(value, f"{path}: Mems_allowed_list"))
-    raise KernelFileError(path, "no Mems_allowed_list line", key="Mems_allowed_list")
+    value = _status_value(pid, "Mems_allowed_list", root)
+    if value is None:
+        raise KernelFileError(path, "no Mems_allowed_list line", key="Mems_allowed_list")
+    return frozenset(parse_cpulist(value, f"{path}: Mems_allowed_list"))
 
 
 def locked_kib(pid: int, root: HostRoot = HOST) -> int:
     """KiB of the process's mlocked mappings (status's VmLck; 0 without the line, as for a
     kernel thread)."""
-    path = root(f"/proc/{pid}/status")
-    for line in _read(pid, "status", root).splitlines():
-        key, _, value = line.partition(":")
-        if key == "VmLck":
-            size, _, unit = value.strip().partition(" ")
-            if not size.isdigit() or unit != "kB":
-                raise KernelFileError(path, f"malformed: {value.strip()!r}", key="VmLck")
-            return int(size)
-    return 0
+    value = _status_value(pid, "VmLck", root)
+    if value is None:
+        return 0
+    size, _, unit = value.partition(" ")
+    if not size.isdigit() or unit != "kB":
+        raise KernelFileError(root(f"/proc/{pid}/status"), f"malformed: {value!r}",
+                              key="VmLck")
+    return int(size)
